@@ -1,0 +1,352 @@
+"""Deterministic image-folder scan, splits and labels, robust decoding, preprocessing.
+
+Layouts (ARCHITECTURE.md, "Splits and labels"):
+
+* ``train/ val/ test/`` split folders, each holding class folders; any subset is honoured and a
+  missing ``val`` is carved from ``train`` (stratified, seeded, ``val_fraction``);
+* a folder of class folders: a seeded stratified split (70/15/15 by default);
+* a flat folder of images: unlabelled (label -1, split ``train``);
+* labels from a CSV (``path,label``) override folder names.
+
+Splits are a pure function of the file set and the seed: within each class, files are ranked by a
+seeded hash of their path and the ranks are cut at the split fractions. Adding one file moves at
+most the files on either side of a cut, never the whole split.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .backbones import Preprocess
+from .errors import DataError, ImageDecodeError
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "SplitConfig",
+    "ImageEntry",
+    "Manifest",
+    "scan",
+    "load_image",
+    "ImageTransform",
+]
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+)
+SPLITS = ("train", "val", "test")
+_SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """How rows are assigned to train/val/test when the folder does not say."""
+
+    seed: int = 0
+    val_fraction: float = 0.1  # carved from train/ when there is no val/ folder
+    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)  # class-folder layout
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise DataError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if len(self.fractions) != 3 or any(f < 0 for f in self.fractions):
+            raise DataError(f"split fractions must be three non-negative numbers: {self.fractions}")
+        if abs(sum(self.fractions) - 1.0) > 1e-6:
+            raise DataError(f"split fractions must sum to 1: {self.fractions}")
+
+    def to_dict(self) -> dict[str, object]:
+        return {"seed": self.seed, "val_fraction": self.val_fraction, "fractions": list(self.fractions)}
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    path: str  # POSIX, relative to the root, split folder included
+    size: int
+    mtime_ns: int
+    label: int  # index into Manifest.classes; -1 for unlabelled
+    split: str  # "train" | "val" | "test"
+
+
+@dataclass
+class Manifest:
+    root: Path
+    entries: list[ImageEntry]
+    classes: list[str]
+    layout: str  # "splits" | "classes" | "flat" | "csv"
+    n_skipped: int = 0  # non-image files
+    skipped_examples: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def labelled(self) -> bool:
+        return any(e.label >= 0 for e in self.entries)
+
+    def counts(self) -> dict[str, int]:
+        out = dict.fromkeys(SPLITS, 0)
+        for e in self.entries:
+            out[e.split] += 1
+        return out
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".") or name.startswith("__")
+
+
+def _walk_files(root: Path, rel: str = "") -> list[tuple[str, os.stat_result]]:
+    """All non-hidden files below ``root/rel``, as (relative POSIX path, stat), sorted."""
+    out: list[tuple[str, os.stat_result]] = []
+    base = root / rel if rel else root
+    stack = [base]
+    while stack:
+        d = stack.pop()
+        try:
+            it = list(os.scandir(d))
+        except OSError as e:
+            raise DataError(f"cannot list {d}: {e.strerror}") from e
+        for de in it:
+            if _is_hidden(de.name):
+                continue
+            if de.is_dir(follow_symlinks=True):
+                stack.append(Path(de.path))
+            elif de.is_file(follow_symlinks=True):
+                rp = Path(de.path).relative_to(root).as_posix()
+                out.append((rp, de.stat(follow_symlinks=True)))
+    out.sort(key=lambda t: t[0])
+    return out
+
+
+def _hash_rank(seed: int, path: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{path}".encode(), digest_size=8).digest(), "big")
+
+
+def _cut(n: int, fractions: Sequence[float]) -> list[int]:
+    """Split n items into len(fractions) counts; every non-zero share gets >= 1 item when n allows."""
+    raw = [f * n for f in fractions]
+    counts = [int(np.floor(r)) for r in raw]
+    # largest remainder
+    for i in sorted(range(len(raw)), key=lambda i: raw[i] - counts[i], reverse=True):
+        if sum(counts) >= n:
+            break
+        counts[i] += 1
+    nonzero = [i for i, f in enumerate(fractions) if f > 0]
+    if n >= len(nonzero):
+        for i in nonzero:
+            while counts[i] == 0:
+                j = max(range(len(counts)), key=lambda k: counts[k])
+                counts[j] -= 1
+                counts[i] += 1
+    return counts
+
+
+def _assign_splits(
+    items: list[tuple[str, int]], names: Sequence[str], fractions: Sequence[float], seed: int
+) -> dict[str, str]:
+    """Stratified, seeded assignment of (path, label) items to the split ``names``."""
+    by_label: dict[int, list[str]] = defaultdict(list)
+    for p, lab in items:
+        by_label[lab].append(p)
+    out: dict[str, str] = {}
+    for paths in by_label.values():
+        paths.sort(key=lambda p: (_hash_rank(seed, p), p))
+        counts = _cut(len(paths), fractions)
+        i = 0
+        for name, c in zip(names, counts, strict=True):
+            for p in paths[i : i + c]:
+                out[p] = name
+            i += c
+    return out
+
+
+def read_labels_csv(path: str | os.PathLike[str]) -> dict[str, str]:
+    """``path,label`` rows (a header row is allowed) -> {relative POSIX path: label}."""
+    out: dict[str, str] = {}
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            for i, row in enumerate(csv.reader(f)):
+                if not row or row[0].startswith("#"):
+                    continue
+                if len(row) < 2:
+                    raise DataError(f"{path}:{i + 1}: expected 'path,label', got {row!r}")
+                p, lab = row[0].strip(), row[1].strip()
+                if i == 0 and p.lower() == "path" and lab.lower() == "label":
+                    continue
+                out[Path(p).as_posix()] = lab  # Path() drops a leading "./"
+    except OSError as e:
+        raise DataError(f"cannot read labels file {path}: {e.strerror}") from e
+    if not out:
+        raise DataError(f"labels file {path} holds no rows")
+    return out
+
+
+def scan(
+    root: str | os.PathLike[str],
+    split: SplitConfig | None = None,
+    labels_csv: str | os.PathLike[str] | None = None,
+) -> Manifest:
+    """Scan an image folder into a deterministic, sorted :class:`Manifest`."""
+    split = split or SplitConfig()
+    root = Path(root).expanduser().resolve()
+    if not root.exists():
+        raise DataError(f"image folder not found: {root}")
+    if not root.is_dir():
+        raise DataError(f"not a folder: {root}")
+
+    files = _walk_files(root)
+    images: list[tuple[str, os.stat_result]] = []
+    skipped: list[str] = []
+    for rp, st in files:
+        if Path(rp).suffix.lower() in IMAGE_EXTENSIONS:
+            images.append((rp, st))
+        else:
+            skipped.append(rp)
+    if not images:
+        raise DataError(f"no images found in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+
+    top_dirs = {e.name for e in os.scandir(root) if e.is_dir() and not _is_hidden(e.name)}
+    split_dirs = {d: _SPLIT_DIRS[d.lower()] for d in top_dirs if d.lower() in _SPLIT_DIRS}
+
+    # (path, split from the folder or None, class name from the folder or None)
+    rows: list[tuple[str, os.stat_result, str | None, str | None]] = []
+    if split_dirs:
+        layout = "splits"
+        for rp, st in images:
+            parts = rp.split("/")
+            sp = split_dirs.get(parts[0])
+            if sp is None:
+                rows.append((rp, st, None, parts[0] if len(parts) > 1 else None))
+            else:
+                rows.append((rp, st, sp, parts[1] if len(parts) > 2 else None))
+    else:
+        has_class_dirs = any("/" in rp for rp, _ in images)
+        layout = "classes" if has_class_dirs else "flat"
+        for rp, st in images:
+            parts = rp.split("/")
+            rows.append((rp, st, None, parts[0] if len(parts) > 1 else None))
+
+    if labels_csv is not None:
+        layout = "csv"
+        csv_labels = read_labels_csv(labels_csv)
+        known = {rp for rp, *_ in rows}
+        missing = [p for p in csv_labels if p not in known]
+        if len(missing) == len(csv_labels):
+            raise DataError(
+                f"none of the paths in {labels_csv} are images under {root} "
+                f"(paths must be relative to the folder, e.g. {rows[0][0]})"
+            )
+        rows = [(rp, st, sp, csv_labels.get(rp)) for rp, st, sp, _ in rows]
+
+    classes = sorted({c for *_, c in rows if c is not None})
+    class_index = {c: i for i, c in enumerate(classes)}
+    labelled = [(rp, class_index[c] if c is not None else -1, sp) for rp, _, sp, c in rows]
+
+    assigned: dict[str, str] = {}
+    if split_dirs:
+        # honour folders; carve val from train when there is no val folder
+        if "val" not in split_dirs.values() and split.val_fraction > 0:
+            train_items = [(rp, lab) for rp, lab, sp in labelled if sp == "train" and lab >= 0]
+            assigned.update(
+                _assign_splits(
+                    train_items, ("train", "val"), (1 - split.val_fraction, split.val_fraction), split.seed
+                )
+            )
+        for rp, _, sp in labelled:
+            assigned.setdefault(rp, sp or "train")
+    else:
+        items = [(rp, lab) for rp, lab, _ in labelled if lab >= 0]
+        assigned.update(_assign_splits(items, SPLITS, split.fractions, split.seed))
+
+    entries = [
+        ImageEntry(rp, int(st.st_size), int(st.st_mtime_ns), lab, assigned.get(rp, "train"))
+        for (rp, st, _, _), (_, lab, _) in zip(rows, labelled, strict=True)
+    ]
+    return Manifest(
+        root=root,
+        entries=entries,
+        classes=classes,
+        layout=layout,
+        n_skipped=len(skipped),
+        skipped_examples=[str(s) for s in skipped[:5]],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding
+
+
+def load_image(path: str | os.PathLike[str], draft_size: int | None = None):
+    """Open an image as 8-bit RGB: EXIF orientation applied, alpha composited on white.
+
+    Handles grayscale, palette (with transparency), RGBA/LA, CMYK and 16-/32-bit images.
+    Raises :class:`ImageDecodeError` with the reason for anything unreadable.
+    """
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as im:
+            if draft_size is not None and im.format == "JPEG":
+                im.draft("RGB", (draft_size, draft_size))
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return _to_rgb(im)
+    except ImageDecodeError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ImageDecodeError(f"{type(e).__name__}: {e}") from e
+
+
+def _to_rgb(im):
+    from PIL import Image
+
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        hi = 65535.0 if mode != "F" and arr.max(initial=0) > 255 else 255.0
+        if mode == "F":
+            hi = max(1.0, float(arr.max(initial=1.0)))
+        arr8 = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, mode="L").convert("RGB")
+    if mode == "P":
+        im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
+        mode = im.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if mode in ("L", "1") and "transparency" in im.info:
+        return _to_rgb(im.convert("RGBA"))
+    return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+_INTERP = {"bilinear": 2, "bicubic": 3, "nearest": 0}  # PIL.Image.Resampling values
+
+
+class ImageTransform:
+    """PIL RGB image -> uint8 tensor (3, crop, crop): shorter side to ``resize``, centre crop.
+
+    Normalisation happens on the model's device (:class:`embedtl.backbones.FeatureModel`), so
+    workers ship 4x less data than float tensors. The result equals torchvision's
+    Resize + CenterCrop + PILToTensor on the same image.
+    """
+
+    def __init__(self, pre: Preprocess) -> None:
+        self.pre = pre
+
+    def __call__(self, im):
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as F
+
+        pre = self.pre
+        im = F.resize(im, pre.resize, interpolation=InterpolationMode(pre.interpolation), antialias=True)
+        im = F.center_crop(im, [pre.crop, pre.crop])
+        return F.pil_to_tensor(im)  # (3, crop, crop) uint8

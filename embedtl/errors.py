@@ -1,0 +1,44 @@
+"""Errors raised by embedtl.
+
+Every error a user can cause derives from :class:`EmbedTLError`. Messages are written to be
+shown as one line and to say what to do next. This module never imports click: only the CLI
+turns these into exit codes.
+"""
+
+from __future__ import annotations
+
+
+class EmbedTLError(Exception):
+    """Base class of every error embedtl raises on purpose."""
+
+
+class BackboneError(EmbedTLError):
+    """An unknown backbone name, or a spec that cannot be built."""
+
+
+class WeightsNotFoundError(BackboneError):
+    """Pretrained weights are not on disk and could not be fetched."""
+
+
+class DataError(EmbedTLError):
+    """The image folder cannot be used as asked (missing, empty, unlabelled where labels are needed)."""
+
+
+class ImageDecodeError(DataError):
+    """One image could not be read; the extraction engine records and skips these."""
+
+
+class StoreError(EmbedTLError):
+    """A feature store is missing, unreadable, of an unknown format, or inconsistent."""
+
+
+class StoreLockedError(StoreError):
+    """Another process is writing the same feature store."""
+
+
+class DatasetUnavailableError(EmbedTLError):
+    """A packaged dataset's source is not installed on this machine."""
+
+
+class DeviceError(EmbedTLError):
+    """A device was asked for that this machine does not have."""
