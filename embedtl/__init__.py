@@ -1,0 +1,79 @@
+"""embedtl: transfer learning on images from cached embeddings.
+
+Run the frozen backbone once (:func:`extract`), then train heads on the cached features in
+seconds. The public API is what this module exports.
+"""
+
+from ._version import __version__
+from .backbones import (
+    DEFAULT_BACKBONE,
+    BackboneSpec,
+    FeatureModel,
+    Preprocess,
+    build_feature_model,
+    get_backbone,
+    list_backbones,
+    register_backbone,
+)
+from .cache import (
+    FeatureStore,
+    default_cache_dir,
+    export_store,
+    find_store,
+    gc_cache,
+    list_stores,
+    open_store,
+    verify_store,
+)
+from .data import ImageTransform, Manifest, SplitConfig, load_image, scan
+from .datasets import export_dataset, list_datasets
+from .errors import (
+    BackboneError,
+    DataError,
+    DatasetUnavailableError,
+    DeviceError,
+    EmbedTLError,
+    ImageDecodeError,
+    StoreError,
+    StoreLockedError,
+    WeightsNotFoundError,
+)
+from .extract import ExtractStats, extract
+
+__all__ = [
+    "DEFAULT_BACKBONE",
+    "BackboneError",
+    "BackboneSpec",
+    "DataError",
+    "DatasetUnavailableError",
+    "DeviceError",
+    "EmbedTLError",
+    "ExtractStats",
+    "FeatureModel",
+    "FeatureStore",
+    "ImageDecodeError",
+    "ImageTransform",
+    "Manifest",
+    "Preprocess",
+    "SplitConfig",
+    "StoreError",
+    "StoreLockedError",
+    "WeightsNotFoundError",
+    "__version__",
+    "build_feature_model",
+    "default_cache_dir",
+    "export_dataset",
+    "export_store",
+    "extract",
+    "find_store",
+    "gc_cache",
+    "get_backbone",
+    "list_backbones",
+    "list_datasets",
+    "list_stores",
+    "load_image",
+    "open_store",
+    "register_backbone",
+    "scan",
+    "verify_store",
+]

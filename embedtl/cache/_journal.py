@@ -1,0 +1,128 @@
+"""The journal of a run in progress: what an interrupted extraction resumes from.
+
+A journal is a folder beside the store (``<store>.journal/``) of ``.npz`` segments, each written
+to a temporary name and renamed into place, so a killed process leaves only whole segments. A
+segment holds the features and file stats of the rows it extracted and the files that failed.
+A completed run folds the journal into the store and deletes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["Journal", "JournalRows"]
+
+
+@dataclass
+class JournalRows:
+    """Rows recovered from a journal, keyed by path."""
+
+    features: np.ndarray  # (n, D)
+    index: dict[str, int]  # path -> row in features
+    sizes: dict[str, int]
+    mtimes_ns: dict[str, int]
+    failed: dict[str, tuple[str, int, int]]  # path -> (error, size, mtime_ns)
+
+
+class Journal:
+    def __init__(self, store_path: Path, fingerprint: str, dim: int, dtype: str) -> None:
+        self.dir = store_path.with_name(store_path.name + ".journal")
+        self.fingerprint = fingerprint
+        self.dim = dim
+        self.dtype = dtype
+        self._run = uuid.uuid4().hex[:8]
+        self._n = 0
+
+    def exists(self) -> bool:
+        return self.dir.is_dir()
+
+    def load(self) -> JournalRows:
+        """Whole segments of earlier runs with the same fingerprint; others are discarded."""
+        empty = JournalRows(np.zeros((0, self.dim), self.dtype), {}, {}, {}, {})
+        if not self.dir.is_dir():
+            return empty
+        meta_file = self.dir / "meta.json"
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, ValueError):
+            meta = {}
+        if meta.get("fingerprint") != self.fingerprint or meta.get("dtype") != self.dtype:
+            self.clear()
+            return empty
+        feats: list[np.ndarray] = []
+        index: dict[str, int] = {}
+        sizes: dict[str, int] = {}
+        mtimes: dict[str, int] = {}
+        failed: dict[str, tuple[str, int, int]] = {}
+        n = 0
+        for seg in sorted(self.dir.glob("seg-*.npz")):
+            try:
+                with np.load(seg, allow_pickle=False) as z:
+                    f = z["features"]
+                    paths = z["paths"].tolist()
+                    s, m = z["sizes"].tolist(), z["mtimes_ns"].tolist()
+                    fp, fe = z["failed_paths"].tolist(), z["failed_errors"].tolist()
+                    fs, fm = z["failed_sizes"].tolist(), z["failed_mtimes_ns"].tolist()
+            except (OSError, ValueError, KeyError):
+                continue  # a damaged segment is recomputed, never trusted
+            if f.shape[1:] != (self.dim,):
+                continue
+            feats.append(f.astype(self.dtype, copy=False))
+            for i, p in enumerate(paths):
+                index[p] = n + i
+                sizes[p] = s[i]
+                mtimes[p] = m[i]
+                failed.pop(p, None)
+            for p, e, sz, mt in zip(fp, fe, fs, fm, strict=True):
+                failed[p] = (e, sz, mt)
+            n += len(paths)
+        return JournalRows(
+            np.concatenate(feats) if feats else empty.features, index, sizes, mtimes, failed
+        )
+
+    def append(
+        self,
+        features: np.ndarray,
+        paths: list[str],
+        sizes: list[int],
+        mtimes_ns: list[int],
+        failed: list[tuple[str, str, int, int]],
+    ) -> None:
+        """Write one segment atomically."""
+        if not paths and not failed:
+            return
+        if not self.dir.is_dir():
+            self.dir.mkdir(parents=True, exist_ok=True)
+        meta_file = self.dir / "meta.json"
+        if not meta_file.exists():
+            tmp = self.dir / f".meta.{self._run}.tmp"
+            tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "dtype": self.dtype}))
+            os.replace(tmp, meta_file)
+        name = f"seg-{self._run}-{self._n:06d}.npz"
+        tmp = self.dir / f".{name}.tmp"
+        with open(tmp, "wb") as fh:
+            np.savez(
+                fh,
+                features=np.asarray(features, dtype=self.dtype).reshape(len(paths), self.dim),
+                paths=np.asarray(paths, dtype=str),
+                sizes=np.asarray(sizes, dtype=np.int64),
+                mtimes_ns=np.asarray(mtimes_ns, dtype=np.int64),
+                failed_paths=np.asarray([f[0] for f in failed], dtype=str),
+                failed_errors=np.asarray([f[1] for f in failed], dtype=str),
+                failed_sizes=np.asarray([f[2] for f in failed], dtype=np.int64),
+                failed_mtimes_ns=np.asarray([f[3] for f in failed], dtype=np.int64),
+            )
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.dir / name)
+        self._n += 1
+
+    def clear(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,56 @@
+"""Where stores live: the cache folder, one file per (image root, backbone fingerprint), locks."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..errors import StoreLockedError
+
+__all__ = ["default_cache_dir", "store_path", "store_lock"]
+
+CACHE_ENV = "EMBEDTL_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """``$EMBEDTL_CACHE``, else the platform's user cache folder (``~/.cache/embedtl`` on Linux)."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("embedtl", appauthor=False))
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")[:48] or "x"
+
+
+def store_path(cache_dir: str | os.PathLike[str] | None, root: Path, backbone_name: str, fingerprint: str) -> Path:
+    """``<cache>/<root name>-<hash of root path>/<backbone>-<fingerprint[:16]>.h5``."""
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    root_key = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:10]
+    folder = cache / f"{_safe(Path(root).name)}-{root_key}"
+    return folder / f"{_safe(backbone_name)}-{fingerprint[:16]}.h5"
+
+
+@contextmanager
+def store_lock(path: Path, timeout: float = -1):
+    """One writer per store. ``timeout`` < 0 waits for the other writer to finish."""
+    from filelock import FileLock, Timeout
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path) + ".lock")
+    try:
+        lock.acquire(timeout=timeout)
+    except Timeout as e:
+        raise StoreLockedError(
+            f"another embedtl process is writing {path}; wait for it or stop it"
+        ) from e
+    try:
+        yield
+    finally:
+        lock.release()

@@ -1,0 +1,34 @@
+"""The `embedtl` command line: thin commands over the library, one module per verb group."""
+
+from __future__ import annotations
+
+import click
+
+from .._version import __version__
+from ._base import EmbedTLGroup, setup_logging
+from .backbones import backbones_cmd
+from .cache import cache_group
+from .datasets import datasets_group
+from .demo import demo_cmd
+from .extract import extract_cmd
+
+
+@click.group(cls=EmbedTLGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="embedtl")
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
+def main(verbose: int) -> None:
+    """embedtl: run the frozen backbone once, cache the features, train heads in seconds.
+
+    \b
+    Typical use:
+      embedtl extract DATA_DIR        features of every image, cached in HDF5
+      embedtl cache info DATA_DIR     what is cached
+      embedtl demo                    the whole pipeline on packaged demo data
+    """
+    setup_logging(verbose)
+
+
+for _cmd in (extract_cmd, backbones_cmd, datasets_group, cache_group, demo_cmd):
+    main.add_command(_cmd)
+
+__all__ = ["main"]

@@ -1,0 +1,152 @@
+"""What every command shares: the group class (errors -> one line), options, --json output."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from ..backbones import DEFAULT_BACKBONE
+from ..errors import EmbedTLError
+
+_DEBUG_ENV = "EMBEDTL_DEBUG"
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(str(msg).split())
+
+
+class EmbedTLGroup(click.Group):
+    """A click group whose errors are one line on stderr, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except EmbedTLError as e:
+            if os.environ.get(_DEBUG_ENV):
+                raise
+            raise click.ClickException(_one_line(str(e))) from e
+        except OSError as e:
+            if os.environ.get(_DEBUG_ENV):
+                raise
+            where = f": {e.filename}" if getattr(e, "filename", None) else ""
+            raise click.ClickException(_one_line(f"{e.strerror or e}{where}")) from e
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name or "embedtl", complete_var, standalone_mode=False, **extra)
+        except click.ClickException as e:
+            click.echo(f"Error: {_one_line(e.format_message())}", err=True)
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:
+            click.echo("Error: aborted", err=True)
+            sys.exit(130)
+        except KeyboardInterrupt:
+            click.echo("Error: interrupted (an extraction resumes where it stopped)", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+class _ClickHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            click.echo(f"{record.levelname.lower()}: {self.format(record)}", err=True)
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
+def setup_logging(verbose: int) -> None:
+    logger = logging.getLogger("embedtl")
+    for h in list(logger.handlers):
+        if isinstance(h, _ClickHandler):
+            logger.removeHandler(h)
+    logger.addHandler(_ClickHandler())
+    logger.setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    logger.propagate = False
+
+
+def emit(as_json: bool, payload: dict[str, Any], human: Callable[[], None] | None = None) -> None:
+    """--json: exactly one line of JSON on stdout. Otherwise the human rendering."""
+    if as_json:
+        click.echo(json.dumps(payload, default=str, separators=(",", ":")))
+    elif human is not None:
+        human()
+    else:
+        for k, v in payload.items():
+            click.echo(f"{k}: {v}")
+
+
+def want_progress(flag: bool | None) -> bool:
+    return sys.stderr.isatty() if flag is None else flag
+
+
+# -- shared options (one place, as rasterio's rio/options.py) --------------------------------------
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+progress_option = click.option(
+    "--progress/--no-progress", default=None, help="Progress bars on stderr (default: when it is a terminal)."
+)
+
+
+def backbone_options(f: Callable) -> Callable:
+    """--backbone, --cache-dir, --image-size, --device, --runtime: every command that reads features."""
+    opts = [
+        click.option(
+            "--backbone", "-b", default=DEFAULT_BACKBONE, show_default=True,
+            help="Backbone name (see `embedtl backbones`), tv:NAME, timm:NAME, or ARCH@CHECKPOINT.",
+        ),
+        click.option(
+            "--cache-dir", type=click.Path(file_okay=False), default=None,
+            help="Feature cache folder [default: $EMBEDTL_CACHE or the user cache folder].",
+        ),
+        click.option("--image-size", type=click.IntRange(min=8), default=None, help="Crop size in pixels (default: the weights' own)."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N; a missing GPU is an error."),
+        click.option("--runtime", type=click.Choice(["auto", "torch"]), default="auto", show_default=True, help="Inference runtime for extraction."),
+    ]  # fmt: skip
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def extract_options(f: Callable) -> Callable:
+    """How extraction runs and how rows get labels and splits."""
+    opts = [
+        click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),
+        click.option("--workers", type=click.IntRange(min=0), default=None, help="Decoding workers [default: cores - 1, at most 4]."),
+        click.option("--strict", is_flag=True, help="Stop at the first unreadable image instead of recording and skipping it."),
+        click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True, help="Stored feature precision."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/val/test split."),
+        click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True, help="Share of train/ carved into val when there is no val/ folder."),
+        click.option("--labels", "labels_csv", type=click.Path(dir_okay=False, exists=True), default=None, help="CSV of path,label rows (paths relative to DATA_DIR)."),
+    ]  # fmt: skip
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def extract_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
+    """Pop the backbone/extract options out of a command's kwargs into embedtl.extract() kwargs."""
+    from ..data import SplitConfig
+
+    return {
+        "backbone": kw.pop("backbone"),
+        "cache_dir": kw.pop("cache_dir"),
+        "image_size": kw.pop("image_size"),
+        "device": kw.pop("device"),
+        "runtime": kw.pop("runtime"),
+        "batch_size": kw.pop("batch_size"),
+        "workers": kw.pop("workers"),
+        "strict": kw.pop("strict"),
+        "dtype": kw.pop("dtype"),
+        "split": SplitConfig(seed=kw.pop("seed"), val_fraction=kw.pop("val_fraction")),
+        "labels": kw.pop("labels_csv"),
+    }

@@ -1,0 +1,57 @@
+"""`embedtl extract DATA_DIR`."""
+
+from __future__ import annotations
+
+import click
+
+from ..extract import extract as run_extract
+from ._base import (
+    backbone_options,
+    emit,
+    extract_kwargs,
+    extract_options,
+    json_option,
+    progress_option,
+    want_progress,
+)
+
+
+def print_extract_summary(stats) -> None:
+    s = stats
+    click.echo(f"store     {s.store}")
+    click.echo(
+        f"rows      {s.n_images} ({s.extracted} extracted, {s.cached} reused, {s.removed} removed, "
+        f"{s.n_failed} failed, {s.n_skipped} non-image files skipped)"
+    )
+    click.echo(f"backbone  {s.backbone}  dim {s.dim}  fingerprint {s.fingerprint[:16]}")
+    if s.model_built:
+        st = s.stages
+        click.echo(
+            f"speed     {s.images_per_second:.1f} img/s on {s.device} ({s.runtime}); stages: "
+            + ", ".join(f"{k} {v:.2f}s" for k, v in st.items())
+        )
+    else:
+        click.echo(f"          {s.runtime_reason}")
+    for f in s.failed[:10]:
+        click.echo(f"failed    {f['path']}: {f['error']}", err=True)
+    click.echo(f"time      {s.seconds:.2f} s")
+
+
+@click.command("extract")
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
+@backbone_options
+@extract_options
+@progress_option
+@json_option
+def extract_cmd(data_dir: str, as_json: bool, progress: bool | None, **kw) -> None:
+    """Run the frozen backbone once over DATA_DIR and cache the pooled features.
+
+    Reruns reuse unchanged files without building the model; new or changed files are
+    extracted, removed files drop out; an interrupted run resumes where it stopped.
+    """
+    store = run_extract(data_dir, progress=want_progress(progress), **extract_kwargs(kw))
+    stats = store.last_extraction
+    payload = stats.to_dict()
+    payload.pop("failed")
+    payload["failed_files"] = stats.failed[:100]
+    emit(as_json, payload, lambda: print_extract_summary(stats))

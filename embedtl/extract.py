@@ -1,0 +1,464 @@
+"""The extraction engine: frozen backbone, run once, batched, streaming into the feature store.
+
+One function, :func:`extract`, does every extraction in embedtl:
+
+1. resolve the backbone spec and its fingerprint (hashes the weights file; builds nothing);
+2. scan the folder; compare with the store and with the journal of an interrupted run;
+3. if every file is already there unchanged: done -- no model is built, no image decoded;
+4. otherwise build the model once and stream the missing files through it: DataLoader workers
+   decode and resize in parallel with the forward pass; the model runs in ``eval()`` under
+   ``torch.inference_mode()`` (AMP + channels_last on CUDA); finished rows go to the journal;
+5. fold store + journal into a new store file, sorted by path, swapped in atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .backbones import DEFAULT_BACKBONE, BackboneSpec, build_feature_model, get_backbone
+from .cache import FeatureStore, StoreRows, library_versions, store_lock, store_path, write_store
+from .cache._journal import Journal
+from .data import ImageTransform, Manifest, SplitConfig, load_image, scan
+from .errors import DeviceError, EmbedTLError, ImageDecodeError, StoreError
+
+__all__ = ["extract", "ExtractStats", "resolve_device", "default_workers"]
+
+log = logging.getLogger(__name__)
+
+_DTYPES = ("float16", "float32")
+_FLUSH_ROWS = 4096
+_FLUSH_SECONDS = 30.0
+
+
+@dataclass
+class ExtractStats:
+    """What one call of :func:`extract` did (the ``--json`` summary of ``embedtl extract``)."""
+
+    store: str
+    n_images: int  # rows in the store
+    n_failed: int
+    n_skipped: int  # non-image files
+    dim: int
+    backbone: str
+    fingerprint: str
+    cached: int  # rows reused from the store or the journal of an interrupted run
+    extracted: int  # rows computed in this run
+    removed: int  # rows dropped because their file is gone
+    seconds: float
+    images_per_second: float  # rows computed / seconds spent computing them
+    runtime: str | None  # None when no model ran
+    runtime_reason: str
+    device: str | None
+    model_built: bool
+    stages: dict[str, float] = field(default_factory=dict)
+    failed: list[dict[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def default_workers() -> int:
+    """Decoding workers: one core stays with the model; at most 4."""
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when there is one, else ``cpu``. Asking for a missing GPU is an error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {device} was asked for, but torch sees no CUDA device here")
+        return device
+    if device == "mps":
+        if not torch.backends.mps.is_available():
+            raise DeviceError("--device mps was asked for, but MPS is not available here")
+        return device
+    if device != "cpu":
+        raise DeviceError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def _resolve_runtime(runtime: str, device: str) -> tuple[str, str]:
+    if runtime not in ("auto", "torch"):
+        raise EmbedTLError(f"unknown runtime {runtime!r}: use auto or torch")
+    if device.startswith("cuda"):
+        return "torch", "CUDA device: PyTorch with AMP (float16) and channels_last"
+    reason = "asked for" if runtime == "torch" else "PyTorch eager on CPU"
+    return "torch", reason
+
+
+class _Images:
+    """Dataset of (position, uint8 tensor | None, error | None); decoding errors are data."""
+
+    def __init__(self, root: Path, paths: Sequence[str], transform: ImageTransform) -> None:
+        self.root = root
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            # JPEG DCT-domain downscaling is not used: it changes the pixels the model sees.
+            return i, self.transform(load_image(self.root / self.paths[i])), None
+        except ImageDecodeError as e:
+            return i, None, str(e)
+        except OSError as e:  # vanished or unreadable file
+            return i, None, f"{type(e).__name__}: {e}"
+
+
+def _collate(batch):
+    import torch
+
+    ok = [(i, t) for i, t, _ in batch if t is not None]
+    failed = [(i, e) for i, t, e in batch if t is None]
+    idx = [i for i, _ in ok]
+    x = torch.stack([t for _, t in ok]) if ok else None
+    return idx, x, failed
+
+
+@dataclass
+class _Plan:
+    """How each manifest entry is served: from the old store, the journal, or the model."""
+
+    from_store: dict[int, int]  # manifest position -> old store row
+    from_journal: dict[int, int]  # manifest position -> journal row
+    failed_known: dict[int, str]  # manifest position -> recorded error (file unchanged)
+    todo: list[int]  # manifest positions to compute
+    removed: int
+
+
+def _plan(manifest: Manifest, old: FeatureStore | None, journal_rows) -> _Plan:
+    old_index: dict[str, int] = {}
+    old_failed: dict[str, tuple[str, int, int]] = {}
+    if old is not None:
+        old_index = {p: i for i, p in enumerate(old.paths.tolist())}
+        r = old.rows()
+        old_failed = {
+            p: (e, int(s), int(m))
+            for p, e, s, m in zip(r.failed_paths, r.failed_errors, r.failed_sizes, r.failed_mtimes_ns, strict=False)
+        }
+    plan = _Plan({}, {}, {}, [], 0)
+    seen: set[str] = set()
+    for pos, e in enumerate(manifest.entries):
+        seen.add(e.path)
+        i = old_index.get(e.path)
+        if i is not None and old.sizes[i] == e.size and old.mtimes_ns[i] == e.mtime_ns:  # type: ignore[union-attr]
+            plan.from_store[pos] = i
+            continue
+        j = journal_rows.index.get(e.path)
+        if j is not None and journal_rows.sizes[e.path] == e.size and journal_rows.mtimes_ns[e.path] == e.mtime_ns:
+            plan.from_journal[pos] = j
+            continue
+        for failed in (journal_rows.failed, old_failed):
+            rec = failed.get(e.path)
+            if rec is not None and rec[1] == e.size and rec[2] == e.mtime_ns:
+                plan.failed_known[pos] = rec[0]
+                break
+        else:
+            plan.todo.append(pos)
+    plan.removed = sum(1 for p in old_index if p not in seen)
+    return plan
+
+
+def _unchanged(old: FeatureStore, manifest: Manifest, plan: _Plan, attrs: dict[str, Any]) -> bool:
+    """True when rewriting the store would produce the same rows and labels."""
+    if plan.todo or plan.from_journal or plan.removed:
+        return False
+    if old.classes != manifest.classes or len(plan.failed_known) != len(old.failed):
+        return False
+    if old.metadata.get("split_config") != attrs["split_config"]:
+        return False
+    ok = [e for pos, e in enumerate(manifest.entries) if pos in plan.from_store]
+    if len(ok) != len(old):
+        return False
+    labels = np.fromiter((e.label for e in ok), dtype=np.int32, count=len(ok))
+    splits = np.asarray([e.split for e in ok], dtype=object)
+    return bool(np.array_equal(labels, old.labels) and np.array_equal(splits, old.splits))
+
+
+def extract(
+    root: str | os.PathLike[str],
+    backbone: str | BackboneSpec = DEFAULT_BACKBONE,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    batch_size: int = 64,
+    workers: int | None = None,
+    device: str = "auto",
+    runtime: str = "auto",
+    image_size: int | None = None,
+    strict: bool = False,
+    split: SplitConfig | None = None,
+    labels: str | os.PathLike[str] | None = None,
+    dtype: str = "float16",
+    progress: bool = False,
+    lock_timeout: float = -1,
+    allow_download: bool | None = None,
+) -> FeatureStore:
+    """Extract pooled features of every image under ``root`` into its store; return the store.
+
+    Reruns are incremental: unchanged files are reused without building the model, new or
+    changed files are computed, removed files drop out. An interrupted run resumes from its
+    journal. Corrupt images are recorded in ``/failed`` and skipped (``strict=True``: raise).
+    The returned store's ``last_extraction`` holds an :class:`ExtractStats`.
+    """
+    t_start = time.perf_counter()
+    if batch_size < 1:
+        raise EmbedTLError(f"--batch-size must be >= 1, got {batch_size}")
+    if dtype not in _DTYPES:
+        raise EmbedTLError(f"unknown feature dtype {dtype!r}: use float16 or float32")
+    workers = default_workers() if workers is None else workers
+    if workers < 0:
+        raise EmbedTLError(f"--workers must be >= 0, got {workers}")
+    split = split or SplitConfig()
+    spec = get_backbone(backbone, image_size=image_size)
+    fingerprint = spec.fingerprint()
+    manifest = scan(root, split, labels)
+    path = store_path(cache_dir, manifest.root, spec.name, fingerprint)
+
+    attrs = {
+        "backbone": spec.to_dict(),
+        "fingerprint": fingerprint,
+        "root": str(manifest.root),
+        "classes": manifest.classes,
+        "layout": manifest.layout,
+        "split_config": split.to_dict(),
+        "versions": library_versions(),
+    }
+
+    with store_lock(path, timeout=lock_timeout):
+        old = _open_existing(path, fingerprint, dtype)
+        if old is not None:
+            attrs["created"] = old.metadata.get("created")
+        dim = old.dim if old is not None else spec.dim  # spec.dim builds a meta-device model
+        journal = Journal(path, fingerprint, dim, dtype)
+        journal_rows = journal.load()
+        plan = _plan(manifest, old, journal_rows)
+
+        if old is not None and _unchanged(old, manifest, plan, attrs):
+            stats = ExtractStats(
+                store=str(path), n_images=len(old), n_failed=len(old.failed), n_skipped=manifest.n_skipped,
+                dim=dim, backbone=spec.name, fingerprint=fingerprint, cached=len(old), extracted=0,
+                removed=0, seconds=time.perf_counter() - t_start, images_per_second=0.0, runtime=None,
+                runtime_reason="cache hit: every file unchanged, no model built", device=None,
+                model_built=False, failed=[{"path": p, "error": e} for p, e in old.failed],
+            )  # fmt: skip
+            old.last_extraction = stats
+            return old
+
+        stages = {"decode": 0.0, "h2d": 0.0, "model": 0.0, "write": 0.0}
+        n_resumed = len(plan.from_journal)
+        run_device = run_runtime = None
+        reason = "no new or changed files: store rewritten without the model"
+        t_compute = 0.0
+        if plan.todo:
+            run_device = resolve_device(device)
+            run_runtime, reason = _resolve_runtime(runtime, run_device)
+            t0 = time.perf_counter()
+            _run_model(
+                spec, manifest, plan.todo, journal, run_device, batch_size, workers, strict, progress, stages,
+                allow_download,
+            )  # fmt: skip
+            t_compute = time.perf_counter() - t0
+            journal_rows = journal.load()
+            plan = _plan(manifest, old, journal_rows)
+            if plan.todo:
+                raise StoreError(f"internal error: {len(plan.todo)} files neither extracted nor failed")
+
+        t_w = time.perf_counter()
+        attrs["runtime"] = run_runtime or (old.metadata.get("runtime") if old is not None else None) or "torch"
+        if run_device is not None:
+            attrs["device"] = run_device
+            attrs["amp"] = "float16" if run_device.startswith("cuda") else "none"
+        rows = _fold(manifest, plan, old, journal_rows, path, dim, dtype, attrs)
+        journal.clear()
+        stages["write"] += time.perf_counter() - t_w
+
+    store = FeatureStore(path)
+    n_extracted = len(plan.from_journal) - n_resumed
+    stats = ExtractStats(
+        store=str(path), n_images=len(rows.paths), n_failed=len(rows.failed_paths),
+        n_skipped=manifest.n_skipped, dim=dim, backbone=spec.name, fingerprint=fingerprint,
+        cached=len(plan.from_store) + n_resumed, extracted=n_extracted, removed=plan.removed,
+        seconds=time.perf_counter() - t_start,
+        images_per_second=n_extracted / t_compute if t_compute > 0 else 0.0,
+        runtime=run_runtime, runtime_reason=reason, device=run_device, model_built=run_device is not None,
+        stages={k: round(v, 4) for k, v in stages.items()},
+        failed=[{"path": p, "error": e} for p, e in zip(rows.failed_paths, rows.failed_errors, strict=True)],
+    )  # fmt: skip
+    store.last_extraction = stats
+    return store
+
+
+def _open_existing(path: Path, fingerprint: str, dtype: str) -> FeatureStore | None:
+    """The current store, if it can be reused; anything else is rebuilt (with a warning)."""
+    if not path.exists():
+        return None
+    try:
+        old = FeatureStore(path)
+    except StoreError as e:
+        log.warning("rebuilding %s: %s", path, e)
+        return None
+    if old.fingerprint != fingerprint:
+        log.warning("rebuilding %s: it holds features of another backbone fingerprint", path)
+        return None
+    if old.dtype != dtype:
+        log.warning("rebuilding %s: stored as %s, %s asked for", path, old.dtype, dtype)
+        return None
+    return old
+
+
+def _run_model(
+    spec: BackboneSpec,
+    manifest: Manifest,
+    todo: list[int],
+    journal: Journal,
+    device: str,
+    batch_size: int,
+    workers: int,
+    strict: bool,
+    progress: bool,
+    stages: dict[str, float],
+    allow_download: bool | None,
+) -> None:
+    """Compute features of the ``todo`` manifest positions; every finished row goes to the journal."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    cuda = device.startswith("cuda")
+    model = build_feature_model(spec, allow_download=allow_download)
+    model.to(device, memory_format=torch.channels_last if cuda else None)
+    entries = [manifest.entries[i] for i in todo]
+    dataset = _Images(manifest.root, [e.path for e in entries], ImageTransform(spec.preprocess))
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=cuda,
+        prefetch_factor=4 if workers > 0 else None,
+        persistent_workers=False,
+    )
+    pending_feats: list[np.ndarray] = []
+    pending_rows: list[int] = []
+    pending_failed: list[tuple[str, str, int, int]] = []
+    last_flush = time.perf_counter()
+
+    def flush() -> None:
+        nonlocal last_flush
+        if pending_rows or pending_failed:
+            t = time.perf_counter()
+            feats = np.concatenate(pending_feats) if pending_feats else np.zeros((0, model_dim), np.float32)
+            es = [entries[i] for i in pending_rows]
+            journal.append(
+                feats, [e.path for e in es], [e.size for e in es], [e.mtime_ns for e in es], pending_failed
+            )
+            pending_feats.clear()
+            pending_rows.clear()
+            pending_failed.clear()
+            stages["write"] += time.perf_counter() - t
+        last_flush = time.perf_counter()
+
+    model_dim = spec.dim
+    amp = torch.autocast("cuda", dtype=torch.float16) if cuda else nullcontext()
+    bar = tqdm(total=len(entries), desc=f"extract {spec.name}", unit="img", disable=not progress, leave=False)
+    try:
+        it = iter(loader)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                idx, x, failed = next(it)
+            except StopIteration:
+                break
+            t1 = time.perf_counter()
+            stages["decode"] += t1 - t0
+            for i, err in failed:
+                e = entries[i]
+                if strict:
+                    raise ImageDecodeError(f"cannot read {manifest.root / e.path}: {err}")
+                log.warning("skipping %s: %s", e.path, err)
+                pending_failed.append((e.path, err, e.size, e.mtime_ns))
+            if x is not None:
+                x = x.to(device, non_blocking=cuda)
+                if cuda:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                    torch.cuda.synchronize(device)
+                t2 = time.perf_counter()
+                stages["h2d"] += t2 - t1
+                with torch.inference_mode(), amp:
+                    f = model(x)
+                feats = f.float().cpu().numpy()  # (B, D); syncs with the device
+                t3 = time.perf_counter()
+                stages["model"] += t3 - t2
+                pending_feats.append(feats)
+                pending_rows.extend(idx)
+            bar.update(len(idx) + len(failed))
+            if len(pending_rows) >= _FLUSH_ROWS or time.perf_counter() - last_flush > _FLUSH_SECONDS:
+                flush()
+    finally:
+        flush()  # keep what was computed, even on Ctrl-C or an error
+        bar.close()
+
+
+def _fold(
+    manifest: Manifest,
+    plan: _Plan,
+    old: FeatureStore | None,
+    journal_rows,
+    path: Path,
+    dim: int,
+    dtype: str,
+    attrs: dict[str, Any],
+) -> StoreRows:
+    """Write the new store: reused + new rows in sorted-path order, failures recorded."""
+    ok_pos = sorted(set(plan.from_store) | set(plan.from_journal))
+    es = [manifest.entries[p] for p in ok_pos]
+    failed_pos = sorted(plan.failed_known)
+    fes = [manifest.entries[p] for p in failed_pos]
+    rows = StoreRows(
+        paths=np.asarray([e.path for e in es], dtype=object),
+        labels=np.asarray([e.label for e in es], dtype=np.int32),
+        splits=np.asarray([e.split for e in es], dtype=object),
+        sizes=np.asarray([e.size for e in es], dtype=np.int64),
+        mtimes_ns=np.asarray([e.mtime_ns for e in es], dtype=np.int64),
+        failed_paths=[e.path for e in fes],
+        failed_errors=[plan.failed_known[p] for p in failed_pos],
+        failed_sizes=np.asarray([e.size for e in fes], dtype=np.int64),
+        failed_mtimes_ns=np.asarray([e.mtime_ns for e in fes], dtype=np.int64),
+    )
+
+    def fill(ds) -> None:
+        import h5py
+
+        chunk = 8192
+        with h5py.File(old.path, "r") if old is not None else nullcontext() as src:
+            for start in range(0, len(ok_pos), chunk):
+                part = ok_pos[start : start + chunk]
+                block = np.empty((len(part), dim), dtype=dtype)
+                in_store = [k for k, p in enumerate(part) if p in plan.from_store]
+                if in_store:
+                    src_rows = np.asarray([plan.from_store[part[k]] for k in in_store])
+                    # both orders are sorted by path, so src_rows increases: one h5py selection
+                    block[in_store] = src["features"][src_rows]
+                in_journal = [k for k, p in enumerate(part) if p in plan.from_journal]
+                if in_journal:
+                    block[in_journal] = journal_rows.features[[plan.from_journal[part[k]] for k in in_journal]]
+                ds[start : start + len(part)] = block
+
+    write_store(path, rows, dim, dtype, fill, attrs)
+    return rows
