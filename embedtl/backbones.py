@@ -108,7 +108,9 @@ class BackboneSpec:
     name: str  # the name the user gave (or the registry name)
     source: str  # "timm" | "torchvision"
     arch: str  # architecture name inside its source library
-    weights: str  # "package:<dist>" | "torchvision:<Enum.MEMBER>" | "timm:<hf id>" | "file" | "random"
+    weights: (
+        str  # "package:<dist>" | "torchvision:<Enum.MEMBER>" | "timm:<hf id>" | "file" | "random"
+    )
     preprocess: Preprocess
     weights_path: str | None = None  # local weights file, when there is one
     weights_format: str = "state_dict"  # "lukemelas" | "state_dict" | "torchvision" | "timm"
@@ -207,7 +209,9 @@ class _Entry:
 _REGISTRY: dict[str, _Entry] = {}
 
 
-def register_backbone(name: str, factory: Callable[[], BackboneSpec], description: str = "") -> None:
+def register_backbone(
+    name: str, factory: Callable[[], BackboneSpec], description: str = ""
+) -> None:
     """Register a backbone factory under ``name``. Registering a name twice raises."""
     if name in _REGISTRY:
         raise BackboneError(f"backbone {name!r} is already registered")

@@ -39,7 +39,20 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+    {
+        ".jpg",
+        ".jpeg",
+        ".jfif",
+        ".png",
+        ".bmp",
+        ".gif",
+        ".tif",
+        ".tiff",
+        ".webp",
+        ".ppm",
+        ".pgm",
+        ".pbm",
+    }
 )
 SPLITS = ("train", "val", "test")
 _SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -62,7 +75,11 @@ class SplitConfig:
             raise DataError(f"split fractions must sum to 1: {self.fractions}")
 
     def to_dict(self) -> dict[str, object]:
-        return {"seed": self.seed, "val_fraction": self.val_fraction, "fractions": list(self.fractions)}
+        return {
+            "seed": self.seed,
+            "val_fraction": self.val_fraction,
+            "fractions": list(self.fractions),
+        }
 
 
 @dataclass(frozen=True)
@@ -209,7 +226,9 @@ def scan(
         else:
             skipped.append(rp)
     if not images:
-        raise DataError(f"no images found in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        raise DataError(
+            f"no images found in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
 
     top_dirs = {e.name for e in os.scandir(root) if e.is_dir() and not _is_hidden(e.name)}
     split_dirs = {d: _SPLIT_DIRS[d.lower()] for d in top_dirs if d.lower() in _SPLIT_DIRS}
@@ -255,7 +274,10 @@ def scan(
             train_items = [(rp, lab) for rp, lab, sp in labelled if sp == "train" and lab >= 0]
             assigned.update(
                 _assign_splits(
-                    train_items, ("train", "val"), (1 - split.val_fraction, split.val_fraction), split.seed
+                    train_items,
+                    ("train", "val"),
+                    (1 - split.val_fraction, split.val_fraction),
+                    split.seed,
                 )
             )
         for rp, _, sp in labelled:
@@ -347,6 +369,8 @@ class ImageTransform:
         from torchvision.transforms import functional as F
 
         pre = self.pre
-        im = F.resize(im, pre.resize, interpolation=InterpolationMode(pre.interpolation), antialias=True)
+        im = F.resize(
+            im, pre.resize, interpolation=InterpolationMode(pre.interpolation), antialias=True
+        )
         im = F.center_crop(im, [pre.crop, pre.crop])
         return F.pil_to_tensor(im)  # (3, crop, crop) uint8

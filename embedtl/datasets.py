@@ -53,7 +53,13 @@ def _register(info: DatasetInfo) -> None:
 
 def list_datasets() -> list[dict[str, Any]]:
     return [
-        {"name": d.name, "description": d.description, "layout": d.layout, "available": d.available(), "install": d.install}
+        {
+            "name": d.name,
+            "description": d.description,
+            "layout": d.layout,
+            "available": d.available(),
+            "install": d.install,
+        }
         for d in _DATASETS.values()
     ]
 
@@ -84,7 +90,13 @@ def export_dataset(
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     written = existing = 0
-    for rel, make in tqdm(info.items(max_per_class, classes), desc=f"export {name}", unit="img", disable=not progress, leave=False):
+    for rel, make in tqdm(
+        info.items(max_per_class, classes),
+        desc=f"export {name}",
+        unit="img",
+        disable=not progress,
+        leave=False,
+    ):
         dest = out / rel
         if dest.exists():
             existing += 1
@@ -92,12 +104,24 @@ def export_dataset(
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name("." + dest.name + ".tmp")
         im = make()
-        im.save(tmp, format="JPEG" if dest.suffix == ".jpg" else "PNG", **({"quality": 95} if dest.suffix == ".jpg" else {}))
+        im.save(
+            tmp,
+            format="JPEG" if dest.suffix == ".jpg" else "PNG",
+            **({"quality": 95} if dest.suffix == ".jpg" else {}),
+        )
         os.replace(tmp, dest)
         written += 1
     if written + existing == 0:
-        raise EmbedTLError(f"dataset {name}: nothing to export with these options (classes={classes})")
-    return {"dataset": name, "out": str(out), "written": written, "existing": existing, "images": written + existing}
+        raise EmbedTLError(
+            f"dataset {name}: nothing to export with these options (classes={classes})"
+        )
+    return {
+        "dataset": name,
+        "out": str(out),
+        "written": written,
+        "existing": existing,
+        "images": written + existing,
+    }
 
 
 # -- foolbox: 20 ImageNet photos ------------------------------------------------------------------
@@ -213,10 +237,13 @@ def _tuxpaint_items(max_per_class, classes) -> Iterator[_Item]:
             f
             for f in (_TUXPAINT_DIR / cat).rglob("*.png")
             # mirrored copies would leak between splits; cartoon/ holds drawings, not photos
-            if not f.stem.endswith("_mirror") and "cartoon" not in f.relative_to(_TUXPAINT_DIR).parts
+            if not f.stem.endswith("_mirror")
+            and "cartoon" not in f.relative_to(_TUXPAINT_DIR).parts
         )
         for f in files[:max_per_class] if max_per_class else files:
-            rel = f.relative_to(_TUXPAINT_DIR / cat).with_suffix(".png").as_posix().replace("/", "__")
+            rel = (
+                f.relative_to(_TUXPAINT_DIR / cat).with_suffix(".png").as_posix().replace("/", "__")
+            )
             yield f"{cat}/{rel}", (lambda f=f: load_image(f))  # alpha composited on white
 
 
@@ -248,7 +275,10 @@ def _digits_items(max_per_class, classes) -> Iterator[_Item]:
         if max_per_class and counts[lab] > max_per_class:
             continue
         arr = (255 - np.clip(img * 16, 0, 255)).astype(np.uint8)  # 0..16 ink -> dark on white
-        yield f"{cls}/{i:04d}.png", (lambda arr=arr: Image.fromarray(arr, mode="L").resize((32, 32), Image.NEAREST))
+        yield (
+            f"{cls}/{i:04d}.png",
+            (lambda arr=arr: Image.fromarray(arr, mode="L").resize((32, 32), Image.NEAREST)),
+        )
 
 
 def _sklearn_available() -> bool:
@@ -272,7 +302,20 @@ _register(
 
 # -- scikit-image photos ------------------------------------------------------------------------------
 
-_SKIMAGE_PHOTOS = ("astronaut", "camera", "cat", "chelsea", "coffee", "coins", "hubble_deep_field", "immunohistochemistry", "moon", "page", "rocket", "text")
+_SKIMAGE_PHOTOS = (
+    "astronaut",
+    "camera",
+    "cat",
+    "chelsea",
+    "coffee",
+    "coins",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "moon",
+    "page",
+    "rocket",
+    "text",
+)
 
 
 def _skimage_items(max_per_class, classes) -> Iterator[_Item]:

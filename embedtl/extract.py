@@ -79,7 +79,9 @@ def resolve_device(device: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise DeviceError(f"--device {device} was asked for, but torch sees no CUDA device here")
+            raise DeviceError(
+                f"--device {device} was asked for, but torch sees no CUDA device here"
+            )
         return device
     if device == "mps":
         if not torch.backends.mps.is_available():
@@ -149,7 +151,9 @@ def _plan(manifest: Manifest, old: FeatureStore | None, journal_rows) -> _Plan:
         r = old.rows()
         old_failed = {
             p: (e, int(s), int(m))
-            for p, e, s, m in zip(r.failed_paths, r.failed_errors, r.failed_sizes, r.failed_mtimes_ns, strict=False)
+            for p, e, s, m in zip(
+                r.failed_paths, r.failed_errors, r.failed_sizes, r.failed_mtimes_ns, strict=False
+            )
         }
     plan = _Plan({}, {}, {}, [], 0)
     seen: set[str] = set()
@@ -160,7 +164,11 @@ def _plan(manifest: Manifest, old: FeatureStore | None, journal_rows) -> _Plan:
             plan.from_store[pos] = i
             continue
         j = journal_rows.index.get(e.path)
-        if j is not None and journal_rows.sizes[e.path] == e.size and journal_rows.mtimes_ns[e.path] == e.mtime_ns:
+        if (
+            j is not None
+            and journal_rows.sizes[e.path] == e.size
+            and journal_rows.mtimes_ns[e.path] == e.mtime_ns
+        ):
             plan.from_journal[pos] = j
             continue
         for failed in (journal_rows.failed, old_failed):
@@ -276,10 +284,14 @@ def extract(
             journal_rows = journal.load()
             plan = _plan(manifest, old, journal_rows)
             if plan.todo:
-                raise StoreError(f"internal error: {len(plan.todo)} files neither extracted nor failed")
+                raise StoreError(
+                    f"internal error: {len(plan.todo)} files neither extracted nor failed"
+                )
 
         t_w = time.perf_counter()
-        attrs["runtime"] = run_runtime or (old.metadata.get("runtime") if old is not None else None) or "torch"
+        attrs["runtime"] = (
+            run_runtime or (old.metadata.get("runtime") if old is not None else None) or "torch"
+        )
         if run_device is not None:
             attrs["device"] = run_device
             attrs["amp"] = "float16" if run_device.startswith("cuda") else "none"
@@ -363,10 +375,18 @@ def _run_model(
         nonlocal last_flush
         if pending_rows or pending_failed:
             t = time.perf_counter()
-            feats = np.concatenate(pending_feats) if pending_feats else np.zeros((0, model_dim), np.float32)
+            feats = (
+                np.concatenate(pending_feats)
+                if pending_feats
+                else np.zeros((0, model_dim), np.float32)
+            )
             es = [entries[i] for i in pending_rows]
             journal.append(
-                feats, [e.path for e in es], [e.size for e in es], [e.mtime_ns for e in es], pending_failed
+                feats,
+                [e.path for e in es],
+                [e.size for e in es],
+                [e.mtime_ns for e in es],
+                pending_failed,
             )
             pending_feats.clear()
             pending_rows.clear()
@@ -376,7 +396,13 @@ def _run_model(
 
     model_dim = spec.dim
     amp = torch.autocast("cuda", dtype=torch.float16) if cuda else nullcontext()
-    bar = tqdm(total=len(entries), desc=f"extract {spec.name}", unit="img", disable=not progress, leave=False)
+    bar = tqdm(
+        total=len(entries),
+        desc=f"extract {spec.name}",
+        unit="img",
+        disable=not progress,
+        leave=False,
+    )
     try:
         it = iter(loader)
         while True:
@@ -408,7 +434,10 @@ def _run_model(
                 pending_feats.append(feats)
                 pending_rows.extend(idx)
             bar.update(len(idx) + len(failed))
-            if len(pending_rows) >= _FLUSH_ROWS or time.perf_counter() - last_flush > _FLUSH_SECONDS:
+            if (
+                len(pending_rows) >= _FLUSH_ROWS
+                or time.perf_counter() - last_flush > _FLUSH_SECONDS
+            ):
                 flush()
     finally:
         flush()  # keep what was computed, even on Ctrl-C or an error
@@ -457,7 +486,9 @@ def _fold(
                     block[in_store] = src["features"][src_rows]
                 in_journal = [k for k, p in enumerate(part) if p in plan.from_journal]
                 if in_journal:
-                    block[in_journal] = journal_rows.features[[plan.from_journal[part[k]] for k in in_journal]]
+                    block[in_journal] = journal_rows.features[
+                        [plan.from_journal[part[k]] for k in in_journal]
+                    ]
                 ds[start : start + len(part)] = block
 
     write_store(path, rows, dim, dtype, fill, attrs)

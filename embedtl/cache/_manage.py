@@ -145,7 +145,11 @@ def gc_cache(
 
     def _remove(p: Path) -> None:
         nonlocal freed
-        size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+        size = (
+            sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+            if p.is_dir()
+            else p.stat().st_size
+        )
         removed.append(str(p))
         freed += size
         if not dry_run:
@@ -161,9 +165,12 @@ def gc_cache(
                 reason = "root gone"
         except StoreError:
             reason = "unreadable"
-        if reason is None and older_than_days is not None:
-            if now - f.stat().st_mtime > older_than_days * 86400:
-                reason = "old"
+        if (
+            reason is None
+            and older_than_days is not None
+            and now - f.stat().st_mtime > older_than_days * 86400
+        ):
+            reason = "old"
         if reason is None:
             continue
         try:

@@ -29,7 +29,9 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")[:48] or "x"
 
 
-def store_path(cache_dir: str | os.PathLike[str] | None, root: Path, backbone_name: str, fingerprint: str) -> Path:
+def store_path(
+    cache_dir: str | os.PathLike[str] | None, root: Path, backbone_name: str, fingerprint: str
+) -> Path:
     """``<cache>/<root name>-<hash of root path>/<backbone>-<fingerprint[:16]>.h5``."""
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     root_key = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:10]

@@ -41,7 +41,16 @@ def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for dist in ("embedtl", "torch", "torchvision", "timm", "h5py", "numpy", "pillow", "onnxruntime"):
+    for dist in (
+        "embedtl",
+        "torch",
+        "torchvision",
+        "timm",
+        "h5py",
+        "numpy",
+        "pillow",
+        "onnxruntime",
+    ):
         try:
             out[dist] = version(dist)
         except PackageNotFoundError:
@@ -183,7 +192,9 @@ class FeatureStore:
         return np.flatnonzero(self.mask(split))
 
     # -- features ---------------------------------------------------------------------------
-    def features(self, split: str | Sequence[str] | None = None, dtype: Any = np.float32) -> np.ndarray:
+    def features(
+        self, split: str | Sequence[str] | None = None, dtype: Any = np.float32
+    ) -> np.ndarray:
         """Features (n, D) of the rows of ``split`` (all rows for None), as ``dtype``."""
         idx = self.indices(split)
         out = np.empty((len(idx), self.dim), dtype=dtype)
@@ -193,7 +204,9 @@ class FeatureStore:
             pos += len(rows)
         return out
 
-    def tensor(self, split: str | Sequence[str] | None = None, device: Any = "cpu", dtype: Any = None):
+    def tensor(
+        self, split: str | Sequence[str] | None = None, device: Any = "cpu", dtype: Any = None
+    ):
         """Features as a torch tensor on ``device`` (float32 unless ``dtype`` says otherwise)."""
         import torch
 
@@ -357,7 +370,12 @@ def write_store(
             g.create_dataset("sizes", data=np.asarray(rows.failed_sizes, dtype=np.int64))
             g.create_dataset("mtimes_ns", data=np.asarray(rows.failed_mtimes_ns, dtype=np.int64))
             now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            full = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "dim": dim, "dtype": dtype}
+            full = {
+                "format": FORMAT_NAME,
+                "format_version": FORMAT_VERSION,
+                "dim": dim,
+                "dtype": dtype,
+            }
             full.update(attrs)
             full.setdefault("created", now)
             full["updated"] = now

@@ -43,7 +43,9 @@ class EmbedTLGroup(click.Group):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
-            rv = super().main(args, prog_name or "embedtl", complete_var, standalone_mode=False, **extra)
+            rv = super().main(
+                args, prog_name or "embedtl", complete_var, standalone_mode=False, **extra
+            )
         except click.ClickException as e:
             click.echo(f"Error: {_one_line(e.format_message())}", err=True)
             sys.exit(e.exit_code)
@@ -91,9 +93,13 @@ def want_progress(flag: bool | None) -> bool:
 
 # -- shared options (one place, as rasterio's rio/options.py) --------------------------------------
 
-json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON object on stdout."
+)
 progress_option = click.option(
-    "--progress/--no-progress", default=None, help="Progress bars on stderr (default: when it is a terminal)."
+    "--progress/--no-progress",
+    default=None,
+    help="Progress bars on stderr (default: when it is a terminal).",
 )
 
 

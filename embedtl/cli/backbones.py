@@ -36,6 +36,8 @@ def backbones_cmd(as_json: bool) -> None:
                 click.echo(f"{r['name']:<22}  error: {r['error']}")
                 continue
             here = "here" if r["weights_available"] else "missing"
-            click.echo(f"{r['name']:<22}{r['dim']:>6}{r['image_size']:>6}  {here:<7}  {r['description']}")
+            click.echo(
+                f"{r['name']:<22}{r['dim']:>6}{r['image_size']:>6}  {here:<7}  {r['description']}"
+            )
 
     emit(as_json, {"backbones": rows}, human)

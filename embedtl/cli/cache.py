@@ -11,7 +11,13 @@ from ._base import EmbedTLGroup, emit, json_option
 def _store_options(f):
     f = click.option("--cache-dir", type=click.Path(file_okay=False), default=None)(f)
     f = click.option("--image-size", type=click.IntRange(min=8), default=None)(f)
-    f = click.option("--backbone", "-b", default="efficientnet_lite0", show_default=True, help="Used when STORE is an image folder.")(f)
+    f = click.option(
+        "--backbone",
+        "-b",
+        default="efficientnet_lite0",
+        show_default=True,
+        help="Used when STORE is an image folder.",
+    )(f)
     return f
 
 
@@ -35,7 +41,9 @@ def ls_cmd(cache_dir: str | None, as_json: bool) -> None:
                 click.echo(f"{r['store']}  ERROR {r['error']}")
                 continue
             gone = "" if r["root_exists"] else "  (image folder gone)"
-            click.echo(f"{r['rows']:>8} rows  {r['bytes'] / 1e6:8.1f} MB  {r['backbone']:<20} {r['root']}{gone}")
+            click.echo(
+                f"{r['rows']:>8} rows  {r['bytes'] / 1e6:8.1f} MB  {r['backbone']:<20} {r['root']}{gone}"
+            )
 
     emit(as_json, {"stores": rows}, human)
 
@@ -44,7 +52,9 @@ def ls_cmd(cache_dir: str | None, as_json: bool) -> None:
 @click.argument("store")
 @_store_options
 @json_option
-def info_cmd(store: str, backbone: str, image_size: int | None, cache_dir: str | None, as_json: bool) -> None:
+def info_cmd(
+    store: str, backbone: str, image_size: int | None, cache_dir: str | None, as_json: bool
+) -> None:
     """Metadata and row counts of one store."""
     s = open_store(store, backbone=backbone, cache_dir=cache_dir, image_size=image_size)
     summary = s.summary()
@@ -52,7 +62,20 @@ def info_cmd(store: str, backbone: str, image_size: int | None, cache_dir: str |
     summary["versions"] = s.metadata.get("versions")
 
     def human() -> None:
-        for k in ("store", "root", "rows", "dim", "dtype", "backbone", "fingerprint", "runtime", "splits", "unlabelled", "failed", "updated"):
+        for k in (
+            "store",
+            "root",
+            "rows",
+            "dim",
+            "dtype",
+            "backbone",
+            "fingerprint",
+            "runtime",
+            "splits",
+            "unlabelled",
+            "failed",
+            "updated",
+        ):
             click.echo(f"{k:<12}{summary[k]}")
         for c, n in summary["per_class"].items():
             click.echo(f"  {c:<24}{n}")
@@ -65,17 +88,28 @@ def info_cmd(store: str, backbone: str, image_size: int | None, cache_dir: str |
 @_store_options
 @click.option("--no-files", is_flag=True, help="Do not compare rows with the image files on disk.")
 @json_option
-def verify_cmd(store: str, backbone: str, image_size: int | None, cache_dir: str | None, no_files: bool, as_json: bool) -> None:
+def verify_cmd(
+    store: str,
+    backbone: str,
+    image_size: int | None,
+    cache_dir: str | None,
+    no_files: bool,
+    as_json: bool,
+) -> None:
     """Check a store against the schema and the image files; exit 1 on problems."""
     s = open_store(store, backbone=backbone, cache_dir=cache_dir, image_size=image_size)
     report = verify_store(s.path, check_files=not no_files)
 
     def human() -> None:
-        click.echo(f"{report['store']}: {'ok' if report['ok'] else 'PROBLEMS'} ({report['rows']} rows)")
+        click.echo(
+            f"{report['store']}: {'ok' if report['ok'] else 'PROBLEMS'} ({report['rows']} rows)"
+        )
         for p in report["problems"]:
             click.echo(f"  problem: {p}")
         if report["stale"] or report["missing"]:
-            click.echo(f"  {len(report['stale'])} changed and {len(report['missing'])} missing files: rerun `embedtl extract` to update")
+            click.echo(
+                f"  {len(report['stale'])} changed and {len(report['missing'])} missing files: rerun `embedtl extract` to update"
+            )
 
     emit(as_json, report, human)
     if not report["ok"]:
@@ -84,10 +118,18 @@ def verify_cmd(store: str, backbone: str, image_size: int | None, cache_dir: str
 
 @cache_group.command("gc")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None)
-@click.option("--older-than", "older_than_days", type=click.FloatRange(min=0), default=None, help="Also remove stores not updated for this many days.")
+@click.option(
+    "--older-than",
+    "older_than_days",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Also remove stores not updated for this many days.",
+)
 @click.option("--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
 @json_option
-def gc_cmd(cache_dir: str | None, older_than_days: float | None, dry_run: bool, as_json: bool) -> None:
+def gc_cmd(
+    cache_dir: str | None, older_than_days: float | None, dry_run: bool, as_json: bool
+) -> None:
     """Remove stores whose image folder is gone, and leftovers of killed runs."""
     r = gc_cache(cache_dir, older_than_days=older_than_days, dry_run=dry_run)
 
@@ -105,7 +147,14 @@ def gc_cmd(cache_dir: str | None, older_than_days: float | None, dry_run: bool, 
 @click.argument("out", type=click.Path(dir_okay=False))
 @_store_options
 @json_option
-def export_cmd(store: str, out: str, backbone: str, image_size: int | None, cache_dir: str | None, as_json: bool) -> None:
+def export_cmd(
+    store: str,
+    out: str,
+    backbone: str,
+    image_size: int | None,
+    cache_dir: str | None,
+    as_json: bool,
+) -> None:
     """Write features + paths + labels + splits to OUT (.npz or .parquet)."""
     s = open_store(store, backbone=backbone, cache_dir=cache_dir, image_size=image_size)
     r = export_store(s.path, out)
