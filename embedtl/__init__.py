@@ -38,7 +38,7 @@ from .errors import (
     StoreLockedError,
     WeightsNotFoundError,
 )
-from .extract import ExtractStats, extract
+from .extract import ExtractStats, default_batch_size, extract
 
 __all__ = [
     "DEFAULT_BACKBONE",
@@ -61,6 +61,7 @@ __all__ = [
     "WeightsNotFoundError",
     "__version__",
     "build_feature_model",
+    "default_batch_size",
     "default_cache_dir",
     "export_dataset",
     "export_store",

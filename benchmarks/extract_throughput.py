@@ -1,0 +1,223 @@
+"""Images/s of `embedtl extract` vs the model alone on pre-made tensors, and vs the tutorial loop.
+
+One invocation interleaves the variants ``--repeats`` times (default 3) and reports medians:
+
+* ``model_alone``: the backbone (``FeatureModel.body``) on pre-made, pre-normalised float
+  tensors, channels_last, at the same batch size extraction uses -- the ceiling;
+* ``extract``: ``embedtl.extract`` on the image folder into a fresh cache (decode, resize,
+  forward, write), the same backbone and batch size;
+* ``tutorial``: one epoch of the tutorial loop -- ImageFolder + the weights' own transforms
+  (timm's resolved config for these weights), DataLoader batch 32, num_workers=0, frozen backbone
+  + new Linear, Adam 1e-3, model.train() as the tutorials do.
+
+Then other settings (image size, workers, batch size) once each per repeat, with their stage
+breakdown. Target (issue 2): extraction >= 90% of the model-alone rate at 224 px on this CPU.
+
+    python benchmarks/extract_throughput.py [--data DIR] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from _common import machine, median, write_result  # noqa: E402
+
+import embedtl  # noqa: E402
+
+
+def demo_data(tmp: Path) -> Path:
+    out = tmp / "tuxpaint"
+    embedtl.export_dataset(
+        "tuxpaint-stamps", out, classes=("animals", "food", "plants", "vehicles")
+    )
+    return out
+
+
+def premade_batches(data: Path, spec, batch_size: int) -> list[torch.Tensor]:
+    m = embedtl.scan(data)
+    tr = embedtl.ImageTransform(spec.preprocess)
+    x = torch.stack([tr(embedtl.load_image(data / e.path)) for e in m.entries])
+    model = embedtl.build_feature_model(spec)
+    xf = model.normalise(x).contiguous(memory_format=torch.channels_last)
+    return [xf[i : i + batch_size] for i in range(0, len(xf), batch_size)]
+
+
+def run_model_alone(spec, batches: list[torch.Tensor]) -> float:
+    model = embedtl.build_feature_model(spec)
+    model.body.to(memory_format=torch.channels_last)
+    n = sum(len(b) for b in batches)
+    with torch.inference_mode():
+        model.body(batches[0])  # warm-up, as extraction's first batch pays for it too
+        t = time.perf_counter()
+        for b in batches:
+            model.body(b)
+        return n / (time.perf_counter() - t)
+
+
+def run_extract(data: Path, backbone: str, **kw) -> dict:
+    with tempfile.TemporaryDirectory() as cache:
+        store = embedtl.extract(data, backbone, cache_dir=cache, **kw)
+        st = store.last_extraction
+        return {
+            "images_per_second": st.images_per_second,
+            "wall_images_per_second": st.extracted / st.seconds,
+            "stages": st.stages,
+            "batch_size": st.batch_size,
+            "workers": st.workers,
+        }
+
+
+def run_tutorial_epoch(data: Path) -> float:
+    """One epoch of the tutorial loop over the same images (all of them, as its train set)."""
+    import timm
+    from torch import nn
+    from torch.utils.data import DataLoader
+    from torchvision import datasets
+
+    spec = embedtl.get_backbone("efficientnet_lite0")
+    fm = embedtl.build_feature_model(spec)
+    cfg = timm.data.resolve_data_config({}, model=fm.body)
+    transform = timm.data.create_transform(**cfg)  # the weights' own transforms
+    ds = datasets.ImageFolder(str(data), transform=transform)
+    loader = DataLoader(ds, batch_size=32, shuffle=True, num_workers=0)
+    model = nn.Sequential(fm.body, nn.Linear(spec.dim, len(ds.classes)))
+    for p in fm.body.parameters():
+        p.requires_grad = False
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    n = 0
+    t = time.perf_counter()
+    for x, y in loader:
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        n += len(y)
+    return n / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--data", type=Path, default=None, help="image folder [default: the demo Tux Paint stamps]"
+    )
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-tutorial", action="store_true")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = args.data or demo_data(Path(tmp))
+        n_images = len(embedtl.scan(data))
+        backbone = "efficientnet_lite0"
+        spec224 = embedtl.get_backbone(backbone)
+        spec64 = embedtl.get_backbone(backbone, image_size=64)
+        bs224 = embedtl.default_batch_size("cpu", 224)
+        bs64 = embedtl.default_batch_size("cpu", 64)
+        pre = {
+            ("224", bs224): premade_batches(data, spec224, bs224),
+            ("224", 64): premade_batches(data, spec224, 64),
+            ("64", bs64): premade_batches(data, spec64, bs64),
+        }
+        # (name, model-alone key or None, extract kwargs)
+        settings = [
+            ("224px auto-batch workers=1", ("224", bs224), {"workers": 1}),
+            ("224px auto-batch workers=0", ("224", bs224), {"workers": 0}),
+            ("224px auto-batch workers=2", ("224", bs224), {"workers": 2}),
+            ("224px batch=64 workers=1", ("224", 64), {"workers": 1, "batch_size": 64}),
+            ("64px auto-batch workers=1", ("64", bs64), {"workers": 1, "image_size": 64}),
+        ]
+        runs: dict[str, dict[str, list]] = {}
+        for rep in range(args.repeats):
+            for name, key, kw in settings:
+                r = runs.setdefault(
+                    name,
+                    {
+                        "model_alone": [],
+                        "extract": [],
+                        "stages": [],
+                        "batch_size": kw.get("batch_size", key[1]),
+                    },
+                )
+                spec = spec224 if key[0] == "224" else spec64
+                r["model_alone"].append(run_model_alone(spec, pre[key]))
+                e = run_extract(data, backbone, **kw)
+                r["extract"].append(e["images_per_second"])
+                r["stages"].append(e["stages"])
+                print(
+                    f"[{rep}] {name}: model {r['model_alone'][-1]:.1f}  extract {e['images_per_second']:.1f} img/s  {e['stages']}",
+                    flush=True,
+                )
+            if not args.skip_tutorial:
+                runs.setdefault("tutorial", {"tutorial": []})["tutorial"].append(
+                    run_tutorial_epoch(data)
+                )
+                print(
+                    f"[{rep}] tutorial epoch: {runs['tutorial']['tutorial'][-1]:.1f} img/s",
+                    flush=True,
+                )
+
+    table = []
+    for name, _, _ in settings:
+        r = runs[name]
+        m, e = median(r["model_alone"]), median(r["extract"])
+        stages = {k: round(median([s[k] for s in r["stages"]]), 3) for k in r["stages"][0]}
+        table.append({"setting": name, "batch_size": r["batch_size"], "model_alone_ips": round(m, 1), "extract_ips": round(e, 1),
+                      "ratio": round(e / m, 3), "stages_s": stages, "model_alone_runs": r["model_alone"], "extract_runs": r["extract"]})  # fmt: skip
+    tut = median(runs["tutorial"]["tutorial"]) if "tutorial" in runs else None
+    head = table[0]
+    result = {
+        "benchmark": "extract_throughput",
+        "machine": machine(),
+        "data": {
+            "images": n_images,
+            "source": str(args.data or "tuxpaint-stamps: animals, food, plants, vehicles"),
+        },
+        "repeats": args.repeats,
+        "settings": table,
+        "tutorial_epoch_ips": round(tut, 1) if tut else None,
+        "tutorial_runs": runs.get("tutorial", {}).get("tutorial"),
+        "headline": {
+            "setting": head["setting"],
+            "extract_vs_model_alone": head["ratio"],
+            "target": ">= 0.90",
+            "met": head["ratio"] >= 0.90,
+            "extract_vs_tutorial_epoch": round(head["extract_ips"] / tut, 2) if tut else None,
+        },
+    }
+    lines = [
+        "# extract_throughput",
+        "",
+        f"{result['machine']['date']} · {result['machine']['cpu']} · {result['machine']['cores']} cores · "
+        f"torch {result['machine']['versions'].get('torch')} · {n_images} images · medians of {args.repeats} interleaved runs",
+        "",
+        "| setting | batch | model alone (img/s) | extract (img/s) | extract / model | decode s | h2d s | model s | write s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in table:
+        s = r["stages_s"]
+        lines.append(f"| {r['setting']} | {r['batch_size']} | {r['model_alone_ips']} | {r['extract_ips']} | {r['ratio']:.2f} | "
+                     f"{s['decode']} | {s['h2d']} | {s['model']} | {s['write']} |")  # fmt: skip
+    if tut:
+        lines += ["", f"Tutorial loop, one epoch (ImageFolder + weights' transforms, batch 32, num_workers=0, frozen backbone + Linear, Adam): **{tut:.1f} img/s**.",
+                  f"Extraction ({head['setting']}) is **{head['extract_ips'] / tut:.1f}x** the tutorial's per-epoch rate, and runs once instead of every epoch."]  # fmt: skip
+    lines += [
+        "",
+        f"Target: extract >= 90% of model alone at 224 px: **{head['ratio']:.2f}** ({'met' if head['ratio'] >= 0.9 else 'NOT met'}).",
+    ]
+    path = write_result("extract_throughput", result, "\n".join(lines))
+    print("\n".join(lines))
+    print(f"\nwritten: {path}")
+
+
+if __name__ == "__main__":
+    main()

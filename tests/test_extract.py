@@ -1,0 +1,207 @@
+from __future__ import annotations
+
+import importlib
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_BACKBONE, TINY_SIZE, make_class_folder, write_image
+
+import embedtl
+from embedtl.errors import DeviceError, ImageDecodeError
+
+ex = importlib.import_module("embedtl.extract")  # the module; embedtl.extract is the function
+
+
+def test_extract_writes_every_image_in_sorted_order(class_folder, cache_dir, tiny):
+    store = embedtl.extract(class_folder, cache_dir=cache_dir, **tiny)
+    st = store.last_extraction
+    assert (st.n_images, st.extracted, st.cached, st.n_failed, st.dim) == (24, 24, 0, 0, 1280)
+    assert st.model_built and st.runtime == "torch" and st.device == "cpu"
+    assert set(st.stages) == {"decode", "h2d", "model", "write"}
+    assert list(store.paths) == sorted(store.paths)
+    assert store.features().shape == (24, 1280)
+    assert np.isfinite(store.features()).all()
+    assert store.classes == ["cat", "dog", "fox"]
+
+
+def test_features_equal_a_direct_forward_pass(class_folder, cache_dir, tiny):
+    store = embedtl.extract(class_folder, cache_dir=cache_dir, dtype="float32", **tiny)
+    spec = embedtl.get_backbone(TINY_BACKBONE, image_size=TINY_SIZE)
+    model = embedtl.build_feature_model(spec)
+    tr = embedtl.ImageTransform(spec.preprocess)
+    x = torch.stack([tr(embedtl.load_image(class_folder / p)) for p in store.paths[:5]])
+    with torch.inference_mode():
+        ref = model(x).numpy()
+    np.testing.assert_allclose(store.features()[:5], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_rerun_is_a_cache_hit_that_builds_no_model_and_decodes_no_image(
+    class_folder, cache_dir, tiny, monkeypatch
+):
+    first = embedtl.extract(class_folder, cache_dir=cache_dir, **tiny)
+    mtime = os.stat(first.path).st_mtime_ns
+
+    def boom(*a, **k):
+        raise AssertionError("must not be called on a cache hit")
+
+    monkeypatch.setattr(ex, "build_feature_model", boom)
+    monkeypatch.setattr(ex, "load_image", boom)
+    monkeypatch.setattr(ex, "write_store", boom)
+    again = embedtl.extract(class_folder, cache_dir=cache_dir, **tiny)
+    st = again.last_extraction
+    assert not st.model_built and st.cached == 24 and st.extracted == 0
+    assert os.stat(again.path).st_mtime_ns == mtime
+
+
+def test_incremental_add_change_remove(class_folder, cache_dir, tiny, monkeypatch):
+    first = embedtl.extract(class_folder, cache_dir=cache_dir, dtype="float32", **tiny)
+    before = dict(zip(first.paths, first.features(), strict=True))
+
+    write_image(class_folder / "dog" / "dog_new.png", (9, 9, 9), seed=123)  # added
+    changed = class_folder / "cat" / "cat_001.png"
+    write_image(changed, (0, 0, 0), seed=77)  # changed content
+    os.utime(changed, ns=(1, 10**18))
+    (class_folder / "fox" / "fox_002.png").unlink()  # removed
+
+    decoded: list[str] = []
+    real = ex.load_image
+
+    def spy(path, *a, **k):
+        decoded.append(os.path.basename(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(ex, "load_image", spy)
+    second = embedtl.extract(class_folder, cache_dir=cache_dir, dtype="float32", **tiny)
+    st = second.last_extraction
+    assert sorted(decoded) == ["cat_001.png", "dog_new.png"]
+    assert (st.extracted, st.cached, st.removed, st.n_images) == (2, 22, 1, 24)
+    assert "fox/fox_002.png" not in set(second.paths)
+    assert list(second.paths) == sorted(second.paths)
+    after = dict(zip(second.paths, second.features(), strict=True))
+    for p in before:
+        if p in after and p != "cat/cat_001.png":
+            np.testing.assert_array_equal(after[p], before[p])
+    assert not np.allclose(after["cat/cat_001.png"], before["cat/cat_001.png"])
+
+
+def test_corrupt_image_is_recorded_and_skipped_strict_raises(class_folder, cache_dir, tiny):
+    (class_folder / "cat" / "broken.jpg").write_bytes(b"\xff\xd8 garbage")
+    store = embedtl.extract(class_folder, cache_dir=cache_dir, **tiny)
+    st = store.last_extraction
+    assert st.n_failed == 1 and st.n_images == 24
+    assert store.failed[0][0] == "cat/broken.jpg" and "Error" in store.failed[0][1]
+    # the unchanged broken file is not retried: a plain cache hit
+    assert not embedtl.extract(
+        class_folder, cache_dir=cache_dir, **tiny
+    ).last_extraction.model_built
+    with pytest.raises(ImageDecodeError, match="broken.jpg"):
+        embedtl.extract(class_folder, cache_dir=tmp_cache(cache_dir), strict=True, **tiny)
+
+
+def tmp_cache(cache_dir):
+    return cache_dir.parent / "cache-strict"
+
+
+def test_interrupted_run_resumes_where_it_stopped(tmp_path, cache_dir, tiny, monkeypatch):
+    root = make_class_folder(tmp_path / "d", n_per_class=10)
+    monkeypatch.setattr(ex, "_FLUSH_ROWS", 8)  # a journal segment per batch
+    calls = {"n": 0}
+    real_build = ex.build_feature_model
+
+    def build_then_die(spec, **kw):
+        model = real_build(spec, **kw)
+        real_call = model.body.forward
+
+        def forward(x):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt  # Ctrl-C in the middle of the third batch
+            return real_call(x)
+
+        model.body.forward = forward
+        return model
+
+    monkeypatch.setattr(ex, "build_feature_model", build_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        embedtl.extract(root, cache_dir=cache_dir, **tiny)
+    path = embedtl.find_store(root, TINY_BACKBONE, cache_dir, TINY_SIZE)
+    assert not path.exists()  # readers never see a half-written store
+    assert path.with_name(path.name + ".journal").is_dir()
+
+    monkeypatch.setattr(ex, "build_feature_model", real_build)
+    store = embedtl.extract(root, cache_dir=cache_dir, **tiny)
+    st = store.last_extraction
+    assert (st.cached, st.extracted, st.n_images) == (16, 14, 30)
+    assert not path.with_name(path.name + ".journal").exists()
+    full = embedtl.extract(root, cache_dir=tmp_path / "other", **tiny)
+    np.testing.assert_array_equal(store.features(), full.features())
+
+
+def test_damaged_journal_segment_is_recomputed_not_trusted(tmp_path, cache_dir, tiny):
+    root = make_class_folder(tmp_path / "d", n_per_class=2)
+    path = embedtl.find_store(root, TINY_BACKBONE, cache_dir, TINY_SIZE)
+    journal = path.with_name(path.name + ".journal")
+    journal.mkdir(parents=True)
+    spec = embedtl.get_backbone(TINY_BACKBONE, image_size=TINY_SIZE)
+    (journal / "meta.json").write_text(
+        f'{{"fingerprint": "{spec.fingerprint()}", "dtype": "float16"}}'
+    )
+    (journal / "seg-x-000000.npz").write_bytes(b"PK truncated")
+    st = embedtl.extract(root, cache_dir=cache_dir, **tiny).last_extraction
+    assert (st.extracted, st.n_images) == (6, 6)
+
+
+def test_label_and_split_changes_rewrite_metadata_without_the_model(
+    class_folder, cache_dir, tiny, monkeypatch
+):
+    embedtl.extract(class_folder, cache_dir=cache_dir, **tiny)
+    monkeypatch.setattr(ex, "build_feature_model", lambda *a, **k: pytest.fail("no model needed"))
+    store = embedtl.extract(
+        class_folder, cache_dir=cache_dir, split=embedtl.SplitConfig(seed=5), **tiny
+    )
+    st = store.last_extraction
+    assert not st.model_built and st.cached == 24
+    assert store.metadata["split_config"]["seed"] == 5
+
+
+def test_workers_give_the_same_features(class_folder, cache_dir, tiny):
+    a = embedtl.extract(class_folder, cache_dir=cache_dir, **tiny)
+    b = embedtl.extract(class_folder, cache_dir=cache_dir.parent / "c2", **{**tiny, "workers": 2})
+    np.testing.assert_array_equal(a.features(), b.features())
+
+
+def test_float32_store_and_dtype_switch_rebuilds(class_folder, cache_dir, tiny):
+    s16 = embedtl.extract(class_folder, cache_dir=cache_dir, **tiny)
+    s32 = embedtl.extract(class_folder, cache_dir=cache_dir, dtype="float32", **tiny)
+    assert s16.dtype == "float16" and s32.dtype == "float32"
+    assert s32.last_extraction.extracted == 24
+    np.testing.assert_allclose(s16.features(), s32.features(), rtol=2e-3, atol=2e-3)
+
+
+def test_missing_gpu_is_an_error_not_a_fallback(class_folder, cache_dir, tiny):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(DeviceError, match="no CUDA device"):
+        embedtl.extract(class_folder, cache_dir=cache_dir, **{**tiny, "device": "cuda"})
+
+
+def test_bad_arguments_raise_clear_errors(class_folder, cache_dir, tiny):
+    with pytest.raises(embedtl.EmbedTLError, match="batch-size"):
+        embedtl.extract(class_folder, cache_dir=cache_dir, **{**tiny, "batch_size": 0})
+    with pytest.raises(embedtl.EmbedTLError, match="dtype"):
+        embedtl.extract(class_folder, cache_dir=cache_dir, dtype="int8", **tiny)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_amp_matches_cpu_fp32(class_folder, cache_dir):
+    """AMP + channels_last on CUDA is recorded as metadata only: it must stay within fp16 tolerance."""
+    kw = {"backbone": "efficientnet_lite0", "image_size": 96, "workers": 0, "dtype": "float32"}
+    cpu = embedtl.extract(class_folder, cache_dir=cache_dir, device="cpu", **kw).features()
+    gpu = embedtl.extract(
+        class_folder, cache_dir=cache_dir.parent / "g", device="cuda", **kw
+    ).features()
+    cos = (cpu * gpu).sum(1) / (np.linalg.norm(cpu, axis=1) * np.linalg.norm(gpu, axis=1))
+    assert cos.min() >= 0.999
