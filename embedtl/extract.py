@@ -83,9 +83,19 @@ def default_batch_size(device: str, image_size: int) -> int:
     return int(max(1, min(256, round(_CPU_PIXELS_PER_BATCH / (image_size * image_size)))))
 
 
-def default_workers() -> int:
-    """Decoding workers: one core stays with the model; at most 4."""
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
+def default_workers(device: str = "cpu") -> int:
+    """Decoding worker processes.
+
+    With a GPU the CPU only decodes: use most cores. On CPU the forward pass already uses every
+    core, and a worker preempting its OpenMP threads costs more than the decoding it overlaps:
+    on 2 cores, 0 workers measured 0.82 of the model-alone rate, 1 worker 0.66 and 2 workers 0.68
+    (benchmarks/results/extract_throughput.md). With more cores a few workers are given spare
+    cores (not measured here).
+    """
+    cores = os.cpu_count() or 1
+    if device.startswith("cuda"):
+        return max(1, min(8, cores - 1))
+    return 0 if cores <= 2 else min(4, cores // 4)
 
 
 def resolve_device(device: str) -> str:
@@ -137,16 +147,6 @@ class _Images:
             return i, None, str(e)
         except OSError as e:  # vanished or unreadable file
             return i, None, f"{type(e).__name__}: {e}"
-
-
-def _low_priority_worker(_: int) -> None:
-    """Decoding workers yield the CPU to the model's threads: on a machine with few cores the
-    forward pass is the bottleneck, and a worker competing with it at equal priority slows it
-    more than the decoding it overlaps saves (benchmarks/extract_throughput.py)."""
-    try:
-        os.nice(10)
-    except OSError:  # pragma: no cover - not permitted
-        pass
 
 
 def _collate(batch):
@@ -255,8 +255,7 @@ def extract(
         raise EmbedTLError(f"--batch-size must be >= 1, got {batch_size}")
     if dtype not in _DTYPES:
         raise EmbedTLError(f"unknown feature dtype {dtype!r}: use float16 or float32")
-    workers = default_workers() if workers is None else workers
-    if workers < 0:
+    if workers is not None and workers < 0:
         raise EmbedTLError(f"--workers must be >= 0, got {workers}")
     split = split or SplitConfig()
     spec = get_backbone(backbone, image_size=image_size)
@@ -303,6 +302,8 @@ def extract(
         if plan.todo:
             run_device = resolve_device(device)
             run_runtime, reason = _resolve_runtime(runtime, run_device)
+            if workers is None:
+                workers = default_workers(run_device)
             t0 = time.perf_counter()
             used_batch = _run_model(
                 spec, manifest, plan.todo, journal, run_device, batch_size, workers, strict, progress, stages,
@@ -401,7 +402,6 @@ def _run_model(
         pin_memory=cuda,
         prefetch_factor=4 if workers > 0 else None,
         persistent_workers=False,
-        worker_init_fn=None if cuda else _low_priority_worker,
     )
     pending_feats: list[np.ndarray] = []
     pending_rows: list[int] = []

@@ -57,6 +57,11 @@ def test_api_round_trip(store):
     chunks = list(s.iter_chunks(chunk_rows=5))
     assert [len(r) for r, _ in chunks] == [5, 5, 5, 5, 4]
     np.testing.assert_array_equal(np.concatenate([c for _, c in chunks]), s.features())
+    val = list(s.iter_chunks(chunk_rows=4, split="val"))  # scattered rows, bounded reads
+    assert all(len(r) <= 4 for r, _ in val)
+    rows = np.concatenate([r for r, _ in val])
+    np.testing.assert_array_equal(rows, s.indices("val"))
+    np.testing.assert_array_equal(np.concatenate([c for _, c in val]), s.features()[rows])
     with pytest.raises(StoreError, match="unknown split"):
         s.mask("training")
 

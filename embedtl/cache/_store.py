@@ -219,19 +219,25 @@ class FeatureStore:
         split: str | Sequence[str] | None = None,
         dtype: Any = np.float32,
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield (row indices, features) in row order, ``chunk_rows`` at a time: bounded memory."""
+        """Yield (row indices, features) of ``split`` in row order.
+
+        Reads ``chunk_rows`` contiguous rows at a time and keeps the selected ones, so memory
+        stays bounded by the chunk whatever the split's rows are; chunks may hold fewer rows.
+        """
         import h5py
 
-        idx = self.indices(split)
         if chunk_rows < 1:
             raise StoreError("chunk_rows must be >= 1")
+        mask = self.mask(split)
         with h5py.File(self.path, "r") as f:
             ds = f["features"]
-            for start in range(0, len(idx), chunk_rows):
-                rows = idx[start : start + chunk_rows]
-                lo, hi = int(rows[0]), int(rows[-1]) + 1
-                block = ds[lo:hi]  # contiguous read, then select
-                yield rows, block[rows - lo].astype(dtype, copy=False)
+            for start in range(0, len(self), chunk_rows):
+                sel = mask[start : start + chunk_rows]
+                if not sel.any():
+                    continue
+                block = ds[start : start + len(sel)]  # (<= chunk_rows, D), one contiguous read
+                rows = np.flatnonzero(sel) + start
+                yield rows, block[sel].astype(dtype, copy=False)
 
     def summary(self) -> dict[str, Any]:
         splits = self.splits.astype(str)

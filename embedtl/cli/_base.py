@@ -127,7 +127,7 @@ def extract_options(f: Callable) -> Callable:
     """How extraction runs and how rows get labels and splits."""
     opts = [
         click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per forward pass [default: 256 on CUDA; on CPU sized to the cache, e.g. 4 at 224 px]."),
-        click.option("--workers", type=click.IntRange(min=0), default=None, help="Decoding workers [default: cores - 1, at most 4]."),
+        click.option("--workers", type=click.IntRange(min=0), default=None, help="Decoding worker processes [default: 0 on a 2-core CPU, more with spare cores or a GPU]."),
         click.option("--strict", is_flag=True, help="Stop at the first unreadable image instead of recording and skipping it."),
         click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True, help="Stored feature precision."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/val/test split."),
