@@ -8,7 +8,6 @@ from ._version import __version__
 from .backbones import (
     DEFAULT_BACKBONE,
     BackboneSpec,
-    FeatureModel,
     Preprocess,
     build_feature_model,
     get_backbone,
@@ -22,6 +21,7 @@ from .cache import (
     find_store,
     gc_cache,
     list_stores,
+    merge_stores,
     open_store,
     verify_store,
 )
@@ -39,6 +39,17 @@ from .errors import (
     WeightsNotFoundError,
 )
 from .extract import ExtractStats, default_batch_size, extract
+
+
+def __getattr__(name: str):
+    if (
+        name == "FeatureModel"
+    ):  # a torch.nn.Module: imported on use, so `import embedtl` stays light
+        from ._model import FeatureModel
+
+        return FeatureModel
+    raise AttributeError(f"module 'embedtl' has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_BACKBONE",
@@ -72,6 +83,7 @@ __all__ = [
     "list_backbones",
     "list_datasets",
     "list_stores",
+    "merge_stores",
     "load_image",
     "open_store",
     "register_backbone",

@@ -37,7 +37,6 @@ __all__ = [
     "FORMAT_VERSION",
     "Preprocess",
     "BackboneSpec",
-    "FeatureModel",
     "register_backbone",
     "list_backbones",
     "get_backbone",
@@ -586,46 +585,7 @@ def _load_state_dict_lenient_head(net, sd: dict[str, Any], where: str, classifie
         )
 
 
-class FeatureModel:
-    """A built backbone: uint8 images (B, 3, H, W) in, pooled features (B, D) out.
-
-    ``body`` is the network cut at its classifier's input (float, normalised input);
-    ``classifier`` is the original head (for checks such as ImageNet top-1); the
-    normalisation of ``spec.preprocess`` is applied in :meth:`__call__`.
-    """
-
-    def __init__(self, spec: BackboneSpec, body, classifier) -> None:
-        import torch
-
-        self.spec = spec
-        self.body = body.eval()
-        self.classifier = classifier.eval() if classifier is not None else None
-        self.mean = torch.tensor(spec.preprocess.mean).view(1, 3, 1, 1) * 255.0
-        self.std = torch.tensor(spec.preprocess.std).view(1, 3, 1, 1) * 255.0
-        self.device = torch.device("cpu")
-
-    def to(self, device, memory_format=None) -> FeatureModel:
-        import torch
-
-        self.device = torch.device(device)
-        self.body.to(self.device)
-        if memory_format is not None:
-            self.body.to(memory_format=memory_format)
-        if self.classifier is not None:
-            self.classifier.to(self.device)
-        self.mean = self.mean.to(self.device)
-        self.std = self.std.to(self.device)
-        return self
-
-    def normalise(self, images):
-        """uint8 (B, 3, H, W) -> float (B, 3, H, W), as ToTensor + Normalize would give."""
-        return (images.float() - self.mean) / self.std
-
-    def __call__(self, images):
-        return self.body(self.normalise(images))  # (B, D)
-
-
-def build_feature_model(spec: BackboneSpec, *, allow_download: bool | None = None) -> FeatureModel:
+def build_feature_model(spec: BackboneSpec, *, allow_download: bool | None = None):
     """Build the network for ``spec`` with its weights. Never falls back to random weights."""
     import torch
 
@@ -670,6 +630,8 @@ def build_feature_model(spec: BackboneSpec, *, allow_download: bool | None = Non
 
     body, classifier = _split_classifier(net, spec.source)
     body.requires_grad_(False)
+    from ._model import FeatureModel
+
     return FeatureModel(spec, body, classifier)
 
 

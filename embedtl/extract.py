@@ -24,13 +24,30 @@ from typing import Any
 
 import numpy as np
 
-from .backbones import DEFAULT_BACKBONE, BackboneSpec, build_feature_model, get_backbone
-from .cache import FeatureStore, StoreRows, library_versions, store_lock, store_path, write_store
+from .backbones import DEFAULT_BACKBONE, BackboneSpec, get_backbone
+from .cache import (
+    FeatureStore,
+    StoreRows,
+    default_cache_dir,
+    library_versions,
+    store_lock,
+    store_path,
+    write_store,
+)
 from .cache._journal import Journal
 from .data import DECODER, ImageTransform, Manifest, SplitConfig, load_image, scan
 from .errors import DeviceError, EmbedTLError, ImageDecodeError, StoreError
+from .runtime import ONNX_BATCH, RUNTIMES, load_runtime, onnx_model_path, resolve_runtime
 
-__all__ = ["extract", "ExtractStats", "resolve_device", "default_batch_size", "default_workers"]
+__all__ = [
+    "extract",
+    "extract_distributed",
+    "torchrun_rank",
+    "ExtractStats",
+    "resolve_device",
+    "default_batch_size",
+    "default_workers",
+]
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +86,19 @@ class ExtractStats:
 
 
 #: On CPU, a forward pass is fastest when its activations stay cache-sized: measured here
-#: (benchmarks/extract_throughput.py) EfficientNet-Lite0 runs ~4x faster at batch 4 than at
-#: batch 64 for 224 px, and best near batch 32-48 for 64 px. The auto batch size keeps about this
-#: many input pixels per forward pass.
+#: (benchmarks/extract_throughput.py) EfficientNet-Lite0 runs ~2x faster at batch 4 than at
+#: batch 64 for 224 px (57.5 vs 28.1 img/s), and best near batch 32-48 for 64 px. The auto batch
+#: size keeps about this many input pixels per forward pass.
 _CPU_PIXELS_PER_BATCH = 3 * 2**16
 _CUDA_BATCH = 256
 
 
-def default_batch_size(device: str, image_size: int) -> int:
+def default_batch_size(device: str, image_size: int, runtime: str = "torch") -> int:
     """Images per forward pass: large on a GPU; on CPU, sized to the cache (see above)."""
     if device.startswith("cuda"):
         return _CUDA_BATCH
+    if runtime == "onnxruntime":
+        return ONNX_BATCH
     return int(max(1, min(256, round(_CPU_PIXELS_PER_BATCH / (image_size * image_size)))))
 
 
@@ -87,10 +106,10 @@ def default_workers(device: str = "cpu") -> int:
     """Decoding worker processes.
 
     With a GPU the CPU only decodes: use most cores. On CPU the forward pass already uses every
-    core, and a worker preempting its OpenMP threads costs more than the decoding it overlaps:
-    on 2 cores, 0 workers measured 0.82 of the model-alone rate, 1 worker 0.66 and 2 workers 0.68
-    (benchmarks/results/extract_throughput.md). With more cores a few workers are given spare
-    cores (not measured here).
+    core, and a worker preempting its threads costs more than the decoding it overlaps: on 2
+    cores, 0 workers ran at 0.87 of the model-alone rate and 1 worker at 0.79 (PyTorch, 224 px,
+    benchmarks/results/extract_throughput.md). With more cores a few workers get spare cores
+    (not measured here).
     """
     cores = os.cpu_count() or 1
     if device.startswith("cuda"):
@@ -117,15 +136,6 @@ def resolve_device(device: str) -> str:
     if device != "cpu":
         raise DeviceError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
     return device
-
-
-def _resolve_runtime(runtime: str, device: str) -> tuple[str, str]:
-    if runtime not in ("auto", "torch"):
-        raise EmbedTLError(f"unknown runtime {runtime!r}: use auto or torch")
-    if device.startswith("cuda"):
-        return "torch", "CUDA device: PyTorch with AMP (float16) and channels_last"
-    reason = "asked for" if runtime == "torch" else "PyTorch eager on CPU"
-    return "torch", reason
 
 
 class _Images:
@@ -167,10 +177,10 @@ class _Plan:
     from_journal: dict[int, int]  # manifest position -> journal row
     failed_known: dict[int, str]  # manifest position -> recorded error (file unchanged)
     todo: list[int]  # manifest positions to compute
-    removed: int
+    removed: int  # rows of the old store whose file is gone from the folder
 
 
-def _plan(manifest: Manifest, old: FeatureStore | None, journal_rows) -> _Plan:
+def _plan(manifest: Manifest, old: FeatureStore | None, journal_rows, all_paths: set[str]) -> _Plan:
     old_index: dict[str, int] = {}
     old_failed: dict[str, tuple[str, int, int]] = {}
     if old is not None:
@@ -183,9 +193,7 @@ def _plan(manifest: Manifest, old: FeatureStore | None, journal_rows) -> _Plan:
             )
         }
     plan = _Plan({}, {}, {}, [], 0)
-    seen: set[str] = set()
     for pos, e in enumerate(manifest.entries):
-        seen.add(e.path)
         i = old_index.get(e.path)
         if i is not None and old.sizes[i] == e.size and old.mtimes_ns[i] == e.mtime_ns:  # type: ignore[union-attr]
             plan.from_store[pos] = i
@@ -205,7 +213,7 @@ def _plan(manifest: Manifest, old: FeatureStore | None, journal_rows) -> _Plan:
                 break
         else:
             plan.todo.append(pos)
-    plan.removed = sum(1 for p in old_index if p not in seen)
+    plan.removed = sum(1 for p in old_index if p not in all_paths)  # gone from the folder
     return plan
 
 
@@ -242,6 +250,7 @@ def extract(
     progress: bool = False,
     lock_timeout: float = -1,
     allow_download: bool | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> FeatureStore:
     """Extract pooled features of every image under ``root`` into its store; return the store.
 
@@ -249,6 +258,10 @@ def extract(
     changed files are computed, removed files drop out. An interrupted run resumes from its
     journal. Corrupt images are recorded in ``/failed`` and skipped (``strict=True``: raise).
     The returned store's ``last_extraction`` holds an :class:`ExtractStats`.
+
+    ``shard=(i, n)`` extracts every n-th image of the sorted folder, starting at the i-th, into
+    a shard store beside the store; :func:`embedtl.cache.merge_stores` joins the shards into the
+    store a single process would have written.
     """
     t_start = time.perf_counter()
     if batch_size is not None and batch_size < 1:
@@ -257,11 +270,17 @@ def extract(
         raise EmbedTLError(f"unknown feature dtype {dtype!r}: use float16 or float32")
     if workers is not None and workers < 0:
         raise EmbedTLError(f"--workers must be >= 0, got {workers}")
+    if runtime not in RUNTIMES:
+        raise EmbedTLError(f"unknown runtime {runtime!r}: use {', '.join(RUNTIMES)}")
     split = split or SplitConfig()
+    cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     spec = get_backbone(backbone, image_size=image_size)
     fingerprint = spec.fingerprint()
     manifest = scan(root, split, labels)
-    path = store_path(cache_dir, manifest.root, spec.name, fingerprint)
+    path = full_path = store_path(cache_root, manifest.root, spec.name, fingerprint)
+    all_paths = {e.path for e in manifest.entries}
+    if shard is not None:
+        manifest, path = _shard(manifest, path, shard)
 
     attrs = {
         "backbone": spec.to_dict(),
@@ -271,16 +290,19 @@ def extract(
         "layout": manifest.layout,
         "split_config": split.to_dict(),
         "versions": library_versions(),
+        "shard": f"{shard[0]}/{shard[1]}" if shard is not None else None,
     }
 
     with store_lock(path, timeout=lock_timeout):
         old = _open_existing(path, fingerprint, dtype)
+        if old is None and shard is not None:
+            old = _open_existing(full_path, fingerprint, dtype)  # a shard reuses merged rows
         if old is not None:
             attrs["created"] = old.metadata.get("created")
         dim = old.dim if old is not None else spec.dim  # spec.dim builds a meta-device model
         journal = Journal(path, fingerprint, dim, dtype)
         journal_rows = journal.load()
-        plan = _plan(manifest, old, journal_rows)
+        plan = _plan(manifest, old, journal_rows, all_paths)
 
         if old is not None and _unchanged(old, manifest, plan, attrs):
             stats = ExtractStats(
@@ -301,17 +323,28 @@ def extract(
         used_batch = None
         if plan.todo:
             run_device = resolve_device(device)
-            run_runtime, reason = _resolve_runtime(runtime, run_device)
+            onnx_path = onnx_model_path(cache_root, spec, fingerprint)
+            run_runtime, reason = resolve_runtime(runtime, run_device, len(plan.todo), onnx_path)
             if workers is None:
                 workers = default_workers(run_device)
             t0 = time.perf_counter()
+            model = load_runtime(run_runtime, spec, run_device, onnx_path, allow_download)
             used_batch = _run_model(
-                spec, manifest, plan.todo, journal, run_device, batch_size, workers, strict, progress, stages,
-                allow_download,
-            )  # fmt: skip
+                model,
+                spec,
+                manifest,
+                plan.todo,
+                journal,
+                run_device,
+                batch_size,
+                workers,
+                strict,
+                progress,
+                stages,
+            )
             t_compute = time.perf_counter() - t0
             journal_rows = journal.load()
-            plan = _plan(manifest, old, journal_rows)
+            plan = _plan(manifest, old, journal_rows, all_paths)
             if plan.todo:
                 raise StoreError(
                     f"internal error: {len(plan.todo)} files neither extracted nor failed"
@@ -346,6 +379,79 @@ def extract(
     return store
 
 
+def torchrun_rank() -> tuple[int, int] | None:
+    """(rank, world size) when this process runs under torchrun with more than one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and "RANK" in os.environ:
+        return int(os.environ["RANK"]), world
+    return None
+
+
+def extract_distributed(root: str | os.PathLike[str], **kw: Any) -> FeatureStore | None:
+    """:func:`extract` under torchrun: each rank extracts its shard (on its own GPU when there
+    are GPUs), then rank 0 merges the shards into the single-process store and returns it; the
+    other ranks return None. A rerun reuses the merged store's rows and builds no model."""
+    import torch
+    import torch.distributed as dist
+
+    from .cache import merge_stores
+
+    rank, world = torchrun_rank() or (0, 1)
+    if kw.get("device", "auto") in ("auto", "cuda") and torch.cuda.is_available():
+        kw["device"] = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    store = extract(root, shard=(rank, world), **kw)
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo")
+    try:
+        everyone: list[Any] = [None] * world
+        dist.all_gather_object(everyone, (str(store.path), store.last_extraction.to_dict()))
+        merged = None
+        if rank == 0:
+            merged = merge_stores([p for p, _ in everyone])
+            for p, _ in everyone:
+                Path(p).unlink(missing_ok=True)  # the merged store now holds these rows
+            merged.last_extraction = _combine([s for _, s in everyone], merged)
+        dist.barrier()
+    finally:
+        if started:
+            dist.destroy_process_group()
+    return merged
+
+
+def _combine(parts: list[dict[str, Any]], merged: FeatureStore) -> ExtractStats:
+    first = parts[0]
+    ran = [p for p in parts if p["model_built"]]
+    return ExtractStats(
+        store=str(merged.path), n_images=len(merged), n_failed=len(merged.failed),
+        n_skipped=sum(p["n_skipped"] for p in parts), dim=merged.dim, backbone=first["backbone"],
+        fingerprint=merged.fingerprint, cached=sum(p["cached"] for p in parts),
+        extracted=sum(p["extracted"] for p in parts), removed=first["removed"],
+        seconds=max(p["seconds"] for p in parts),
+        images_per_second=sum(p["images_per_second"] for p in parts),
+        runtime=ran[0]["runtime"] if ran else None,
+        runtime_reason=f"{len(parts)} torchrun ranks; " + first["runtime_reason"],
+        device=",".join(sorted({str(p["device"]) for p in ran})) or None, model_built=bool(ran),
+        batch_size=first["batch_size"], workers=first["workers"],
+        stages={k: max(p["stages"].get(k, 0.0) for p in parts) for k in first["stages"]},
+        failed=[{"path": p, "error": e} for p, e in merged.failed],
+    )  # fmt: skip
+
+
+def _shard(manifest: Manifest, path: Path, shard: tuple[int, int]) -> tuple[Manifest, Path]:
+    i, n = shard
+    if n < 1 or not 0 <= i < n:
+        raise EmbedTLError(f"--shard must be I/N with 0 <= I < N, got {i}/{n}")
+    part = Manifest(
+        root=manifest.root,
+        entries=manifest.entries[i::n],
+        classes=manifest.classes,
+        layout=manifest.layout,
+        n_skipped=manifest.n_skipped if i == 0 else 0,
+    )
+    return part, path.with_name(f"{path.stem}.shard-{i}-of-{n}.h5")
+
+
 def _open_existing(path: Path, fingerprint: str, dtype: str) -> FeatureStore | None:
     """The current store, if it can be reused; anything else is rebuilt (with a warning)."""
     if not path.exists():
@@ -365,6 +471,7 @@ def _open_existing(path: Path, fingerprint: str, dtype: str) -> FeatureStore | N
 
 
 def _run_model(
+    model,
     spec: BackboneSpec,
     manifest: Manifest,
     todo: list[int],
@@ -375,22 +482,16 @@ def _run_model(
     strict: bool,
     progress: bool,
     stages: dict[str, float],
-    allow_download: bool | None,
 ) -> int:
     """Compute features of the ``todo`` manifest positions; every finished row goes to the journal.
 
     Returns the batch size used."""
-    import torch
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
     cuda = device.startswith("cuda")
-    model = build_feature_model(spec, allow_download=allow_download)
-    # channels_last is faster for these convnets on CPU too, and leaves the features unchanged
-    # (within float rounding; tests/test_extract.py compares against a plain forward pass)
-    model.to(device, memory_format=torch.channels_last)
     if batch_size is None:
-        batch_size = default_batch_size(device, spec.preprocess.crop)
+        batch_size = default_batch_size(device, spec.preprocess.crop, model.name)
     entries = [manifest.entries[i] for i in todo]
     dataset = _Images(manifest.root, [e.path for e in entries], ImageTransform(spec.preprocess))
     loader = DataLoader(
@@ -432,7 +533,6 @@ def _run_model(
         last_flush = time.perf_counter()
 
     model_dim = spec.dim
-    amp = torch.autocast("cuda", dtype=torch.float16) if cuda else nullcontext()
     bar = tqdm(
         total=len(entries),
         desc=f"extract {spec.name}",
@@ -457,14 +557,10 @@ def _run_model(
                 log.warning("skipping %s: %s", e.path, err)
                 pending_failed.append((e.path, err, e.size, e.mtime_ns))
             if x is not None:
-                x = x.to(device, non_blocking=cuda).contiguous(memory_format=torch.channels_last)
-                if cuda:
-                    torch.cuda.synchronize(device)
+                x = model.prepare(x)
                 t2 = time.perf_counter()
                 stages["h2d"] += t2 - t1
-                with torch.inference_mode(), amp:
-                    f = model(x)
-                feats = f.float().cpu().numpy()  # (B, D); syncs with the device
+                feats = model(x)  # (B, D) float32 numpy
                 t3 = time.perf_counter()
                 stages["model"] += t3 - t2
                 pending_feats.append(feats)

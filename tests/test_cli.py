@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -123,3 +125,32 @@ def test_python_m_json_stdout_is_exactly_one_line(class_folder, cache_dir):
     out = json.loads(lines[0])
     assert out["n_failed"] == 1 and out["failed_files"][0]["path"] == "cat/broken.png"
     assert "broken.png" in proc.stderr
+
+
+def test_shard_and_merge_commands(runner, class_folder, cache_dir):
+    paths = []
+    for i in range(2):
+        out = run_json(runner, ["extract", str(class_folder), "--cache-dir", str(cache_dir), *TINY, "--shard", f"{i}/2"])
+        paths.append(out["store"])
+        assert out["n_images"] == 12
+    merged = run_json(runner, ["cache", "merge", *paths])
+    assert merged["rows"] == 24 and ".shard-" not in merged["store"]
+    assert not any(os.path.exists(p) for p in paths)
+    r = runner.invoke(main, ["extract", str(class_folder), "--shard", "3/2"])
+    assert r.exit_code == 2 and "expected 0 <= I < N" in r.stderr
+
+
+def test_torchrun_ranks_extract_shards_and_rank0_prints_the_merged_store(tmp_path, class_folder, cache_dir):
+    """Two processes under torchrun (gloo, CPU): one JSON line, from rank 0, for the whole folder."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+         "-m", "embedtl", "extract", str(class_folder), "--cache-dir", str(cache_dir), *TINY, "--json"],  # fmt: skip
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1, proc.stdout
+    out = json.loads(lines[0])
+    assert out["n_images"] == 24 and out["extracted"] == 24 and ".shard-" not in out["store"]
+    assert sorted(p.name for p in Path(out["store"]).parent.glob("*.h5")) == [Path(out["store"]).name]

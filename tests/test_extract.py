@@ -12,6 +12,7 @@ import embedtl
 from embedtl.errors import DeviceError, ImageDecodeError
 
 ex = importlib.import_module("embedtl.extract")  # the module; embedtl.extract is the function
+rt = importlib.import_module("embedtl.runtime")
 
 
 def test_extract_writes_every_image_in_sorted_order(class_folder, cache_dir, tiny):
@@ -46,7 +47,7 @@ def test_rerun_is_a_cache_hit_that_builds_no_model_and_decodes_no_image(
     def boom(*a, **k):
         raise AssertionError("must not be called on a cache hit")
 
-    monkeypatch.setattr(ex, "build_feature_model", boom)
+    monkeypatch.setattr(rt, "build_feature_model", boom)
     monkeypatch.setattr(ex, "load_image", boom)
     monkeypatch.setattr(ex, "write_store", boom)
     again = embedtl.extract(class_folder, cache_dir=cache_dir, **tiny)
@@ -108,7 +109,7 @@ def test_interrupted_run_resumes_where_it_stopped(tmp_path, cache_dir, tiny, mon
     root = make_class_folder(tmp_path / "d", n_per_class=10)
     monkeypatch.setattr(ex, "_FLUSH_ROWS", 8)  # a journal segment per batch
     calls = {"n": 0}
-    real_build = ex.build_feature_model
+    real_build = rt.build_feature_model
 
     def build_then_die(spec, **kw):
         model = real_build(spec, **kw)
@@ -123,14 +124,14 @@ def test_interrupted_run_resumes_where_it_stopped(tmp_path, cache_dir, tiny, mon
         model.body.forward = forward
         return model
 
-    monkeypatch.setattr(ex, "build_feature_model", build_then_die)
+    monkeypatch.setattr(rt, "build_feature_model", build_then_die)
     with pytest.raises(KeyboardInterrupt):
         embedtl.extract(root, cache_dir=cache_dir, **tiny)
     path = embedtl.find_store(root, TINY_BACKBONE, cache_dir, TINY_SIZE)
     assert not path.exists()  # readers never see a half-written store
     assert path.with_name(path.name + ".journal").is_dir()
 
-    monkeypatch.setattr(ex, "build_feature_model", real_build)
+    monkeypatch.setattr(rt, "build_feature_model", real_build)
     store = embedtl.extract(root, cache_dir=cache_dir, **tiny)
     st = store.last_extraction
     assert (st.cached, st.extracted, st.n_images) == (16, 14, 30)
@@ -157,7 +158,7 @@ def test_label_and_split_changes_rewrite_metadata_without_the_model(
     class_folder, cache_dir, tiny, monkeypatch
 ):
     embedtl.extract(class_folder, cache_dir=cache_dir, **tiny)
-    monkeypatch.setattr(ex, "build_feature_model", lambda *a, **k: pytest.fail("no model needed"))
+    monkeypatch.setattr(rt, "build_feature_model", lambda *a, **k: pytest.fail("no model needed"))
     store = embedtl.extract(
         class_folder, cache_dir=cache_dir, split=embedtl.SplitConfig(seed=5), **tiny
     )
@@ -205,3 +206,35 @@ def test_cuda_amp_matches_cpu_fp32(class_folder, cache_dir):
     ).features()
     cos = (cpu * gpu).sum(1) / (np.linalg.norm(cpu, axis=1) * np.linalg.norm(gpu, axis=1))
     assert cos.min() >= 0.999
+
+
+def test_shards_merge_into_the_single_process_store(tmp_path, tiny):
+    root = make_class_folder(tmp_path / "d", n_per_class=5)
+    (root / "dog" / "bad.png").write_bytes(b"x")
+    whole = embedtl.extract(root, cache_dir=tmp_path / "one", dtype="float32", **tiny)
+    parts = [embedtl.extract(root, cache_dir=tmp_path / "many", dtype="float32", shard=(i, 3), **tiny) for i in range(3)]
+    assert sum(len(p) for p in parts) == 15 and all(".shard-" in p.path.name for p in parts)
+    assert sum(p.last_extraction.n_failed for p in parts) == 1
+    merged = embedtl.merge_stores([p.path for p in reversed(parts)])
+    assert merged.path.name == whole.path.name
+    assert list(merged.paths) == list(whole.paths)
+    np.testing.assert_array_equal(merged.labels, whole.labels)
+    np.testing.assert_array_equal(merged.splits, whole.splits)
+    np.testing.assert_allclose(merged.features(), whole.features(), rtol=1e-5, atol=1e-6)
+    assert merged.failed == whole.failed
+    # the merged store serves a plain rerun and a sharded rerun without the model
+    assert not embedtl.extract(root, cache_dir=tmp_path / "many", dtype="float32", **tiny).last_extraction.model_built
+    for p in parts:
+        p.path.unlink()
+    again = embedtl.extract(root, cache_dir=tmp_path / "many", dtype="float32", shard=(1, 3), **tiny)
+    assert not again.last_extraction.model_built and again.last_extraction.cached == 5
+
+
+def test_merge_refuses_stores_of_different_backbones(tmp_path, tiny):
+    root = make_class_folder(tmp_path / "d", n_per_class=2)
+    a = embedtl.extract(root, cache_dir=tmp_path / "c", shard=(0, 2), **tiny)
+    b = embedtl.extract(root, cache_dir=tmp_path / "c", shard=(1, 2), **{**tiny, "image_size": 40})
+    with pytest.raises(embedtl.StoreError, match="different fingerprint"):
+        embedtl.merge_stores([a.path, b.path])
+    with pytest.raises(embedtl.EmbedTLError, match="--shard"):
+        embedtl.extract(root, cache_dir=tmp_path / "c", shard=(2, 2), **tiny)

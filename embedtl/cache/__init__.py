@@ -1,6 +1,14 @@
 """The feature store: HDF5 schema, fingerprints, locking, listing and garbage collection."""
 
-from ._manage import export_store, find_store, gc_cache, list_stores, open_store, verify_store
+from ._manage import (
+    export_store,
+    find_store,
+    gc_cache,
+    list_stores,
+    merge_stores,
+    open_store,
+    verify_store,
+)
 from ._paths import default_cache_dir, store_lock, store_path
 from ._store import FORMAT_NAME, FeatureStore, StoreRows, library_versions, write_store
 
@@ -14,6 +22,7 @@ __all__ = [
     "gc_cache",
     "library_versions",
     "list_stores",
+    "merge_stores",
     "open_store",
     "store_lock",
     "store_path",

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +15,17 @@ import numpy as np
 from ..backbones import DEFAULT_BACKBONE, get_backbone
 from ..errors import StoreError
 from ._paths import default_cache_dir, store_lock, store_path
-from ._store import FeatureStore
+from ._store import FeatureStore, StoreRows, write_store
 
-__all__ = ["open_store", "find_store", "list_stores", "verify_store", "gc_cache", "export_store"]
+__all__ = [
+    "open_store",
+    "find_store",
+    "list_stores",
+    "verify_store",
+    "gc_cache",
+    "export_store",
+    "merge_stores",
+]
 
 
 def find_store(
@@ -252,3 +262,99 @@ def export_store(source: str | os.PathLike[str], out: str | os.PathLike[str]) ->
     else:
         raise StoreError(f"unknown export format {out.suffix!r}: use .npz or .parquet")
     return {"store": str(s.path), "out": str(out), "rows": len(s), "dim": s.dim}
+
+
+_SHARD_NAME = re.compile(r"^(?P<stem>.+)\.shard-(?P<i>\d+)-of-(?P<n>\d+)\.h5$")
+
+
+def merge_stores(
+    shards: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str] | None = None
+) -> FeatureStore:
+    """Join shard stores (``extract(..., shard=(i, n))``) of one folder and backbone into one.
+
+    The result is the store a single process would have written (sorted rows, the same file
+    name without ``.shard-i-of-n``), so a later ``extract`` of the folder is a cache hit.
+    """
+    if not shards:
+        raise StoreError("no stores to merge")
+    stores = [FeatureStore(p) for p in shards]
+    ref = stores[0]
+    for s in stores[1:]:
+        for what, a, b in (
+            ("fingerprint", ref.fingerprint, s.fingerprint),
+            ("image folder", ref.root, s.root),
+            ("dtype", ref.dtype, s.dtype),
+        ):
+            if a != b:
+                raise StoreError(
+                    f"cannot merge {s.path.name} into {ref.path.name}: different {what} ({b} vs {a})"
+                )
+    if out is None:
+        m = _SHARD_NAME.match(ref.path.name)
+        if m is None:
+            raise StoreError(
+                f"{ref.path.name} is not named as a shard (name.shard-I-of-N.h5): say where to write"
+            )
+        out = ref.path.with_name(m.group("stem") + ".h5")
+    out = Path(out)
+
+    classes = sorted(set().union(*(s.classes for s in stores)))
+    index = {c: i for i, c in enumerate(classes)}
+    order = sorted(
+        (str(p), k, r) for k, s in enumerate(stores) for r, p in enumerate(s.paths.tolist())
+    )
+    dup = next((a[0] for a, b in zip(order, order[1:], strict=False) if a[0] == b[0]), None)
+    if dup is not None:
+        raise StoreError(f"{dup} is in more than one of the stores to merge")
+
+    def col(name: str, k: int, r: int):
+        return getattr(stores[k], name)[r]
+
+    def label(k: int, r: int) -> int:
+        lab = int(stores[k].labels[r])
+        return index[stores[k].classes[lab]] if lab >= 0 else -1
+
+    failed = sorted(
+        (p, e, int(r.failed_sizes[i]), int(r.failed_mtimes_ns[i]))
+        for r in (s.rows() for s in stores)
+        for i, (p, e) in enumerate(zip(r.failed_paths, r.failed_errors, strict=True))
+    )
+    rows = StoreRows(
+        paths=np.asarray([p for p, _, _ in order], dtype=object),
+        labels=np.asarray([label(k, r) for _, k, r in order], dtype=np.int32),
+        splits=np.asarray([col("splits", k, r) for _, k, r in order], dtype=object),
+        sizes=np.asarray([col("sizes", k, r) for _, k, r in order], dtype=np.int64),
+        mtimes_ns=np.asarray([col("mtimes_ns", k, r) for _, k, r in order], dtype=np.int64),
+        failed_paths=[f[0] for f in failed],
+        failed_errors=[f[1] for f in failed],
+        failed_sizes=np.asarray([f[2] for f in failed], dtype=np.int64),
+        failed_mtimes_ns=np.asarray([f[3] for f in failed], dtype=np.int64),
+    )
+
+    def fill(ds) -> None:
+        import h5py
+
+        chunk = 8192
+        files = [h5py.File(s.path, "r") for s in stores]
+        try:
+            for start in range(0, len(order), chunk):
+                part = order[start : start + chunk]
+                block = np.empty((len(part), ref.dim), dtype=ref.dtype)
+                for k, f in enumerate(files):
+                    pos = [j for j, (_, kk, _) in enumerate(part) if kk == k]
+                    if pos:  # rows of one store come in increasing order: one h5py selection
+                        block[pos] = f["features"][np.asarray([part[j][2] for j in pos])]
+                ds[start : start + len(part)] = block
+        finally:
+            for f in files:
+                f.close()
+
+    attrs = {
+        k: v
+        for k, v in ref.metadata.items()
+        if k not in ("format", "format_version", "dim", "dtype", "updated", "shard")
+    }
+    attrs["classes"] = classes
+    with store_lock(out):
+        write_store(out, rows, ref.dim, ref.dtype, fill, attrs)
+    return FeatureStore(out)

@@ -116,7 +116,7 @@ def backbone_options(f: Callable) -> Callable:
         ),
         click.option("--image-size", type=click.IntRange(min=8), default=None, help="Crop size in pixels (default: the weights' own)."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N; a missing GPU is an error."),
-        click.option("--runtime", type=click.Choice(["auto", "torch"]), default="auto", show_default=True, help="Inference runtime for extraction."),
+        click.option("--runtime", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True, help="auto: ONNX Runtime on CPU for larger jobs, PyTorch on CUDA."),
     ]  # fmt: skip
     for opt in reversed(opts):
         f = opt(f)

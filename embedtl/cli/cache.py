@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
-from ..cache import export_store, gc_cache, list_stores, open_store, verify_store
+from ..cache import export_store, gc_cache, list_stores, merge_stores, open_store, verify_store
 from ._base import EmbedTLGroup, emit, json_option
 
 
@@ -159,3 +161,35 @@ def export_cmd(
     s = open_store(store, backbone=backbone, cache_dir=cache_dir, image_size=image_size)
     r = export_store(s.path, out)
     emit(as_json, r, lambda: click.echo(f"{r['rows']} rows x {r['dim']} -> {r['out']}"))
+
+
+@cache_group.command("merge")
+@click.argument("shards", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="[default: the shards' name without .shard-I-of-N]",
+)
+@click.option(
+    "--keep", is_flag=True, help="Keep the shard files (they are removed after a successful merge)."
+)
+@json_option
+def merge_cmd(shards: tuple[str, ...], out: str | None, keep: bool, as_json: bool) -> None:
+    """Join shard stores of one folder and backbone (`extract --shard I/N`) into its store."""
+    merged = merge_stores(shards, out)
+    if not keep:
+        for p in shards:
+            if p != str(merged.path):
+                Path(p).unlink(missing_ok=True)
+    r = {
+        "store": str(merged.path),
+        "rows": len(merged),
+        "shards": len(shards),
+        "failed": len(merged.failed),
+    }
+    emit(
+        as_json,
+        r,
+        lambda: click.echo(f"{r['rows']} rows from {r['shards']} shards -> {r['store']}"),
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..extract import extract as run_extract
+from ..extract import extract_distributed, torchrun_rank
 from ._base import (
     backbone_options,
     emit,
@@ -37,19 +38,54 @@ def print_extract_summary(stats) -> None:
     click.echo(f"time      {s.seconds:.2f} s")
 
 
+def _parse_shard(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        i, n = (int(v) for v in value.split("/"))
+    except ValueError:
+        raise click.BadParameter(
+            f"expected I/N such as 0/4, got {value!r}", param_hint="--shard"
+        ) from None
+    if n < 1 or not 0 <= i < n:
+        raise click.BadParameter(f"expected 0 <= I < N, got {value!r}", param_hint="--shard")
+    return i, n
+
+
 @click.command("extract")
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
 @backbone_options
 @extract_options
+@click.option(
+    "--shard",
+    type=str,
+    default=None,
+    metavar="I/N",
+    help="Extract every N-th image from the I-th into a shard store (join with `embedtl cache merge`).",
+)
 @progress_option
 @json_option
-def extract_cmd(data_dir: str, as_json: bool, progress: bool | None, **kw) -> None:
+def extract_cmd(
+    data_dir: str, as_json: bool, progress: bool | None, shard: str | None, **kw
+) -> None:
     """Run the frozen backbone once over DATA_DIR and cache the pooled features.
 
     Reruns reuse unchanged files without building the model; new or changed files are
-    extracted, removed files drop out; an interrupted run resumes where it stopped.
+    extracted, removed files drop out; an interrupted run resumes where it stopped. Under
+    torchrun each rank extracts a shard and rank 0 merges them and prints the summary.
     """
-    store = run_extract(data_dir, progress=want_progress(progress), **extract_kwargs(kw))
+    kwargs = extract_kwargs(kw)
+    rank = torchrun_rank()
+    if rank is not None and shard is None:
+        store = extract_distributed(
+            data_dir, progress=want_progress(progress) and rank[0] == 0, **kwargs
+        )
+        if store is None:
+            return  # only rank 0 prints
+    else:
+        store = run_extract(
+            data_dir, progress=want_progress(progress), shard=_parse_shard(shard), **kwargs
+        )
     stats = store.last_extraction
     payload = stats.to_dict()
     payload.pop("failed")
