@@ -130,7 +130,18 @@ def test_python_m_json_stdout_is_exactly_one_line(class_folder, cache_dir):
 def test_shard_and_merge_commands(runner, class_folder, cache_dir):
     paths = []
     for i in range(2):
-        out = run_json(runner, ["extract", str(class_folder), "--cache-dir", str(cache_dir), *TINY, "--shard", f"{i}/2"])
+        out = run_json(
+            runner,
+            [
+                "extract",
+                str(class_folder),
+                "--cache-dir",
+                str(cache_dir),
+                *TINY,
+                "--shard",
+                f"{i}/2",
+            ],
+        )
         paths.append(out["store"])
         assert out["n_images"] == 12
     merged = run_json(runner, ["cache", "merge", *paths])
@@ -140,7 +151,9 @@ def test_shard_and_merge_commands(runner, class_folder, cache_dir):
     assert r.exit_code == 2 and "expected 0 <= I < N" in r.stderr
 
 
-def test_torchrun_ranks_extract_shards_and_rank0_prints_the_merged_store(tmp_path, class_folder, cache_dir):
+def test_torchrun_ranks_extract_shards_and_rank0_prints_the_merged_store(
+    tmp_path, class_folder, cache_dir
+):
     """Two processes under torchrun (gloo, CPU): one JSON line, from rank 0, for the whole folder."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -153,4 +166,6 @@ def test_torchrun_ranks_extract_shards_and_rank0_prints_the_merged_store(tmp_pat
     assert len(lines) == 1, proc.stdout
     out = json.loads(lines[0])
     assert out["n_images"] == 24 and out["extracted"] == 24 and ".shard-" not in out["store"]
-    assert sorted(p.name for p in Path(out["store"]).parent.glob("*.h5")) == [Path(out["store"]).name]
+    assert sorted(p.name for p in Path(out["store"]).parent.glob("*.h5")) == [
+        Path(out["store"]).name
+    ]

@@ -212,7 +212,10 @@ def test_shards_merge_into_the_single_process_store(tmp_path, tiny):
     root = make_class_folder(tmp_path / "d", n_per_class=5)
     (root / "dog" / "bad.png").write_bytes(b"x")
     whole = embedtl.extract(root, cache_dir=tmp_path / "one", dtype="float32", **tiny)
-    parts = [embedtl.extract(root, cache_dir=tmp_path / "many", dtype="float32", shard=(i, 3), **tiny) for i in range(3)]
+    parts = [
+        embedtl.extract(root, cache_dir=tmp_path / "many", dtype="float32", shard=(i, 3), **tiny)
+        for i in range(3)
+    ]
     assert sum(len(p) for p in parts) == 15 and all(".shard-" in p.path.name for p in parts)
     assert sum(p.last_extraction.n_failed for p in parts) == 1
     merged = embedtl.merge_stores([p.path for p in reversed(parts)])
@@ -223,10 +226,14 @@ def test_shards_merge_into_the_single_process_store(tmp_path, tiny):
     np.testing.assert_allclose(merged.features(), whole.features(), rtol=1e-5, atol=1e-6)
     assert merged.failed == whole.failed
     # the merged store serves a plain rerun and a sharded rerun without the model
-    assert not embedtl.extract(root, cache_dir=tmp_path / "many", dtype="float32", **tiny).last_extraction.model_built
+    assert not embedtl.extract(
+        root, cache_dir=tmp_path / "many", dtype="float32", **tiny
+    ).last_extraction.model_built
     for p in parts:
         p.path.unlink()
-    again = embedtl.extract(root, cache_dir=tmp_path / "many", dtype="float32", shard=(1, 3), **tiny)
+    again = embedtl.extract(
+        root, cache_dir=tmp_path / "many", dtype="float32", shard=(1, 3), **tiny
+    )
     assert not again.last_extraction.model_built and again.last_extraction.cached == 5
 
 

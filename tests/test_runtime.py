@@ -23,7 +23,10 @@ def test_auto_picks_onnxruntime_on_cpu_only_when_it_pays_off(tmp_path):
     assert name == "onnxruntime" and "repay" in reason
     cached = tmp_path / "m.onnx"
     cached.write_bytes(b"x")
-    assert resolve_runtime("auto", "cpu", 1, cached) == ("onnxruntime", "CPU: ONNX Runtime, export already cached")
+    assert resolve_runtime("auto", "cpu", 1, cached) == (
+        "onnxruntime",
+        "CPU: ONNX Runtime, export already cached",
+    )
     assert resolve_runtime("auto", "cuda", 10_000, cached)[0] == "torch"
     assert resolve_runtime("torch", "cpu", 10_000, cached)[0] == "torch"
     with pytest.raises(DeviceError, match="runs on the CPU"):
@@ -47,7 +50,9 @@ def test_onnxruntime_extraction_matches_torch_and_shares_the_cache_key(tmp_path,
     mtime = os.stat(onnx).st_mtime_ns
     other = make_class_folder(tmp_path / "e", n_per_class=2, classes=("x", "y"))
     c = embedtl.extract(other, cache_dir=tmp_path / "c2", **tiny)
-    assert c.last_extraction.runtime == "onnxruntime" and "cached" in c.last_extraction.runtime_reason
+    assert (
+        c.last_extraction.runtime == "onnxruntime" and "cached" in c.last_extraction.runtime_reason
+    )
     assert os.stat(onnx).st_mtime_ns == mtime
     # a store made with one runtime is a cache hit for the other
     hit = embedtl.extract(root, cache_dir=tmp_path / "c2", runtime="torch", **kw)

@@ -23,7 +23,9 @@ def test_cut_preserves_the_total_and_follows_the_fractions(n, fr):
         assert abs(counts[i] - f * n) <= len(fr)
 
 
-names = st.lists(st.text("abcdefghij/", min_size=1, max_size=12), min_size=1, max_size=60, unique=True)
+names = st.lists(
+    st.text("abcdefghij/", min_size=1, max_size=12), min_size=1, max_size=60, unique=True
+)
 
 
 @settings(max_examples=60)
