@@ -108,7 +108,8 @@ def main() -> None:
     ap.add_argument("--skip-tutorial", action="store_true")
     args = ap.parse_args()
 
-    from embedtl.runtime import OnnxRuntime, TorchRuntime, onnx_model_path
+    from embedtl.cache import onnx_model_path
+    from embedtl.runtime import OnnxRuntime, TorchRuntime
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -122,7 +123,7 @@ def main() -> None:
             runtimes[("torch", px)] = TorchRuntime(spec, "cpu", None)
             # export once, outside the timed runs; extraction below then finds it cached
             runtimes[("onnxruntime", px)] = OnnxRuntime(
-                spec, onnx_model_path(cache, spec, spec.fingerprint()), None
+                spec, onnx_model_path(cache, spec.name, spec.fingerprint()), None
             )
         # (name, runtime, image size, extract kwargs); batch None = the engine's default
         settings = [

@@ -7,7 +7,9 @@ mtime), so a re-export never invalidates a feature store.
 
 from __future__ import annotations
 
+import functools
 import gzip
+import importlib.util
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -124,16 +126,20 @@ def export_dataset(
     }
 
 
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a missing parent package
+        return False
+
+
 # -- foolbox: 20 ImageNet photos ------------------------------------------------------------------
 
 
 def _foolbox_dir() -> Path | None:
-    try:
-        import importlib.util
-
-        spec = importlib.util.find_spec("foolbox")
-    except (ImportError, ValueError):
+    if not _importable("foolbox"):
         return None
+    spec = importlib.util.find_spec("foolbox")
     if spec is None or spec.origin is None:
         return None
     d = Path(spec.origin).parent / "data"
@@ -281,21 +287,13 @@ def _digits_items(max_per_class, classes) -> Iterator[_Item]:
         )
 
 
-def _sklearn_available() -> bool:
-    try:
-        import sklearn.datasets  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 _register(
     DatasetInfo(
         "digits",
         "scikit-learn digits: 1,797 8x8 handwritten digits (saved at 32x32), 10 classes",
         "class folders",
         "pip install scikit-learn",
-        _sklearn_available,
+        functools.partial(_importable, "sklearn.datasets"),
         _digits_items,
     )
 )
@@ -329,21 +327,13 @@ def _skimage_items(max_per_class, classes) -> Iterator[_Item]:
         yield f"{n}.png", (lambda fn=fn: Image.fromarray(np.asarray(fn())))
 
 
-def _skimage_available() -> bool:
-    try:
-        import skimage.data  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 _register(
     DatasetInfo(
         "skimage-photos",
         "a dozen scikit-image sample photos, a flat unlabelled folder (for search and dedup)",
         "flat",
         "pip install scikit-image",
-        _skimage_available,
+        functools.partial(_importable, "skimage.data"),
         _skimage_items,
     )
 )

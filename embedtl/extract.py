@@ -30,6 +30,7 @@ from .cache import (
     StoreRows,
     default_cache_dir,
     library_versions,
+    onnx_model_path,
     store_lock,
     store_path,
     write_store,
@@ -37,7 +38,7 @@ from .cache import (
 from .cache._journal import Journal
 from .data import DECODER, ImageTransform, Manifest, SplitConfig, load_image, scan
 from .errors import DeviceError, EmbedTLError, ImageDecodeError, StoreError
-from .runtime import ONNX_BATCH, RUNTIMES, load_runtime, onnx_model_path, resolve_runtime
+from .runtime import ONNX_BATCH, RUNTIMES, load_runtime, resolve_runtime
 
 __all__ = [
     "extract",
@@ -323,7 +324,7 @@ def extract(
         used_batch = None
         if plan.todo:
             run_device = resolve_device(device)
-            onnx_path = onnx_model_path(cache_root, spec, fingerprint)
+            onnx_path = onnx_model_path(cache_root, spec.name, fingerprint)
             run_runtime, reason = resolve_runtime(runtime, run_device, len(plan.todo), onnx_path)
             if workers is None:
                 workers = default_workers(run_device)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import re
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -27,7 +26,6 @@ __all__ = [
     "AUTO_ONNX_MIN_IMAGES",
     "resolve_runtime",
     "load_runtime",
-    "onnx_model_path",
 ]
 
 log = logging.getLogger(__name__)
@@ -40,11 +38,6 @@ RUNTIMES = ("auto", "torch", "onnxruntime")
 AUTO_ONNX_MIN_IMAGES = 500
 #: ONNX Runtime's CPU throughput is flat from batch 1 to 32 at 224 px and best at 16-48 at 64 px.
 ONNX_BATCH = 16
-
-
-def onnx_model_path(cache_dir: Path, spec: BackboneSpec, fingerprint: str) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", spec.name).strip("._")[:48] or "model"
-    return cache_dir / "onnx" / f"{safe}-{fingerprint[:16]}.onnx"
 
 
 def _have_onnxruntime() -> bool:

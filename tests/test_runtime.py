@@ -9,9 +9,10 @@ import torch
 from conftest import TINY_BACKBONE, TINY_SIZE, make_class_folder
 
 import embedtl
+from embedtl.cache import onnx_model_path
 from embedtl.errors import DeviceError
 from embedtl.export import ExportError, ParityReport, export_onnx
-from embedtl.runtime import AUTO_ONNX_MIN_IMAGES, onnx_model_path, resolve_runtime
+from embedtl.runtime import AUTO_ONNX_MIN_IMAGES, resolve_runtime
 
 export_mod = importlib.import_module("embedtl.export")
 
@@ -46,7 +47,7 @@ def test_onnxruntime_extraction_matches_torch_and_shares_the_cache_key(tmp_path,
     assert cos.min() >= 0.9999
     # the export is cached per fingerprint: another folder reuses it, and auto now picks it
     spec = embedtl.get_backbone(TINY_BACKBONE, TINY_SIZE)
-    onnx = onnx_model_path(tmp_path / "c2", spec, spec.fingerprint())
+    onnx = onnx_model_path(tmp_path / "c2", spec.name, spec.fingerprint())
     mtime = os.stat(onnx).st_mtime_ns
     other = make_class_folder(tmp_path / "e", n_per_class=2, classes=("x", "y"))
     c = embedtl.extract(other, cache_dir=tmp_path / "c2", **tiny)

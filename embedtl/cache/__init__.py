@@ -9,7 +9,7 @@ from ._manage import (
     open_store,
     verify_store,
 )
-from ._paths import default_cache_dir, store_lock, store_path
+from ._paths import default_cache_dir, onnx_model_path, store_lock, store_path
 from ._store import FORMAT_NAME, FeatureStore, StoreRows, library_versions, write_store
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "library_versions",
     "list_stores",
     "merge_stores",
+    "onnx_model_path",
     "open_store",
     "store_lock",
     "store_path",

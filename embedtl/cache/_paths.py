@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import StoreLockedError
 
-__all__ = ["default_cache_dir", "store_path", "store_lock"]
+__all__ = ["default_cache_dir", "store_path", "onnx_model_path", "store_lock"]
 
 CACHE_ENV = "EMBEDTL_CACHE"
 
@@ -37,6 +37,11 @@ def store_path(
     root_key = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:10]
     folder = cache / f"{_safe(Path(root).name)}-{root_key}"
     return folder / f"{_safe(backbone_name)}-{fingerprint[:16]}.h5"
+
+
+def onnx_model_path(cache_dir: Path, backbone_name: str, fingerprint: str) -> Path:
+    """``<cache>/onnx/<backbone>-<fingerprint[:16]>.onnx``: one export per fingerprint, any folder."""
+    return cache_dir / "onnx" / f"{_safe(backbone_name)}-{fingerprint[:16]}.onnx"
 
 
 @contextmanager
