@@ -155,9 +155,14 @@ def test_torchrun_ranks_extract_shards_and_rank0_prints_the_merged_store(
     tmp_path, class_folder, cache_dir
 ):
     """Two processes under torchrun (gloo, CPU): one JSON line, from rank 0, for the whole folder."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", port,
          "-m", "embedtl", "extract", str(class_folder), "--cache-dir", str(cache_dir), *TINY, "--json"],  # fmt: skip
         capture_output=True, text=True, timeout=300, env=env,
     )  # fmt: skip
