@@ -27,7 +27,12 @@ class EmbedTLGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+        except (
+            click.ClickException,
+            click.exceptions.Exit,
+            click.exceptions.Abort,
+            BrokenPipeError,
+        ):
             raise
         except EmbedTLError as e:
             if os.environ.get(_DEBUG_ENV):
@@ -52,6 +57,10 @@ class EmbedTLGroup(click.Group):
         except click.exceptions.Abort:
             click.echo("Error: aborted", err=True)
             sys.exit(130)
+        except BrokenPipeError:
+            # stdout was closed early (`embedtl ... | head`): exit quietly, as Unix tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(141)
         except KeyboardInterrupt:
             click.echo("Error: interrupted (an extraction resumes where it stopped)", err=True)
             sys.exit(130)
