@@ -5,9 +5,10 @@ One function, :func:`extract`, does every extraction in embedtl:
 1. resolve the backbone spec and its fingerprint (hashes the weights file; builds nothing);
 2. scan the folder; compare with the store and with the journal of an interrupted run;
 3. if every file is already there unchanged: done -- no model is built, no image decoded;
-4. otherwise build the model once and stream the missing files through it: DataLoader workers
-   decode and resize in parallel with the forward pass; the model runs in ``eval()`` under
-   ``torch.inference_mode()`` (AMP + channels_last on CUDA); finished rows go to the journal;
+4. otherwise build the model once (a runtime from :mod:`embedtl.runtime`: PyTorch in ``eval()``
+   under ``torch.inference_mode()``, channels_last, AMP on CUDA; or ONNX Runtime on CPU) and
+   stream the missing files through it, DataLoader workers decoding in parallel where there
+   are cores to spare; finished rows go to the journal;
 5. fold store + journal into a new store file, sorted by path, swapped in atomically.
 """
 
@@ -352,13 +353,17 @@ def extract(
                 )
 
         t_w = time.perf_counter()
-        attrs["runtime"] = (
-            run_runtime or (old.metadata.get("runtime") if old is not None else None) or "torch"
-        )
         if run_device is not None:
-            attrs["device"] = run_device
-            attrs["amp"] = "float16" if run_device.startswith("cuda") else "none"
-            attrs["decoder"] = DECODER
+            attrs.update(
+                runtime=run_runtime,
+                device=run_device,
+                amp="float16"
+                if run_device.startswith("cuda") and run_runtime == "torch"
+                else "none",
+                decoder=DECODER,
+            )
+        elif old is not None:  # rows and labels rewritten, features as the last run made them
+            attrs.update({k: old.metadata.get(k) for k in ("runtime", "device", "amp", "decoder")})
         rows = _fold(manifest, plan, old, journal_rows, path, dim, dtype, attrs)
         journal.clear()
         stages["write"] += time.perf_counter() - t_w
@@ -407,16 +412,15 @@ def extract_distributed(root: str | os.PathLike[str], **kw: Any) -> FeatureStore
     try:
         everyone: list[Any] = [None] * world
         dist.all_gather_object(everyone, (str(store.path), store.last_extraction.to_dict()))
-        merged = None
-        if rank == 0:
-            merged = merge_stores([p for p, _ in everyone])
-            for p, _ in everyone:
-                Path(p).unlink(missing_ok=True)  # the merged store now holds these rows
-            merged.last_extraction = _combine([s for _, s in everyone], merged)
-        dist.barrier()
     finally:
         if started:
             dist.destroy_process_group()
+    if rank != 0:
+        return None
+    merged = merge_stores([p for p, _ in everyone])
+    for p, _ in everyone:
+        Path(p).unlink(missing_ok=True)  # the merged store now holds these rows
+    merged.last_extraction = _combine([s for _, s in everyone], merged)
     return merged
 
 

@@ -245,3 +245,12 @@ def test_merge_refuses_stores_of_different_backbones(tmp_path, tiny):
         embedtl.merge_stores([a.path, b.path])
     with pytest.raises(embedtl.EmbedTLError, match="--shard"):
         embedtl.extract(root, cache_dir=tmp_path / "c", shard=(2, 2), **tiny)
+
+
+def test_metadata_only_rewrite_keeps_how_the_features_were_made(class_folder, cache_dir, tiny):
+    first = embedtl.extract(class_folder, cache_dir=cache_dir, **tiny)
+    (class_folder / "fox" / "fox_000.png").unlink()
+    second = embedtl.extract(class_folder, cache_dir=cache_dir, **tiny)
+    assert not second.last_extraction.model_built and second.last_extraction.removed == 1
+    for key in ("runtime", "device", "amp", "decoder"):
+        assert second.metadata[key] == first.metadata[key], key
