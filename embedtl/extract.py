@@ -279,6 +279,12 @@ def extract(
     spec = get_backbone(backbone, image_size=image_size)
     fingerprint = spec.fingerprint()
     manifest = scan(root, split, labels)
+    if manifest.n_skipped:
+        log.info(
+            "%d files are not images and were skipped (e.g. %s)",
+            manifest.n_skipped,
+            ", ".join(manifest.skipped_examples),
+        )
     path = full_path = store_path(cache_root, manifest.root, spec.name, fingerprint)
     all_paths = {e.path for e in manifest.entries}
     if shard is not None:
