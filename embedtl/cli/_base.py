@@ -112,9 +112,15 @@ progress_option = click.option(
 )
 
 
-def backbone_options(f: Callable) -> Callable:
-    """--backbone, --cache-dir, --image-size, --device, --runtime: every command that reads features."""
-    opts = [
+def _apply(f: Callable, opts: list[Callable]) -> Callable:
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def store_options(f: Callable) -> Callable:
+    """--backbone, --cache-dir, --image-size: which store of a folder a command means."""
+    return _apply(f, [
         click.option(
             "--backbone", "-b", default=DEFAULT_BACKBONE, show_default=True,
             help="Backbone name (see `embedtl backbones`), tv:NAME, timm:NAME, or ARCH@CHECKPOINT.",
@@ -124,12 +130,15 @@ def backbone_options(f: Callable) -> Callable:
             help="Feature cache folder [default: $EMBEDTL_CACHE or the user cache folder].",
         ),
         click.option("--image-size", type=click.IntRange(min=8), default=None, help="Crop size in pixels (default: the weights' own)."),
+    ])  # fmt: skip
+
+
+def backbone_options(f: Callable) -> Callable:
+    """store_options + --device, --runtime: every command that may run the backbone."""
+    return store_options(_apply(f, [
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N; a missing GPU is an error."),
         click.option("--runtime", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True, help="auto: ONNX Runtime on CPU for larger jobs, PyTorch on CUDA."),
-    ]  # fmt: skip
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+    ]))  # fmt: skip
 
 
 def extract_options(f: Callable) -> Callable:
@@ -143,9 +152,7 @@ def extract_options(f: Callable) -> Callable:
         click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True, help="Share of train/ carved into val when there is no val/ folder."),
         click.option("--labels", "labels_csv", type=click.Path(dir_okay=False, exists=True), default=None, help="CSV of path,label rows (paths relative to DATA_DIR)."),
     ]  # fmt: skip
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+    return _apply(f, opts)
 
 
 def extract_kwargs(kw: dict[str, Any]) -> dict[str, Any]:

@@ -7,20 +7,7 @@ from pathlib import Path
 import click
 
 from ..cache import export_store, gc_cache, list_stores, merge_stores, open_store, verify_store
-from ._base import EmbedTLGroup, emit, json_option
-
-
-def _store_options(f):
-    f = click.option("--cache-dir", type=click.Path(file_okay=False), default=None)(f)
-    f = click.option("--image-size", type=click.IntRange(min=8), default=None)(f)
-    f = click.option(
-        "--backbone",
-        "-b",
-        default="efficientnet_lite0",
-        show_default=True,
-        help="Used when STORE is an image folder.",
-    )(f)
-    return f
+from ._base import EmbedTLGroup, emit, json_option, store_options
 
 
 @click.group("cache", cls=EmbedTLGroup)
@@ -52,7 +39,7 @@ def ls_cmd(cache_dir: str | None, as_json: bool) -> None:
 
 @cache_group.command("info")
 @click.argument("store")
-@_store_options
+@store_options
 @json_option
 def info_cmd(
     store: str, backbone: str, image_size: int | None, cache_dir: str | None, as_json: bool
@@ -87,7 +74,7 @@ def info_cmd(
 
 @cache_group.command("verify")
 @click.argument("store")
-@_store_options
+@store_options
 @click.option("--no-files", is_flag=True, help="Do not compare rows with the image files on disk.")
 @json_option
 def verify_cmd(
@@ -147,7 +134,7 @@ def gc_cmd(
 @cache_group.command("export")
 @click.argument("store")
 @click.argument("out", type=click.Path(dir_okay=False))
-@_store_options
+@store_options
 @json_option
 def export_cmd(
     store: str,
