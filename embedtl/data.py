@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import logging
 import os
 from collections import defaultdict
 from collections.abc import Sequence
@@ -37,6 +38,8 @@ __all__ = [
     "load_image",
     "ImageTransform",
 ]
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset(
     {
@@ -262,7 +265,15 @@ def scan(
                 f"none of the paths in {labels_csv} are images under {root} "
                 f"(paths must be relative to the folder, e.g. {rows[0][0]})"
             )
+        if missing:
+            log.warning(
+                "%d paths in %s match no image under %s and are ignored (e.g. %s)",
+                len(missing), labels_csv, root, ", ".join(missing[:3]),
+            )  # fmt: skip
         rows = [(rp, st, sp, csv_labels.get(rp)) for rp, st, sp, _ in rows]
+        n_unlabelled = sum(1 for *_, c in rows if c is None)
+        if n_unlabelled:
+            log.info("%d images have no row in %s: unlabelled (-1)", n_unlabelled, labels_csv)
 
     classes = sorted({c for *_, c in rows if c is not None})
     class_index = {c: i for i, c in enumerate(classes)}

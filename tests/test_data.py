@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+import logging
 
 import numpy as np
 import pytest
@@ -69,14 +70,19 @@ def test_flat_folder_is_unlabelled(tmp_path):
     assert m.n_skipped == 1
 
 
-def test_labels_csv(tmp_path):
+def test_labels_csv(tmp_path, caplog):
     root = tmp_path / "flat"
     for i in range(6):
         write_image(root / f"{i}.png", (10, 20, 30), seed=i)
     csv = tmp_path / "labels.csv"
     csv.write_text("path,label\n" + "".join(f"{i}.png,{'a' if i % 2 else 'b'}\n" for i in range(5)))
-    m = scan(root, labels_csv=csv)
-    assert m.classes == ["a", "b"]
+    with caplog.at_level(logging.WARNING, logger="embedtl"):
+        m = scan(root, labels_csv=csv)
+    assert m.classes == ["a", "b"] and not caplog.records
+    csv.write_text(csv.read_text() + "typo.png,a\n")
+    with caplog.at_level(logging.WARNING, logger="embedtl"):
+        scan(root, labels_csv=csv)
+    assert "1 paths in" in caplog.text and "typo.png" in caplog.text
     labels = {e.path: e.label for e in m.entries}
     assert labels["1.png"] == 0 and labels["0.png"] == 1 and labels["5.png"] == -1
 

@@ -25,7 +25,7 @@ def main(verbose: int) -> None:
       embedtl cache info DATA_DIR     what is cached
       embedtl demo                    the whole pipeline on packaged demo data
     """
-    setup_logging(verbose)
+    click.get_current_context().call_on_close(setup_logging(verbose))
 
 
 for _cmd in (extract_cmd, backbones_cmd, datasets_group, cache_group, demo_cmd):

@@ -75,14 +75,19 @@ class _ClickHandler(logging.Handler):
             self.handleError(record)
 
 
-def setup_logging(verbose: int) -> None:
+def setup_logging(verbose: int) -> Callable[[], None]:
+    """Send embedtl's log records to stderr for one command; returns the undo."""
     logger = logging.getLogger("embedtl")
-    for h in list(logger.handlers):
-        if isinstance(h, _ClickHandler):
-            logger.removeHandler(h)
-    logger.addHandler(_ClickHandler())
+    handler = _ClickHandler()
+    old_level = logger.level
+    logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
-    logger.propagate = False
+
+    def undo() -> None:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+
+    return undo
 
 
 def emit(as_json: bool, payload: dict[str, Any], human: Callable[[], None] | None = None) -> None:
