@@ -504,6 +504,22 @@ def _feature_dim(source: str, arch: str, crop: int) -> int:
     return int(out.shape[1])
 
 
+def _classifier_name(net, source: str) -> str:
+    """Module name of the original classifier: timm's config says; for torchvision it is the
+    last Linear layer, whose input is the pooled feature."""
+    from torch import nn
+
+    if source == "timm":
+        return str(net.pretrained_cfg.get("classifier", "classifier"))
+    last = None
+    for mod_name, mod in net.named_modules():
+        if isinstance(mod, nn.Linear):
+            last = mod_name
+    if last is None:
+        raise BackboneError("no Linear classifier found to cut the network at")
+    return last
+
+
 def _split_classifier(net, source: str):
     """Cut the network at the input of its original classifier: returns (body, classifier)."""
     import copy
@@ -514,13 +530,7 @@ def _split_classifier(net, source: str):
         classifier = copy.deepcopy(net.get_classifier())
         net.reset_classifier(0)  # forward now returns pooled pre-logits (B, D)
         return net, classifier
-    # torchvision: the last Linear layer is the classifier; its input is the pooled feature.
-    last = None
-    for mod_name, mod in net.named_modules():
-        if isinstance(mod, nn.Linear):
-            last = mod_name
-    if last is None:
-        raise BackboneError("no Linear classifier found to cut the network at")
+    last = _classifier_name(net, source)
     parent = net
     *path, leaf = last.split(".")
     for p in path:
@@ -625,7 +635,8 @@ def build_feature_model(spec: BackboneSpec, *, allow_download: bool | None = Non
         if spec.weights_format == "lukemelas" and next(iter(sd), "").startswith("_"):
             _load_lukemelas(net, sd, spec.weights_path)
         else:
-            head_keys = {k for k in net.state_dict() if k.startswith(_classifier_prefix(net, spec))}
+            head = _classifier_name(net, spec.source) + "."
+            head_keys = {k for k in net.state_dict() if k.startswith(head)}
             _load_state_dict_lenient_head(net, sd, spec.weights_path, head_keys)
 
     body, classifier = _split_classifier(net, spec.source)
@@ -633,15 +644,3 @@ def build_feature_model(spec: BackboneSpec, *, allow_download: bool | None = Non
     from ._model import FeatureModel
 
     return FeatureModel(spec, body, classifier)
-
-
-def _classifier_prefix(net, spec: BackboneSpec) -> str:
-    from torch import nn
-
-    if spec.source == "timm":
-        return str(net.pretrained_cfg.get("classifier", "classifier"))
-    last = ""
-    for mod_name, mod in net.named_modules():
-        if isinstance(mod, nn.Linear):
-            last = mod_name
-    return last
