@@ -126,20 +126,22 @@ def export_dataset(
     }
 
 
-def _importable(module: str) -> bool:
+def _find_spec(module: str):
     try:
-        return importlib.util.find_spec(module) is not None
+        return importlib.util.find_spec(module)
     except (ImportError, ValueError):  # a missing parent package
-        return False
+        return None
+
+
+def _importable(module: str) -> bool:
+    return _find_spec(module) is not None
 
 
 # -- foolbox: 20 ImageNet photos ------------------------------------------------------------------
 
 
 def _foolbox_dir() -> Path | None:
-    if not _importable("foolbox"):
-        return None
-    spec = importlib.util.find_spec("foolbox")
+    spec = _find_spec("foolbox")
     if spec is None or spec.origin is None:
         return None
     d = Path(spec.origin).parent / "data"
