@@ -31,6 +31,7 @@ from .errors import DataError, ImageDecodeError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "image_files",
     "SplitConfig",
     "ImageEntry",
     "Manifest",
@@ -142,6 +143,21 @@ def _walk_files(root: Path) -> list[tuple[str, os.stat_result]]:
             elif de.is_file(follow_symlinks=True):
                 out.append((rel + de.name, de.stat(follow_symlinks=True)))
     out.sort(key=lambda t: t[0])
+    return out
+
+
+def image_files(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """Image files named by ``inputs``: files as given, folders expanded (recursively, sorted,
+    hidden and non-image files left out). A missing input is an error."""
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            out.extend(p / rel for rel, _ in _walk_files(p) if Path(rel).suffix.lower() in IMAGE_EXTENSIONS)  # fmt: skip
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise DataError(f"no such image or folder: {p}")
     return out
 
 

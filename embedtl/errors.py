@@ -42,3 +42,8 @@ class DatasetUnavailableError(EmbedTLError):
 
 class DeviceError(EmbedTLError):
     """A device was asked for that this machine does not have."""
+
+
+class HeadError(EmbedTLError):
+    """A head artifact is unreadable, of an unknown format, or does not fit the features or
+    backbone it is used with."""

@@ -1,7 +1,8 @@
 """The one exporter: a torch module -> ONNX, checked against PyTorch on a seeded batch.
 
 Used by the ONNX Runtime extraction path (the backbone's feature output, exported once per
-fingerprint) and, later, by `embedtl export` (backbone + head as one model).
+fingerprint) and by `embedtl export` (backbone + head as one model, :func:`export_head`, which
+also writes TorchScript, checked the same way).
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ import numpy as np
 
 from .errors import EmbedTLError
 
-__all__ = ["ExportError", "ParityReport", "export_onnx", "onnx_parity"]
+__all__ = [
+    "ExportError",
+    "ParityReport",
+    "export_onnx",
+    "export_torchscript",
+    "export_head",
+    "onnx_parity",
+]
 
 OPSET = 17
 
@@ -42,6 +50,13 @@ def _seeded_batch(shape: tuple[int, ...], dtype: str, seed: int = 0) -> np.ndarr
     return rng.standard_normal(shape).astype(dtype)
 
 
+def _compare(ref: np.ndarray, out: np.ndarray) -> ParityReport:
+    ref2, out2 = ref.reshape(len(ref), -1), out.reshape(len(out), -1)
+    num = (ref2 * out2).sum(1)
+    den = np.linalg.norm(ref2, axis=1) * np.linalg.norm(out2, axis=1) + 1e-12
+    return ParityReport(float(np.abs(ref - out).max()), float((num / den).min()), len(ref))
+
+
 def onnx_parity(
     module, onnx_path: str | os.PathLike[str], example_shape: tuple[int, ...], input_dtype: str
 ) -> ParityReport:
@@ -54,10 +69,7 @@ def onnx_parity(
         ref = module(torch.from_numpy(x)).float().numpy()
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     out = sess.run(None, {sess.get_inputs()[0].name: x})[0]
-    ref2, out2 = ref.reshape(len(x), -1), out.reshape(len(x), -1)
-    num = (ref2 * out2).sum(1)
-    den = np.linalg.norm(ref2, axis=1) * np.linalg.norm(out2, axis=1) + 1e-12
-    return ParityReport(float(np.abs(ref - out).max()), float((num / den).min()), len(x))
+    return _compare(ref, out)
 
 
 def export_onnx(
@@ -70,6 +82,7 @@ def export_onnx(
     output_name: str = "features",
     min_cosine: float = 0.9999,
     metadata: dict | None = None,
+    hint: str = "use --runtime torch",
 ) -> ParityReport:
     """Export ``module`` (batch axis dynamic) to ``path`` atomically; refuse it unless it matches
     PyTorch (cosine >= ``min_cosine`` per row on a seeded batch). A JSON sidecar records the
@@ -98,18 +111,93 @@ def export_onnx(
         if not report.ok(min_cosine):
             raise ExportError(
                 f"ONNX export of {type(module).__name__} does not match PyTorch "
-                f"(min cosine {report.min_cosine:.6f} < {min_cosine}); use --runtime torch"
+                f"(min cosine {report.min_cosine:.6f} < {min_cosine}); {hint}"
             )
         os.replace(tmp, path)
     except ExportError:
         raise
     except Exception as e:
-        raise ExportError(
-            f"cannot export {type(module).__name__} to ONNX: {e}; use --runtime torch"
-        ) from e
+        raise ExportError(f"cannot export {type(module).__name__} to ONNX: {e}; {hint}") from e
     finally:
         if tmp.exists():
             tmp.unlink()
     sidecar = {"parity": asdict(report), "opset": OPSET, **(metadata or {})}
     path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2, sort_keys=True))
     return report
+
+
+def export_torchscript(
+    module,
+    path: str | os.PathLike[str],
+    example_shape: tuple[int, ...],
+    *,
+    input_dtype: str = "uint8",
+    min_cosine: float = 0.9999,
+    metadata: dict | None = None,
+) -> ParityReport:
+    """Trace ``module`` to TorchScript at ``path`` (atomically), checked like :func:`export_onnx`."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    example = torch.from_numpy(_seeded_batch(example_shape, input_dtype, seed=1))
+    x = torch.from_numpy(_seeded_batch(example_shape, input_dtype))
+    try:
+        with warnings.catch_warnings(), torch.inference_mode():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(module, (example,), check_trace=False)
+            traced.save(str(tmp))
+            loaded = torch.jit.load(str(tmp))
+            report = _compare(module(x).float().numpy(), loaded(x).float().numpy())
+        if not report.ok(min_cosine):
+            raise ExportError(f"TorchScript trace of {type(module).__name__} does not match eager PyTorch (min cosine {report.min_cosine:.6f})")  # fmt: skip
+        os.replace(tmp, path)
+    except ExportError:
+        raise
+    except Exception as e:
+        raise ExportError(f"cannot trace {type(module).__name__} to TorchScript: {e}") from e
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    sidecar = {"parity": asdict(report), **(metadata or {})}
+    path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2, sort_keys=True))
+    return report
+
+
+def export_head(
+    head,
+    out: str | os.PathLike[str],
+    fmt: str = "onnx",
+    *,
+    backbone=None,
+    image_size: int | None = None,
+    allow_download: bool | None = None,
+) -> ParityReport:
+    """Backbone + ``head`` as one model (uint8 images (B, 3, crop, crop) in, probabilities
+    (B, C) out) in ``fmt`` (``onnx`` or ``torchscript``), checked against PyTorch on a seeded
+    batch. A JSON sidecar holds the classes and the preprocessing (resize, crop, interpolation)
+    a caller must apply before the model."""
+    from .backbones import build_feature_model
+    from .heads._modules import ImageClassifier
+    from .predict import head_backbone
+
+    if fmt not in ("onnx", "torchscript"):
+        raise ExportError(f"unknown export format {fmt!r}: use onnx or torchscript")
+    spec = head_backbone(head, backbone, image_size)
+    model = ImageClassifier(
+        build_feature_model(spec, allow_download=allow_download), head.module
+    ).eval()
+    crop = spec.preprocess.crop
+    meta = {
+        "classes": head.classes,
+        "input": {"name": "images", "dtype": "uint8", "shape": ["batch", 3, crop, crop], "layout": "RGB, NCHW"},
+        "output": {"name": "probabilities", "shape": ["batch", len(head.classes)]},
+        "preprocess": spec.preprocess.to_dict(),
+        "backbone": spec.to_dict(),
+        "fingerprint": head.fingerprint,
+        "head_kind": head.kind,
+    }  # fmt: skip
+    if fmt == "onnx":
+        return export_onnx(model, out, (2, 3, crop, crop), output_name="probabilities", metadata=meta, hint="try --format torchscript")  # fmt: skip
+    return export_torchscript(model, out, (2, 3, crop, crop), metadata=meta)

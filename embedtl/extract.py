@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,6 +43,8 @@ from .runtime import ONNX_BATCH, RUNTIMES, load_runtime, resolve_runtime
 
 __all__ = [
     "extract",
+    "embed_files",
+    "Embedded",
     "extract_distributed",
     "torchrun_rank",
     "ExtractStats",
@@ -481,6 +483,61 @@ def _open_existing(path: Path, fingerprint: str, dtype: str) -> FeatureStore | N
     return old
 
 
+def _stream(
+    model,
+    spec: BackboneSpec,
+    root: Path,
+    paths: Sequence[str],
+    device: str,
+    batch_size: int,
+    workers: int,
+    progress: bool,
+    stages: dict[str, float],
+    desc: str,
+) -> Iterator[tuple[list[int], np.ndarray | None, list[tuple[int, str]]]]:
+    """The engine's inner loop: decode ``paths`` (under ``root``) in batches and run the model.
+
+    Yields (positions, features (B, D) float32 | None, [(position, error)]) per batch, in order;
+    decode, h2d and model seconds accumulate in ``stages``.
+    """
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    dataset = _Images(root, paths, ImageTransform(spec.preprocess))
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=device.startswith("cuda"),
+        prefetch_factor=4 if workers > 0 else None,
+        persistent_workers=False,
+    )
+    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False)
+    try:
+        it = iter(loader)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                idx, x, failed = next(it)
+            except StopIteration:
+                break
+            t1 = time.perf_counter()
+            stages["decode"] += t1 - t0
+            feats = None
+            if x is not None:
+                x = model.prepare(x)
+                t2 = time.perf_counter()
+                stages["h2d"] += t2 - t1
+                feats = model(x)  # (B, D) float32 numpy
+                stages["model"] += time.perf_counter() - t2
+            yield idx, feats, failed
+            bar.update(len(idx) + len(failed))
+    finally:
+        bar.close()
+
+
 def _run_model(
     model,
     spec: BackboneSpec,
@@ -497,24 +554,9 @@ def _run_model(
     """Compute features of the ``todo`` manifest positions; every finished row goes to the journal.
 
     Returns the batch size used."""
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
-    cuda = device.startswith("cuda")
     if batch_size is None:
         batch_size = default_batch_size(device, spec.preprocess.crop, model.name)
     entries = [manifest.entries[i] for i in todo]
-    dataset = _Images(manifest.root, [e.path for e in entries], ImageTransform(spec.preprocess))
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=_collate,
-        pin_memory=cuda,
-        prefetch_factor=4 if workers > 0 else None,
-        persistent_workers=False,
-    )
     pending_feats: list[np.ndarray] = []
     pending_rows: list[int] = []
     pending_failed: list[tuple[str, str, int, int]] = []
@@ -544,48 +586,92 @@ def _run_model(
         last_flush = time.perf_counter()
 
     model_dim = spec.dim
-    bar = tqdm(
-        total=len(entries),
-        desc=f"extract {spec.name}",
-        unit="img",
-        disable=not progress,
-        leave=False,
-    )
+    batches = _stream(
+        model, spec, manifest.root, [e.path for e in entries], device, batch_size, workers,
+        progress, stages, f"extract {spec.name}",
+    )  # fmt: skip
     try:
-        it = iter(loader)
-        while True:
-            t0 = time.perf_counter()
-            try:
-                idx, x, failed = next(it)
-            except StopIteration:
-                break
-            t1 = time.perf_counter()
-            stages["decode"] += t1 - t0
+        for idx, feats, failed in batches:
             for i, err in failed:
                 e = entries[i]
                 if strict:
                     raise ImageDecodeError(f"cannot read {manifest.root / e.path}: {err}")
                 log.warning("skipping %s: %s", e.path, err)
                 pending_failed.append((e.path, err, e.size, e.mtime_ns))
-            if x is not None:
-                x = model.prepare(x)
-                t2 = time.perf_counter()
-                stages["h2d"] += t2 - t1
-                feats = model(x)  # (B, D) float32 numpy
-                t3 = time.perf_counter()
-                stages["model"] += t3 - t2
+            if feats is not None:
                 pending_feats.append(feats)
                 pending_rows.extend(idx)
-            bar.update(len(idx) + len(failed))
             if (
                 len(pending_rows) >= _FLUSH_ROWS
                 or time.perf_counter() - last_flush > _FLUSH_SECONDS
             ):
                 flush()
     finally:
+        batches.close()
         flush()  # keep what was computed, even on Ctrl-C or an error
-        bar.close()
     return batch_size
+
+
+@dataclass
+class Embedded:
+    """Features of loose image files (not cached): what :func:`embed_files` returns."""
+
+    paths: list[str]  # the files that decoded, in input order
+    features: np.ndarray  # (N, D) float32
+    failed: list[tuple[str, str]]  # (path, error) of the files that did not
+    runtime: str
+    runtime_reason: str
+    seconds: float
+
+
+def embed_files(
+    files: Sequence[str | os.PathLike[str]],
+    backbone: str | BackboneSpec = DEFAULT_BACKBONE,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    device: str = "auto",
+    runtime: str = "auto",
+    batch_size: int | None = None,
+    workers: int | None = None,
+    image_size: int | None = None,
+    progress: bool = False,
+    allow_download: bool | None = None,
+) -> Embedded:
+    """Features of image files through the same engine and runtimes as :func:`extract`, without
+    writing a store (for predicting and querying new images). Unreadable files are returned in
+    ``failed``, not raised."""
+    t0 = time.perf_counter()
+    spec = get_backbone(backbone, image_size=image_size)
+    cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    paths = [str(Path(f).expanduser().resolve()) for f in files]
+    run_device = resolve_device(device)
+    onnx_path = onnx_model_path(cache_root, spec.name, spec.fingerprint())
+    run_runtime, reason = resolve_runtime(runtime, run_device, len(paths), onnx_path)
+    model = load_runtime(run_runtime, spec, run_device, onnx_path, allow_download)
+    if batch_size is None:
+        batch_size = default_batch_size(run_device, spec.preprocess.crop, run_runtime)
+    workers = default_workers(run_device) if workers is None else workers
+    stages = {"decode": 0.0, "h2d": 0.0, "model": 0.0}
+    feats: list[np.ndarray] = []
+    ok: list[int] = []
+    failed: list[tuple[str, str]] = []
+    for idx, f, bad in _stream(
+        model, spec, Path("/"), paths, run_device, batch_size, workers, progress, stages,
+        f"embed {spec.name}",
+    ):  # fmt: skip
+        failed.extend((paths[i], err) for i, err in bad)
+        if f is not None:
+            feats.append(f)
+            ok.extend(idx)
+    dim = feats[0].shape[1] if feats else spec.dim
+    return Embedded(
+        paths=[paths[i] for i in ok],
+        features=np.concatenate(feats) if feats else np.zeros((0, dim), np.float32),
+        failed=failed,
+        runtime=run_runtime,
+        runtime_reason=reason,
+        seconds=time.perf_counter() - t0,
+    )
 
 
 def _fold(

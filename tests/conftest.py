@@ -64,3 +64,61 @@ def cache_dir(tmp_path) -> Path:
 def tiny():
     """kwargs for embedtl.extract with the tiny backbone."""
     return {"backbone": TINY_BACKBONE, "image_size": TINY_SIZE, "workers": 0, "batch_size": 8}
+
+
+def synthetic_store(
+    path: Path,
+    n_per_class=(60, 60, 60),
+    dim=16,
+    seed=0,
+    separation=4.0,
+    fingerprint=None,
+    classes=None,
+    poison_test=False,
+    splits=(0.6, 0.2, 0.2),
+):
+    """A feature store of seeded Gaussian clusters (one per class), written with the store API.
+
+    ``poison_test`` rewrites the test rows with noise and shuffled labels (same rows otherwise).
+    """
+    from embedtl.backbones import get_backbone
+    from embedtl.cache import FeatureStore, StoreRows, write_store
+
+    rng = np.random.default_rng(seed)
+    classes = list(classes or [f"c{i}" for i in range(len(n_per_class))])
+    centers = rng.normal(0, separation, (len(classes), dim))
+    feats, labels, split_names = [], [], []
+    for c, n in enumerate(n_per_class):
+        feats.append(centers[c] + rng.normal(0, 1, (n, dim)))
+        labels += [c] * n
+        cut = np.cumsum([int(round(f * n)) for f in splits])
+        split_names += ["train"] * cut[0] + ["val"] * (cut[1] - cut[0]) + ["test"] * (n - cut[1])
+    x = np.concatenate(feats).astype(np.float32)
+    y = np.asarray(labels, np.int32)
+    sp = np.asarray(split_names, dtype=object)
+    if poison_test:
+        t = sp == "test"
+        x[t] = np.random.default_rng(99).normal(0, 50, (t.sum(), dim))
+        y[t] = np.random.default_rng(98).permutation(y[t])
+    n = len(y)
+    paths = np.asarray([f"{classes[y[i]]}/{i:05d}.png" for i in range(n)], dtype=object)
+    order = np.argsort(paths.astype(str))
+    x, y, sp, paths = x[order], y[order], sp[order], paths[order]
+    spec = get_backbone(TINY_BACKBONE, image_size=TINY_SIZE)
+    rows = StoreRows(
+        paths=paths, labels=y, splits=sp, sizes=np.ones(n, np.int64),
+        mtimes_ns=np.ones(n, np.int64), failed_paths=[], failed_errors=[],
+        failed_sizes=np.zeros(0, np.int64), failed_mtimes_ns=np.zeros(0, np.int64),
+    )  # fmt: skip
+
+    def fill(ds):
+        ds[:] = x
+
+    attrs = {
+        "backbone": spec.to_dict(),
+        "fingerprint": fingerprint or spec.fingerprint(),
+        "root": str(path.parent / "images"),
+        "classes": classes,
+    }
+    write_store(path, rows, dim, "float32", fill, attrs)
+    return FeatureStore(path)

@@ -218,26 +218,31 @@ class FeatureStore:
         chunk_rows: int = 32768,
         split: str | Sequence[str] | None = None,
         dtype: Any = np.float32,
+        order: Sequence[int] | None = None,
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield (row indices, features) of ``split`` in row order.
+        """Yield (row indices, features) of ``split``, a block of rows at a time.
 
         Reads ``chunk_rows`` contiguous rows at a time and keeps the selected ones, so memory
         stays bounded by the chunk whatever the split's rows are; chunks may hold fewer rows.
+        Blocks come in row order, or in ``order`` (a permutation of the block numbers).
         """
         import h5py
 
         if chunk_rows < 1:
             raise StoreError("chunk_rows must be >= 1")
         mask = self.mask(split)
+        starts = range(0, len(self), chunk_rows)
+        if order is not None:
+            starts = [starts[b] for b in order]
         with h5py.File(self.path, "r") as f:
             ds = f["features"]
-            for start in range(0, len(self), chunk_rows):
+            for start in starts:
                 sel = mask[start : start + chunk_rows]
                 if not sel.any():
                     continue
                 block = ds[start : start + len(sel)]  # (<= chunk_rows, D), one contiguous read
                 rows = np.flatnonzero(sel) + start
-                yield rows, block[sel].astype(dtype, copy=False)
+                yield rows, _convert(block[sel] if not sel.all() else block, dtype)
 
     def summary(self) -> dict[str, Any]:
         splits = self.splits.astype(str)
@@ -262,6 +267,15 @@ class FeatureStore:
             "updated": self._attrs.get("updated"),
             "bytes": self.path.stat().st_size,
         }
+
+
+def _convert(x: np.ndarray, dtype: Any) -> np.ndarray:
+    """float16 -> float32 through torch, whose vectorised cast is ~2x numpy's; else numpy."""
+    if x.dtype == np.float16 and np.dtype(dtype) == np.float32:
+        import torch
+
+        return torch.from_numpy(x).float().numpy()
+    return x.astype(dtype, copy=False)
 
 
 _JSON_ATTRS = ("backbone", "versions", "split_config", "stages")

@@ -11,6 +11,7 @@ from .cache import cache_group
 from .datasets import datasets_group
 from .demo import demo_cmd
 from .extract import extract_cmd
+from .heads import evaluate_cmd, export_cmd, fit_head_cmd, predict_cmd
 
 
 @click.group(cls=EmbedTLGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,13 +23,25 @@ def main(verbose: int) -> None:
     \b
     Typical use:
       embedtl extract DATA_DIR        features of every image, cached in HDF5
+      embedtl fit-head DATA_DIR       a head on the cached features, in seconds
+      embedtl predict HEAD IMAGE...   backbone + head on new images
       embedtl cache info DATA_DIR     what is cached
       embedtl demo                    the whole pipeline on packaged demo data
     """
     click.get_current_context().call_on_close(setup_logging(verbose))
 
 
-for _cmd in (extract_cmd, backbones_cmd, datasets_group, cache_group, demo_cmd):
+for _cmd in (
+    extract_cmd,
+    fit_head_cmd,
+    evaluate_cmd,
+    predict_cmd,
+    export_cmd,
+    backbones_cmd,
+    datasets_group,
+    cache_group,
+    demo_cmd,
+):
     main.add_command(_cmd)
 
 __all__ = ["main"]

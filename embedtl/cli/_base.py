@@ -123,57 +123,95 @@ def _apply(f: Callable, opts: list[Callable]) -> Callable:
     return f
 
 
-def store_options(f: Callable) -> Callable:
-    """--backbone, --cache-dir, --image-size: which store of a folder a command means."""
+def _store_options(
+    default_backbone: str | None, backbone_help: str
+) -> Callable[[Callable], Callable]:
+    def decorate(f: Callable) -> Callable:
+        return _apply(f, [
+            click.option("--backbone", "-b", default=default_backbone, show_default=default_backbone is not None, help=backbone_help),
+            click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Feature cache folder [default: $EMBEDTL_CACHE or the user cache folder]."),
+            click.option("--image-size", type=click.IntRange(min=8), default=None, help="Crop size in pixels (default: the weights' own)."),
+        ])  # fmt: skip
+
+    return decorate
+
+
+#: --backbone, --cache-dir, --image-size: which store of a folder a command means.
+store_options = _store_options(
+    DEFAULT_BACKBONE,
+    "Backbone name (see `embedtl backbones`), tv:NAME, timm:NAME, or ARCH@CHECKPOINT.",
+)
+
+
+def _runtime_options(f: Callable) -> Callable:
     return _apply(f, [
-        click.option(
-            "--backbone", "-b", default=DEFAULT_BACKBONE, show_default=True,
-            help="Backbone name (see `embedtl backbones`), tv:NAME, timm:NAME, or ARCH@CHECKPOINT.",
-        ),
-        click.option(
-            "--cache-dir", type=click.Path(file_okay=False), default=None,
-            help="Feature cache folder [default: $EMBEDTL_CACHE or the user cache folder].",
-        ),
-        click.option("--image-size", type=click.IntRange(min=8), default=None, help="Crop size in pixels (default: the weights' own)."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N; a missing GPU is an error."),
+        click.option("--runtime", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True, help="auto: ONNX Runtime on CPU for larger jobs, PyTorch on CUDA."),
     ])  # fmt: skip
 
 
 def backbone_options(f: Callable) -> Callable:
     """store_options + --device, --runtime: every command that may run the backbone."""
-    return store_options(_apply(f, [
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N; a missing GPU is an error."),
-        click.option("--runtime", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True, help="auto: ONNX Runtime on CPU for larger jobs, PyTorch on CUDA."),
-    ]))  # fmt: skip
+    return store_options(_runtime_options(f))
+
+
+def head_backbone_options(f: Callable) -> Callable:
+    """backbone_options for commands given a head: the backbone defaults to the head's own."""
+    return _store_options(
+        None,
+        "Backbone to run [default: the one the head was trained on]; its fingerprint must match the head's.",
+    )(_runtime_options(f))
+
+
+def split_options(f: Callable) -> Callable:
+    """How rows get labels and splits."""
+    return _apply(f, [
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/val/test split."),
+        click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True, help="Share of train/ carved into val when there is no val/ folder."),
+        click.option("--labels", "labels_csv", type=click.Path(dir_okay=False, exists=True), default=None, help="CSV of path,label rows (paths relative to DATA_DIR)."),
+    ])  # fmt: skip
 
 
 def extract_options(f: Callable) -> Callable:
-    """How extraction runs and how rows get labels and splits."""
+    """How extraction runs, and split_options."""
     opts = [
         click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per forward pass [default: 256 on CUDA; on CPU sized to the cache, e.g. 4 at 224 px]."),
         click.option("--workers", type=click.IntRange(min=0), default=None, help="Decoding worker processes [default: 0 on a 2-core CPU, more with spare cores or a GPU]."),
         click.option("--strict", is_flag=True, help="Stop at the first unreadable image instead of recording and skipping it."),
         click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True, help="Stored feature precision."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/val/test split."),
-        click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True, help="Share of train/ carved into val when there is no val/ folder."),
-        click.option("--labels", "labels_csv", type=click.Path(dir_okay=False, exists=True), default=None, help="CSV of path,label rows (paths relative to DATA_DIR)."),
     ]  # fmt: skip
-    return _apply(f, opts)
+    return split_options(_apply(f, opts))
 
 
 def extract_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
-    """Pop the backbone/extract options out of a command's kwargs into embedtl.extract() kwargs."""
+    """Pop the backbone/extract options out of a command's kwargs into embedtl.extract() kwargs
+    (options a command does not have are left to extract's defaults)."""
     from ..data import SplitConfig
 
-    return {
-        "backbone": kw.pop("backbone"),
-        "cache_dir": kw.pop("cache_dir"),
-        "image_size": kw.pop("image_size"),
-        "device": kw.pop("device"),
-        "runtime": kw.pop("runtime"),
-        "batch_size": kw.pop("batch_size"),
-        "workers": kw.pop("workers"),
-        "strict": kw.pop("strict"),
-        "dtype": kw.pop("dtype"),
-        "split": SplitConfig(seed=kw.pop("seed"), val_fraction=kw.pop("val_fraction")),
-        "labels": kw.pop("labels_csv"),
-    }
+    out = {k: kw.pop(k) for k in ("backbone", "cache_dir", "image_size", "device", "runtime")}
+    for k in ("batch_size", "workers", "strict", "dtype"):
+        if k in kw:
+            out[k] = kw.pop(k)
+    if "seed" in kw:
+        out["split"] = SplitConfig(seed=kw.pop("seed"), val_fraction=kw.pop("val_fraction"))
+        out["labels"] = kw.pop("labels_csv")
+    return out
+
+
+def open_source(source: str, kwargs: dict[str, Any], progress: bool):
+    """DATA_DIR|STORE -> FeatureStore: a store file as it is; a folder through extract (a cache
+    hit is a scan; new or changed images are extracted first)."""
+    from pathlib import Path
+
+    from ..cache import FeatureStore
+    from ..extract import extract
+
+    if Path(source).is_file():
+        return FeatureStore(source)
+    store = extract(source, progress=progress, **kwargs)
+    st = store.last_extraction
+    if st is not None and st.model_built:
+        logging.getLogger("embedtl").info(
+            "extracted %d images into %s (%.1f s)", st.extracted, st.store, st.seconds
+        )
+    return store

@@ -1,0 +1,183 @@
+"""Where a head's features come from: one split of a store, in memory or streamed in chunks.
+
+Training works on an in-memory float32 tensor (on the GPU when there is one) whenever the split
+fits in the memory budget; otherwise the same loop reads it from the store in blocks of rows,
+blocks in a random order and rows shuffled inside each block.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from ..cache import FeatureStore
+
+__all__ = ["Split", "InMemory", "Streamed", "StoreFeatures", "read_rows", "default_memory_budget"]
+
+
+def default_memory_budget() -> int:
+    """Bytes of features a head may hold in memory: a quarter of RAM (1 GiB if unknown)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4)
+    except (ValueError, OSError, AttributeError):
+        return 1 << 30
+
+
+class Split:
+    """n rows of (features (n, D) float32, labels (n,) int64), readable whole or in batches."""
+
+    n: int
+    dim: int
+    labels: torch.Tensor  # (n,) on the device
+
+    def batches(self, batch_size: int, generator: torch.Generator | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+        raise NotImplementedError
+
+    def numpy(self) -> tuple[np.ndarray, np.ndarray]:
+        """All rows as (features (n, D) float32, labels (n,) int64) numpy arrays."""
+        xs, ys = zip(*self.batches(65536, None), strict=True) if self.n else ((), ())
+        if not xs:
+            return np.zeros((0, self.dim), np.float32), np.zeros(0, np.int64)
+        return torch.cat(xs).cpu().numpy(), torch.cat(ys).cpu().numpy()
+
+    def mapped(self, fn) -> Split:
+        """This split with ``fn`` applied to every feature batch (e.g. a fixed normalisation)."""
+        return _Mapped(self, fn)
+
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-feature mean and std (population), accumulated in float64."""
+        s = torch.zeros(self.dim, dtype=torch.float64)
+        ss = torch.zeros(self.dim, dtype=torch.float64)
+        for x, _ in self.batches(65536, None):
+            x = x.double().cpu()
+            s += x.sum(0)
+            ss += (x * x).sum(0)
+        mean = s / max(self.n, 1)
+        var = (ss / max(self.n, 1) - mean * mean).clamp_min(0)
+        return mean.float(), var.sqrt().float()
+
+
+class InMemory(Split):
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        self.features = features  # (n, D)
+        self.labels = labels  # (n,)
+        self.n, self.dim = features.shape
+
+    @torch.no_grad()
+    def mapped(self, fn) -> Split:
+        """Applied once, up front: a training step then does no per-batch normalisation."""
+        out = torch.empty_like(self.features)
+        for i in range(0, self.n, 65536):
+            out[i : i + 65536] = fn(self.features[i : i + 65536])
+        return InMemory(out, self.labels)
+
+    def batches(self, batch_size, generator):
+        if generator is None:
+            order = None
+        else:
+            order = torch.randperm(self.n, generator=generator).to(self.features.device)
+        for i in range(0, self.n, batch_size):
+            if order is None:
+                yield self.features[i : i + batch_size], self.labels[i : i + batch_size]
+            else:
+                j = order[i : i + batch_size]
+                yield self.features[j], self.labels[j]
+
+
+class _Mapped(Split):
+    def __init__(self, inner: Split, fn) -> None:
+        self.inner, self.fn = inner, fn
+        self.n, self.dim, self.labels = inner.n, inner.dim, inner.labels
+
+    def batches(self, batch_size, generator):
+        for x, y in self.inner.batches(batch_size, generator):
+            yield self.fn(x), y
+
+
+class Streamed(Split):
+    """Store rows read ``block_rows`` at a time; memory bounded by one block."""
+
+    def __init__(self, store: FeatureStore, rows: np.ndarray, labels: np.ndarray, device: str, block_rows: int) -> None:  # fmt: skip
+        self.store, self.device, self.block_rows = store, device, block_rows
+        self.want = np.zeros(len(store), dtype=bool)
+        self.want[rows] = True
+        self.label_of_row = np.full(len(store), -1, dtype=np.int64)
+        self.label_of_row[rows] = labels
+        self.n, self.dim = len(rows), store.dim
+        self.labels = torch.as_tensor(labels, dtype=torch.long, device=device)
+
+    def batches(self, batch_size, generator):
+        n_blocks = -(-len(self.store) // self.block_rows)
+        order = None
+        if generator is not None:
+            order = torch.randperm(n_blocks, generator=generator).tolist()
+        for r, x in self.store.iter_chunks(self.block_rows, order=order):
+            sel = self.want[r]
+            if not sel.any():
+                continue
+            x = torch.from_numpy(x[sel])
+            y = torch.from_numpy(self.label_of_row[r[sel]])
+            if generator is not None:
+                p = torch.randperm(len(x), generator=generator)
+                x, y = x[p], y[p]
+            x, y = x.to(self.device), y.to(self.device)
+            for i in range(0, len(x), batch_size):
+                yield x[i : i + batch_size], y[i : i + batch_size]
+
+
+def read_rows(store: FeatureStore, rows: np.ndarray, chunk_rows: int = 32768) -> np.ndarray:
+    """Features (len(rows), D) float32 of the given sorted store rows, read block by block."""
+    want = np.zeros(len(store), dtype=bool)
+    want[rows] = True
+    out = np.empty((len(rows), store.dim), np.float32)
+    pos = 0
+    for r, x in store.iter_chunks(chunk_rows):
+        sel = want[r]
+        k = int(sel.sum())
+        out[pos : pos + k] = x[sel]
+        pos += k
+    return out
+
+
+class StoreFeatures:
+    """A store's features for fitting and scoring heads: every row in memory (float32, one read)
+    when the store fits ``memory_budget`` bytes (default: a quarter of RAM); otherwise each use
+    reads what it needs, and a training split larger than the budget streams in blocks."""
+
+    def __init__(self, store: FeatureStore, memory_budget: int | None = None) -> None:
+        self.store = store
+        self.budget = default_memory_budget() if memory_budget is None else memory_budget
+        self.block_rows = max(256, self.budget // max(1, 4 * store.dim))
+        fits = len(store) * store.dim * 4 <= self.budget
+        self._all = store.features(None) if fits else None  # (N, D) float32
+
+    @property
+    def in_memory(self) -> bool:
+        return self._all is not None
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """Features (len(rows), D) of sorted store rows."""
+        return self._all[rows] if self._all is not None else read_rows(self.store, rows)
+
+    def iter_read(self, rows: np.ndarray) -> Iterator[np.ndarray]:
+        """Features of sorted ``rows`` in order, at most a block at a time."""
+        if self._all is not None:
+            for i in range(0, len(rows), self.block_rows):
+                yield self._all[rows[i : i + self.block_rows]]
+            return
+        want = np.zeros(len(self.store), dtype=bool)
+        want[rows] = True
+        for r, x in self.store.iter_chunks(self.block_rows):
+            sel = want[r]
+            if sel.any():
+                yield x[sel]
+
+    def split(self, rows: np.ndarray, labels: np.ndarray, device: str = "cpu") -> Split:
+        """Sorted store ``rows`` with their ``labels`` as a :class:`Split` on ``device``."""
+        if self._all is not None or len(rows) * self.store.dim * 4 <= self.budget:
+            x = torch.from_numpy(self.read(rows)).to(device)
+            return InMemory(x, torch.as_tensor(labels, dtype=torch.long, device=device))
+        return Streamed(self.store, rows, labels, device, self.block_rows)
