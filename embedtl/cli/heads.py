@@ -46,7 +46,7 @@ def head_options(f):
         click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="AdamW peak learning rate [3e-3]."),
         click.option("--weight-decay", type=click.FloatRange(min=0), default=None, help="AdamW weight decay [0.05]."),
         click.option("--batch-size", "head_batch_size", type=click.IntRange(min=1), default=None, help="Rows per step [scales with the data, 16..1024]."),
-        click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=None, help="[0.1]"),
+        click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=None, help="[0.0]"),
         click.option("--class-weight", type=click.Choice(["none", "balanced"]), default=None, help="balanced: weigh classes against imbalance [none]."),
         click.option("--normalize", type=click.Choice(NORMALIZATIONS), default=None, help="Feature normalisation [standardize; kNN always l2]."),
         click.option("--patience", type=click.IntRange(min=1), default=None, help="Epochs without a better val accuracy before stopping [10]."),

@@ -34,7 +34,7 @@ class HeadConfig:
     lr: float = 3e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 2.0
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.0
     class_weight: str | None = None  # "balanced": weights n / (C * n_c) against imbalance
     normalize: str | None = None  # None: the kind's default (standardize; l2 for knn)
     patience: int = 10  # epochs without a better val accuracy before stopping

@@ -41,7 +41,7 @@ class EmbeddingClassifier(ClassifierMixin, BaseEstimator):
         batch_size: int | None = None,
         lr: float = 3e-3,
         weight_decay: float = 0.05,
-        label_smoothing: float = 0.1,
+        label_smoothing: float = 0.0,
         class_weight: str | None = None,
         normalize: str | None = None,
         patience: int = 10,
