@@ -69,7 +69,7 @@ def main() -> None:
     def med(kind: str, key: str) -> float:
         return median([r[key] for r in runs[kind]])
 
-    sk_acc, sk_s = med("logreg", "test_accuracy"), med("logreg", "fit_seconds")
+    sk_acc = med("logreg", "test_accuracy")
     lin_acc = med("linear", "test_accuracy")
     speed = median([s["fit_seconds"] / x["fit_seconds"] for s, x in zip(runs["logreg"], runs["linear"], strict=True)])  # fmt: skip
     ttb = med("linear", "seconds_to_best")
