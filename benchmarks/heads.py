@@ -81,13 +81,22 @@ def main() -> None:
     result = {
         "benchmark": "heads",
         "machine": machine(),
-        "data": {"dataset": "fashion-mnist", "splits": splits, "image_size": args.image_size, "backbone": store.backbone.get("name"), "store_dtype": store.dtype},  # fmt: skip
+        "data": {
+            "dataset": "fashion-mnist",
+            "splits": splits,
+            "image_size": args.image_size,
+            "backbone": store.backbone.get("name"),
+            "store_dtype": store.dtype,
+        },  # fmt: skip
         "extract": {"seconds": st.seconds, "runtime_reason": st.runtime_reason},
         "repeats": args.repeats,
         "c_grid": {str(c): r for c, r in grid.items()},
         "chosen_C": best_c,
         "runs": runs,
-        "median": {k: {key: med(k, key) for key in runs[k][0] if isinstance(runs[k][0][key], float)} for k in runs},  # fmt: skip
+        "median": {
+            k: {key: med(k, key) for key in runs[k][0] if isinstance(runs[k][0][key], float)}
+            for k in runs
+        },  # fmt: skip
         "linear_speedup_vs_sklearn": speed,
         "targets": targets,
     }
@@ -100,18 +109,18 @@ def main() -> None:
     grid_rows = ", ".join(f"C={c}: val {r['val_accuracy']:.4f} ({r['fit_seconds']:.0f} s)" for c, r in grid.items())  # fmt: skip
     md = f"""# heads on cached features: Fashion-MNIST
 
-{result['machine']['cpu']}, {result['machine']['cores']} cores, torch {result['machine']['versions'].get('torch')}, scikit-learn lbfgs; {result['machine']['date']}.
-Fashion-MNIST at {args.image_size} px through EfficientNet-Lite0 ({store.dim}-d, stored {store.dtype}): train {splits['train']}, val {splits['val']}, test {splits['test']}.
+{result["machine"]["cpu"]}, {result["machine"]["cores"]} cores, torch {result["machine"]["versions"].get("torch")}, scikit-learn lbfgs; {result["machine"]["date"]}.
+Fashion-MNIST at {args.image_size} px through EfficientNet-Lite0 ({store.dim}-d, stored {store.dtype}): train {splits["train"]}, val {splits["val"]}, test {splits["test"]}.
 Medians of {args.repeats} interleaved repeats (`python benchmarks/heads.py`). Fit seconds include reading the features from the store.
 
 | head | test acc | val acc | fit (s) | to best val epoch (s) |
 |---|---:|---:|---:|---:|
-{rows.replace('| logreg |', f'| scikit-learn lbfgs, C={best_c} |')}
+{rows.replace("| logreg |", f"| scikit-learn lbfgs, C={best_c} |")}
 
 C chosen on val from: {grid_rows}.
 
 Linear vs scikit-learn: {100 * (lin_acc - sk_acc):+.2f} points, **{speed:.1f}x** faster (paired median); time to best val epoch {ttb:.2f} s.
-Targets: within 0.5 points **{'met' if targets['linear_within_0.5_points'] else 'NOT met'}**; >= 10x faster **{'met' if targets['linear_10x_faster'] else 'NOT met'}**; time to best < 5 s **{'met' if targets['linear_time_to_best_under_5s'] else 'NOT met'}**.
+Targets: within 0.5 points **{"met" if targets["linear_within_0.5_points"] else "NOT met"}**; >= 10x faster **{"met" if targets["linear_10x_faster"] else "NOT met"}**; time to best < 5 s **{"met" if targets["linear_time_to_best_under_5s"] else "NOT met"}**.
 """
     print(md)
     write_result("heads", result, md)

@@ -155,20 +155,20 @@ def main() -> None:
     }  # fmt: skip
     md = f"""# tutorial loop vs extract + fit-head
 
-{result['machine']['cpu']}, {result['machine']['cores']} cores, torch {result['machine']['versions'].get('torch')}; {result['machine']['date']}.
-Tux Paint stamps ({', '.join(CLASSES)}): {counts['train']} training images (embedtl: train + val), {counts['test']} test images, 224 px, EfficientNet-Lite0.
+{result["machine"]["cpu"]}, {result["machine"]["cores"]} cores, torch {result["machine"]["versions"].get("torch")}; {result["machine"]["date"]}.
+Tux Paint stamps ({", ".join(CLASSES)}): {counts["train"]} training images (embedtl: train + val), {counts["test"]} test images, 224 px, EfficientNet-Lite0.
 Medians of {args.repeats} interleaved repeats (`python benchmarks/tutorial_vs_cache.py`).
 
 | | wall time (s) | test accuracy |
 |---|---:|---:|
-| tutorial loop, {e5} epochs | {at(e5, 'seconds'):.1f} | {at(e5, 'test_accuracy'):.4f} |
-| tutorial loop, {eN} epochs | {at(eN, 'seconds'):.1f} | {at(eN, 'test_accuracy'):.4f} |
+| tutorial loop, {e5} epochs | {at(e5, "seconds"):.1f} | {at(e5, "test_accuracy"):.4f} |
+| tutorial loop, {eN} epochs | {at(eN, "seconds"):.1f} | {at(eN, "test_accuracy"):.4f} |
 | embedtl extract + fit-head (linear) | {ours_s:.1f} | {ours_acc:.4f} |
 
 Speed-up (paired per repeat, median): **{speed5:.1f}x** vs {e5} tutorial epochs, **{speedN:.1f}x** vs {eN}.
-Target: >= 4x at {e5} epochs at equal or better accuracy: **{'met' if result['target']['met'] else 'NOT met'}**.
-The tutorial's best test accuracy at any epoch (picked on test, which embedtl never does): {result['tutorial']['best_test_accuracy_any_epoch']:.4f}.
-embedtl's extraction ran {median([o['images_per_second'] for o in ours]):.1f} img/s ({ours[0]['runtime']}); the head fit took {median([o['fit_seconds'] for o in ours]):.2f} s.
+Target: >= 4x at {e5} epochs at equal or better accuracy: **{"met" if result["target"]["met"] else "NOT met"}**.
+The tutorial's best test accuracy at any epoch (picked on test, which embedtl never does): {result["tutorial"]["best_test_accuracy_any_epoch"]:.4f}.
+embedtl's extraction ran {median([o["images_per_second"] for o in ours]):.1f} img/s ({ours[0]["runtime"]}); the head fit took {median([o["fit_seconds"] for o in ours]):.2f} s.
 """
     print(md)
     write_result("tutorial_vs_cache", result, md)

@@ -33,6 +33,7 @@ from .errors import (
     DatasetUnavailableError,
     DeviceError,
     EmbedTLError,
+    HeadError,
     ImageDecodeError,
     StoreError,
     StoreLockedError,
@@ -40,14 +41,26 @@ from .errors import (
 )
 from .extract import ExtractStats, default_batch_size, extract
 
+#: Public names whose modules import torch: imported on first use, so `import embedtl` stays light.
+_LAZY = {
+    "FeatureModel": "._model",
+    "Head": ".heads",
+    "HeadConfig": ".heads",
+    "EmbeddingClassifier": ".heads",
+    "fit_head": ".heads",
+    "load_head": ".heads",
+    "evaluate_head": ".heads",
+    "predict_images": ".predict",
+    "export_head": ".export",
+    "embed_files": ".extract",
+}
+
 
 def __getattr__(name: str):
-    if (
-        name == "FeatureModel"
-    ):  # a torch.nn.Module: imported on use, so `import embedtl` stays light
-        from ._model import FeatureModel
+    if name in _LAZY:
+        import importlib
 
-        return FeatureModel
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module 'embedtl' has no attribute {name!r}")
 
 
@@ -59,9 +72,13 @@ __all__ = [
     "DatasetUnavailableError",
     "DeviceError",
     "EmbedTLError",
+    "EmbeddingClassifier",
     "ExtractStats",
     "FeatureModel",
     "FeatureStore",
+    "Head",
+    "HeadConfig",
+    "HeadError",
     "ImageDecodeError",
     "ImageTransform",
     "Manifest",
@@ -74,18 +91,24 @@ __all__ = [
     "build_feature_model",
     "default_batch_size",
     "default_cache_dir",
+    "embed_files",
+    "evaluate_head",
+    "export_head",
     "export_dataset",
     "export_store",
     "extract",
     "find_store",
+    "fit_head",
     "gc_cache",
     "get_backbone",
     "list_backbones",
     "list_datasets",
     "list_stores",
     "merge_stores",
+    "load_head",
     "load_image",
     "open_store",
+    "predict_images",
     "register_backbone",
     "scan",
     "verify_store",

@@ -11,7 +11,7 @@ from conftest import synthetic_store
 
 from embedtl.errors import DataError, HeadError
 from embedtl.heads import HEAD_KINDS, HeadConfig, evaluate_head, fit_head, load_head
-from embedtl.heads._data import InMemory, Streamed, StoreFeatures
+from embedtl.heads._data import InMemory, StoreFeatures, Streamed
 from embedtl.heads._train import auto_batch_size
 from embedtl.neighbors import CosineIndex, weighted_vote
 

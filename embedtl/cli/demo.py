@@ -9,6 +9,7 @@ import click
 from ..cache import default_cache_dir
 from ..datasets import export_dataset
 from ..extract import extract
+from ..heads import HeadConfig, fit_head
 from ._base import emit, json_option, progress_option, want_progress
 from .extract import print_extract_summary
 
@@ -30,7 +31,8 @@ DEMO_CLASSES = ("animals", "food", "plants", "vehicles")
 def demo_cmd(
     workdir: str | None, cache_dir: str | None, device: str, progress: bool | None, as_json: bool
 ) -> None:
-    """Export the Tux Paint stamp photos (animals, food, plants, vehicles) and extract features."""
+    """The whole pipeline on the Tux Paint stamp photos (animals, food, plants, vehicles):
+    export them, extract features, fit a linear head, report its test accuracy."""
     base = (
         Path(workdir)
         if workdir
@@ -44,10 +46,27 @@ def demo_cmd(
         click.echo(f"demo data  {exported['images']} images in {data_dir}")
     store = extract(data_dir, cache_dir=cache_dir, device=device, progress=want_progress(progress))
     stats = store.last_extraction
+    head = fit_head(store, HeadConfig(kind="linear"), device=device, progress=want_progress(progress))  # fmt: skip
+    head_dir = head.save(base / "head-linear")
+    m = head.info["metrics"]
+    confusion = head_dir / "test" / "confusion.png"
     payload = {
         "data_dir": str(data_dir),
         "dataset": DEMO_DATASET,
         "extract": {k: v for k, v in stats.to_dict().items() if k != "failed"},
         "store": str(store.path),
+        "head": str(head_dir),
+        "val_accuracy": m["val_accuracy"],
+        "test_accuracy": m["test_accuracy"],
+        "fit_seconds": head.info["fit"]["seconds"],
+        "confusion_png": str(confusion),
     }
-    emit(as_json, payload, lambda: print_extract_summary(stats))
+
+    def human() -> None:
+        print_extract_summary(stats)
+        click.echo(f"head      {head_dir} (linear, fit in {head.info['fit']['seconds']:.2f} s)")
+        click.echo(f"accuracy  val {100 * m['val_accuracy']:.1f}%, test {100 * m['test_accuracy']:.1f}% ({m['n']['test']} test images)")  # fmt: skip
+        click.echo(f"confusion {confusion}")
+        click.echo(f"next      embedtl predict {head_dir} IMAGE...")
+
+    emit(as_json, payload, human)

@@ -49,7 +49,7 @@ def head_options(f):
         click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=None, help="[0.0]"),
         click.option("--class-weight", type=click.Choice(["none", "balanced"]), default=None, help="balanced: weigh classes against imbalance [none]."),
         click.option("--normalize", type=click.Choice(NORMALIZATIONS), default=None, help="Feature normalisation [standardize; kNN always l2]."),
-        click.option("--patience", type=click.IntRange(min=1), default=None, help="Epochs without a better val accuracy before stopping [10]."),
+        click.option("--patience", type=click.IntRange(min=1), default=None, help="Epochs without a better val accuracy before stopping [6]."),
         click.option("--train-seed", type=int, default=None, help="Seed of initialisation and shuffling [0]."),
         click.option("-k", "--k", "k", type=click.IntRange(min=1), default=None, help="knn: neighbours [20]."),
         click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=None, help="knn: vote temperature [0.07]."),

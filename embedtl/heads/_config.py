@@ -37,7 +37,7 @@ class HeadConfig:
     label_smoothing: float = 0.0
     class_weight: str | None = None  # "balanced": weights n / (C * n_c) against imbalance
     normalize: str | None = None  # None: the kind's default (standardize; l2 for knn)
-    patience: int = 10  # epochs without a better val accuracy before stopping
+    patience: int = 6  # epochs without a better val accuracy before stopping
     seed: int = 0
     # knn
     k: int = 20

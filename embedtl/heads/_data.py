@@ -52,9 +52,8 @@ class Split:
         s = torch.zeros(self.dim, dtype=torch.float64)
         ss = torch.zeros(self.dim, dtype=torch.float64)
         for x, _ in self.batches(65536, None):
-            x = x.double().cpu()
-            s += x.sum(0)
-            ss += (x * x).sum(0)
+            s += x.sum(0, dtype=torch.float64).cpu()
+            ss += (x * x).sum(0, dtype=torch.float64).cpu()
         mean = s / max(self.n, 1)
         var = (ss / max(self.n, 1) - mean * mean).clamp_min(0)
         return mean.float(), var.sqrt().float()

@@ -67,6 +67,7 @@ class Head:
         #: Evaluations made while fitting (val, test); not saved, see :meth:`write_reports`.
         self.evaluations: dict[str, Evaluation] = {}
         self._index: CosineIndex | None = None
+        self._bank_labels: np.ndarray | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # the faiss index is rebuilt on use, not pickled
         return {**self.__dict__, "_index": None}

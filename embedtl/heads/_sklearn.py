@@ -44,7 +44,7 @@ class EmbeddingClassifier(ClassifierMixin, BaseEstimator):
         label_smoothing: float = 0.0,
         class_weight: str | None = None,
         normalize: str | None = None,
-        patience: int = 10,
+        patience: int = 6,
         validation_fraction: float = 0.1,
         k: int = 20,
         temperature: float = 0.07,
