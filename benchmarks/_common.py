@@ -50,3 +50,25 @@ def write_result(name: str, result: dict[str, Any], markdown: str) -> Path:
     (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     (out / f"{name}.md").write_text(markdown.rstrip() + "\n")
     return out / f"{name}.json"
+
+
+def tutorial_setup(train_dir: Path):
+    """The tutorial loop's pieces: ImageFolder with the weights' own transforms (timm's resolved
+    config for embedtl's EfficientNet-Lite0 weights), the frozen backbone + a new Linear, Adam
+    1e-3 over the Linear, cross-entropy. Returns (model, train dataset, transform, opt, loss)."""
+    import timm
+    import torch
+    from torch import nn
+    from torchvision import datasets
+
+    import embedtl
+
+    spec = embedtl.get_backbone("efficientnet_lite0")
+    fm = embedtl.build_feature_model(spec)
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=fm.body))
+    ds = datasets.ImageFolder(str(train_dir), transform=transform)
+    model = nn.Sequential(fm.body, nn.Linear(spec.dim, len(ds.classes)))
+    for p in fm.body.parameters():
+        p.requires_grad = False
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    return model, ds, transform, opt, nn.CrossEntropyLoss()

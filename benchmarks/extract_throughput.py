@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _common import machine, median, write_result  # noqa: E402
+from _common import machine, median, tutorial_setup, write_result  # noqa: E402
 
 import embedtl  # noqa: E402
 
@@ -69,22 +69,10 @@ def run_extract(data: Path, backbone: str, cache: Path, **kw) -> dict:
 
 def run_tutorial_epoch(data: Path) -> float:
     """One epoch of the tutorial loop over the same images (all of them, as its train set)."""
-    import timm
-    from torch import nn
     from torch.utils.data import DataLoader
-    from torchvision import datasets
 
-    spec = embedtl.get_backbone("efficientnet_lite0")
-    fm = embedtl.build_feature_model(spec)
-    cfg = timm.data.resolve_data_config({}, model=fm.body)
-    transform = timm.data.create_transform(**cfg)  # the weights' own transforms
-    ds = datasets.ImageFolder(str(data), transform=transform)
+    model, ds, _, opt, loss_fn = tutorial_setup(data)
     loader = DataLoader(ds, batch_size=32, shuffle=True, num_workers=0)
-    model = nn.Sequential(fm.body, nn.Linear(spec.dim, len(ds.classes)))
-    for p in fm.body.parameters():
-        p.requires_grad = False
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    loss_fn = nn.CrossEntropyLoss()
     model.train()
     n = 0
     t = time.perf_counter()

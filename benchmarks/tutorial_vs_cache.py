@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _common import machine, median, write_result  # noqa: E402
+from _common import machine, median, tutorial_setup, write_result  # noqa: E402
 
 import embedtl  # noqa: E402
 from embedtl.heads import fit_head  # noqa: E402
@@ -54,26 +54,15 @@ def split_folders(data: Path, out: Path) -> dict[str, int]:
 
 def run_tutorial(folders: Path, epochs: int, seed: int) -> list[dict[str, float]]:
     """The tutorial loop; returns per epoch the elapsed seconds (training + test) and test acc."""
-    import timm
-    from torch import nn
     from torch.utils.data import DataLoader
     from torchvision import datasets
 
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    spec = embedtl.get_backbone("efficientnet_lite0")
-    fm = embedtl.build_feature_model(spec)
-    cfg = timm.data.resolve_data_config({}, model=fm.body)
-    transform = timm.data.create_transform(**cfg)  # the weights' own transforms
-    train_ds = datasets.ImageFolder(str(folders / "train"), transform=transform)
+    model, train_ds, transform, opt, loss_fn = tutorial_setup(folders / "train")
     test_ds = datasets.ImageFolder(str(folders / "test"), transform=transform)
     train_dl = DataLoader(train_ds, batch_size=32, shuffle=True, num_workers=0)
     test_dl = DataLoader(test_ds, batch_size=32, shuffle=False, num_workers=0)
-    model = nn.Sequential(fm.body, nn.Linear(spec.dim, len(train_ds.classes)))
-    for p in fm.body.parameters():
-        p.requires_grad = False
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    loss_fn = nn.CrossEntropyLoss()
     curve = []
     for epoch in range(1, epochs + 1):
         model.train()

@@ -72,6 +72,47 @@ def onnx_parity(
     return _compare(ref, out)
 
 
+def _checked_write(
+    module,
+    path: str | os.PathLike[str],
+    fmt: str,
+    write,
+    parity,
+    min_cosine: float,
+    sidecar: dict,
+    hint: str,
+) -> ParityReport:
+    """``write(tmp)`` a model file, ``parity(tmp)`` it against PyTorch, and move it to ``path``
+    only when it matches; then write the JSON sidecar. Any failure is an :class:`ExportError`."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    name = type(module).__name__
+    try:
+        with warnings.catch_warnings(), torch.inference_mode():
+            warnings.simplefilter("ignore")
+            write(tmp)
+            report = parity(tmp)
+        if not report.ok(min_cosine):
+            raise ExportError(
+                f"{fmt} export of {name} does not match PyTorch "
+                f"(min cosine {report.min_cosine:.6f} < {min_cosine}); {hint}"
+            )
+        os.replace(tmp, path)
+    except ExportError:
+        raise
+    except Exception as e:
+        raise ExportError(f"cannot export {name} to {fmt}: {e}; {hint}") from e
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    full = {"parity": asdict(report), **sidecar}
+    path.with_suffix(".json").write_text(json.dumps(full, indent=2, sort_keys=True))
+    return report
+
+
 def export_onnx(
     module,
     path: str | os.PathLike[str],
@@ -89,41 +130,26 @@ def export_onnx(
     parity figures and ``metadata``."""
     import torch
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     example = torch.from_numpy(_seeded_batch(example_shape, input_dtype, seed=1))
-    try:
-        with warnings.catch_warnings(), torch.inference_mode():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module,
-                (example,),
-                str(tmp),
-                dynamo=False,
-                input_names=[input_name],
-                output_names=[output_name],
-                dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
-                opset_version=OPSET,
-                do_constant_folding=True,
-            )
-        report = onnx_parity(module, tmp, example_shape, input_dtype)
-        if not report.ok(min_cosine):
-            raise ExportError(
-                f"ONNX export of {type(module).__name__} does not match PyTorch "
-                f"(min cosine {report.min_cosine:.6f} < {min_cosine}); {hint}"
-            )
-        os.replace(tmp, path)
-    except ExportError:
-        raise
-    except Exception as e:
-        raise ExportError(f"cannot export {type(module).__name__} to ONNX: {e}; {hint}") from e
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    sidecar = {"parity": asdict(report), "opset": OPSET, **(metadata or {})}
-    path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2, sort_keys=True))
-    return report
+
+    def write(tmp: Path) -> None:
+        torch.onnx.export(
+            module,
+            (example,),
+            str(tmp),
+            dynamo=False,
+            input_names=[input_name],
+            output_names=[output_name],
+            dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
+            opset_version=OPSET,
+            do_constant_folding=True,
+        )
+
+    return _checked_write(
+        module, path, "ONNX", write,
+        lambda tmp: onnx_parity(module, tmp, example_shape, input_dtype),
+        min_cosine, {"opset": OPSET, **(metadata or {})}, hint,
+    )  # fmt: skip
 
 
 def export_torchscript(
@@ -134,35 +160,21 @@ def export_torchscript(
     input_dtype: str = "uint8",
     min_cosine: float = 0.9999,
     metadata: dict | None = None,
+    hint: str = "try --format onnx",
 ) -> ParityReport:
     """Trace ``module`` to TorchScript at ``path`` (atomically), checked like :func:`export_onnx`."""
     import torch
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     example = torch.from_numpy(_seeded_batch(example_shape, input_dtype, seed=1))
-    x = torch.from_numpy(_seeded_batch(example_shape, input_dtype))
-    try:
-        with warnings.catch_warnings(), torch.inference_mode():
-            warnings.simplefilter("ignore")
-            traced = torch.jit.trace(module, (example,), check_trace=False)
-            traced.save(str(tmp))
-            loaded = torch.jit.load(str(tmp))
-            report = _compare(module(x).float().numpy(), loaded(x).float().numpy())
-        if not report.ok(min_cosine):
-            raise ExportError(f"TorchScript trace of {type(module).__name__} does not match eager PyTorch (min cosine {report.min_cosine:.6f})")  # fmt: skip
-        os.replace(tmp, path)
-    except ExportError:
-        raise
-    except Exception as e:
-        raise ExportError(f"cannot trace {type(module).__name__} to TorchScript: {e}") from e
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    sidecar = {"parity": asdict(report), **(metadata or {})}
-    path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2, sort_keys=True))
-    return report
+
+    def write(tmp: Path) -> None:
+        torch.jit.trace(module, (example,), check_trace=False).save(str(tmp))
+
+    def parity(tmp: Path) -> ParityReport:
+        x = torch.from_numpy(_seeded_batch(example_shape, input_dtype))
+        return _compare(module(x).float().numpy(), torch.jit.load(str(tmp))(x).float().numpy())
+
+    return _checked_write(module, path, "TorchScript", write, parity, min_cosine, dict(metadata or {}), hint)  # fmt: skip
 
 
 def export_head(
