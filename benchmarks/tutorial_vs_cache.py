@@ -145,7 +145,7 @@ def main() -> None:
     md = f"""# tutorial loop vs extract + fit-head
 
 {result["machine"]["cpu"]}, {result["machine"]["cores"]} cores, torch {result["machine"]["versions"].get("torch")}; {result["machine"]["date"]}.
-Tux Paint stamps ({", ".join(CLASSES)}): {counts["train"]} training images (embedtl: train + val), {counts["test"]} test images, 224 px, EfficientNet-Lite0.
+Tux Paint stamps ({", ".join(CLASSES)}): {counts["train"]} images the tutorial trains on (embedtl's train + val splits: embedtl trains on train and selects on val), {counts["test"]} test images, 224 px, EfficientNet-Lite0.
 Medians of {args.repeats} interleaved repeats (`python benchmarks/tutorial_vs_cache.py`).
 
 | | wall time (s) | test accuracy |

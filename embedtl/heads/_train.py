@@ -84,7 +84,8 @@ def train(
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    train_split, val_split = train_split.mapped(module.norm), val_split and val_split.mapped(module.norm)  # fmt: skip
+    train_split = train_split.mapped(module.norm)
+    val_split = val_split.mapped(module.norm) if val_split is not None else None
     module = module.net
     device = train_split.labels.device
     gen = torch.Generator().manual_seed(cfg.seed)
