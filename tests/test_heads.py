@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import synthetic_store
 
-from embedtl.errors import DataError, HeadError
+from embedtl.errors import DataError, HeadError, StoreError
 from embedtl.heads import HEAD_KINDS, HeadConfig, evaluate_head, fit_head, load_head
 from embedtl.heads._data import InMemory, StoreFeatures, Streamed
 from embedtl.heads._train import auto_batch_size
@@ -197,3 +197,12 @@ def test_cosine_index_is_exact_and_vote_weights_by_similarity():
     p = weighted_vote(np.array([[0.9, 0.8, 0.1]]), np.array([[1, 0, 0]]), 2, temperature=0.07)
     w = np.exp(np.array([0.9, 0.8, 0.1]) / 0.07)
     assert np.allclose(p, [[(w[1] + w[2]) / w.sum(), w[0] / w.sum()]], atol=1e-6)
+
+
+def test_store_reads_features_by_row_indices(store):
+    rows = np.array([0, 5, 17, 179])
+    assert np.array_equal(store.features(rows=rows), store.features()[rows])
+    got = [r for r, _ in store.iter_chunks(7, rows=rows)]
+    assert np.array_equal(np.concatenate(got), rows)
+    with pytest.raises(StoreError, match="not both"):
+        store.features("train", rows=rows)

@@ -192,16 +192,30 @@ class FeatureStore:
         return np.flatnonzero(self.mask(split))
 
     # -- features ---------------------------------------------------------------------------
+    def _select(self, split: str | Sequence[str] | None, rows: np.ndarray | None) -> np.ndarray:
+        """Boolean row mask of ``split``, or of the given row indices (not both)."""
+        if rows is None:
+            return self.mask(split)
+        if split is not None:
+            raise StoreError("select rows by split or by row indices, not both")
+        mask = np.zeros(len(self), dtype=bool)
+        mask[rows] = True
+        return mask
+
     def features(
-        self, split: str | Sequence[str] | None = None, dtype: Any = np.float32
+        self,
+        split: str | Sequence[str] | None = None,
+        dtype: Any = np.float32,
+        rows: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Features (n, D) of the rows of ``split`` (all rows for None), as ``dtype``."""
-        idx = self.indices(split)
-        out = np.empty((len(idx), self.dim), dtype=dtype)
+        """Features (n, D) of the rows of ``split`` (all rows for None), or of the row indices
+        ``rows``, in row order, as ``dtype``."""
+        n = int(self._select(split, rows).sum())
+        out = np.empty((n, self.dim), dtype=dtype)
         pos = 0
-        for rows, chunk in self.iter_chunks(split=split, dtype=dtype):
-            out[pos : pos + len(rows)] = chunk
-            pos += len(rows)
+        for got, chunk in self.iter_chunks(split=split, dtype=dtype, rows=rows):
+            out[pos : pos + len(got)] = chunk
+            pos += len(got)
         return out
 
     def tensor(
@@ -219,8 +233,10 @@ class FeatureStore:
         split: str | Sequence[str] | None = None,
         dtype: Any = np.float32,
         order: Sequence[int] | None = None,
+        rows: np.ndarray | None = None,
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield (row indices, features) of ``split``, a block of rows at a time.
+        """Yield (row indices, features) of ``split`` (or of the row indices ``rows``), a block
+        of rows at a time.
 
         Reads ``chunk_rows`` contiguous rows at a time and keeps the selected ones, so memory
         stays bounded by the chunk whatever the split's rows are; chunks may hold fewer rows.
@@ -230,7 +246,7 @@ class FeatureStore:
 
         if chunk_rows < 1:
             raise StoreError("chunk_rows must be >= 1")
-        mask = self.mask(split)
+        mask = self._select(split, rows)
         starts = range(0, len(self), chunk_rows)
         if order is not None:
             starts = [starts[b] for b in order]

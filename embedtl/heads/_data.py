@@ -15,7 +15,7 @@ import torch
 
 from ..cache import FeatureStore
 
-__all__ = ["Split", "InMemory", "Streamed", "StoreFeatures", "read_rows", "default_memory_budget"]
+__all__ = ["Split", "InMemory", "Streamed", "StoreFeatures", "default_memory_budget"]
 
 
 def default_memory_budget() -> int:
@@ -100,9 +100,7 @@ class Streamed(Split):
     """Store rows read ``block_rows`` at a time; memory bounded by one block."""
 
     def __init__(self, store: FeatureStore, rows: np.ndarray, labels: np.ndarray, device: str, block_rows: int) -> None:  # fmt: skip
-        self.store, self.device, self.block_rows = store, device, block_rows
-        self.want = np.zeros(len(store), dtype=bool)
-        self.want[rows] = True
+        self.store, self.rows, self.device, self.block_rows = store, rows, device, block_rows
         self.label_of_row = np.full(len(store), -1, dtype=np.int64)
         self.label_of_row[rows] = labels
         self.n, self.dim = len(rows), store.dim
@@ -113,32 +111,15 @@ class Streamed(Split):
         order = None
         if generator is not None:
             order = torch.randperm(n_blocks, generator=generator).tolist()
-        for r, x in self.store.iter_chunks(self.block_rows, order=order):
-            sel = self.want[r]
-            if not sel.any():
-                continue
-            x = torch.from_numpy(x[sel])
-            y = torch.from_numpy(self.label_of_row[r[sel]])
+        for r, x in self.store.iter_chunks(self.block_rows, order=order, rows=self.rows):
+            x = torch.from_numpy(x)
+            y = torch.from_numpy(self.label_of_row[r])
             if generator is not None:
                 p = torch.randperm(len(x), generator=generator)
                 x, y = x[p], y[p]
             x, y = x.to(self.device), y.to(self.device)
             for i in range(0, len(x), batch_size):
                 yield x[i : i + batch_size], y[i : i + batch_size]
-
-
-def read_rows(store: FeatureStore, rows: np.ndarray, chunk_rows: int = 32768) -> np.ndarray:
-    """Features (len(rows), D) float32 of the given sorted store rows, read block by block."""
-    want = np.zeros(len(store), dtype=bool)
-    want[rows] = True
-    out = np.empty((len(rows), store.dim), np.float32)
-    pos = 0
-    for r, x in store.iter_chunks(chunk_rows):
-        sel = want[r]
-        k = int(sel.sum())
-        out[pos : pos + k] = x[sel]
-        pos += k
-    return out
 
 
 class StoreFeatures:
@@ -159,7 +140,7 @@ class StoreFeatures:
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         """Features (len(rows), D) of sorted store rows."""
-        return self._all[rows] if self._all is not None else read_rows(self.store, rows)
+        return self._all[rows] if self._all is not None else self.store.features(rows=rows)
 
     def iter_read(self, rows: np.ndarray) -> Iterator[np.ndarray]:
         """Features of sorted ``rows`` in order, at most a block at a time."""
@@ -167,12 +148,8 @@ class StoreFeatures:
             for i in range(0, len(rows), self.block_rows):
                 yield self._all[rows[i : i + self.block_rows]]
             return
-        want = np.zeros(len(self.store), dtype=bool)
-        want[rows] = True
-        for r, x in self.store.iter_chunks(self.block_rows):
-            sel = want[r]
-            if sel.any():
-                yield x[sel]
+        for _, x in self.store.iter_chunks(self.block_rows, rows=rows):
+            yield x
 
     def split(self, rows: np.ndarray, labels: np.ndarray, device: str = "cpu") -> Split:
         """Sorted store ``rows`` with their ``labels`` as a :class:`Split` on ``device``."""
