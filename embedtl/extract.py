@@ -332,21 +332,18 @@ def extract(
         t_compute = 0.0
         used_batch = None
         if plan.todo:
-            run_device = resolve_device(device)
-            onnx_path = onnx_model_path(cache_root, spec.name, fingerprint)
-            run_runtime, reason = resolve_runtime(runtime, run_device, len(plan.todo), onnx_path)
-            if workers is None:
-                workers = default_workers(run_device)
             t0 = time.perf_counter()
-            model = load_runtime(run_runtime, spec, run_device, onnx_path, allow_download)
-            used_batch = _run_model(
-                model,
+            eng = _engine(spec, cache_root, device, runtime, len(plan.todo), batch_size, workers, allow_download)  # fmt: skip
+            run_device, run_runtime, reason = eng.device, eng.runtime, eng.reason
+            used_batch, workers = eng.batch_size, eng.workers
+            _run_model(
+                eng.model,
                 spec,
                 manifest,
                 plan.todo,
                 journal,
                 run_device,
-                batch_size,
+                used_batch,
                 workers,
                 strict,
                 progress,
@@ -483,6 +480,41 @@ def _open_existing(path: Path, fingerprint: str, dtype: str) -> FeatureStore | N
     return old
 
 
+@dataclass
+class _Engine:
+    model: Any  # a runtime from embedtl.runtime
+    device: str
+    runtime: str
+    reason: str
+    batch_size: int
+    workers: int
+
+
+def _engine(
+    spec: BackboneSpec,
+    cache_root: Path,
+    device: str,
+    runtime: str,
+    n_images: int,
+    batch_size: int | None,
+    workers: int | None,
+    allow_download: bool | None,
+) -> _Engine:
+    """Device, runtime (and why), batch size and workers for ``n_images``; the model built."""
+    run_device = resolve_device(device)
+    onnx_path = onnx_model_path(cache_root, spec.name, spec.fingerprint())
+    run_runtime, reason = resolve_runtime(runtime, run_device, n_images, onnx_path)
+    model = load_runtime(run_runtime, spec, run_device, onnx_path, allow_download)
+    return _Engine(
+        model=model,
+        device=run_device,
+        runtime=run_runtime,
+        reason=reason,
+        batch_size=batch_size or default_batch_size(run_device, spec.preprocess.crop, run_runtime),
+        workers=default_workers(run_device) if workers is None else workers,
+    )
+
+
 def _stream(
     model,
     spec: BackboneSpec,
@@ -545,17 +577,13 @@ def _run_model(
     todo: list[int],
     journal: Journal,
     device: str,
-    batch_size: int | None,
+    batch_size: int,
     workers: int,
     strict: bool,
     progress: bool,
     stages: dict[str, float],
-) -> int:
-    """Compute features of the ``todo`` manifest positions; every finished row goes to the journal.
-
-    Returns the batch size used."""
-    if batch_size is None:
-        batch_size = default_batch_size(device, spec.preprocess.crop, model.name)
+) -> None:
+    """Compute features of the ``todo`` manifest positions; every finished row goes to the journal."""
     entries = [manifest.entries[i] for i in todo]
     pending_feats: list[np.ndarray] = []
     pending_rows: list[int] = []
@@ -609,7 +637,6 @@ def _run_model(
     finally:
         batches.close()
         flush()  # keep what was computed, even on Ctrl-C or an error
-    return batch_size
 
 
 @dataclass
@@ -644,20 +671,14 @@ def embed_files(
     spec = get_backbone(backbone, image_size=image_size)
     cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     paths = [str(Path(f).expanduser().resolve()) for f in files]
-    run_device = resolve_device(device)
-    onnx_path = onnx_model_path(cache_root, spec.name, spec.fingerprint())
-    run_runtime, reason = resolve_runtime(runtime, run_device, len(paths), onnx_path)
-    model = load_runtime(run_runtime, spec, run_device, onnx_path, allow_download)
-    if batch_size is None:
-        batch_size = default_batch_size(run_device, spec.preprocess.crop, run_runtime)
-    workers = default_workers(run_device) if workers is None else workers
+    eng = _engine(spec, cache_root, device, runtime, len(paths), batch_size, workers, allow_download)  # fmt: skip
     stages = {"decode": 0.0, "h2d": 0.0, "model": 0.0}
     feats: list[np.ndarray] = []
     ok: list[int] = []
     failed: list[tuple[str, str]] = []
     for idx, f, bad in _stream(
-        model, spec, Path("/"), paths, run_device, batch_size, workers, progress, stages,
-        f"embed {spec.name}",
+        eng.model, spec, Path("/"), paths, eng.device, eng.batch_size, eng.workers, progress,
+        stages, f"embed {spec.name}",
     ):  # fmt: skip
         failed.extend((paths[i], err) for i, err in bad)
         if f is not None:
@@ -668,8 +689,8 @@ def embed_files(
         paths=[paths[i] for i in ok],
         features=np.concatenate(feats) if feats else np.zeros((0, dim), np.float32),
         failed=failed,
-        runtime=run_runtime,
-        runtime_reason=reason,
+        runtime=eng.runtime,
+        runtime_reason=eng.reason,
         seconds=time.perf_counter() - t0,
     )
 
