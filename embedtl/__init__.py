@@ -53,6 +53,11 @@ _LAZY = {
     "predict_images": ".predict",
     "export_head": ".export",
     "embed_files": ".extract",
+    "open_store_index": ".search",
+    "search_store": ".search",
+    "query_vectors": ".search",
+    "find_duplicates": ".dedup",
+    "knn_evaluate": ".neighbors",
 }
 
 
@@ -97,10 +102,12 @@ __all__ = [
     "export_dataset",
     "export_store",
     "extract",
+    "find_duplicates",
     "find_store",
     "fit_head",
     "gc_cache",
     "get_backbone",
+    "knn_evaluate",
     "list_backbones",
     "list_datasets",
     "list_stores",
@@ -108,8 +115,11 @@ __all__ = [
     "load_head",
     "load_image",
     "open_store",
+    "open_store_index",
     "predict_images",
+    "query_vectors",
     "register_backbone",
     "scan",
+    "search_store",
     "verify_store",
 ]

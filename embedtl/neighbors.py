@@ -1,49 +1,28 @@
-"""The one k-nearest-neighbour implementation: cosine similarity with faiss, weighted vote.
+"""The one k-nearest-neighbour vote, and kNN evaluation of a store.
 
-Vectors are L2-normalised and searched by inner product, so scores are cosine similarities.
-The kNN head (:mod:`embedtl.heads`), kNN evaluation and image search all go through
-:class:`CosineIndex` and :func:`weighted_vote`.
+Neighbours come from :class:`embedtl.search.VectorIndex` (cosine: unit vectors, inner product);
+each votes for its class with weight exp(s / T). The kNN head (:mod:`embedtl.heads`), kNN
+evaluation and image search all use this code.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 
-__all__ = ["CosineIndex", "l2_normalize", "weighted_vote", "KNN_TEMPERATURE"]
+from .errors import DataError
+from .search import VectorIndex, l2_normalize
+
+__all__ = ["KNN_TEMPERATURE", "KNN_EVAL_K", "l2_normalize", "weighted_vote", "knn_evaluate"]
 
 #: Temperature of the weighted vote, the value of the self-supervised literature's kNN protocol
 #: (Wu et al. 2018; DINO): a neighbour with similarity s votes with weight exp(s / T).
 KNN_TEMPERATURE = 0.07
-
-
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Rows scaled to unit length (float32, C-contiguous, as faiss wants)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
-
-
-class CosineIndex:
-    """Exact cosine search over a bank of vectors (faiss ``IndexFlatIP`` on unit vectors)."""
-
-    def __init__(self, vectors: np.ndarray) -> None:
-        import faiss
-
-        bank = l2_normalize(vectors)
-        self.dim = bank.shape[1]
-        self.index = faiss.IndexFlatIP(self.dim)
-        if len(bank):
-            self.index.add(bank)
-
-    def __len__(self) -> int:
-        return int(self.index.ntotal)
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, ids), each (Q, min(k, len)), best first; scores are cosine similarities."""
-        k = min(k, len(self))
-        if k < 1:
-            raise ValueError("search needs a non-empty index and k >= 1")
-        scores, ids = self.index.search(l2_normalize(queries), k)
-        return scores, ids
+#: The k values the protocol reports.
+KNN_EVAL_K = (10, 20, 50)
 
 
 def weighted_vote(
@@ -61,3 +40,58 @@ def weighted_vote(
     votes = np.zeros((len(s), n_classes), dtype=np.float64)
     np.add.at(votes, (np.arange(len(s))[:, None], neighbor_labels), w)
     return (votes / votes.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def knn_evaluate(
+    store,
+    ks: Sequence[int] = KNN_EVAL_K,
+    temperature: float = KNN_TEMPERATURE,
+    splits: Sequence[str] = ("val", "test"),
+    chunk_rows: int = 8192,
+) -> dict[str, Any]:
+    """Weighted kNN accuracy of a store's embeddings: the labelled train rows are the memory bank
+    (exact cosine search), each labelled row of ``splits`` is classified by its k nearest.
+
+    The protocol of the self-supervised literature (InstDisc, DINO: k in {10, 20, 50}, T = 0.07),
+    a training-free measure of how well the embeddings separate the classes.
+    """
+    t0 = time.perf_counter()
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise DataError("kNN evaluation needs k >= 1")
+    labels, n_classes = store.labels, len(store.classes)
+    bank_rows = np.flatnonzero(store.mask("train") & (labels >= 0))
+    if not len(bank_rows) or n_classes < 2:
+        raise DataError(f"{store.path} has no labelled train rows in two or more classes: kNN evaluation needs labels (class folders or --labels)")  # fmt: skip
+    bank = VectorIndex.from_vectors(store.features(rows=bank_rows))
+    bank_labels = labels[bank_rows]
+    k_max = min(ks[-1], len(bank_rows))
+    results = []
+    for split in splits:
+        rows = np.flatnonzero(store.mask(split) & (labels >= 0))
+        if not len(rows):
+            continue
+        top1 = np.zeros(len(ks))
+        top5 = np.zeros(len(ks))
+        for got, x in store.iter_chunks(chunk_rows, rows=rows):
+            scores, ids = bank.search(x, k_max)
+            y = labels[got]
+            for j, k in enumerate(ks):
+                kk = min(k, k_max)
+                p = weighted_vote(scores[:, :kk], bank_labels[ids[:, :kk]], n_classes, temperature)
+                order = np.argsort(-p, axis=1)[:, :5]
+                top1[j] += (order[:, 0] == y).sum()
+                top5[j] += (order == y[:, None]).any(axis=1).sum()
+        for j, k in enumerate(ks):
+            results.append({"split": split, "k": k, "n": int(len(rows)), "accuracy": float(top1[j] / len(rows)), "top5_accuracy": float(top5[j] / len(rows))})  # fmt: skip
+    if not results:
+        raise DataError(f"{store.path} has no labelled rows in {' or '.join(splits)} to evaluate")
+    return {
+        "store": str(store.path),
+        "backbone": store.backbone.get("name"),
+        "bank": int(len(bank_rows)),
+        "temperature": temperature,
+        "metric": "cosine",
+        "results": results,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }

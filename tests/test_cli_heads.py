@@ -110,3 +110,8 @@ def test_demo_runs_end_to_end(runner, tmp_path):
     assert out["extract"]["n_images"] > 200 and out["test_accuracy"] > 0.6
     assert (tmp_path / "demo" / "head-linear" / "head.json").is_file()
     assert out["confusion_png"].endswith("confusion.png")
+    # the demo's search: one test image per class, its nearest train images, as a page and a grid
+    assert len(out["search"]) == 4 and all(len(r["neighbors"]) == 6 for r in out["search"])
+    assert all(n["split"] == "train" for r in out["search"] for n in r["neighbors"])
+    assert (tmp_path / "demo" / "search.html").read_text().count("<img") == 4 * 7
+    assert out["search_png"].endswith("search.png")

@@ -13,7 +13,8 @@ from embedtl.errors import DataError, HeadError, StoreError
 from embedtl.heads import HEAD_KINDS, HeadConfig, evaluate_head, fit_head, load_head
 from embedtl.heads._data import InMemory, StoreFeatures, Streamed
 from embedtl.heads._train import auto_batch_size
-from embedtl.neighbors import CosineIndex, weighted_vote
+from embedtl.neighbors import weighted_vote
+from embedtl.search import VectorIndex
 
 FAST = {"epochs": 30, "patience": 30}
 
@@ -189,7 +190,7 @@ def test_knn_torch_module_equals_faiss_vote(store):
 def test_cosine_index_is_exact_and_vote_weights_by_similarity():
     rng = np.random.default_rng(0)
     bank, q = rng.normal(size=(200, 8)), rng.normal(size=(5, 8))
-    scores, ids = CosineIndex(bank).search(q, 4)
+    scores, ids = VectorIndex.from_vectors(bank).search(q, 4)
     b = bank / np.linalg.norm(bank, axis=1, keepdims=True)
     sims = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ b.T
     assert np.array_equal(ids, np.argsort(-sims, axis=1)[:, :4])

@@ -185,13 +185,13 @@ def gc_cache(
             continue
         try:
             with store_lock(f, timeout=0):
-                journal = f.with_name(f.name + ".journal")
                 _remove(f)
-                if journal.exists():
-                    _remove(journal)
+                for extra in (f.with_name(f.name + ".journal"), f.with_name(f.name + ".index")):
+                    if extra.exists():
+                        _remove(extra)
         except StoreError:
             continue  # a writer holds it
-    for tmp in cache.glob("*/.*.h5.tmp-*"):
+    for tmp in [*cache.glob("*/.*.h5.tmp-*"), *cache.glob("*/.*.h5.index.tmp-*")]:
         if not _pid_alive(tmp.name.rsplit("-", 1)[-1]):
             _remove(tmp)  # left by a killed writer; the store beside it is intact
     for journal in cache.glob("*/*.h5.journal"):
@@ -203,6 +203,9 @@ def gc_cache(
                 _remove(journal)
         except StoreError:
             continue
+    for index in cache.glob("*/*.h5.index"):
+        if not index.with_suffix("").exists():  # the index of a store that is gone
+            _remove(index)
     for lock in cache.glob("*/*.lock"):
         if not lock.with_suffix("").exists() and not dry_run:
             lock.unlink(missing_ok=True)

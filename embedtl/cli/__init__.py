@@ -12,6 +12,7 @@ from .datasets import datasets_group
 from .demo import demo_cmd
 from .extract import extract_cmd
 from .heads import evaluate_cmd, export_cmd, fit_head_cmd, predict_cmd
+from .search import dedup_cmd, index_cmd, knn_eval_cmd, search_cmd
 
 
 @click.group(cls=EmbedTLGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -25,6 +26,7 @@ def main(verbose: int) -> None:
       embedtl extract DATA_DIR        features of every image, cached in HDF5
       embedtl fit-head DATA_DIR       a head on the cached features, in seconds
       embedtl predict HEAD IMAGE...   backbone + head on new images
+      embedtl search DATA_DIR -q IMG  the most similar images (dedup: near-duplicates)
       embedtl cache info DATA_DIR     what is cached
       embedtl demo                    the whole pipeline on packaged demo data
     """
@@ -37,6 +39,10 @@ for _cmd in (
     evaluate_cmd,
     predict_cmd,
     export_cmd,
+    index_cmd,
+    search_cmd,
+    dedup_cmd,
+    knn_eval_cmd,
     backbones_cmd,
     datasets_group,
     cache_group,

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 import click
 
 from ..cache import default_cache_dir
 from ..datasets import export_dataset
 from ..extract import extract
+from ..gallery import search_grid, search_html
 from ..heads import HeadConfig, fit_head
+from ..search import open_store_index, search_store
 from ._base import emit, json_option, progress_option, want_progress
 from .extract import print_extract_summary
 
@@ -32,7 +36,8 @@ def demo_cmd(
     workdir: str | None, cache_dir: str | None, device: str, progress: bool | None, as_json: bool
 ) -> None:
     """The whole pipeline on the Tux Paint stamp photos (animals, food, plants, vehicles):
-    export them, extract features, fit a linear head, report its test accuracy."""
+    export them, extract features, fit a linear head, report its test accuracy, and search the
+    train images nearest to one test image per class (an HTML page and a PNG grid)."""
     base = (
         Path(workdir)
         if workdir
@@ -50,6 +55,13 @@ def demo_cmd(
     head_dir = head.save(base / "head-linear")
     m = head.info["metrics"]
     confusion = head_dir / "test" / "confusion.png"
+    # search: the train images nearest to the first test image of each class
+    test = store.indices("test")
+    q_rows = np.asarray([test[store.labels[test] == c][0] for c in range(len(store.classes)) if (store.labels[test] == c).any()])  # fmt: skip
+    index = open_store_index(store)
+    found = search_store(store, index, store.features(rows=q_rows), k=6, split="train", query_rows=q_rows, names=[str(store.root / store.paths[r]) for r in q_rows])  # fmt: skip
+    results = found.records(store)
+    page, grid = search_html(results, base / "search.html"), search_grid(results, base / "search.png")
     payload = {
         "data_dir": str(data_dir),
         "dataset": DEMO_DATASET,
@@ -60,6 +72,10 @@ def demo_cmd(
         "test_accuracy": m["test_accuracy"],
         "fit_seconds": head.info["fit"]["seconds"],
         "confusion_png": str(confusion),
+        "index": index.kind,
+        "search_html": str(page),
+        "search_png": str(grid),
+        "search": results,
     }
 
     def human() -> None:
@@ -67,6 +83,8 @@ def demo_cmd(
         click.echo(f"head      {head_dir} (linear, fit in {head.info['fit']['seconds']:.2f} s)")
         click.echo(f"accuracy  val {100 * m['val_accuracy']:.1f}%, test {100 * m['test_accuracy']:.1f}% ({m['n']['test']} test images)")  # fmt: skip
         click.echo(f"confusion {confusion}")
+        same = sum(store.classes[store.labels[q]] == r["neighbors"][0]["label"] for q, r in zip(q_rows, results, strict=True))  # fmt: skip
+        click.echo(f"search    {len(results)} test images, nearest train image of the same class for {same}: {page}")  # fmt: skip
         click.echo(f"next      embedtl predict {head_dir} IMAGE...")
 
     emit(as_json, payload, human)

@@ -28,7 +28,8 @@ import torch
 from ..backbones import BackboneSpec
 from ..cache import FeatureStore, library_versions
 from ..errors import DataError, HeadError
-from ..neighbors import CosineIndex, weighted_vote
+from ..neighbors import weighted_vote
+from ..search import VectorIndex
 from ..report import Evaluation
 from ._config import HeadConfig
 from ._data import Split, StoreFeatures
@@ -66,7 +67,7 @@ class Head:
         self.info = dict(info or {})
         #: Evaluations made while fitting (val, test); not saved, see :meth:`write_reports`.
         self.evaluations: dict[str, Evaluation] = {}
-        self._index: CosineIndex | None = None
+        self._index: VectorIndex | None = None
         self._bank_labels: np.ndarray | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # the faiss index is rebuilt on use, not pickled
@@ -115,7 +116,7 @@ class Head:
     def _knn_proba(self, x: np.ndarray) -> np.ndarray:
         vote: KNNVote = self.module.net  # type: ignore[assignment]
         if self._index is None:
-            self._index = CosineIndex(vote.bank.float().numpy())
+            self._index = VectorIndex.from_vectors(vote.bank.float().numpy())
             self._bank_labels = vote.onehot.argmax(1).numpy()
         if not len(x):
             return np.zeros((0, len(self.classes)), np.float32)

@@ -1,0 +1,182 @@
+"""`embedtl index`, `search`, `dedup`, `knn-eval`: nearest neighbours over cached features."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ._base import (
+    _apply,
+    backbone_options,
+    emit,
+    extract_kwargs,
+    json_option,
+    open_source,
+    progress_option,
+    split_options,
+    want_progress,
+)
+
+
+def index_options(f):
+    """Which index a command uses, and whether it may be brought up to date."""
+    from ..search import DEFAULT_TARGET_RECALL, INDEX_KINDS
+
+    return _apply(f, [
+        click.option("--index-type", "index_type", type=click.Choice(["auto", *INDEX_KINDS]), default="auto", show_default=True, help="auto: exact flat up to 50k rows, ivf above, ivfsq8 when raw vectors exceed the memory budget."),
+        click.option("--target-recall", type=click.FloatRange(0, 1), default=DEFAULT_TARGET_RECALL, show_default=True, help="recall@10 the search parameter (nprobe/efSearch) is tuned to reach when the index is built."),
+        click.option("--index", "index_file", type=click.Path(dir_okay=False), default=None, help="Index file [default: beside the store, <store>.h5.index]."),
+        click.option("--no-update", is_flag=True, help="Refuse a stale or incomplete index instead of rebuilding or extending it."),
+    ])  # fmt: skip
+
+
+def _open(source: str, kw: dict, progress: bool, metric: str = "cosine", rebuild: bool = False):
+    from ..search import open_store_index
+
+    opts = {k: kw.pop(k) for k in ("index_type", "target_recall", "index_file", "no_update")}
+    store = open_source(source, extract_kwargs(kw), progress)
+    ix = open_store_index(
+        store, kind=opts["index_type"], metric=metric, update=not opts["no_update"],
+        rebuild=rebuild, path=opts["index_file"], target_recall=opts["target_recall"], progress=progress,
+    )  # fmt: skip
+    return store, ix
+
+
+def _index_line(ix) -> str:
+    s = ix.summary()
+    r = s.get("recall_at_10")
+    par = ", ".join(f"{k}={v}" for k, v in s["params"].items())
+    return f"index     {s['index']} ({s['type']}, {s['rows']} rows{', ' + par if par else ''}{f', recall@10 {r:.3f}' if r is not None else ''}): {ix.info.get('action')}"  # fmt: skip
+
+
+@click.command("index")
+@click.argument("source", metavar="DATA_DIR|STORE", type=click.Path(exists=True))
+@click.option("--metric", type=click.Choice(["cosine", "l2"]), default="cosine", show_default=True)
+@click.option("--rebuild", is_flag=True, help="Build from scratch even if the index is up to date.")
+@index_options
+@backbone_options
+@split_options
+@progress_option
+@json_option
+def index_cmd(source: str, metric: str, rebuild: bool, as_json: bool, progress: bool | None, **kw) -> None:  # fmt: skip
+    """Build (or bring up to date) the nearest-neighbour index of DATA_DIR's store or a STORE.
+
+    The index records the store's fingerprint and rows: rows added since are appended; removed or
+    changed rows, or another backbone, make it stale and it is rebuilt. The type is chosen from
+    the store's size (or --index-type) and its search parameter tuned to --target-recall.
+    """
+    store, ix = _open(source, kw, want_progress(progress), metric, rebuild)
+    payload = {"store": str(store.path), **ix.summary(), "action": ix.info.get("action"), "action_reason": ix.info.get("action_reason"), "tune": ix.info.get("tune")}  # fmt: skip
+    emit(as_json, payload, lambda: click.echo(_index_line(ix) + (f"\nwhy       {ix.info['reason']}" if ix.info.get("action") == "built" else "")))  # fmt: skip
+
+
+@click.command("search")
+@click.argument("source", metavar="DATA_DIR|STORE", type=click.Path(exists=True))
+@click.option("--query", "-q", "queries", multiple=True, required=True, type=click.Path(exists=True), help="Query image or folder of images; repeat for more. Images of the store reuse their cached features.")  # fmt: skip
+@click.option("-k", "--k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Neighbours per query.")  # fmt: skip
+@click.option("--split", "splits", multiple=True, type=click.Choice(["train", "val", "test"]), help="Only neighbours from this split (repeatable).")  # fmt: skip
+@click.option("--exclude-self", is_flag=True, help="Never return the query image itself.")
+@click.option("--html", "html_out", type=click.Path(dir_okay=False), default=None, help="Write a page with each query and its neighbours as thumbnails.")  # fmt: skip
+@click.option("--grid", "grid_out", type=click.Path(dir_okay=False), default=None, help="Write the same as one PNG grid [default with --html: beside it].")  # fmt: skip
+@index_options
+@backbone_options
+@split_options
+@progress_option
+@json_option
+def search_cmd(source: str, queries: tuple[str, ...], k: int, splits: tuple[str, ...], exclude_self: bool, html_out: str | None, grid_out: str | None, as_json: bool, progress: bool | None, **kw) -> None:  # fmt: skip
+    """Find the images of DATA_DIR (or STORE) most like each --query image (cosine similarity of
+    the cached embeddings); new query images run through the store's backbone."""
+    from ..gallery import search_grid, search_html
+    from ..search import query_vectors, search_store
+
+    runtime = {"device": kw["device"], "runtime": kw["runtime"], "cache_dir": kw["cache_dir"]}
+    store, ix = _open(source, kw, want_progress(progress))
+    q = query_vectors(store, queries, progress=want_progress(progress), **runtime)
+    if not len(q.names):
+        raise click.ClickException("no query image could be read: " + "; ".join(f"{p}: {e}" for p, e in q.failed))  # fmt: skip
+    nb = search_store(store, ix, q.features, k, split=list(splits) or None, query_rows=q.rows, exclude_self=exclude_self, names=q.names)  # fmt: skip
+    results = nb.records(store)
+    if html_out and not grid_out:
+        grid_out = str(Path(html_out).with_suffix(".png"))
+    files = {}
+    if html_out:
+        files["html"] = str(search_html(results, html_out))
+    if grid_out:
+        files["grid"] = str(search_grid(results, grid_out))
+    payload = {"store": str(store.path), "index": ix.kind, "metric": ix.metric, "k": k, "results": results, "failed": [{"path": p, "error": e} for p, e in q.failed], **files}  # fmt: skip
+
+    def human() -> None:
+        for r in results:
+            click.echo(f"{r['query']}" + (" (in the store)" if r["query_row"] is not None else ""))
+            for n in r["neighbors"]:
+                click.echo(f"  {n['rank']:>3}  {n['score']:.4f}  {str(n['label'] or '-'):<14} {n['split']:<5}  {n['path']}")  # fmt: skip
+        for p, e in q.failed:
+            click.echo(f"failed    {p}: {e}", err=True)
+        for name, path in files.items():
+            click.echo(f"{name:<9} {path}")
+
+    emit(as_json, payload, human)
+    if q.failed:
+        click.get_current_context().exit(1)
+
+
+@click.command("dedup")
+@click.argument("source", metavar="DATA_DIR|STORE", type=click.Path(exists=True))
+@click.option("--threshold", type=click.FloatRange(-1, 1), default=None, help="Cosine similarity at or above which two images are duplicates [0.88].")  # fmt: skip
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Report folder (duplicates.json, duplicates.html) [default: dedup-<folder>].")  # fmt: skip
+@index_options
+@backbone_options
+@split_options
+@progress_option
+@json_option
+def dedup_cmd(source: str, threshold: float | None, out: str | None, as_json: bool, progress: bool | None, **kw) -> None:  # fmt: skip
+    """Find groups of near-duplicate images in DATA_DIR (or STORE): resized copies, re-encoded
+    JPEGs, the same photo twice. Flags groups that span splits (test leakage) or whose labels
+    differ, and names the largest file of each group as the one to keep."""
+    from ..dedup import DEFAULT_THRESHOLD, find_duplicates, write_dedup_report
+
+    store, ix = _open(source, kw, want_progress(progress))
+    rep = find_duplicates(store, DEFAULT_THRESHOLD if threshold is None else threshold, index=ix, progress=want_progress(progress))  # fmt: skip
+    files = write_dedup_report(rep, out or f"dedup-{store.root.name}")
+    payload = {**rep, "report": files}
+
+    def human() -> None:
+        click.echo(f"{rep['n_groups']} groups of near-duplicates ({rep['n_redundant']} redundant images of {rep['n_images']}, similarity >= {rep['threshold']})")  # fmt: skip
+        if rep["cross_split_groups"] or rep["label_conflicts"]:
+            click.echo(f"warning   {rep['cross_split_groups']} groups span splits (test leakage), {rep['label_conflicts']} have conflicting labels")  # fmt: skip
+        for g in rep["groups"][:10]:
+            click.echo(f"  {len(g['members'])} images, min similarity {g['min_similarity']:.3f}: keep {g['keep']}")  # fmt: skip
+        if rep["n_groups"] > 10:
+            click.echo(f"  ... {rep['n_groups'] - 10} more")
+        click.echo(f"report    {files['html']}")
+
+    emit(as_json, payload, human)
+
+
+@click.command("knn-eval")
+@click.argument("source", metavar="DATA_DIR|STORE", type=click.Path(exists=True))
+@click.option("-k", "--k", "ks", default="10,20,50", show_default=True, help="Comma-separated k values.")  # fmt: skip
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=0.07, show_default=True)  # fmt: skip
+@backbone_options
+@split_options
+@progress_option
+@json_option
+def knn_eval_cmd(source: str, ks: str, temperature: float, as_json: bool, progress: bool | None, **kw) -> None:  # fmt: skip
+    """How well the embeddings separate the classes, with no training: weighted kNN over the train
+    rows (cosine, votes exp(s/T)), accuracy on val and test for each k."""
+    from ..neighbors import knn_evaluate
+
+    try:
+        k_values = [int(v) for v in ks.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected k values such as 10,20,50, got {ks!r}") from None
+    store = open_source(source, extract_kwargs(kw), want_progress(progress))
+    rep = knn_evaluate(store, k_values, temperature)
+
+    def human() -> None:
+        click.echo(f"kNN on {store.path.name} ({rep['backbone']}): {rep['bank']} train rows, T={temperature}")  # fmt: skip
+        for r in rep["results"]:
+            click.echo(f"  {r['split']:<5} k={r['k']:<3} accuracy {100 * r['accuracy']:.2f}%  top-5 {100 * r['top5_accuracy']:.2f}%  (n={r['n']})")  # fmt: skip
+
+    emit(as_json, rep, human)

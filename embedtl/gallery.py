@@ -1,0 +1,129 @@
+"""Pictures of results: search results and duplicate groups as a self-contained HTML page (inline
+JPEG thumbnails, so the page can be mailed or archived) and as a PNG grid."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["thumbnail", "search_html", "search_grid", "dedup_html"]
+
+THUMB = 160
+
+
+def thumbnail(path: str | os.PathLike[str], size: int = THUMB):
+    """An RGB thumbnail (longest side ``size``) decoded as extraction decodes (EXIF, alpha on
+    white); a grey tile with an X for a file that is gone or unreadable."""
+    from PIL import Image, ImageDraw
+
+    from .data import load_image
+
+    try:
+        im = load_image(path, draft_size=size)
+        im.thumbnail((size, size), Image.BILINEAR)
+        return im
+    except Exception:  # a missing or broken file must not break the page
+        im = Image.new("RGB", (size, size), (200, 200, 200))
+        d = ImageDraw.Draw(im)
+        d.line((0, 0, size, size), fill=(120, 120, 120), width=2)
+        d.line((0, size, size, 0), fill=(120, 120, 120), width=2)
+        return im
+
+
+def _data_uri(path: str, size: int) -> str:
+    buf = io.BytesIO()
+    thumbnail(path, size).save(buf, "JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
+h1{font-size:1.3em} h2{font-size:1em;margin:1.2em 0 .4em}
+.row{display:flex;flex-wrap:wrap;gap:8px;align-items:flex-start}
+figure{margin:0;width:%dpx;font-size:11px;word-break:break-all}
+figure img{display:block;max-width:%dpx;max-height:%dpx;border:1px solid #ccc}
+figure.q img{border:3px solid #2a6}
+figure.keep img{border:3px solid #26a}
+.meta{color:#666}
+"""
+
+
+def _page(title: str, body: list[str], size: int) -> str:
+    css = _CSS % (size, size, size)
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{css}</style></head><body><h1>{html.escape(title)}</h1>{''.join(body)}</body></html>"  # fmt: skip
+
+
+def _figure(path: str, caption: str, cls: str = "", size: int = THUMB) -> str:
+    return (
+        f"<figure class='{cls}'><a href='{html.escape(Path(path).as_uri() if Path(path).is_absolute() else path)}'>"
+        f"<img src='{_data_uri(path, size)}' alt='{html.escape(Path(path).name)}'></a>"
+        f"<figcaption>{caption}</figcaption></figure>"
+    )
+
+
+def _write(out: str | os.PathLike[str], text: str) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    return out
+
+
+def search_html(results: Sequence[dict[str, Any]], out: str | os.PathLike[str], title: str = "embedtl search", size: int = THUMB) -> Path:  # fmt: skip
+    """One row per query: the query, then its neighbours with rank, score, label and split."""
+    body = []
+    for r in results:
+        q = r["query"]
+        figs = [_figure(q, f"<b>query</b><br>{html.escape(Path(q).name)}", "q", size)]
+        for nb in r["neighbors"]:
+            cap = f"#{nb['rank']} <b>{nb['score']:.3f}</b><br>{html.escape(str(nb['label'] or '-'))} <span class='meta'>{nb['split']}</span><br>{html.escape(Path(nb['path']).name)}"  # fmt: skip
+            figs.append(_figure(nb["path"], cap, "", size))
+        body.append(f"<h2>{html.escape(q)}</h2><div class='row'>{''.join(figs)}</div>")
+    return _write(out, _page(title, body, size))
+
+
+def search_grid(results: Sequence[dict[str, Any]], out: str | os.PathLike[str], size: int = 128) -> Path:  # fmt: skip
+    """A PNG: one row per query (query framed green, then its neighbours), score under each."""
+    from PIL import Image, ImageDraw
+
+    cols = 1 + max((len(r["neighbors"]) for r in results), default=0)
+    cap = 16
+    grid = Image.new("RGB", (cols * (size + 4), max(1, len(results)) * (size + cap + 4)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, r in enumerate(results):
+        y = i * (size + cap + 4)
+        cells = [(r["query"], "query")] + [(nb["path"], f"{nb['score']:.3f} {nb['label'] or ''}") for nb in r["neighbors"]]  # fmt: skip
+        for j, (path, text) in enumerate(cells):
+            x = j * (size + 4)
+            th = thumbnail(path, size)
+            grid.paste(th, (x + (size - th.width) // 2, y + (size - th.height) // 2))
+            if j == 0:
+                draw.rectangle((x, y, x + size - 1, y + size - 1), outline=(34, 170, 102), width=3)
+            draw.text((x + 2, y + size + 2), text[:22], fill=(0, 0, 0))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out)
+    return out
+
+
+def dedup_html(report: dict[str, Any], out: str | os.PathLike[str], limit: int = 500, size: int = THUMB) -> Path:  # fmt: skip
+    """The duplicate groups, largest first: the suggested keeper framed blue, the others with
+    their similarity to it; groups across splits or with conflicting labels flagged."""
+    groups = report["groups"]
+    body = [f"<p>{report['n_groups']} groups, {report['n_redundant']} redundant images of {report['n_images']} (cosine similarity &ge; {report['threshold']}); {report['cross_split_groups']} groups span splits (train/test leakage), {report['label_conflicts']} have conflicting labels.</p>"]  # fmt: skip
+    for gi, g in enumerate(groups[:limit]):
+        flags = [f for f, on in (("spans splits", g["cross_split"]), ("labels differ", g["label_conflict"])) if on]  # fmt: skip
+        figs = []
+        for m in g["members"]:
+            keep = m["path"] == g["keep"]
+            head = "<b>keep</b>" if keep else f"<b>{m['similarity']:.3f}</b>"
+            cap = f"{head}<br>{html.escape(str(m['label'] or '-'))} <span class='meta'>{m['split']}</span><br>{html.escape(Path(m['path']).name)}"  # fmt: skip
+            figs.append(_figure(m["path"], cap, "keep" if keep else "", size))
+        body.append(f"<h2>group {gi + 1}: {len(g['members'])} images, min similarity {g['min_similarity']:.3f}{' — ' + ', '.join(flags) if flags else ''}</h2><div class='row'>{''.join(figs)}</div>")  # fmt: skip
+    if len(groups) > limit:
+        body.append(f"<p>{len(groups) - limit} more groups in the JSON report.</p>")
+    return _write(out, _page("embedtl dedup", body, size))
