@@ -2,8 +2,8 @@
 
 Memory stays bounded: the store is read a chunk of rows at a time and each chunk is searched in
 the store's index (exact ``flat`` up to 50k rows); only the pairs above the threshold are kept.
-Groups are the connected components of those pairs. Each group names a keeper (the largest file)
-and flags groups that span splits (the same image in train and test inflates test accuracy) or
+Groups are formed around keepers, largest file first (every member is above the threshold with
+its keeper; no chaining). Each group flags groups that span splits (the same image in train and test inflates test accuracy) or
 carry different labels.
 """
 
@@ -37,8 +37,6 @@ def find_duplicates(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Groups of near-duplicate rows of ``store`` (cosine similarity >= ``threshold``)."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
     from tqdm.auto import tqdm
 
     if not -1.0 <= threshold <= 1.0:
@@ -70,10 +68,8 @@ def find_duplicates(
     bar.close()
     src_a = np.concatenate(src) if src else np.zeros(0, np.int64)
     dst_a = np.concatenate(dst) if dst else np.zeros(0, np.int64)
-    graph = coo_matrix((np.ones(len(src_a)), (src_a, dst_a)), shape=(n, n))
-    n_comp, comp = connected_components(graph, directed=False)
-    sizes = np.bincount(comp, minlength=n_comp)
-    members = [np.flatnonzero(comp == c) for c in np.flatnonzero(sizes > 1)]
+    sim_a = np.concatenate(sim) if sim else np.zeros(0, np.float32)
+    members = _leader_groups(store, src_a, dst_a, sim_a)
     groups = _describe(store, members)
     groups.sort(key=lambda g: (-len(g["members"]), g["keep"]))
     return {
@@ -90,18 +86,44 @@ def find_duplicates(
     }
 
 
-def _describe(store, members: list[np.ndarray]) -> list[dict[str, Any]]:
-    """Each group's members with their similarity to the keeper (the largest file)."""
+def _leader_groups(store, src: np.ndarray, dst: np.ndarray, sim: np.ndarray) -> list[tuple[int, np.ndarray]]:  # fmt: skip
+    """(keeper, rows) groups from the pairs above the threshold, by greedy leader clustering:
+    the largest file not yet grouped leads, and takes every ungrouped image paired with it.
+    Every member is within the threshold of its keeper; chains (a~b, b~c, c~d) do not merge
+    dissimilar images into one group, as connected components would on homogeneous data."""
+    from scipy.sparse import csr_matrix
+
+    n = len(store)
+    adj = csr_matrix((np.ones(len(src), np.int8), (src, dst)), shape=(n, n))
+    adj = (adj + adj.T).tocsr()
+    order = np.lexsort((np.arange(n), -store.sizes))  # largest file first, then row
+    paired = np.diff(adj.indptr) > 0
+    grouped = np.zeros(n, dtype=bool)
+    out = []
+    for r in order[paired[order]]:
+        if grouped[r]:
+            continue
+        nb = adj.indices[adj.indptr[r] : adj.indptr[r + 1]]
+        nb = nb[~grouped[nb] & (nb != r)]
+        if len(nb):
+            rows = np.sort(np.concatenate([[r], nb]))
+            grouped[rows] = True
+            out.append((int(r), rows))
+    return out
+
+
+def _describe(store, members: list[tuple[int, np.ndarray]]) -> list[dict[str, Any]]:
+    """Each group's members with their similarity to the keeper."""
     if not members:
         return []
-    all_rows = np.unique(np.concatenate(members))
+    all_rows = np.unique(np.concatenate([rows for _, rows in members]))
     feats = l2_normalize(store.features(rows=all_rows))
     pos = {int(r): i for i, r in enumerate(all_rows)}
     root, classes = store.root, store.classes
     out = []
-    for rows in members:
+    for leader, rows in members:
         v = feats[[pos[int(r)] for r in rows]]
-        keep = int(np.lexsort((rows, -store.sizes[rows]))[0])  # largest file, then first path
+        keep = int(np.flatnonzero(rows == leader)[0])
         s = v @ v[keep]
         pair = v @ v.T
         labels = store.labels[rows]

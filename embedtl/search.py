@@ -105,14 +105,20 @@ def plan_index(n: int, dim: int, kind: str = "auto", memory_budget: int | None =
         if n <= EXACT_MAX_ROWS:
             kind, why = "flat", f"{n} vectors (<= {EXACT_MAX_ROWS}): exact search is fast enough"
         elif raw <= budget:
-            kind, why = "ivf", (
-                f"{n} vectors: inverted lists search a tuned fraction of the data; raw vectors "
-                f"({raw / 2**30:.1f} GiB) fit the memory budget ({budget / 2**30:.1f} GiB)"
+            kind, why = (
+                "ivf",
+                (
+                    f"{n} vectors: inverted lists search a tuned fraction of the data; raw vectors "
+                    f"({raw / 2**30:.1f} GiB) fit the memory budget ({budget / 2**30:.1f} GiB)"
+                ),
             )
         else:
-            kind, why = "ivfsq8", (
-                f"{n} vectors: raw vectors ({raw / 2**30:.1f} GiB) exceed the memory budget "
-                f"({budget / 2**30:.1f} GiB); 8-bit scalar quantisation stores them in a quarter"
+            kind, why = (
+                "ivfsq8",
+                (
+                    f"{n} vectors: raw vectors ({raw / 2**30:.1f} GiB) exceed the memory budget "
+                    f"({budget / 2**30:.1f} GiB); 8-bit scalar quantisation stores them in a quarter"
+                ),
             )
     else:
         why = "named"
@@ -197,7 +203,9 @@ class VectorIndex:
         params = {"nlist": plan.nlist, "nprobe": 1} if plan.nlist else {}
         if plan.kind == "hnsw":
             params = {"M": _HNSW_M, "efSearch": 16}
-        return cls(index, plan.kind, metric, params, {"factory": plan.factory, "reason": plan.reason})
+        return cls(
+            index, plan.kind, metric, params, {"factory": plan.factory, "reason": plan.reason}
+        )
 
     @classmethod
     def from_vectors(cls, vectors: np.ndarray, kind: str = "flat", metric: str = "cosine") -> VectorIndex:  # fmt: skip
@@ -482,6 +490,10 @@ def _store_meta(store, target_recall: float) -> dict[str, Any]:
     }
 
 
+def _row_of_path(store) -> dict[str, int]:
+    return {p: i for i, p in enumerate(store.paths.tolist())}
+
+
 @dataclass
 class _Diff:
     stale: str | None  # why the index no longer describes the store, or None
@@ -496,7 +508,7 @@ def _diff(ix: VectorIndex, meta: dict[str, Any], store) -> _Diff:
     if meta.get("store_dtype") != store.dtype or meta.get("dim") != store.dim:
         return _Diff("the store's features were rewritten with another dtype or size", empty, empty)  # fmt: skip
     rows = ix.rows or IndexRows.empty()
-    where = {p: i for i, p in enumerate(store.paths.tolist())}
+    where = _row_of_path(store)
     store_rows = np.fromiter((where.get(p, -1) for p in rows.paths.tolist()), np.int64, len(rows.paths))  # fmt: skip
     missing = store_rows < 0
     if missing.any():
@@ -642,7 +654,7 @@ def store_rows_of_files(store, files: Sequence[str | os.PathLike[str]]) -> np.nd
     """The store row of each file when it is an image of the store, unchanged since extraction
     (same path under the store's root, size and mtime); -1 otherwise."""
     root = store.root.resolve()
-    where = {p: i for i, p in enumerate(store.paths.tolist())}
+    where = _row_of_path(store)
     out = np.full(len(files), -1, np.int64)
     for i, f in enumerate(files):
         p = Path(f).resolve()
@@ -656,7 +668,6 @@ def store_rows_of_files(store, files: Sequence[str | os.PathLike[str]]) -> np.nd
             if st.st_size == store.sizes[r] and st.st_mtime_ns == store.mtimes_ns[r]:
                 out[i] = r
     return out
-
 
 
 @dataclass

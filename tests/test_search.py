@@ -192,7 +192,9 @@ def test_new_rows_are_added_incrementally(tmp_path, kind):
     new_rows = np.flatnonzero(np.char.endswith(store.paths.astype(str), "b.png"))[:20]
     nb = search_store(store, ix, store.features(rows=new_rows), k=1, query_rows=new_rows)
     np.testing.assert_array_equal(nb.rows[:, 0], new_rows)
-    assert open_store_index(FeatureStore(path), kind=kind, update=False).info["action"] == "up to date"
+    assert (
+        open_store_index(FeatureStore(path), kind=kind, update=False).info["action"] == "up to date"
+    )
 
 
 # -- kNN evaluation -------------------------------------------------------------------------------
@@ -216,7 +218,9 @@ def test_knn_evaluate_matches_a_brute_force_weighted_vote(tmp_path):
 
 # -- dedup ----------------------------------------------------------------------------------------
 def test_dedup_groups_exact_copies_across_splits_and_nothing_else(tmp_path):
-    x = np.random.default_rng(0).standard_normal((400, 32)).astype(np.float32)  # distinct directions
+    x = (
+        np.random.default_rng(0).standard_normal((400, 32)).astype(np.float32)
+    )  # distinct directions
     x[10] = x[3]  # an exact copy
     x[11] = x[3] * 1.01  # the same direction
     splits = np.where(np.arange(400) == 11, "test", "train")
@@ -239,7 +243,7 @@ def test_dedup_finds_planted_duplicates_of_real_photos(tmp_path):
     one group; distinct photos are in none."""
     from embedtl.datasets import foolbox_imagenet_files
 
-    photos = foolbox_imagenet_files()[:10]
+    photos = [f for f, _ in foolbox_imagenet_files()[:10]]
     root = tmp_path / "photos"  # a flat, unlabelled folder
     root.mkdir()
     for p in photos:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 import click
+import numpy as np
 
 from ..cache import default_cache_dir
 from ..datasets import export_dataset
@@ -61,7 +60,10 @@ def demo_cmd(
     index = open_store_index(store)
     found = search_store(store, index, store.features(rows=q_rows), k=6, split="train", query_rows=q_rows, names=[str(store.root / store.paths[r]) for r in q_rows])  # fmt: skip
     results = found.records(store)
-    page, grid = search_html(results, base / "search.html"), search_grid(results, base / "search.png")
+    page, grid = (
+        search_html(results, base / "search.html"),
+        search_grid(results, base / "search.png"),
+    )
     payload = {
         "data_dir": str(data_dir),
         "dataset": DEMO_DATASET,

@@ -29,8 +29,8 @@ from ..backbones import BackboneSpec
 from ..cache import FeatureStore, library_versions
 from ..errors import DataError, HeadError
 from ..neighbors import weighted_vote
-from ..search import VectorIndex
 from ..report import Evaluation
+from ..search import VectorIndex
 from ._config import HeadConfig
 from ._data import Split, StoreFeatures
 from ._modules import HeadModule, KNNVote, build_module
