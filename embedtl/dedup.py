@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .errors import StoreError
-from .search import VectorIndex, l2_normalize, open_store_index
+from .search import VectorIndex, l2_normalize, open_store_index, row_record
 
 __all__ = ["DEFAULT_THRESHOLD", "find_duplicates", "write_dedup_report"]
 
@@ -119,30 +119,25 @@ def _describe(store, members: list[tuple[int, np.ndarray]]) -> list[dict[str, An
     all_rows = np.unique(np.concatenate([rows for _, rows in members]))
     feats = l2_normalize(store.features(rows=all_rows))
     pos = {int(r): i for i, r in enumerate(all_rows)}
-    root, classes = store.root, store.classes
     out = []
     for leader, rows in members:
         v = feats[[pos[int(r)] for r in rows]]
         keep = int(np.flatnonzero(rows == leader)[0])
         s = v @ v[keep]
-        pair = v @ v.T
         labels = store.labels[rows]
         out.append(
             {
-                "keep": str(root / store.paths[rows[keep]]),
-                "min_similarity": round(float(pair.min()), 6),
+                "keep": str(store.root / store.paths[leader]),
+                "min_similarity": round(float((v @ v.T).min()), 6),
                 "cross_split": len({str(store.splits[r]) for r in rows}) > 1,
                 "label_conflict": len({int(lab) for lab in labels if lab >= 0}) > 1,
                 "members": [
                     {
-                        "path": str(root / store.paths[r]),
-                        "row": int(r),
-                        "label": classes[lab] if lab >= 0 else None,
-                        "split": str(store.splits[r]),
+                        **row_record(store, r),
                         "bytes": int(store.sizes[r]),
                         "similarity": round(float(si), 6),
-                    }
-                    for r, lab, si in zip(rows, labels, s, strict=True)
+                    }  # fmt: skip
+                    for r, si in zip(rows, s, strict=True)
                 ],
             }
         )

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._io import atomic_file
 from .errors import EmbedTLError
 
 __all__ = [
@@ -87,27 +88,22 @@ def _checked_write(
     import torch
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     name = type(module).__name__
     try:
-        with warnings.catch_warnings(), torch.inference_mode():
-            warnings.simplefilter("ignore")
-            write(tmp)
-            report = parity(tmp)
-        if not report.ok(min_cosine):
-            raise ExportError(
-                f"{fmt} export of {name} does not match PyTorch "
-                f"(min cosine {report.min_cosine:.6f} < {min_cosine}); {hint}"
-            )
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            with warnings.catch_warnings(), torch.inference_mode():
+                warnings.simplefilter("ignore")
+                write(tmp)
+                report = parity(tmp)
+            if not report.ok(min_cosine):
+                raise ExportError(
+                    f"{fmt} export of {name} does not match PyTorch "
+                    f"(min cosine {report.min_cosine:.6f} < {min_cosine}); {hint}"
+                )
     except ExportError:
         raise
     except Exception as e:
         raise ExportError(f"cannot export {name} to {fmt}: {e}; {hint}") from e
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     full = {"parity": asdict(report), **sidecar}
     path.with_suffix(".json").write_text(json.dumps(full, indent=2, sort_keys=True))
     return report

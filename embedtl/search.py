@@ -21,12 +21,13 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ._io import atomic_file
 from .errors import EmbedTLError, StoreError
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "open_store_index",
     "plan_index",
     "recall_at_k",
+    "row_record",
     "search_store",
     "store_rows_of_files",
 ]
@@ -315,7 +317,6 @@ class VectorIndex:
         from .cache import library_versions
 
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         rows = self.rows or IndexRows.empty()
         attrs = {
             "format": INDEX_FORMAT,
@@ -327,17 +328,12 @@ class VectorIndex:
             "versions": {**library_versions(), "faiss": faiss.__version__},
             **meta,
         }
-        try:
-            with h5py.File(tmp, "w") as f:
-                f.create_dataset("faiss", data=faiss.serialize_index(self.index))
-                f.create_dataset("paths", data=rows.paths.astype(object), dtype=h5py.string_dtype("utf-8"))  # fmt: skip
-                f.create_dataset("sizes", data=rows.sizes.astype(np.int64))
-                f.create_dataset("mtimes_ns", data=rows.mtimes_ns.astype(np.int64))
-                f.attrs["meta"] = json.dumps(attrs, default=str)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        with atomic_file(path) as tmp, h5py.File(tmp, "w") as f:
+            f.create_dataset("faiss", data=faiss.serialize_index(self.index))
+            f.create_dataset("paths", data=rows.paths.astype(object), dtype=h5py.string_dtype("utf-8"))  # fmt: skip
+            f.create_dataset("sizes", data=rows.sizes.astype(np.int64))
+            f.create_dataset("mtimes_ns", data=rows.mtimes_ns.astype(np.int64))
+            f.attrs["meta"] = json.dumps(attrs, default=str)
         self.path = path
         return path
 
@@ -584,6 +580,17 @@ def open_store_index(
 
 
 # -- searching a store ----------------------------------------------------------------------------
+def row_record(store, row: int) -> dict[str, Any]:
+    """A store row as results show it: absolute path, class name (None if unlabelled), split."""
+    lab = int(store.labels[row])
+    return {
+        "path": str(store.root / store.paths[row]),
+        "label": store.classes[lab] if lab >= 0 else None,
+        "split": str(store.splits[row]),
+        "row": int(row),
+    }
+
+
 @dataclass
 class Neighbors:
     """The k nearest store rows of each query."""
@@ -593,19 +600,16 @@ class Neighbors:
     rows: np.ndarray  # (Q, k) store rows, -1 where fewer than k exist
     scores: np.ndarray  # (Q, k)
     metric: str = "cosine"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def records(self, store) -> list[dict[str, Any]]:
         """``[{query, neighbors: [{rank, path, label, score, split, row}]}]``."""
-        root, classes = store.root, store.classes
         out = []
         for q, qrow, rows, scores in zip(self.queries, self.query_rows, self.rows, self.scores, strict=True):  # fmt: skip
             nb = []
             for rank, (r, s) in enumerate(zip(rows, scores, strict=True), start=1):
                 if r < 0:
                     break
-                lab = int(store.labels[r])
-                nb.append({"rank": rank, "path": str(root / store.paths[r]), "label": classes[lab] if lab >= 0 else None, "score": round(float(s), 6), "split": str(store.splits[r]), "row": int(r)})  # fmt: skip
+                nb.append({"rank": rank, **row_record(store, r), "score": round(float(s), 6)})
             out.append({"query": q, "query_row": int(qrow) if qrow >= 0 else None, "neighbors": nb})
         return out
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from .._io import atomic_file
 from ..backbones import FORMAT_VERSION, BackboneSpec
 from ..errors import StoreError
 
@@ -375,57 +376,47 @@ def write_store(
     """
     import h5py
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     n = len(rows.paths)
     if not (len(rows.labels) == len(rows.splits) == len(rows.sizes) == len(rows.mtimes_ns) == n):
         raise StoreError("internal error: row arrays of different lengths")
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset(
-                "features",
-                shape=(n, dim),
-                dtype=np.dtype(dtype),
-                chunks=(max(1, min(n, max(1, (1 << 20) // (dim * np.dtype(dtype).itemsize)))), dim)
-                if n
-                else None,
-                maxshape=(None, dim),
-            )
-            if n:
-                fill_features(f["features"])
-            sd = _str_dtype()
-            f.create_dataset("paths", data=np.asarray(rows.paths, dtype=object), dtype=sd)
-            f.create_dataset("labels", data=np.asarray(rows.labels, dtype=np.int32))
-            f.create_dataset("splits", data=np.asarray(rows.splits, dtype=object), dtype=sd)
-            f.create_dataset("sizes", data=np.asarray(rows.sizes, dtype=np.int64))
-            f.create_dataset("mtimes_ns", data=np.asarray(rows.mtimes_ns, dtype=np.int64))
-            g = f.create_group("failed")
-            g.create_dataset("paths", data=np.asarray(rows.failed_paths, dtype=object), dtype=sd)
-            g.create_dataset("errors", data=np.asarray(rows.failed_errors, dtype=object), dtype=sd)
-            g.create_dataset("sizes", data=np.asarray(rows.failed_sizes, dtype=np.int64))
-            g.create_dataset("mtimes_ns", data=np.asarray(rows.failed_mtimes_ns, dtype=np.int64))
-            now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            full = {
-                "format": FORMAT_NAME,
-                "format_version": FORMAT_VERSION,
-                "dim": dim,
-                "dtype": dtype,
-            }
-            full.update(attrs)
-            full.setdefault("created", now)
-            full["updated"] = now
-            for k, v in full.items():
-                if k in _JSON_ATTRS:
-                    v = json.dumps(v, sort_keys=True)
-                if k == "classes":
-                    f.attrs.create(k, np.asarray(list(v), dtype=object), dtype=sd)
-                elif v is not None:
-                    f.attrs[k] = v
-            f.flush()
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_file(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset(
+            "features",
+            shape=(n, dim),
+            dtype=np.dtype(dtype),
+            chunks=(max(1, min(n, max(1, (1 << 20) // (dim * np.dtype(dtype).itemsize)))), dim)
+            if n
+            else None,
+            maxshape=(None, dim),
+        )
+        if n:
+            fill_features(f["features"])
+        sd = _str_dtype()
+        f.create_dataset("paths", data=np.asarray(rows.paths, dtype=object), dtype=sd)
+        f.create_dataset("labels", data=np.asarray(rows.labels, dtype=np.int32))
+        f.create_dataset("splits", data=np.asarray(rows.splits, dtype=object), dtype=sd)
+        f.create_dataset("sizes", data=np.asarray(rows.sizes, dtype=np.int64))
+        f.create_dataset("mtimes_ns", data=np.asarray(rows.mtimes_ns, dtype=np.int64))
+        g = f.create_group("failed")
+        g.create_dataset("paths", data=np.asarray(rows.failed_paths, dtype=object), dtype=sd)
+        g.create_dataset("errors", data=np.asarray(rows.failed_errors, dtype=object), dtype=sd)
+        g.create_dataset("sizes", data=np.asarray(rows.failed_sizes, dtype=np.int64))
+        g.create_dataset("mtimes_ns", data=np.asarray(rows.failed_mtimes_ns, dtype=np.int64))
+        now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        full = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "dim": dim,
+            "dtype": dtype,
+        }
+        full.update(attrs)
+        full.setdefault("created", now)
+        full["updated"] = now
+        for k, v in full.items():
+            if k in _JSON_ATTRS:
+                v = json.dumps(v, sort_keys=True)
+            if k == "classes":
+                f.attrs.create(k, np.asarray(list(v), dtype=object), dtype=sd)
+            elif v is not None:
+                f.attrs[k] = v
+        f.flush()
