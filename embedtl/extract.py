@@ -359,6 +359,7 @@ def extract(
 
         t_w = time.perf_counter()
         if run_device is not None:
+            n_new = len(plan.from_journal) - n_resumed
             attrs.update(
                 runtime=run_runtime,
                 device=run_device,
@@ -366,9 +367,18 @@ def extract(
                 if run_device.startswith("cuda") and run_runtime == "torch"
                 else "none",
                 decoder=DECODER,
+                # the last run that computed features: how fast this backbone ran here
+                extraction={
+                    "images": n_new,
+                    "seconds": round(t_compute, 3),
+                    "images_per_second": round(n_new / t_compute, 2) if t_compute > 0 else None,
+                    "runtime": run_runtime,
+                    "device": run_device,
+                    "batch_size": used_batch,
+                },  # fmt: skip
             )
         elif old is not None:  # rows and labels rewritten, features as the last run made them
-            attrs.update({k: old.metadata.get(k) for k in ("runtime", "device", "amp", "decoder")})
+            attrs.update({k: old.metadata.get(k) for k in ("runtime", "device", "amp", "decoder", "extraction")})  # fmt: skip
         rows = _fold(manifest, plan, old, journal_rows, path, dim, dtype, attrs)
         journal.clear()
         stages["write"] += time.perf_counter() - t_w

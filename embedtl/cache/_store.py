@@ -295,7 +295,7 @@ def _convert(x: np.ndarray, dtype: Any) -> np.ndarray:
     return x.astype(dtype, copy=False)
 
 
-_JSON_ATTRS = ("backbone", "versions", "split_config", "stages")
+_JSON_ATTRS = ("backbone", "versions", "split_config", "stages", "extraction")
 
 
 def _read_attrs(f, path: Path) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import click
 from .._version import __version__
 from ._base import EmbedTLGroup, setup_logging
 from .backbones import backbones_cmd
+from .bench import bench_heads_cmd
 from .cache import cache_group
 from .datasets import datasets_group
 from .demo import demo_cmd
@@ -25,6 +26,7 @@ def main(verbose: int) -> None:
     Typical use:
       embedtl extract DATA_DIR        features of every image, cached in HDF5
       embedtl fit-head DATA_DIR       a head on the cached features, in seconds
+      embedtl bench-heads DATA_DIR    a grid of head variants (and backbones), ranked on val
       embedtl predict HEAD IMAGE...   backbone + head on new images
       embedtl search DATA_DIR -q IMG  the most similar images (dedup: near-duplicates)
       embedtl cache info DATA_DIR     what is cached
@@ -36,6 +38,7 @@ def main(verbose: int) -> None:
 for _cmd in (
     extract_cmd,
     fit_head_cmd,
+    bench_heads_cmd,
     evaluate_cmd,
     predict_cmd,
     export_cmd,

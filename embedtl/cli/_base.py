@@ -124,11 +124,16 @@ def _apply(f: Callable, opts: list[Callable]) -> Callable:
 
 
 def _store_options(
-    default_backbone: str | None, backbone_help: str
+    default_backbone: str | None, backbone_help: str, multiple: bool = False
 ) -> Callable[[Callable], Callable]:
     def decorate(f: Callable) -> Callable:
+        backbone = (
+            click.option("--backbone", "-b", multiple=True, help=backbone_help)
+            if multiple
+            else click.option("--backbone", "-b", default=default_backbone, show_default=default_backbone is not None, help=backbone_help)
+        )  # fmt: skip
         return _apply(f, [
-            click.option("--backbone", "-b", default=default_backbone, show_default=default_backbone is not None, help=backbone_help),
+            backbone,
             click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Feature cache folder [default: $EMBEDTL_CACHE or the user cache folder]."),
             click.option("--image-size", type=click.IntRange(min=8), default=None, help="Crop size in pixels (default: the weights' own)."),
         ])  # fmt: skip
@@ -153,6 +158,15 @@ def _runtime_options(f: Callable) -> Callable:
 def backbone_options(f: Callable) -> Callable:
     """store_options + --device, --runtime: every command that may run the backbone."""
     return store_options(_runtime_options(f))
+
+
+def backbones_options(f: Callable) -> Callable:
+    """backbone_options with --backbone repeatable (commands that compare backbones)."""
+    return _store_options(
+        None,
+        f"Backbone (see `embedtl backbones`); repeat it to compare several [default: {DEFAULT_BACKBONE}].",
+        multiple=True,
+    )(_runtime_options(f))
 
 
 def head_backbone_options(f: Callable) -> Callable:

@@ -87,6 +87,33 @@ class HeadConfig:
     def trained(self) -> bool:
         return self.kind in ("linear", "mlp")
 
+    def effective(self) -> HeadConfig:
+        """This config with the settings its kind ignores reset to their defaults and the
+        normalisation resolved: two configs that give the same head compare equal."""
+        base = HeadConfig()
+        keep = {"kind", "k", "temperature"} if self.kind == "knn" else {f.name for f in fields(self)}  # fmt: skip
+        if self.kind == "logreg":
+            keep = {"kind", "C", "max_iter", "class_weight", "normalize", "seed"}
+        elif self.kind == "linear":
+            keep -= {"hidden", "dropout", "activation", "k", "temperature", "C", "max_iter"}
+        elif self.kind == "mlp":
+            keep -= {"k", "temperature", "C", "max_iter"}
+        out = {f.name: getattr(self if f.name in keep else base, f.name) for f in fields(self)}
+        if self.kind != "knn":
+            out["normalize"] = self.normalization
+        return HeadConfig(**out)
+
+    def batch_key(self) -> HeadConfig:
+        """Configs with the same key train together as one batched model (one pass): they may
+        differ in ``lr``, ``weight_decay`` and ``label_smoothing``, and in settings their kind
+        does not use. kNN variants share one neighbour search; logreg variants fit one by one."""
+        base, e = HeadConfig(), self.effective()
+        if self.trained:
+            return e.replace(lr=base.lr, weight_decay=base.weight_decay, label_smoothing=base.label_smoothing)  # fmt: skip
+        if self.kind == "knn":
+            return e.replace(k=base.k, temperature=base.temperature)
+        return e
+
     def replace(self, **changes: Any) -> HeadConfig:
         return replace(self, **changes)
 

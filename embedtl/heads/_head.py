@@ -14,11 +14,13 @@ Nothing in it is pickled: weights are safetensors, everything else JSON.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -334,23 +336,48 @@ def fit_module(
 ) -> tuple[HeadModule, TrainResult | None]:
     """The head network of ``cfg`` fitted on ``train_split`` (on its device); trained kinds
     select their best epoch on ``val_split``. Shared by :func:`fit_head` and the estimator."""
+    return fit_modules([cfg], train_split, val_split, n_classes, progress)[0]
+
+
+def fit_modules(
+    configs: Sequence[HeadConfig],
+    train_split: Split,
+    val_split: Split | None,
+    n_classes: int,
+    progress: bool = False,
+    moments: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> list[tuple[HeadModule, TrainResult | None]]:
+    """One fitted head network per config; the configs share one :meth:`HeadConfig.batch_key`.
+
+    Trained kinds train side by side in one batched pass (:func:`._train.train`), each from the
+    initialisation its seed gives and with its own early stopping on ``val_split``. kNN variants
+    share one memory bank. ``moments`` (mean, std of ``train_split``) saves recomputing them.
+    """
+    cfg = configs[0]
     if cfg.trained:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            module = build_module(cfg, train_split.dim, n_classes)
+            template = build_module(cfg, train_split.dim, n_classes)
         if cfg.normalization == "standardize":
-            mean, std = train_split.moments()
-            module.norm.mean.copy_(mean)
-            module.norm.std.copy_(std.clamp_min(1e-6))
-        module.to(train_split.labels.device)
-        result = train(module, train_split, val_split, cfg, n_classes, progress)
-        return module.cpu(), result
+            mean, std = moments if moments is not None else train_split.moments()
+            template.norm.mean.copy_(mean)
+            template.norm.std.copy_(std.clamp_min(1e-6))
+        norm = template.norm.to(train_split.labels.device)
+        tr = train_split.mapped(norm)  # the normalisation is fixed: applied once, not per step
+        va = val_split.mapped(norm) if val_split is not None else None
+        stacked, results = train(template.net, configs, tr, va, n_classes, progress)
+        norm = norm.cpu()
+        return [
+            (HeadModule(copy.deepcopy(norm), stacked.unstack(i, template.net), cfg.kind), r)
+            for i, r in enumerate(results)
+        ]
     x, y = train_split.numpy()
     if cfg.kind == "knn":
         bank = torch.from_numpy(x)
-        bank = bank / bank.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        return build_module(cfg, x.shape[1], n_classes, bank, torch.from_numpy(y)), None
-    return _fit_logreg(cfg, x, y, n_classes), None
+        bank = (bank / bank.norm(dim=1, keepdim=True).clamp_min(1e-12)).half()  # shared by all
+        labels = torch.from_numpy(y)
+        return [(build_module(c, x.shape[1], n_classes, bank, labels), None) for c in configs]
+    return [(_fit_logreg(c, x, y, n_classes), None) for c in configs]
 
 
 def _fit_logreg(cfg: HeadConfig, x: np.ndarray, y: np.ndarray, n_classes: int) -> HeadModule:

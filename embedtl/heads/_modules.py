@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ._config import HeadConfig
 
-__all__ = ["FeatureNorm", "KNNVote", "HeadModule", "ImageClassifier", "build_module"]
+__all__ = ["FeatureNorm", "KNNVote", "HeadModule", "ImageClassifier", "build_module", "ACTIVATION_FUNCTIONS"]  # fmt: skip
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+#: The same activations as functions (the batched trainer's stacked networks use these).
+ACTIVATION_FUNCTIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 
 
 class FeatureNorm(nn.Module):

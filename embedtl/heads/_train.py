@@ -1,10 +1,17 @@
-"""The one training loop of embedtl's heads.
+"""The one training loop of embedtl's heads: V variants of one head network, trained together.
+
+A group of variants that differ only in learning rate, weight decay and label smoothing (see
+:meth:`HeadConfig.batch_key`) trains as one batched model: every layer's weights are stacked
+(V, out, in), every step reads one shared feature batch, the first layer of all variants is one
+matrix product (B, D) x (D, V*out) and deeper layers are one batched product each. A single
+fit is the same loop with V = 1, so "many heads in one pass" and "one head" cannot drift apart.
 
 Mini-batches are index permutations of an in-memory tensor (or shuffled blocks of a streamed
-split), never a per-sample DataLoader. AdamW, linear warm-up then cosine decay per step, label
-smoothing, optional class weights. After every epoch the head is scored on the **validation**
-split only; the best epoch's weights are kept (early stopping after ``patience`` epochs without
-a better val accuracy). The test split never enters this module.
+split), never a per-sample DataLoader. AdamW (per-variant learning rate and weight decay), linear
+warm-up then cosine decay per step, label smoothing, optional class weights. After every epoch
+every variant is scored on the **validation** split only; each keeps its best epoch's weights
+and stops on its own after ``patience`` epochs without a better val accuracy (stopped variants
+leave the batch). The test split never enters this module.
 """
 
 from __future__ import annotations
@@ -12,27 +19,36 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
+from ..errors import HeadError
 from ._config import HeadConfig
 from ._data import Split
-from ._modules import HeadModule
+from ._modules import ACTIVATION_FUNCTIONS
 
-__all__ = ["TrainResult", "train", "auto_batch_size", "score_split"]
+__all__ = ["TrainResult", "StackedNet", "train", "auto_batch_size"]
+
+_BETAS = (0.9, 0.999)
+_EPS = 1e-8
+_SCORE_FLOATS = 1 << 24  # activations per scoring chunk (64 MiB of float32)
 
 
 @dataclass
 class TrainResult:
     best_epoch: int  # 1-based
     epochs: int  # epochs run (early stopping may end before config.epochs)
-    seconds: float
+    seconds: float  # wall time of the (shared) pass when this variant stopped
     seconds_to_best: float
+    share_seconds: float  # this variant's share of the pass: each epoch split among the active
     val_accuracy: float | None
     val_loss: float | None
     curve: list[dict[str, float]] = field(default_factory=list)
+    val_predictions: torch.Tensor | None = None  # (n_val,) classes predicted at the best epoch
 
 
 def auto_batch_size(n: int) -> int:
@@ -41,19 +57,147 @@ def auto_batch_size(n: int) -> int:
     return int(min(1024, max(16, 2 ** round(math.log2(max(n, 1) / 32)))))
 
 
+class StackedNet(nn.Module):
+    """V copies of a linear or MLP head network with stacked weights: (B, D) -> (V, B, C).
+
+    Built from one network (``nn.Linear`` or the MLP's ``nn.Sequential``), every copy starting
+    from its weights. Dropout masks are drawn once per step with the shape one network would
+    draw, (B, H), and shared by the copies: each variant sees exactly the masks it would see
+    trained alone with the same seed.
+    """
+
+    def __init__(self, net: nn.Module, n: int, activation: str = "gelu", dropout: float = 0.0) -> None:  # fmt: skip
+        super().__init__()
+        linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+        self.weights = nn.ParameterList(
+            [nn.Parameter(m.weight.detach().unsqueeze(0).repeat(n, 1, 1)) for m in linears]
+        )  # (V, out, in) each
+        self.biases = nn.ParameterList(
+            [nn.Parameter(m.bias.detach().unsqueeze(0).repeat(n, 1)) for m in linears]
+        )  # (V, out) each
+        self.activation = activation
+        self.dropout = dropout
+
+    @property
+    def n(self) -> int:
+        return self.weights[0].shape[0]
+
+    @property
+    def widths(self) -> list[int]:
+        return [w.shape[1] for w in self.weights]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, D) -> (V, B, C)
+        v, b = self.n, x.shape[0]
+        act = ACTIVATION_FUNCTIONS[self.activation]
+        h = x
+        last = len(self.weights) - 1
+        for i, (w, bias) in enumerate(zip(self.weights, self.biases, strict=True)):
+            out = w.shape[1]
+            if i == 0:  # one product for every variant: (B, D) x (D, V*out)
+                h = (x @ w.reshape(v * out, -1).T).view(b, v, out).transpose(0, 1)
+                h = h + bias.unsqueeze(1)  # (V, B, out)
+            else:
+                h = torch.baddbmm(bias.unsqueeze(1), h, w.transpose(1, 2))  # (V, B, out)
+            if i < last:
+                h = act(h)
+                if self.training and self.dropout > 0:
+                    mask = F.dropout(torch.ones(b, out, device=x.device), self.dropout)  # (B, H)
+                    h = h * mask
+        return h
+
+    @torch.no_grad()
+    def select(self, keep: Sequence[int]) -> None:
+        """Keep only the variants ``keep`` (local indices), in that order."""
+        idx = torch.as_tensor(list(keep), dtype=torch.long, device=self.weights[0].device)
+        for plist in (self.weights, self.biases):
+            for j, p in enumerate(plist):
+                plist[j] = nn.Parameter(p.index_select(0, idx))
+
+    @torch.no_grad()
+    def unstack(self, i: int, template: nn.Module) -> nn.Module:
+        """Variant ``i`` as a plain network shaped like ``template`` (a deep copy, on the CPU)."""
+        net = copy.deepcopy(template).cpu()
+        linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+        for m, w, b in zip(linears, self.weights, self.biases, strict=True):
+            m.weight.copy_(w[i])
+            m.bias.copy_(b[i])
+        return net.eval()
+
+    def parameter_count(self) -> int:
+        """Parameters of one variant."""
+        return sum(p[0].numel() for p in (*self.weights, *self.biases))
+
+
+class _StackedAdamW:
+    """torch.optim.AdamW's update for stacked parameters, with a learning rate and a weight
+    decay per variant (the leading axis). Weight decay applies to weight matrices only."""
+
+    def __init__(self, net: StackedNet, lr: torch.Tensor, weight_decay: torch.Tensor) -> None:
+        self.net, self.lr, self.wd, self.t = net, lr, weight_decay, 0
+        self.state = [
+            (torch.zeros_like(p), torch.zeros_like(p)) for p in (*net.weights, *net.biases)
+        ]
+
+    @torch.no_grad()
+    def step(self, scale: float) -> None:
+        self.t += 1
+        b1, b2 = _BETAS
+        c1, c2 = 1 - b1**self.t, math.sqrt(1 - b2**self.t)
+        n_w = len(self.net.weights)
+        for j, (p, (m, v)) in enumerate(zip((*self.net.weights, *self.net.biases), self.state, strict=True)):  # fmt: skip
+            lr = (self.lr * scale).view(-1, *([1] * (p.ndim - 1)))
+            if j < n_w:
+                p.mul_(1 - lr * self.wd.view_as(lr))
+            m.lerp_(p.grad, 1 - b1)
+            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            p.addcdiv_(m * (-lr / c1), (v.sqrt() / c2).add_(_EPS))
+            p.grad = None
+
+    def select(self, keep: Sequence[int]) -> None:
+        idx = torch.as_tensor(list(keep), dtype=torch.long, device=self.lr.device)
+        self.lr, self.wd = self.lr[idx], self.wd[idx]
+        self.state = [(m[idx], v[idx]) for m, v in self.state]
+
+
+def _loss(logits: torch.Tensor, y: torch.Tensor, smoothing: torch.Tensor | None, class_weight: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    """Per-variant cross-entropy (V,) of logits (V, B, C), as nn.CrossEntropyLoss computes it
+    with a label smoothing per variant and optional class weights."""
+    v, b, c = logits.shape
+    logp = F.log_softmax(logits, dim=2)
+    nll = -logp.gather(2, y.view(1, b, 1).expand(v, b, 1)).squeeze(2)  # (V, B)
+    if class_weight is None:
+        loss = nll.mean(1)
+        smooth = None if smoothing is None else -logp.sum(2).mean(1)
+    else:
+        wy = class_weight[y]  # (B,)
+        loss = (nll * wy).sum(1) / wy.sum()
+        smooth = None if smoothing is None else -(logp * class_weight).sum(2).sum(1) / wy.sum()
+    if smoothing is not None:
+        loss = (1 - smoothing) * loss + smoothing / c * smooth
+    return loss
+
+
 @torch.no_grad()
-def score_split(module: nn.Module, split: Split, batch_size: int = 8192) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of ``module`` on ``split``."""
-    was = module.training
-    module.eval()
-    correct, loss, n = 0, 0.0, 0
-    for x, y in split.batches(batch_size, None):
-        logits = module(x)
-        loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
-        n += len(y)
-    module.train(was)
-    return correct / max(n, 1), loss / max(n, 1)
+def score(net: StackedNet, split: Split) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(accuracy (V,), mean cross-entropy (V,), predictions (V, n)) of every variant."""
+    was = net.training
+    net.eval()
+    v, c = net.n, net.widths[-1]
+    rows = max(64, _SCORE_FLOATS // (v * max(net.widths)))
+    correct = torch.zeros(v, dtype=torch.long)
+    loss = torch.zeros(v, dtype=torch.float64)
+    preds = []
+    for x, y in split.batches(rows, None):
+        logits = net(x)  # (V, b, C)
+        ce = F.cross_entropy(logits.reshape(-1, c), y.repeat(v), reduction="none").view(v, -1)
+        loss += ce.sum(1, dtype=torch.float64).cpu()
+        p = logits.argmax(2)
+        correct += (p == y).sum(1).cpu()
+        preds.append(p.cpu())
+    net.train(was)
+    n = max(split.n, 1)
+    pred = torch.cat(preds, 1) if preds else torch.zeros(v, 0, dtype=torch.long)
+    return correct.double() / n, loss / n, pred
 
 
 def _class_weights(split: Split, n_classes: int) -> torch.Tensor:
@@ -62,32 +206,39 @@ def _class_weights(split: Split, n_classes: int) -> torch.Tensor:
     return w.float()
 
 
-def _optimizer(module: nn.Module, cfg: HeadConfig) -> torch.optim.Optimizer:
-    decay = [p for p in module.parameters() if p.ndim >= 2]  # weight matrices
-    rest = [p for p in module.parameters() if p.ndim < 2]  # biases
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]  # fmt: skip
-    return torch.optim.AdamW(groups, lr=cfg.lr, fused=True)  # one kernel per step: ~1.3x here
-
-
 def train(
-    module: HeadModule,
+    net: nn.Module,
+    configs: Sequence[HeadConfig],
     train_split: Split,
     val_split: Split | None,
-    cfg: HeadConfig,
     n_classes: int,
     progress: bool = False,
-) -> TrainResult:
-    """Train ``module.net`` in place with ``cfg``; on return it holds the best-val-epoch weights.
+) -> tuple[StackedNet, list[TrainResult]]:
+    """Train one copy of ``net`` per config, side by side; the configs must share a batch key.
 
-    ``module.norm`` is fixed (fitted before): it is applied to the splits once, not per step.
+    The splits hold normalised features (the head's normalisation applied already). Returns
+    the stacked network holding each variant's best-val-epoch weights (in the order of
+    ``configs``) and one :class:`TrainResult` per variant.
     """
     from tqdm.auto import tqdm
 
+    if not configs:
+        raise HeadError("no head variants to train")
+    cfg = configs[0]
+    if any(c.batch_key() != cfg.batch_key() for c in configs):
+        raise HeadError("internal error: variants of different batch keys trained together")
     t0 = time.perf_counter()
-    train_split = train_split.mapped(module.norm)
-    val_split = val_split.mapped(module.norm) if val_split is not None else None
-    module = module.net
     device = train_split.labels.device
+    n_var = len(configs)
+    stacked = StackedNet(net, n_var, cfg.activation, cfg.dropout if cfg.kind == "mlp" else 0.0)
+    stacked.to(device).train()
+    best = copy.deepcopy(stacked)  # each variant's best weights, in the order of configs
+    f32 = {"dtype": torch.float32, "device": device}
+    opt = _StackedAdamW(stacked, torch.tensor([c.lr for c in configs], **f32), torch.tensor([c.weight_decay for c in configs], **f32))  # fmt: skip
+    ls = [c.label_smoothing for c in configs]
+    smoothing = torch.tensor(ls, **f32) if any(ls) else None
+    weight = _class_weights(train_split, n_classes).to(device) if cfg.class_weight else None
+
     gen = torch.Generator().manual_seed(cfg.seed)
     batch = cfg.batch_size or auto_batch_size(train_split.n)
     steps_per_epoch = -(-train_split.n // batch)
@@ -99,55 +250,82 @@ def train(
             return (step + 1) / warm
         return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
-    opt = _optimizer(module, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    weight = _class_weights(train_split, n_classes).to(device) if cfg.class_weight else None
-    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
-
-    best_state, best_key, best_epoch, best_t = None, None, 0, 0.0
-    best_val: tuple[float, float] | None = None
-    curve: list[dict[str, float]] = []
-    bar = tqdm(range(1, cfg.epochs + 1), desc=f"fit {cfg.kind}", unit="epoch", disable=not progress, leave=False)  # fmt: skip
-    epoch = 0
+    active = list(range(n_var))  # global index of each local variant
+    best_key: list[tuple[float, float] | None] = [None] * n_var
+    results = [TrainResult(0, 0, 0.0, 0.0, 0.0, None, None) for _ in configs]
+    has_val = val_split is not None and val_split.n > 0
+    step = 0
+    desc = f"fit {cfg.kind}" + (f" x{n_var}" if n_var > 1 else "")
+    bar = tqdm(range(1, cfg.epochs + 1), desc=desc, unit="epoch", disable=not progress, leave=False)  # fmt: skip
     # dropout draws from the global generator: fork it so training is seeded and leaves no trace
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
         for epoch in bar:
-            module.train()
-            run_loss, seen = 0.0, 0
+            t_epoch = time.perf_counter()
+            run_loss = torch.zeros(len(active), dtype=torch.float64, device=device)
+            seen = 0
+            scale = 1.0
             for x, y in train_split.batches(batch, gen):
-                loss = loss_fn(module(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                run_loss += float(loss.detach()) * len(y)
+                loss = _loss(stacked(x), y, smoothing, weight)  # (V,)
+                loss.sum().backward()  # variants share no parameters: each gets its own gradient
+                scale = lr_at(step)
+                opt.step(scale)
+                step += 1
+                run_loss += loss.detach().double() * len(y)
                 seen += len(y)
-            point = {"epoch": epoch, "train_loss": run_loss / max(seen, 1), "lr": opt.param_groups[0]["lr"]}  # fmt: skip
-            if val_split is not None and val_split.n:
-                acc, vloss = score_split(module, val_split)
-                point.update(val_accuracy=acc, val_loss=vloss)
-                key = (acc, -vloss)
-                if best_key is None or key > best_key:
-                    best_key, best_epoch, best_val = key, epoch, (acc, vloss)
-                    best_state = copy.deepcopy(module.state_dict())
-                    best_t = time.perf_counter() - t0
-                bar.set_postfix(val_acc=f"{acc:.4f}", best=best_epoch)
-            point["seconds"] = time.perf_counter() - t0
-            curve.append(point)
-            if best_epoch and epoch - best_epoch >= cfg.patience:
+            train_loss = (run_loss / max(seen, 1)).tolist()
+            if has_val:
+                acc, vloss, pred = score(stacked, val_split)
+            now = time.perf_counter() - t0
+            share = (time.perf_counter() - t_epoch) / len(active)
+            keep, improved = [], []
+            for j, g in enumerate(active):
+                r = results[g]
+                r.epochs, r.seconds = epoch, now
+                r.share_seconds += share
+                point = {"epoch": epoch, "train_loss": train_loss[j], "lr": configs[g].lr * scale}
+                if has_val:
+                    a, lo = float(acc[j]), float(vloss[j])
+                    point.update(val_accuracy=a, val_loss=lo)
+                    if best_key[g] is None or (a, -lo) > best_key[g]:
+                        best_key[g] = (a, -lo)
+                        r.best_epoch, r.seconds_to_best = epoch, now
+                        r.val_accuracy, r.val_loss = a, lo
+                        r.val_predictions = pred[j].to(_index_dtype(n_classes))
+                        improved.append((j, g))
+                else:
+                    r.best_epoch, r.seconds_to_best = epoch, now
+                    improved.append((j, g))
+                point["seconds"] = now
+                r.curve.append(point)
+                if epoch - r.best_epoch < cfg.patience:
+                    keep.append(j)
+            if improved:
+                _copy_variants(stacked, best, improved)
+            if has_val:
+                bar.set_postfix(val_acc=f"{float(acc.max()):.4f}", active=len(keep))
+            if not keep:
                 break
-    if best_state is not None:
-        module.load_state_dict(best_state)
-    else:  # no validation rows: the last epoch is the result
-        best_epoch, best_t = epoch, time.perf_counter() - t0
-    module.eval()
-    return TrainResult(
-        best_epoch=best_epoch,
-        epochs=epoch,
-        seconds=time.perf_counter() - t0,
-        seconds_to_best=best_t,
-        val_accuracy=best_val[0] if best_val else None,
-        val_loss=best_val[1] if best_val else None,
-        curve=curve,
-    )
+            if len(keep) < len(active):  # stopped variants leave the batch
+                stacked.select(keep)
+                opt.select(keep)
+                active = [active[j] for j in keep]
+                smoothing = smoothing[keep] if smoothing is not None else None
+    setup = (time.perf_counter() - t0) - sum(r.share_seconds for r in results)
+    for r in results:  # building, copying and scoring outside the epochs: shared evenly
+        r.share_seconds += max(setup, 0.0) / n_var
+    best.eval()
+    return best, results
+
+
+def _index_dtype(n_classes: int) -> torch.dtype:
+    return torch.int16 if n_classes < 2**15 else torch.int32
+
+
+@torch.no_grad()
+def _copy_variants(src: StackedNet, dst: StackedNet, pairs: list[tuple[int, int]]) -> None:
+    """dst[g] = src[j] for each (local j, global g)."""
+    j = torch.as_tensor([p[0] for p in pairs], device=src.weights[0].device)
+    g = torch.as_tensor([p[1] for p in pairs], device=src.weights[0].device)
+    for a, b in zip((*src.weights, *src.biases), (*dst.weights, *dst.biases), strict=True):
+        b.index_copy_(0, g, a.index_select(0, j))
