@@ -58,6 +58,8 @@ _LAZY = {
     "query_vectors": ".search",
     "find_duplicates": ".dedup",
     "knn_evaluate": ".neighbors",
+    "bench_heads": ".bench",
+    "load_grid": ".bench",
 }
 
 
@@ -93,6 +95,7 @@ __all__ = [
     "StoreLockedError",
     "WeightsNotFoundError",
     "__version__",
+    "bench_heads",
     "build_feature_model",
     "default_batch_size",
     "default_cache_dir",
@@ -112,6 +115,7 @@ __all__ = [
     "list_datasets",
     "list_stores",
     "merge_stores",
+    "load_grid",
     "load_head",
     "load_image",
     "open_store",

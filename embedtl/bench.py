@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import itertools
 import json
-import logging
 import os
 import time
 from collections.abc import Sequence
@@ -50,8 +49,6 @@ __all__ = [
     "VariantFit",
     "BenchResult",
 ]
-
-log = logging.getLogger(__name__)
 
 _LR_WD = {"lr": [3e-4, 6e-4, 1e-3, 2e-3, 3e-3, 6e-3, 1e-2, 2e-2], "weight_decay": [0.0, 0.01, 0.05, 0.2]}  # fmt: skip
 
@@ -317,8 +314,10 @@ def plot_accuracy_vs_time(variants: list[dict[str, Any]], path: str | os.PathLik
     backbones = list(dict.fromkeys(v["backbone"] for v in variants))
     markers = "osD^vP*X"
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(8.5, 4.8))
     for v in variants:
+        if v["val_accuracy_std"]:  # cross-validated: the spread over folds
+            ax.errorbar(max(v["fit_seconds"], 1e-4), v["val_accuracy"], yerr=v["val_accuracy_std"], color="lightgray", lw=1, zorder=0)  # fmt: skip
         ax.scatter(
             max(v["fit_seconds"], 1e-4), v["val_accuracy"],
             color=colours[kinds.index(v["kind"]) % len(colours)],
@@ -340,8 +339,8 @@ def plot_accuracy_vs_time(variants: list[dict[str, Any]], path: str | os.PathLik
     ax.set_xscale("log")
     ax.set_xlabel("fit seconds (share of the batched pass)")
     ax.set_ylabel("val accuracy")
-    ax.set_title("head variants: ringed = evaluated on test; dashed = best so far")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("head variants: ringed = evaluated on test; dashed = best so far", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

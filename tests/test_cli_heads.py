@@ -115,3 +115,7 @@ def test_demo_runs_end_to_end(runner, tmp_path):
     assert all(n["split"] == "train" for r in out["search"] for n in r["neighbors"])
     assert (tmp_path / "demo" / "search.html").read_text().count("<img") == 4 * 7
     assert out["search_png"].endswith("search.png")
+    # the demo's bench-heads: the default grid, cross-validated on this small set
+    b = out["bench"]
+    assert b["variants"] == 12 and b["folds"] == 5 and b["best"]["test_accuracy"] > 0.6
+    assert (tmp_path / "demo" / "bench-heads" / "results.csv").is_file()

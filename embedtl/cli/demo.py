@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from ..bench import bench_heads, config_str, load_grid
 from ..cache import default_cache_dir
 from ..datasets import export_dataset
 from ..extract import extract
@@ -35,8 +36,9 @@ def demo_cmd(
     workdir: str | None, cache_dir: str | None, device: str, progress: bool | None, as_json: bool
 ) -> None:
     """The whole pipeline on the Tux Paint stamp photos (animals, food, plants, vehicles):
-    export them, extract features, fit a linear head, report its test accuracy, and search the
-    train images nearest to one test image per class (an HTML page and a PNG grid)."""
+    export them, extract features, fit a linear head, report its test accuracy, compare a grid
+    of head variants (bench-heads), and search the train images nearest to one test image per
+    class (an HTML page and a PNG grid)."""
     base = (
         Path(workdir)
         if workdir
@@ -54,6 +56,9 @@ def demo_cmd(
     head_dir = head.save(base / "head-linear")
     m = head.info["metrics"]
     confusion = head_dir / "test" / "confusion.png"
+    bench = bench_heads([store], load_grid("default"), device=device, progress=want_progress(progress))  # fmt: skip
+    bench_files = bench.write(base / "bench-heads")
+    best = bench.variants[0]
     # search: the train images nearest to the first test image of each class
     test = store.indices("test")
     q_rows = np.asarray([test[store.labels[test] == c][0] for c in range(len(store.classes)) if (store.labels[test] == c).any()])  # fmt: skip
@@ -74,6 +79,12 @@ def demo_cmd(
         "test_accuracy": m["test_accuracy"],
         "fit_seconds": head.info["fit"]["seconds"],
         "confusion_png": str(confusion),
+        "bench": {
+            "variants": len(bench.variants),
+            "folds": bench.folds,
+            "best": best,
+            "files": bench_files,
+        },  # fmt: skip
         "index": index.kind,
         "search_html": str(page),
         "search_png": str(grid),
@@ -85,6 +96,11 @@ def demo_cmd(
         click.echo(f"head      {head_dir} (linear, fit in {head.info['fit']['seconds']:.2f} s)")
         click.echo(f"accuracy  val {100 * m['val_accuracy']:.1f}%, test {100 * m['test_accuracy']:.1f}% ({m['n']['test']} test images)")  # fmt: skip
         click.echo(f"confusion {confusion}")
+        sel = f"{bench.folds}-fold CV" if bench.folds else "val"
+        std = f" ± {100 * best['val_accuracy_std']:.1f}" if best["val_accuracy_std"] is not None else ""  # fmt: skip
+        test = f", test {100 * best['test_accuracy']:.1f}%" if best["test_accuracy"] is not None else ""  # fmt: skip
+        click.echo(f"bench     {len(bench.variants)} head variants in {bench.seconds:.1f} s; best on {sel}: {best['kind']} {config_str(best['config'])}, val {100 * best['val_accuracy']:.1f}%{std}{test}")  # fmt: skip
+        click.echo(f"          {bench_files['csv']}, {bench_files['plot']}")
         same = sum(store.classes[store.labels[q]] == r["neighbors"][0]["label"] for q, r in zip(q_rows, results, strict=True))  # fmt: skip
         click.echo(f"search    {len(results)} test images, nearest train image of the same class for {same}: {page}")  # fmt: skip
         click.echo(f"next      embedtl predict {head_dir} IMAGE...")
