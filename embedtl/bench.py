@@ -35,7 +35,7 @@ from .cache import FeatureStore, library_versions
 from .errors import DataError, HeadError
 from .heads import Head, HeadConfig
 from .heads._data import Split, StoreFeatures
-from .heads._head import _evaluation, _labelled, _split_rows, fit_modules
+from .heads._head import _evaluation, _split_rows, _train_rows, fit_modules
 from .heads._modules import HeadModule
 from .heads._train import TrainResult
 
@@ -437,12 +437,9 @@ def _bench_store(store, configs, folds, test_top, dev, memory_budget, progress) 
     """Records of every config on one store (test filled for the chosen), and the folds used."""
     from tqdm.auto import tqdm
 
-    _labelled(store)
+    tr, va = _train_rows(store), _split_rows(store, "val")
     name, n_classes, labels = store.backbone.get("name"), len(store.classes), store.labels
     data = StoreFeatures(store, memory_budget)
-    tr, va = _split_rows(store, "train"), _split_rows(store, "val")
-    if len(np.unique(labels[tr])) < 2:
-        raise DataError(f"the train split of {store.root} holds fewer than 2 classes; a head needs at least 2")  # fmt: skip
     pool = np.sort(np.concatenate([tr, va]))
     k = _resolve_folds(folds, len(pool), len(va))
 

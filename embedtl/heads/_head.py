@@ -248,6 +248,19 @@ def _split_rows(store: FeatureStore, split: str) -> np.ndarray:
     return np.flatnonzero(store.mask(split) & (store.labels >= 0))
 
 
+def _train_rows(store: FeatureStore) -> np.ndarray:
+    """The labelled train rows of ``store``; refused unless they hold at least 2 classes."""
+    _labelled(store)
+    tr = _split_rows(store, "train")
+    counts = np.bincount(store.labels[tr], minlength=len(store.classes))
+    if (counts > 0).sum() < 2:
+        raise DataError(f"the train split of {store.root} holds {(counts > 0).sum()} class(es); a head needs at least 2")  # fmt: skip
+    empty = [c for c, n in zip(store.classes, counts, strict=True) if n == 0]
+    if empty:
+        log.warning("no training images for class(es) %s: the head will never predict them", ", ".join(empty))  # fmt: skip
+    return tr
+
+
 def _evaluation(head: Head, data: StoreFeatures, split: str, class_map: np.ndarray) -> Evaluation:
     """Probabilities of the labelled rows of ``split``, a block at a time (memory bounded)."""
     store = data.store
@@ -275,17 +288,10 @@ def fit_head(
     from ..extract import resolve_device
 
     cfg = config or HeadConfig()
-    _labelled(store)
     t0 = time.perf_counter()
     classes = store.classes
     n_classes = len(classes)
-    tr = _split_rows(store, "train")
-    counts = np.bincount(store.labels[tr], minlength=n_classes)
-    if (counts > 0).sum() < 2:
-        raise DataError(f"the train split of {store.root} holds {(counts > 0).sum()} class(es); a head needs at least 2")  # fmt: skip
-    empty = [c for c, n in zip(classes, counts, strict=True) if n == 0]
-    if empty:
-        log.warning("no training images for class(es) %s: the head will never predict them", ", ".join(empty))  # fmt: skip
+    tr = _train_rows(store)
     dev = resolve_device(device) if cfg.trained else "cpu"  # faiss and sklearn work on the CPU
     va = _split_rows(store, "val")
     if not len(va):
