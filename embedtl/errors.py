@@ -47,3 +47,7 @@ class DeviceError(EmbedTLError):
 class HeadError(EmbedTLError):
     """A head artifact is unreadable, of an unknown format, or does not fit the features or
     backbone it is used with."""
+
+
+class FineTuneError(EmbedTLError):
+    """A fine-tune that cannot run as asked (head kind, classes, settings, a foreign checkpoint)."""

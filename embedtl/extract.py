@@ -143,12 +143,18 @@ def resolve_device(device: str) -> str:
 
 
 class _Images:
-    """Dataset of (position, uint8 tensor | None, error | None); decoding errors are data."""
+    """Dataset of (position, uint8 tensor | None, error | None); decoding errors are data.
+
+    With a ``seed`` (a tuple, e.g. (seed, epoch)) the transform is random and draws from a
+    generator seeded by (seed..., position): the same image gets the same draw in any worker,
+    in any order, after a resume.
+    """
 
     def __init__(self, root: Path, paths: Sequence[str], transform: ImageTransform) -> None:
         self.root = root
         self.paths = list(paths)
         self.transform = transform
+        self.seed: tuple[int, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -156,6 +162,8 @@ class _Images:
     def __getitem__(self, i: int):
         try:
             im = load_image(self.root / self.paths[i], draft_size=self.transform.draft_size)
+            if self.seed is not None:
+                return i, self.transform(im, np.random.default_rng((*self.seed, i))), None  # type: ignore[call-arg]
             return i, self.transform(im), None
         except ImageDecodeError as e:
             return i, None, str(e)

@@ -193,15 +193,19 @@ def _plot_coverage(curve: list[dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_training_curve(curve: list[dict[str, float]], path: str | os.PathLike[str], best_epoch: int | None = None) -> None:  # fmt: skip
-    """Train/val loss and val accuracy per epoch."""
+def plot_training_curve(curve: list[dict[str, float]], path: str | os.PathLike[str], best_epoch: int | None = None, start_accuracy: float | None = None) -> None:  # fmt: skip
+    """Train/val loss and val accuracy per epoch (``start_accuracy``: val before the first
+    step, drawn as a dotted line)."""
     plt = _pyplot()
     ep = [p["epoch"] for p in curve]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
     a.plot(ep, [p["train_loss"] for p in curve], label="train loss")
     if curve and "val_loss" in curve[0]:
         a.plot(ep, [p["val_loss"] for p in curve], label="val loss")
-        b.plot(ep, [p["val_accuracy"] for p in curve], color="tab:green")
+        b.plot(ep, [p["val_accuracy"] for p in curve], color="tab:green", marker="o" if len(ep) < 20 else None)  # fmt: skip
+    if start_accuracy is not None:
+        b.axhline(start_accuracy, color="tab:green", ls=":", lw=1, label="at the start")
+        b.legend(loc="lower right")
     for ax in (a, b):
         if best_epoch:
             ax.axvline(best_epoch, color="gray", ls="--", lw=1)

@@ -84,10 +84,18 @@ def list_stores(cache_dir: str | os.PathLike[str] | None = None) -> list[dict[st
                     "failed": len(s.failed),
                     "bytes": f.stat().st_size,
                     "updated": s.metadata.get("updated"),
+                    "parent_fingerprint": (s.backbone.get("parent") or {}).get("fingerprint"),
+                    "superseded_by": [],
                 }
             )
         except StoreError as e:
             out.append({"store": str(f), "error": str(e), "bytes": f.stat().st_size})
+    # a fine-tuned backbone's store supersedes its parent's store of the same folder
+    by_key = {(r["root"], r["fingerprint"]): r for r in out if "error" not in r}
+    for r in out:
+        parent = by_key.get((r.get("root"), r.get("parent_fingerprint")))
+        if parent is not None:
+            parent["superseded_by"].append({"store": r["store"], "backbone": r["backbone"]})
     return out
 
 

@@ -12,6 +12,7 @@ from .cache import cache_group
 from .datasets import datasets_group
 from .demo import demo_cmd
 from .extract import extract_cmd
+from .finetune import fine_tune_cmd
 from .heads import evaluate_cmd, export_cmd, fit_head_cmd, predict_cmd
 from .search import dedup_cmd, index_cmd, knn_eval_cmd, search_cmd
 
@@ -27,6 +28,7 @@ def main(verbose: int) -> None:
       embedtl extract DATA_DIR        features of every image, cached in HDF5
       embedtl fit-head DATA_DIR       a head on the cached features, in seconds
       embedtl bench-heads DATA_DIR    a grid of head variants (and backbones), ranked on val
+      embedtl fine-tune DATA_DIR --head HEAD   unfreeze the last block(s), train, re-extract
       embedtl predict HEAD IMAGE...   backbone + head on new images
       embedtl search DATA_DIR -q IMG  the most similar images (dedup: near-duplicates)
       embedtl cache info DATA_DIR     what is cached
@@ -39,6 +41,7 @@ for _cmd in (
     extract_cmd,
     fit_head_cmd,
     bench_heads_cmd,
+    fine_tune_cmd,
     evaluate_cmd,
     predict_cmd,
     export_cmd,

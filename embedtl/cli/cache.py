@@ -30,8 +30,10 @@ def ls_cmd(cache_dir: str | None, as_json: bool) -> None:
                 click.echo(f"{r['store']}  ERROR {r['error']}")
                 continue
             gone = "" if r["root_exists"] else "  (image folder gone)"
+            newer = ", ".join(s["backbone"] for s in r["superseded_by"])
+            stale = f"  (superseded by fine-tuned {newer})" if newer else ""
             click.echo(
-                f"{r['rows']:>8} rows  {r['bytes'] / 1e6:8.1f} MB  {r['backbone']:<20} {r['root']}{gone}"
+                f"{r['rows']:>8} rows  {r['bytes'] / 1e6:8.1f} MB  {r['backbone']:<20} {r['root']}{gone}{stale}"
             )
 
     emit(as_json, {"stores": rows}, human)
