@@ -441,7 +441,7 @@ class AugmentTransform(ImageTransform):
     def __init__(
         self,
         pre: Preprocess,
-        scale: tuple[float, float] = (0.25, 1.0),
+        scale: tuple[float, float] = (0.6, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         flip: bool = True,
     ) -> None:

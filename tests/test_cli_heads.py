@@ -119,3 +119,8 @@ def test_demo_runs_end_to_end(runner, tmp_path):
     b = out["bench"]
     assert b["variants"] == 12 and b["folds"] == 5 and b["best"]["test_accuracy"] > 0.6
     assert (tmp_path / "demo" / "bench-heads" / "results.csv").is_file()
+    # the demo's fine-tune: last block + head, a new backbone and a new store, before and after
+    ft = out["fine_tune"]
+    assert ft["fingerprint"] != ft["parent_fingerprint"] and ft["store"] != out["store"]
+    assert ft["start_val_accuracy"] == pytest.approx(ft["before"]["val_accuracy"], abs=0.03)
+    assert ft["after"]["test_accuracy"] > 0.6 and (tmp_path / "demo" / "finetuned" / "backbone.safetensors").is_file()  # fmt: skip

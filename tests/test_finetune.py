@@ -48,12 +48,13 @@ def _saved_state(path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-@pytest.mark.parametrize("n", [1, 2])
-def test_only_the_chosen_blocks_change_and_frozen_batchnorm_statistics_do_not(setup, tmp_path, n):
+@pytest.mark.parametrize("n,train_bn", [(1, False), (2, False), (2, True)])
+def test_only_the_chosen_blocks_change_and_frozen_batchnorm_statistics_do_not(setup, tmp_path, n, train_bn):  # fmt: skip
     parent = build_feature_model(setup["head"].backbone_spec)
     before = parent.state_for_saving()
     blocks = parent.blocks()
-    r = _run(setup, tmp_path / "ft", FineTuneConfig(unfreeze=f"last:{n}", epochs=1, batch_size=8))
+    cfg = FineTuneConfig(unfreeze=f"last:{n}", epochs=1, batch_size=8, train_bn=train_bn)
+    r = _run(setup, tmp_path / "ft", cfg)
     after = _saved_state(r.backbone_path)
     assert set(after) == set(before)  # the whole network, classifier included
     assert r.blocks == [b.name for b in blocks[-n:]]
@@ -68,11 +69,14 @@ def test_only_the_chosen_blocks_change_and_frozen_batchnorm_statistics_do_not(se
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     trained = set(range(len(blocks) - n, len(blocks)))
     assert changed and {block_of(k) for k in changed} <= trained
-    # every trained block moved, weights and BatchNorm statistics (in train mode) alike
-    assert {block_of(k) for k in changed if "weight" in k} == trained
-    assert any(k.endswith("running_mean") for k in changed)
-    frozen_stats = [k for k in before if k.endswith(("running_mean", "running_var")) and block_of(k) not in trained]  # fmt: skip
+    assert {block_of(k) for k in changed if "weight" in k} == trained  # every trained block moved
+    stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    frozen_stats = [k for k in stats if block_of(k) not in trained]
     assert frozen_stats and all(torch.equal(before[k], after[k]) for k in frozen_stats)
+    # BatchNorm statistics of the trained blocks move only with train_bn (the same check fails
+    # for them when they do: the test can tell the two apart)
+    moved = {k for k in stats if k in changed}
+    assert bool(moved) == train_bn and {block_of(k) for k in moved} <= trained
 
 
 def test_new_fingerprint_new_store_parent_store_untouched_and_superseded(setup, tmp_path):
@@ -261,7 +265,7 @@ def test_augment_transform_is_a_function_of_its_seed():
     for s in range(200):
         left, top, w, h = t.region(90, 60, np.random.default_rng(s))
         assert left >= 0 and top >= 0 and left + w <= 90 and top + h <= 60
-        assert 0.25 * 90 * 60 * 0.9 <= w * h <= 90 * 60
+        assert 0.6 * 90 * 60 * 0.9 <= w * h <= 90 * 60
 
 
 def test_cli_fine_tune_json_and_cache_ls(setup, tmp_path):

@@ -28,6 +28,7 @@ def _pct(v: float | None) -> str:
 @click.option("--batch-size", type=click.IntRange(min=2), default=32, show_default=True, help="Images per step.")  # fmt: skip
 @click.option("--patience", type=click.IntRange(min=1), default=2, show_default=True, help="Epochs without a better val accuracy before stopping.")  # fmt: skip
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=0.01, show_default=True, help="AdamW weight decay (weights only).")  # fmt: skip
+@click.option("--train-bn", is_flag=True, help="Let BatchNorm layers of the unfrozen blocks update their running statistics (default: fixed, as the head saw them).")  # fmt: skip
 @click.option("--augment/--no-augment", default=True, show_default=True, help="Random resized crop and flip while training.")  # fmt: skip
 @click.option("--train-seed", type=int, default=0, show_default=True, help="Seed of shuffling, augmentation and dropout.")  # fmt: skip
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Output folder [default: finetuned/<folder>-<backbone>-<unfreeze>].")  # fmt: skip
@@ -38,7 +39,7 @@ def _pct(v: float | None) -> str:
 @split_options
 @progress_option
 @json_option
-def fine_tune_cmd(data_dir: str, head_path: str, unfreeze: str, epochs: int, lr: float, backbone_lr_ratio: float, batch_size: int, patience: int, weight_decay: float, augment: bool, train_seed: int, out: str | None, restart: bool, workers: int | None, cache_dir: str | None, device: str, runtime: str, seed: int, val_fraction: float, labels_csv: str | None, progress: bool | None, as_json: bool) -> None:  # fmt: skip
+def fine_tune_cmd(data_dir: str, head_path: str, unfreeze: str, epochs: int, lr: float, backbone_lr_ratio: float, batch_size: int, patience: int, weight_decay: float, train_bn: bool, augment: bool, train_seed: int, out: str | None, restart: bool, workers: int | None, cache_dir: str | None, device: str, runtime: str, seed: int, val_fraction: float, labels_csv: str | None, progress: bool | None, as_json: bool) -> None:  # fmt: skip
     """Fine-tune the backbone of HEAD on DATA_DIR end to end, starting from the trained head.
 
     All but the last blocks stay frozen (their BatchNorm statistics too); the unfrozen blocks
@@ -50,7 +51,7 @@ def fine_tune_cmd(data_dir: str, head_path: str, unfreeze: str, epochs: int, lr:
     from ..data import SplitConfig
     from ..finetune import FineTuneConfig, fine_tune
 
-    cfg = FineTuneConfig(unfreeze=unfreeze, epochs=epochs, lr=lr, backbone_lr_ratio=backbone_lr_ratio, batch_size=batch_size, patience=patience, weight_decay=weight_decay, augment=augment, seed=train_seed)  # fmt: skip
+    cfg = FineTuneConfig(unfreeze=unfreeze, epochs=epochs, lr=lr, backbone_lr_ratio=backbone_lr_ratio, batch_size=batch_size, patience=patience, weight_decay=weight_decay, train_bn=train_bn, augment=augment, seed=train_seed)  # fmt: skip
     r = fine_tune(
         data_dir, head_path, cfg, out=out, cache_dir=cache_dir, device=device, runtime=runtime,
         workers=workers, split=SplitConfig(seed=seed, val_fraction=val_fraction), labels=labels_csv,

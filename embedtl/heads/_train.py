@@ -31,7 +31,7 @@ from ._config import HeadConfig
 from ._data import Split
 from ._modules import ACTIVATION_FUNCTIONS
 
-__all__ = ["TrainResult", "StackedNet", "train", "auto_batch_size"]
+__all__ = ["TrainResult", "StackedNet", "train", "auto_batch_size", "warmup_cosine"]
 
 _BETAS = (0.9, 0.999)
 _EPS = 1e-8
@@ -49,6 +49,14 @@ class TrainResult:
     val_loss: float | None
     curve: list[dict[str, float]] = field(default_factory=list)
     val_predictions: torch.Tensor | None = None  # (n_val,) classes predicted at the best epoch
+
+
+def warmup_cosine(step: int, warm: int, total: int) -> float:
+    """Learning-rate factor at ``step`` (0-based): linear warm-up over ``warm`` steps, then
+    cosine decay to zero at ``total``. The schedule of heads and of fine-tuning."""
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
 
 
 def auto_batch_size(n: int) -> int:
@@ -245,10 +253,8 @@ def train(
     total = cfg.epochs * steps_per_epoch
     warm = int(cfg.warmup_epochs * steps_per_epoch)
 
-    def lr_at(step: int) -> float:  # warm-up then cosine to zero, per step
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+    def lr_at(step: int) -> float:
+        return warmup_cosine(step, warm, total)
 
     active = list(range(n_var))  # global index of each local variant
     best_key: list[tuple[float, float] | None] = [None] * n_var

@@ -1,0 +1,156 @@
+"""Head only vs fine-tune last:1 vs last:2, on Tux Paint stamps or a Fashion-MNIST subset.
+
+Data (``--dataset``), both exported by embedtl's dataset registry:
+
+* ``tuxpaint`` (default): Debian's tuxpaint-stamps-default photo cut-outs on white (mirrored
+  copies and cartoons dropped), the categories with at least 30 photos (7 classes, ~580 images),
+  split 70/15/15 by embedtl's seeded stratified split; at 224 px (the weights' own). Photos of
+  everyday objects: close to ImageNet;
+* ``fashion-mnist``: Debian's dataset-fashion-mnist, the first 200 images per class of its train
+  and of its test set (10% of train carved into val); 28 px grayscale clothing upscaled to 64 px:
+  far from ImageNet.
+
+Backbone: EfficientNet-Lite0 with its real weights. The parent store is extracted once. Each
+round (train seed = round number), in a rotated order:
+
+* **head only**: ``fit_head`` on the cached features (embedtl's default linear head);
+* **last:1** and **last:2**: ``fine_tune`` of that round's head with default settings
+  (``--epochs`` at most, early stopping on val), which re-extracts the folder with the new
+  backbone and re-fits the head on the new features.
+
+Reported per variant: val and test accuracy of the final head, and seconds (head only: the fit;
+fine-tune: training + re-extraction + re-fit, each also given alone). Medians over the rounds.
+
+    python benchmarks/finetune.py [--dataset tuxpaint|fashion-mnist] [--image-size PX] [--epochs 5] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import machine, median, write_result  # noqa: E402
+
+import embedtl  # noqa: E402
+from embedtl.finetune import FineTuneConfig, fine_tune  # noqa: E402
+from embedtl.heads import HeadConfig, fit_head  # noqa: E402
+
+MIN_PER_CLASS = 30
+VARIANTS = ("head only", "last:1", "last:2")
+
+
+DATASETS = {"tuxpaint": 224, "fashion-mnist": 64}  # name -> default image size
+FASHION_PER_CLASS = 200
+
+
+def export(name: str, out: Path) -> Path:
+    from collections import Counter
+
+    from embedtl.datasets import get_dataset
+
+    if name == "fashion-mnist":
+        embedtl.export_dataset("fashion-mnist", out, max_per_class=FASHION_PER_CLASS, progress=True)
+        return out
+    counts = Counter(rel.split("/")[0] for rel, _ in get_dataset("tuxpaint-stamps").items(None, None))  # fmt: skip
+    classes = tuple(sorted(c for c, n in counts.items() if n >= MIN_PER_CLASS))
+    embedtl.export_dataset("tuxpaint-stamps", out, classes=classes, progress=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", choices=list(DATASETS), default="tuxpaint")
+    ap.add_argument("--data", type=Path, default=None, help="Where the images are exported [a temp folder].")  # fmt: skip
+    ap.add_argument("--cache-dir", type=Path, default=None)
+    ap.add_argument("--image-size", type=int, default=None, help="[224 for tuxpaint, 64 for fashion-mnist]")  # fmt: skip
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+
+    args.image_size = args.image_size or DATASETS[args.dataset]
+    root = export(
+        args.dataset, args.data or Path(tempfile.gettempdir()) / "embedtl-bench" / args.dataset
+    )
+    work = Path(tempfile.mkdtemp(prefix="embedtl-finetune-"))
+    cache = args.cache_dir or work / "cache"
+    t = time.perf_counter()
+    store = embedtl.extract(root, image_size=args.image_size, cache_dir=cache, progress=True)
+    extract_s = time.perf_counter() - t
+    n = {s: int(store.mask(s).sum()) for s in ("train", "val", "test")}
+    print(f"store {store.path}: {n}, {len(store.classes)} classes, extracted in {extract_s:.1f} s", flush=True)  # fmt: skip
+
+    runs: list[dict] = []
+    for r in range(args.rounds):
+        head = fit_head(store, HeadConfig(seed=r))
+        head_dir = head.save(work / f"head-{r}")
+        order = VARIANTS[r % 3 :] + VARIANTS[: r % 3]
+        for v in order:
+            t = time.perf_counter()
+            if v == "head only":
+                h = fit_head(store, HeadConfig(seed=r))
+                m = h.info["metrics"]
+                rec = {"val_accuracy": m["val_accuracy"], "test_accuracy": m["test_accuracy"], "seconds": time.perf_counter() - t}  # fmt: skip
+            else:
+                cfg = FineTuneConfig(unfreeze=v, epochs=args.epochs, seed=r)
+                out = work / f"ft-{v.replace(':', '')}-{r}"
+                res = fine_tune(root, head_dir, cfg, out=out, cache_dir=cache, progress=True)
+                rec = {**res.after, "seconds": time.perf_counter() - t, "train_seconds": res.seconds["train"], "extract_seconds": res.seconds["extract"], "fit_seconds": res.seconds["fit"], "epochs": res.epochs, "best_epoch": res.best_epoch, "start_val_accuracy": res.start_val_accuracy, "end_to_end_val_accuracy": res.end_to_end_val_accuracy, "before": res.before, "trainable_parameters": res.trainable_parameters, "blocks": res.blocks}  # fmt: skip
+                shutil.rmtree(out)
+            rec.update(variant=v, round=r)
+            runs.append(rec)
+            print(f"round {r} {v}: {rec}", flush=True)
+
+    summary = {}
+    for v in VARIANTS:
+        rs = [x for x in runs if x["variant"] == v]
+        summary[v] = {k: median([x[k] for x in rs]) for k in ("val_accuracy", "test_accuracy", "seconds")}  # fmt: skip
+        if v != "head only":
+            summary[v].update({k: median([x[k] for x in rs]) for k in ("train_seconds", "extract_seconds", "fit_seconds", "epochs")})  # fmt: skip
+            summary[v]["trainable_parameters"] = rs[0]["trainable_parameters"]
+            summary[v]["blocks"] = rs[0]["blocks"]
+    result = {
+        "machine": machine(),
+        "settings": {
+            "dataset": args.dataset,
+            "data": str(root),
+            "image_size": args.image_size,
+            "epochs": args.epochs,
+            "rounds": args.rounds,
+            "split": n,
+            "classes": store.classes,
+            "finetune_defaults": FineTuneConfig().to_dict(),
+            "parent_extract_seconds": extract_s,
+        },  # fmt: skip
+        "summary": summary,
+        "runs": runs,
+    }
+    lines = [
+        f"# Fine-tune: head only vs last:1 vs last:2 ({args.dataset})",
+        "",
+        f"`python benchmarks/finetune.py --dataset {args.dataset} --image-size {args.image_size} --epochs {args.epochs} --rounds {args.rounds}` on {result['machine']['cpu']} ({result['machine']['cores']} cores), {result['machine']['date']}.",  # fmt: skip
+        f"{len(store.classes)} classes ({', '.join(store.classes)}); train/val/test = {n['train']}/{n['val']}/{n['test']} images; EfficientNet-Lite0 (real weights) at {args.image_size} px. The parent store took {extract_s:.1f} s to extract (once, shared).",  # fmt: skip
+        "Medians over rounds (train seed = round); fine-tune seconds = training + re-extraction + re-fit.",
+        "",
+        "| variant | trained blocks | trainable params | val acc | test acc | seconds | train s | re-extract s | re-fit s | epochs |",  # fmt: skip
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for v, s in summary.items():
+        if v == "head only":
+            lines.append(f"| {v} | - | - | {s['val_accuracy']:.4f} | {s['test_accuracy']:.4f} | {s['seconds']:.2f} | - | - | - | - |")  # fmt: skip
+        else:
+            lines.append(f"| {v} | {', '.join(s['blocks'])} | {s['trainable_parameters']:,} | {s['val_accuracy']:.4f} | {s['test_accuracy']:.4f} | {s['seconds']:.1f} | {s['train_seconds']:.1f} | {s['extract_seconds']:.1f} | {s['fit_seconds']:.2f} | {s['epochs']:g} |")  # fmt: skip
+    lines += ["", "Every run:", "", "| round | variant | val acc | test acc | seconds |", "|---:|---|---:|---:|---:|"]  # fmt: skip
+    lines += [f"| {x['round']} | {x['variant']} | {x['val_accuracy']:.4f} | {x['test_accuracy']:.4f} | {x['seconds']:.1f} |" for x in runs]  # fmt: skip
+    path = write_result(f"finetune-{args.dataset}", result, "\n".join(lines))
+    print("\n".join(lines))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
