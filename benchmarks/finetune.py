@@ -22,6 +22,9 @@ Reported per variant: val and test accuracy of the final head, and seconds (head
 fine-tune: training + re-extraction + re-fit, each also given alone). Medians over the rounds.
 
     python benchmarks/finetune.py [--dataset tuxpaint|fashion-mnist] [--image-size PX] [--epochs 5] [--rounds 3]
+        [--per-class 200] [--variants "head only,last:1,last:2,last:1@0.1"]
+
+A variant ``last:N@R`` fine-tunes with ``--backbone-lr-ratio R`` (default 0.01).
 """
 
 from __future__ import annotations
@@ -42,20 +45,20 @@ from embedtl.finetune import FineTuneConfig, fine_tune  # noqa: E402
 from embedtl.heads import HeadConfig, fit_head  # noqa: E402
 
 MIN_PER_CLASS = 30
-VARIANTS = ("head only", "last:1", "last:2")
+VARIANTS = "head only,last:1,last:2"
 
 
 DATASETS = {"tuxpaint": 224, "fashion-mnist": 64}  # name -> default image size
 FASHION_PER_CLASS = 200
 
 
-def export(name: str, out: Path) -> Path:
+def export(name: str, out: Path, per_class: int = FASHION_PER_CLASS) -> Path:
     from collections import Counter
 
     from embedtl.datasets import get_dataset
 
     if name == "fashion-mnist":
-        embedtl.export_dataset("fashion-mnist", out, max_per_class=FASHION_PER_CLASS, progress=True)
+        embedtl.export_dataset("fashion-mnist", out, max_per_class=per_class, progress=True)
         return out
     counts = Counter(rel.split("/")[0] for rel, _ in get_dataset("tuxpaint-stamps").items(None, None))  # fmt: skip
     classes = tuple(sorted(c for c, n in counts.items() if n >= MIN_PER_CLASS))
@@ -71,7 +74,11 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=None, help="[224 for tuxpaint, 64 for fashion-mnist]")  # fmt: skip
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--per-class", type=int, default=FASHION_PER_CLASS, help="fashion-mnist: images per class of train and of test")  # fmt: skip
+    ap.add_argument("--variants", default=VARIANTS, help="comma-separated: head only, last:N, last:N@RATIO")  # fmt: skip
     args = ap.parse_args()
+    variants = tuple(v.strip() for v in args.variants.split(","))
+    tag = args.dataset + (f"-{args.per_class}pc" if args.dataset == "fashion-mnist" and args.per_class != FASHION_PER_CLASS else "")  # fmt: skip
 
     args.image_size = args.image_size or DATASETS[args.dataset]
     root = export(
@@ -89,7 +96,8 @@ def main() -> None:
     for r in range(args.rounds):
         head = fit_head(store, HeadConfig(seed=r))
         head_dir = head.save(work / f"head-{r}")
-        order = VARIANTS[r % 3 :] + VARIANTS[: r % 3]
+        k = r % len(variants)
+        order = variants[k:] + variants[:k]
         for v in order:
             t = time.perf_counter()
             if v == "head only":
@@ -97,8 +105,9 @@ def main() -> None:
                 m = h.info["metrics"]
                 rec = {"val_accuracy": m["val_accuracy"], "test_accuracy": m["test_accuracy"], "seconds": time.perf_counter() - t}  # fmt: skip
             else:
-                cfg = FineTuneConfig(unfreeze=v, epochs=args.epochs, seed=r)
-                out = work / f"ft-{v.replace(':', '')}-{r}"
+                unfreeze, _, ratio = v.partition("@")
+                cfg = FineTuneConfig(unfreeze=unfreeze, epochs=args.epochs, seed=r, **({"backbone_lr_ratio": float(ratio)} if ratio else {}))  # fmt: skip
+                out = work / f"ft-{v.replace(':', '').replace('@', '-')}-{r}"
                 res = fine_tune(root, head_dir, cfg, out=out, cache_dir=cache, progress=True)
                 rec = {**res.after, "seconds": time.perf_counter() - t, "train_seconds": res.seconds["train"], "extract_seconds": res.seconds["extract"], "fit_seconds": res.seconds["fit"], "epochs": res.epochs, "best_epoch": res.best_epoch, "start_val_accuracy": res.start_val_accuracy, "end_to_end_val_accuracy": res.end_to_end_val_accuracy, "before": res.before, "trainable_parameters": res.trainable_parameters, "blocks": res.blocks}  # fmt: skip
                 shutil.rmtree(out)
@@ -107,7 +116,7 @@ def main() -> None:
             print(f"round {r} {v}: {rec}", flush=True)
 
     summary = {}
-    for v in VARIANTS:
+    for v in variants:
         rs = [x for x in runs if x["variant"] == v]
         summary[v] = {k: median([x[k] for x in rs]) for k in ("val_accuracy", "test_accuracy", "seconds")}  # fmt: skip
         if v != "head only":
@@ -133,9 +142,9 @@ def main() -> None:
     lines = [
         f"# Fine-tune: head only vs last:1 vs last:2 ({args.dataset})",
         "",
-        f"`python benchmarks/finetune.py --dataset {args.dataset} --image-size {args.image_size} --epochs {args.epochs} --rounds {args.rounds}` on {result['machine']['cpu']} ({result['machine']['cores']} cores), {result['machine']['date']}.",  # fmt: skip
+        f"`python benchmarks/finetune.py --dataset {args.dataset} --image-size {args.image_size} --epochs {args.epochs} --rounds {args.rounds} --per-class {args.per_class} --variants '{args.variants}'` on {result['machine']['cpu']} ({result['machine']['cores']} cores), {result['machine']['date']}.",  # fmt: skip
         f"{len(store.classes)} classes ({', '.join(store.classes)}); train/val/test = {n['train']}/{n['val']}/{n['test']} images; EfficientNet-Lite0 (real weights) at {args.image_size} px. The parent store took {extract_s:.1f} s to extract (once, shared).",  # fmt: skip
-        "Medians over rounds (train seed = round); fine-tune seconds = training + re-extraction + re-fit.",
+        "Medians over rounds (train seed = round); fine-tune seconds = training + re-extraction + re-fit; `@R`: backbone learning-rate ratio R (default 0.01).",
         "",
         "| variant | trained blocks | trainable params | val acc | test acc | seconds | train s | re-extract s | re-fit s | epochs |",  # fmt: skip
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -147,7 +156,7 @@ def main() -> None:
             lines.append(f"| {v} | {', '.join(s['blocks'])} | {s['trainable_parameters']:,} | {s['val_accuracy']:.4f} | {s['test_accuracy']:.4f} | {s['seconds']:.1f} | {s['train_seconds']:.1f} | {s['extract_seconds']:.1f} | {s['fit_seconds']:.2f} | {s['epochs']:g} |")  # fmt: skip
     lines += ["", "Every run:", "", "| round | variant | val acc | test acc | seconds |", "|---:|---|---:|---:|---:|"]  # fmt: skip
     lines += [f"| {x['round']} | {x['variant']} | {x['val_accuracy']:.4f} | {x['test_accuracy']:.4f} | {x['seconds']:.1f} |" for x in runs]  # fmt: skip
-    path = write_result(f"finetune-{args.dataset}", result, "\n".join(lines))
+    path = write_result(f"finetune-{tag}", result, "\n".join(lines))
     print("\n".join(lines))
     print(f"wrote {path}")
 

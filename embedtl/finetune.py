@@ -82,7 +82,10 @@ class FineTuneConfig:
     batch_size: int = 32
     patience: int = 2  # epochs without a better val accuracy before stopping
     warmup: float = 0.1  # share of the steps spent warming up the learning rate
-    crop_scale: tuple[float, float] = (0.6, 1.0)  # mild: measured better than (0.25, 1) in short runs
+    crop_scale: tuple[float, float] = (
+        0.6,
+        1.0,
+    )  # mild: measured better than (0.25, 1) in short runs
     flip: bool = True
     augment: bool = True
     #: BatchNorm layers of the unfrozen blocks update their running statistics too. Off by
