@@ -24,7 +24,9 @@ fine-tune: training + re-extraction + re-fit, each also given alone). Medians ov
     python benchmarks/finetune.py [--dataset tuxpaint|fashion-mnist] [--image-size PX] [--epochs 5] [--rounds 3]
         [--per-class 200] [--variants "head only,last:1,last:2,last:1@0.1"]
 
-A variant ``last:N@R`` fine-tunes with ``--backbone-lr-ratio R`` (default 0.01).
+A variant ``last:N@R`` fine-tunes with ``--backbone-lr-ratio R`` (default 0.1); a ``+bn``
+suffix lets the unfrozen blocks' BatchNorm statistics update (``--train-bn``). ``--name`` names
+the result files (default ``finetune-<dataset>``).
 """
 
 from __future__ import annotations
@@ -75,15 +77,14 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--per-class", type=int, default=FASHION_PER_CLASS, help="fashion-mnist: images per class of train and of test")  # fmt: skip
-    ap.add_argument("--variants", default=VARIANTS, help="comma-separated: head only, last:N, last:N@RATIO")  # fmt: skip
+    ap.add_argument("--variants", default=VARIANTS, help="comma-separated: head only, last:N, last:N@RATIO, ...+bn")  # fmt: skip
+    ap.add_argument("--name", default=None, help="result file name [finetune-<dataset>]")
     args = ap.parse_args()
     variants = tuple(v.strip() for v in args.variants.split(","))
     tag = args.dataset + (f"-{args.per_class}pc" if args.dataset == "fashion-mnist" and args.per_class != FASHION_PER_CLASS else "")  # fmt: skip
 
     args.image_size = args.image_size or DATASETS[args.dataset]
-    root = export(
-        args.dataset, args.data or Path(tempfile.gettempdir()) / "embedtl-bench" / args.dataset
-    )
+    root = export(args.dataset, args.data or Path(tempfile.gettempdir()) / "embedtl-bench" / tag, args.per_class)  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix="embedtl-finetune-"))
     cache = args.cache_dir or work / "cache"
     t = time.perf_counter()
@@ -105,9 +106,10 @@ def main() -> None:
                 m = h.info["metrics"]
                 rec = {"val_accuracy": m["val_accuracy"], "test_accuracy": m["test_accuracy"], "seconds": time.perf_counter() - t}  # fmt: skip
             else:
-                unfreeze, _, ratio = v.partition("@")
-                cfg = FineTuneConfig(unfreeze=unfreeze, epochs=args.epochs, seed=r, **({"backbone_lr_ratio": float(ratio)} if ratio else {}))  # fmt: skip
-                out = work / f"ft-{v.replace(':', '').replace('@', '-')}-{r}"
+                spec, train_bn = v.removesuffix("+bn"), v.endswith("+bn")
+                unfreeze, _, ratio = spec.partition("@")
+                cfg = FineTuneConfig(unfreeze=unfreeze, epochs=args.epochs, seed=r, train_bn=train_bn, **({"backbone_lr_ratio": float(ratio)} if ratio else {}))  # fmt: skip
+                out = work / f"ft-{len(runs)}"
                 res = fine_tune(root, head_dir, cfg, out=out, cache_dir=cache, progress=True)
                 rec = {**res.after, "seconds": time.perf_counter() - t, "train_seconds": res.seconds["train"], "extract_seconds": res.seconds["extract"], "fit_seconds": res.seconds["fit"], "epochs": res.epochs, "best_epoch": res.best_epoch, "start_val_accuracy": res.start_val_accuracy, "end_to_end_val_accuracy": res.end_to_end_val_accuracy, "before": res.before, "trainable_parameters": res.trainable_parameters, "blocks": res.blocks}  # fmt: skip
                 shutil.rmtree(out)
@@ -120,7 +122,7 @@ def main() -> None:
         rs = [x for x in runs if x["variant"] == v]
         summary[v] = {k: median([x[k] for x in rs]) for k in ("val_accuracy", "test_accuracy", "seconds")}  # fmt: skip
         if v != "head only":
-            summary[v].update({k: median([x[k] for x in rs]) for k in ("train_seconds", "extract_seconds", "fit_seconds", "epochs")})  # fmt: skip
+            summary[v].update({k: median([x[k] for x in rs]) for k in ("train_seconds", "extract_seconds", "fit_seconds", "epochs", "start_val_accuracy", "end_to_end_val_accuracy")})  # fmt: skip
             summary[v]["trainable_parameters"] = rs[0]["trainable_parameters"]
             summary[v]["blocks"] = rs[0]["blocks"]
     result = {
@@ -144,19 +146,19 @@ def main() -> None:
         "",
         f"`python benchmarks/finetune.py --dataset {args.dataset} --image-size {args.image_size} --epochs {args.epochs} --rounds {args.rounds} --per-class {args.per_class} --variants '{args.variants}'` on {result['machine']['cpu']} ({result['machine']['cores']} cores), {result['machine']['date']}.",  # fmt: skip
         f"{len(store.classes)} classes ({', '.join(store.classes)}); train/val/test = {n['train']}/{n['val']}/{n['test']} images; EfficientNet-Lite0 (real weights) at {args.image_size} px. The parent store took {extract_s:.1f} s to extract (once, shared).",  # fmt: skip
-        "Medians over rounds (train seed = round); fine-tune seconds = training + re-extraction + re-fit; `@R`: backbone learning-rate ratio R (default 0.01).",
+        "Medians over rounds (train seed = round); fine-tune seconds = training + re-extraction + re-fit; `@R`: backbone learning-rate ratio R (default 0.1).",
         "",
-        "| variant | trained blocks | trainable params | val acc | test acc | seconds | train s | re-extract s | re-fit s | epochs |",  # fmt: skip
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | trained blocks | trainable params | val acc | test acc | seconds | train s | re-extract s | re-fit s | epochs | end-to-end val: start / best epoch |",  # fmt: skip
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for v, s in summary.items():
         if v == "head only":
-            lines.append(f"| {v} | - | - | {s['val_accuracy']:.4f} | {s['test_accuracy']:.4f} | {s['seconds']:.2f} | - | - | - | - |")  # fmt: skip
+            lines.append(f"| {v} | - | - | {s['val_accuracy']:.4f} | {s['test_accuracy']:.4f} | {s['seconds']:.2f} | - | - | - | - | - |")  # fmt: skip
         else:
-            lines.append(f"| {v} | {', '.join(s['blocks'])} | {s['trainable_parameters']:,} | {s['val_accuracy']:.4f} | {s['test_accuracy']:.4f} | {s['seconds']:.1f} | {s['train_seconds']:.1f} | {s['extract_seconds']:.1f} | {s['fit_seconds']:.2f} | {s['epochs']:g} |")  # fmt: skip
+            lines.append(f"| {v} | {', '.join(s['blocks'])} | {s['trainable_parameters']:,} | {s['val_accuracy']:.4f} | {s['test_accuracy']:.4f} | {s['seconds']:.1f} | {s['train_seconds']:.1f} | {s['extract_seconds']:.1f} | {s['fit_seconds']:.2f} | {s['epochs']:g} | {s['start_val_accuracy']:.4f} / {s['end_to_end_val_accuracy']:.4f} |")  # fmt: skip
     lines += ["", "Every run:", "", "| round | variant | val acc | test acc | seconds |", "|---:|---|---:|---:|---:|"]  # fmt: skip
     lines += [f"| {x['round']} | {x['variant']} | {x['val_accuracy']:.4f} | {x['test_accuracy']:.4f} | {x['seconds']:.1f} |" for x in runs]  # fmt: skip
-    path = write_result(f"finetune-{tag}", result, "\n".join(lines))
+    path = write_result(args.name or f"finetune-{tag}", result, "\n".join(lines))
     print("\n".join(lines))
     print(f"wrote {path}")
 

@@ -76,7 +76,10 @@ class FineTuneConfig:
     unfreeze: str = "last:1"  # "last:N" blocks (see FeatureModel.blocks) or "all"
     epochs: int = 5
     lr: float = 1e-3  # the head's learning rate
-    backbone_lr_ratio: float = 0.01  # the block next to the head trains at lr * ratio
+    #: the block next to the head trains at lr * ratio. 0.1, not the tutorials' 0.01: measured
+    #: on 9,000 Fashion-MNIST images (benchmarks/finetune.py) 0.01 left the re-fitted head's test
+    #: accuracy where it was, 0.1 raised it (last:2: 0.849 -> 0.868)
+    backbone_lr_ratio: float = 0.1
     layer_decay: float = 0.7  # each block further from the head: the rate of the one above x this
     weight_decay: float = 0.01  # AdamW, on weights (not on biases and norm parameters)
     batch_size: int = 32

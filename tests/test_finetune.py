@@ -291,9 +291,11 @@ def test_cli_fine_tune_json_and_cache_ls(setup, tmp_path):
     # the new backbone is usable by path with every command
     ext = runner.invoke(main, ["extract", str(setup["root"]), "--backbone", str(out), "--cache-dir", str(setup["cache"]), "--json"])  # fmt: skip
     assert ext.exit_code == 0, ext.output
-    assert (
-        json.loads(ext.stdout)["store"] == d["store"] and json.loads(ext.stdout)["extracted"] == 0
-    )
+    assert json.loads(ext.stdout)["store"] == d["store"] and json.loads(ext.stdout)["extracted"] == 0  # fmt: skip
+    # the re-fitted head predicts new images through the fine-tuned backbone it names
+    image = next(p for p in setup["store"].paths.astype(str) if p.startswith("cat/"))
+    pred = runner.invoke(main, ["predict", d["head"], str(setup["root"] / image), "--cache-dir", str(setup["cache"]), "--json"])  # fmt: skip
+    assert pred.exit_code == 0, pred.output
     bad = runner.invoke(main, ["fine-tune", str(setup["root"]), "--head", str(setup["head_dir"]), "--unfreeze", "last:99", "--cache-dir", str(setup["cache"])])  # fmt: skip
     assert (
         bad.exit_code == 1 and "use last:8 or all" in bad.output and "Traceback" not in bad.output

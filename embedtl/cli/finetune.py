@@ -24,7 +24,7 @@ def _pct(v: float | None) -> str:
 @click.option("--unfreeze", default="last:1", show_default=True, help="last:N trains the N blocks next to the head (timm's stages; ResNet layerN; features.N), all trains everything.")  # fmt: skip
 @click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True, help="Most epochs; early stopping on val may end sooner.")  # fmt: skip
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True, help="The head's learning rate (AdamW).")  # fmt: skip
-@click.option("--backbone-lr-ratio", type=click.FloatRange(0, 1, min_open=True), default=0.01, show_default=True, help="The block next to the head trains at LR x this; each block below at 0.7x the one above.")  # fmt: skip
+@click.option("--backbone-lr-ratio", type=click.FloatRange(0, 1, min_open=True), default=0.1, show_default=True, help="The block next to the head trains at LR x this; each block below at 0.7x the one above.")  # fmt: skip
 @click.option("--batch-size", type=click.IntRange(min=2), default=32, show_default=True, help="Images per step.")  # fmt: skip
 @click.option("--patience", type=click.IntRange(min=1), default=2, show_default=True, help="Epochs without a better val accuracy before stopping.")  # fmt: skip
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=0.01, show_default=True, help="AdamW weight decay (weights only).")  # fmt: skip
