@@ -22,10 +22,6 @@ class Block:
     name: str  # e.g. "blocks.6+conv_head+bn2"
     params: tuple[str, ...]  # parameter names of the body
 
-    def numel(self, model: nn.Module) -> int:
-        own = dict(model.named_parameters())
-        return sum(own[p].numel() for p in self.params)
-
 
 #: Block boundaries of torchvision families, in timm's ``group_matcher`` format: a regex per
 #: group, numbered groups sorted by their number, ``(99999,)`` merges into the group before.

@@ -55,7 +55,8 @@ from .data import AugmentTransform, ImageTransform, SplitConfig
 from .errors import FineTuneError, HeadError
 from .extract import _collate, _Images, default_workers, extract, resolve_device
 from .heads import Head, evaluate_head, fit_head, load_head
-from .heads._train import warmup_cosine
+from .heads._head import _split_rows
+from .heads._train import class_weights, warmup_cosine
 
 __all__ = ["FineTuneConfig", "FineTuneResult", "fine_tune", "save_backbone", "amp_dtype"]
 
@@ -264,7 +265,7 @@ class _Rows:
 
 
 def _rows(store: FeatureStore, split: str, class_map: np.ndarray) -> _Rows:
-    idx = np.flatnonzero(store.mask(split) & (store.labels >= 0))
+    idx = _split_rows(store, split)
     return _Rows(store.paths[idx].astype(str).tolist(), class_map[store.labels[idx]])
 
 
@@ -356,18 +357,14 @@ class _Trainer:
         self.val_images = _Images(root, val.paths, ImageTransform(pre))
         self.val_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.opt = torch.optim.AdamW(_param_groups(net, unfrozen, cfg), betas=(0.9, 0.999))
-        self.steps_per_epoch = len(_batches(len(train.paths), cfg.batch_size, cfg.seed, 0))
-        total = self.steps_per_epoch * cfg.epochs
+        total = len(_batches(len(train.paths), cfg.batch_size, cfg.seed, 0)) * cfg.epochs
         warm = max(1, int(round(cfg.warmup * total))) if cfg.warmup > 0 else 0
 
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, functools.partial(warmup_cosine, warm=warm, total=total))  # fmt: skip
         self.amp = amp_dtype(device, cfg.amp)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
-        weight = None
-        if class_weight == "balanced":
-            counts = np.bincount(train.labels, minlength=n_classes).astype(np.float64)
-            w = np.where(counts > 0, counts.sum() / (n_classes * np.maximum(counts, 1)), 0.0)
-            weight = torch.as_tensor(w, dtype=torch.float32, device=device)
+        labels = torch.as_tensor(train.labels, dtype=torch.long)
+        weight = class_weights(labels, n_classes).to(device) if class_weight == "balanced" else None
         self.loss_weight, self.smoothing = weight, label_smoothing
 
     def _autocast(self):

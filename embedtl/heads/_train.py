@@ -31,7 +31,14 @@ from ._config import HeadConfig
 from ._data import Split
 from ._modules import ACTIVATION_FUNCTIONS
 
-__all__ = ["TrainResult", "StackedNet", "train", "auto_batch_size", "warmup_cosine"]
+__all__ = [
+    "TrainResult",
+    "StackedNet",
+    "train",
+    "auto_batch_size",
+    "warmup_cosine",
+    "class_weights",
+]
 
 _BETAS = (0.9, 0.999)
 _EPS = 1e-8
@@ -208,8 +215,9 @@ def score(net: StackedNet, split: Split) -> tuple[torch.Tensor, torch.Tensor, to
     return correct.double() / n, loss / n, pred
 
 
-def _class_weights(split: Split, n_classes: int) -> torch.Tensor:
-    counts = torch.bincount(split.labels.cpu(), minlength=n_classes).double()
+def class_weights(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """``balanced`` class weights n / (C * n_c) of training labels (heads and fine-tuning)."""
+    counts = torch.bincount(labels.cpu(), minlength=n_classes).double()
     w = counts.sum() / (n_classes * counts.clamp_min(1))
     return w.float()
 
@@ -245,7 +253,7 @@ def train(
     opt = _StackedAdamW(stacked, torch.tensor([c.lr for c in configs], **f32), torch.tensor([c.weight_decay for c in configs], **f32))  # fmt: skip
     ls = [c.label_smoothing for c in configs]
     smoothing = torch.tensor(ls, **f32) if any(ls) else None
-    weight = _class_weights(train_split, n_classes).to(device) if cfg.class_weight else None
+    weight = class_weights(train_split.labels, n_classes).to(device) if cfg.class_weight else None
 
     gen = torch.Generator().manual_seed(cfg.seed)
     batch = cfg.batch_size or auto_batch_size(train_split.n)
