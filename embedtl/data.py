@@ -23,6 +23,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from struct import error as struct_error
 
 import numpy as np
 
@@ -37,6 +38,10 @@ __all__ = [
     "Manifest",
     "scan",
     "load_image",
+    "decode_image",
+    "read_file",
+    "content_hash",
+    "max_image_pixels",
     "ImageTransform",
     "AugmentTransform",
 ]
@@ -102,7 +107,7 @@ class Manifest:
     entries: list[ImageEntry]
     classes: list[str]
     layout: str  # "splits" | "classes" | "flat" | "csv"
-    n_skipped: int = 0  # non-image files
+    n_skipped: int = 0  # files left out: not images by extension, hidden, links leading out
     skipped_examples: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -123,38 +128,106 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".") or name.startswith("__")
 
 
-def _walk_files(root: Path) -> list[tuple[str, os.stat_result]]:
+@dataclass
+class _Walk:
+    """What a folder walk found besides the files: what it left out, and why."""
+
+    skipped: list[str] = field(default_factory=list)  # hidden entries, special files
+    external_links: list[str] = field(default_factory=list)  # symlinks leading out of the root
+    loops: list[str] = field(default_factory=list)  # directory symlinks to one of their ancestors
+    unreadable_dirs: list[str] = field(default_factory=list)
+
+
+def _inside(target: str, root_real: str) -> bool:
+    return target == root_real or target.startswith(root_real.rstrip(os.sep) + os.sep)
+
+
+def _walk_files(root: Path, follow_links: str = "inside") -> tuple[list[tuple[str, os.stat_result]], _Walk]:  # fmt: skip
     """All non-hidden files below ``root``, as (relative POSIX path, stat), sorted.
 
+    Symbolic links (``follow_links``): ``"inside"`` follows a link whose target resolves inside
+    the root and leaves out (and reports) one that leads out of it; ``"all"`` follows every link;
+    ``"none"`` follows none. A directory link to one of its own ancestors is a loop: reported,
+    not entered (as ``find -L`` does). A link whose target is missing stays in the list (its
+    stat is the link's own), so that extraction records it as a failed file, not silence.
     Plain strings, not pathlib: a scan of 70,000 files is most of a cache hit's cost.
     """
+    if follow_links not in ("inside", "all", "none"):
+        raise DataError(f"unknown symlink policy {follow_links!r}: use inside, all or none")
+    root_real = os.path.realpath(root)
     out: list[tuple[str, os.stat_result]] = []
-    stack = [(str(root), "")]
+    walk = _Walk()
+    st = os.stat(root)
+    stack: list[tuple[str, str, tuple[tuple[int, int], ...]]] = [(str(root), "", ((st.st_dev, st.st_ino),))]  # fmt: skip
     while stack:
-        d, rel = stack.pop()
+        d, rel, chain = stack.pop()
         try:
             entries = list(os.scandir(d))
         except OSError as e:
-            raise DataError(f"cannot list {d}: {e.strerror}") from e
+            if not rel:
+                raise DataError(f"cannot list {d}: {e.strerror}") from e
+            log.warning("cannot list %s (%s): its files are left out", d, e.strerror)
+            walk.unreadable_dirs.append(rel.rstrip("/"))
+            continue
         for de in entries:
+            name = rel + de.name
             if _is_hidden(de.name):
+                walk.skipped.append(name)
                 continue
-            if de.is_dir(follow_symlinks=True):
-                stack.append((de.path, f"{rel}{de.name}/"))
-            elif de.is_file(follow_symlinks=True):
-                out.append((rel + de.name, de.stat(follow_symlinks=True)))
+            try:
+                link = de.is_symlink()
+                if (
+                    link
+                    and follow_links != "all"
+                    and (
+                        follow_links == "none" or not _inside(os.path.realpath(de.path), root_real)
+                    )
+                ):
+                    walk.external_links.append(name)
+                elif de.is_dir(follow_symlinks=True):
+                    s = de.stat(follow_symlinks=True)
+                    key = (s.st_dev, s.st_ino)
+                    if key in chain:
+                        walk.loops.append(name)
+                    else:
+                        stack.append((de.path, name + "/", (*chain, key)))
+                elif de.is_file(follow_symlinks=True):
+                    out.append((name, de.stat(follow_symlinks=True)))
+                elif link:  # dangling: kept, so that it is recorded as failed
+                    out.append((name, de.stat(follow_symlinks=False)))
+                else:  # a FIFO, socket or device: opening one could block forever
+                    walk.skipped.append(name)
+            except OSError as e:  # vanished or unreadable while listing
+                log.warning("cannot stat %s (%s): left out", de.path, e.strerror)
+                walk.skipped.append(name)
     out.sort(key=lambda t: t[0])
-    return out
+    if walk.loops:
+        log.warning(
+            "%d symbolic links loop back to a folder above them and were not followed (e.g. %s)",
+            len(walk.loops), ", ".join(walk.loops[:3]),
+        )  # fmt: skip
+    if walk.external_links:
+        log.warning(
+            "%d symbolic links %s and were left out (e.g. %s)%s",
+            len(walk.external_links),
+            "were not followed" if follow_links == "none" else "lead outside the folder",
+            ", ".join(walk.external_links[:3]),
+            "" if follow_links == "none" else "; --follow-links all follows them",
+        )  # fmt: skip
+    return out, walk
 
 
-def image_files(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
+def image_files(
+    inputs: Sequence[str | os.PathLike[str]], follow_links: str = "inside"
+) -> list[Path]:
     """Image files named by ``inputs``: files as given, folders expanded (recursively, sorted,
     hidden and non-image files left out). A missing input is an error."""
     out: list[Path] = []
     for item in inputs:
         p = Path(item).expanduser()
         if p.is_dir():
-            out.extend(p / rel for rel, _ in _walk_files(p) if Path(rel).suffix.lower() in IMAGE_EXTENSIONS)  # fmt: skip
+            files, _ = _walk_files(p, follow_links)
+            out.extend(p / rel for rel, _ in files if os.path.splitext(rel)[1].lower() in IMAGE_EXTENSIONS)  # fmt: skip
         elif p.is_file():
             out.append(p)
         else:
@@ -163,7 +236,8 @@ def image_files(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
 
 
 def _hash_rank(seed: int, path: str) -> int:
-    return int.from_bytes(hashlib.blake2b(f"{seed}:{path}".encode(), digest_size=8).digest(), "big")
+    key = f"{seed}:{path}".encode("utf-8", "surrogateescape")  # non-UTF-8 names: their bytes
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
 
 
 def _cut(n: int, fractions: Sequence[float]) -> list[int]:
@@ -229,8 +303,15 @@ def scan(
     root: str | os.PathLike[str],
     split: SplitConfig | None = None,
     labels_csv: str | os.PathLike[str] | None = None,
+    follow_links: str = "inside",
 ) -> Manifest:
-    """Scan an image folder into a deterministic, sorted :class:`Manifest`."""
+    """Scan an image folder into a deterministic, sorted :class:`Manifest`.
+
+    Files are images by extension (:data:`IMAGE_EXTENSIONS`); other files, hidden files and
+    folders (``.name``, ``__name``) and symbolic links that are not followed (see
+    ``follow_links`` in :func:`_walk_files`) are counted in ``n_skipped``. Whether an image
+    decodes is the extraction's business: unreadable ones are recorded there as failed.
+    """
     split = split or SplitConfig()
     root = Path(root).expanduser().resolve()
     if not root.exists():
@@ -238,9 +319,9 @@ def scan(
     if not root.is_dir():
         raise DataError(f"not a folder: {root}")
 
-    files = _walk_files(root)
+    files, walk = _walk_files(root, follow_links)
     images: list[tuple[str, os.stat_result]] = []
-    skipped: list[str] = []
+    skipped: list[str] = walk.skipped + walk.external_links
     for rp, st in files:
         if os.path.splitext(rp)[1].lower() in IMAGE_EXTENSIONS:
             images.append((rp, st))
@@ -251,7 +332,7 @@ def scan(
             f"no images found in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
         )
 
-    top_dirs = {e.name for e in os.scandir(root) if e.is_dir() and not _is_hidden(e.name)}
+    top_dirs = {rp.split("/", 1)[0] for rp, _ in images if "/" in rp}
     split_dirs = {d: _SPLIT_DIRS[d.lower()] for d in top_dirs if d.lower() in _SPLIT_DIRS}
 
     # (path, split from the folder or None, class name from the folder or None)
@@ -333,26 +414,96 @@ def scan(
 # decoding
 
 
-def load_image(path: str | os.PathLike[str], draft_size: int | None = None):
-    """Open an image as 8-bit RGB: EXIF orientation applied, alpha composited on white.
+#: Images declaring more pixels than this are refused before decoding (a "decompression bomb":
+#: a small file that would expand to gigabytes). Pillow's own hard limit, 2 x its MAX_IMAGE_PIXELS
+#: (~179 Mpx, e.g. 13,000 x 13,000); ``$EMBEDTL_MAX_IMAGE_PIXELS`` sets another.
+MAX_IMAGE_PIXELS_ENV = "EMBEDTL_MAX_IMAGE_PIXELS"
 
-    Handles grayscale, palette (with transparency), RGBA/LA, CMYK and 16-/32-bit images.
-    Raises :class:`ImageDecodeError` with the reason for anything unreadable.
-    """
-    from PIL import Image, ImageOps
 
+def max_image_pixels() -> int:
+    from PIL import Image
+
+    env = os.environ.get(MAX_IMAGE_PIXELS_ENV)
+    if env:
+        try:
+            return int(float(env))
+        except ValueError:
+            raise DataError(f"${MAX_IMAGE_PIXELS_ENV} must be a number of pixels, got {env!r}") from None  # fmt: skip
+    return 2 * int(Image.MAX_IMAGE_PIXELS or 89_478_485)
+
+
+def read_file(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of an image file; a missing or unreadable file is an :class:`ImageDecodeError`."""
     try:
-        with Image.open(path) as im:
-            if draft_size is not None and im.format == "JPEG":
-                im.draft(None, (draft_size, draft_size))  # DCT-domain downscale, >= size
-            im.load()
-            if "exif" in im.info or im.format not in ("PNG", "BMP", "GIF", "PPM"):
-                im = ImageOps.exif_transpose(im)  # (skipped where no EXIF can be: 0.1 ms/image)
-            return _to_rgb(im)
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ImageDecodeError(f"{type(e).__name__}: {e.strerror or e}") from e
+
+
+def content_hash(data: bytes) -> str:
+    """The content key of a file: blake2b-128 of its bytes, hex (stored per row in ``/hashes``)."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def load_image(path: str | os.PathLike[str], draft_size: int | None = None):
+    """Open an image file as 8-bit RGB; see :func:`decode_image`."""
+    return decode_image(read_file(path), draft_size)
+
+
+def decode_image(data: bytes, draft_size: int | None = None):
+    """Decode image bytes as 8-bit RGB: EXIF orientation applied, alpha composited on white.
+
+    Handles grayscale, palette (with transparency), RGBA/LA, CMYK and 16-/32-bit images; a JPEG
+    is DCT-downscaled to no less than ``draft_size`` on load. Raises :class:`ImageDecodeError`,
+    with a one-line reason, for anything unreadable: empty, truncated or foreign bytes, formats
+    Pillow cannot read, images over :func:`max_image_pixels`. Damaged EXIF is ignored (the
+    image is kept, unrotated), as are Pillow's warnings about it.
+    """
+    import io
+    import warnings
+
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not data:
+        raise ImageDecodeError("empty file (0 bytes)")
+    limit = max_image_pixels()
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # bomb warnings (checked below), corrupt-EXIF notes
+            Image.MAX_IMAGE_PIXELS = None  # checked here, with the size in the message
+            with Image.open(io.BytesIO(data)) as im:
+                if im.width * im.height > limit:
+                    raise ImageDecodeError(_bomb_message(im.width, im.height, limit))
+                if draft_size is not None and im.format == "JPEG":
+                    im.draft(None, (draft_size, draft_size))  # DCT-domain downscale, >= size
+                im.load()
+                if "exif" in im.info or im.format not in ("PNG", "BMP", "GIF", "PPM"):
+                    try:  # (skipped where no EXIF can be: 0.1 ms/image)
+                        im = ImageOps.exif_transpose(im)
+                    except Exception as e:  # damaged EXIF: keep the pixels as stored
+                        log.debug("ignoring unreadable EXIF: %s", e)
+                return _to_rgb(im)
     except ImageDecodeError:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except UnidentifiedImageError:
+        raise ImageDecodeError(
+            f"not an image Pillow can read (starts with {data[:12]!r})"
+        ) from None
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, struct_error) as e:
         raise ImageDecodeError(f"{type(e).__name__}: {e}") from e
+    except MemoryError:
+        raise ImageDecodeError("out of memory while decoding") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = pil_limit
+
+
+def _bomb_message(w: int, h: int, limit: int) -> str:
+    return (
+        f"declares {w} x {h} = {w * h / 1e6:,.0f} Mpx, over the decompression-bomb limit of {limit / 1e6:,.0f} Mpx "
+        f"(set ${MAX_IMAGE_PIXELS_ENV} to allow larger images)"
+    )
 
 
 def _to_rgb(im):

@@ -18,13 +18,13 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ._io import pause_point
 from .backbones import DEFAULT_BACKBONE, BackboneSpec, get_backbone
 from .cache import (
     FeatureStore,
@@ -37,7 +37,16 @@ from .cache import (
     write_store,
 )
 from .cache._journal import Journal
-from .data import DECODER, ImageTransform, Manifest, SplitConfig, load_image, scan
+from .data import (
+    DECODER,
+    ImageTransform,
+    Manifest,
+    SplitConfig,
+    content_hash,
+    decode_image,
+    read_file,
+    scan,
+)
 from .errors import DeviceError, EmbedTLError, ImageDecodeError, StoreError
 from .runtime import ONNX_BATCH, RUNTIMES, load_runtime, resolve_runtime
 
@@ -84,6 +93,8 @@ class ExtractStats:
     workers: int | None = None  # decoding workers, when the model ran
     stages: dict[str, float] = field(default_factory=dict)
     failed: list[dict[str, str]] = field(default_factory=list)
+    touched: int = 0  # files with a new mtime but the same bytes (content hash): reused
+    content_checked: bool = False  # every reused row's file was re-hashed (check_content=True)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,7 +154,8 @@ def resolve_device(device: str) -> str:
 
 
 class _Images:
-    """Dataset of (position, uint8 tensor | None, error | None); decoding errors are data.
+    """Dataset of (position, uint8 tensor | None, error | None, content hash | None); decoding
+    errors are data. Each file is read once: its bytes are hashed and decoded.
 
     With a ``seed`` (a tuple, e.g. (seed, epoch)) the transform is random and draws from a
     generator seeded by (seed..., position): the same image gets the same draw in any worker,
@@ -161,24 +173,27 @@ class _Images:
 
     def __getitem__(self, i: int):
         try:
-            im = load_image(self.root / self.paths[i], draft_size=self.transform.draft_size)
+            data = read_file(self.root / self.paths[i])
+            im = decode_image(data, draft_size=self.transform.draft_size)
             if self.seed is not None:
-                return i, self.transform(im, np.random.default_rng((*self.seed, i))), None  # type: ignore[call-arg]
-            return i, self.transform(im), None
+                x = self.transform(im, np.random.default_rng((*self.seed, i)))  # type: ignore[call-arg]
+            else:
+                x = self.transform(im)
+            return i, x, None, content_hash(data)
         except ImageDecodeError as e:
-            return i, None, str(e)
-        except OSError as e:  # vanished or unreadable file
-            return i, None, f"{type(e).__name__}: {e}"
+            return i, None, str(e), None
+        except (OSError, ValueError, MemoryError) as e:  # anything else one image can raise
+            return i, None, f"{type(e).__name__}: {e}", None
 
 
 def _collate(batch):
     import torch
 
-    ok = [(i, t) for i, t, _ in batch if t is not None]
-    failed = [(i, e) for i, t, e in batch if t is None]
-    idx = [i for i, _ in ok]
-    x = torch.stack([t for _, t in ok]) if ok else None
-    return idx, x, failed
+    ok = [(i, t, h) for i, t, _, h in batch if t is not None]
+    failed = [(i, e) for i, t, e, _ in batch if t is None]
+    idx = [i for i, _, _ in ok]
+    x = torch.stack([t for _, t, _ in ok]) if ok else None
+    return idx, x, failed, [h for _, _, h in ok]
 
 
 @dataclass
@@ -190,11 +205,44 @@ class _Plan:
     failed_known: dict[int, str]  # manifest position -> recorded error (file unchanged)
     todo: list[int]  # manifest positions to compute
     removed: int  # rows of the old store whose file is gone from the folder
+    hashes: dict[int, str] = field(default_factory=dict)  # manifest position -> content hash
+    touched: int = 0  # reused rows whose file has a new mtime but the same bytes
 
 
-def _plan(manifest: Manifest, old: FeatureStore | None, journal_rows, all_paths: set[str]) -> _Plan:
+class _Hasher:
+    """Content hashes of files under a root, each file read at most once per run."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.memo: dict[str, str | None] = {}
+
+    def __call__(self, path: str) -> str | None:
+        if path not in self.memo:
+            try:
+                self.memo[path] = content_hash(read_file(self.root / path))
+            except ImageDecodeError:
+                self.memo[path] = None  # unreadable now: extract it again, to record why
+        return self.memo[path]
+
+
+def _plan(
+    manifest: Manifest,
+    old: FeatureStore | None,
+    journal_rows,
+    all_paths: set[str],
+    hasher: _Hasher,
+    check_content: bool = False,
+    progress: bool = False,
+) -> _Plan:
+    """Which rows can be reused. A row is reused when its file has the size and mtime it had
+    when extracted; with ``check_content`` also the same content hash. A file with the same
+    size but a new mtime is re-hashed, and reused when its bytes are unchanged (``touch``, a
+    copy that did not keep times)."""
+    from tqdm.auto import tqdm
+
     old_index: dict[str, int] = {}
     old_failed: dict[str, tuple[str, int, int]] = {}
+    old_hashes = old.hashes if old is not None else None
     if old is not None:
         old_index = {p: i for i, p in enumerate(old.paths.tolist())}
         r = old.rows()
@@ -205,17 +253,29 @@ def _plan(manifest: Manifest, old: FeatureStore | None, journal_rows, all_paths:
             )
         }
     plan = _Plan({}, {}, {}, [], 0)
-    for pos, e in enumerate(manifest.entries):
+
+    def same(path: str, size: int, mtime: int, stored_hash: str, e, pos: int) -> bool:
+        if size != e.size:
+            return False
+        if mtime == e.mtime_ns and not check_content:
+            plan.hashes[pos] = stored_hash
+            return True
+        if not stored_hash or hasher(path) != stored_hash:
+            return False
+        plan.hashes[pos] = stored_hash
+        plan.touched += mtime != e.mtime_ns
+        return True
+
+    entries = tqdm(manifest.entries, desc="check content", unit="file", disable=not (progress and check_content), leave=False)  # fmt: skip
+    for pos, e in enumerate(entries):
         i = old_index.get(e.path)
-        if i is not None and old.sizes[i] == e.size and old.mtimes_ns[i] == e.mtime_ns:  # type: ignore[union-attr]
+        if i is not None and same(
+            e.path, int(old.sizes[i]), int(old.mtimes_ns[i]), old_hashes[i], e, pos
+        ):  # type: ignore[union-attr, index]
             plan.from_store[pos] = i
             continue
         j = journal_rows.index.get(e.path)
-        if (
-            j is not None
-            and journal_rows.sizes[e.path] == e.size
-            and journal_rows.mtimes_ns[e.path] == e.mtime_ns
-        ):
+        if j is not None and same(e.path, journal_rows.sizes[e.path], journal_rows.mtimes_ns[e.path], journal_rows.hashes[e.path], e, pos):  # fmt: skip
             plan.from_journal[pos] = j
             continue
         for failed in (journal_rows.failed, old_failed):
@@ -231,7 +291,7 @@ def _plan(manifest: Manifest, old: FeatureStore | None, journal_rows, all_paths:
 
 def _unchanged(old: FeatureStore, manifest: Manifest, plan: _Plan, attrs: dict[str, Any]) -> bool:
     """True when rewriting the store would produce the same rows and labels."""
-    if plan.todo or plan.from_journal or plan.removed:
+    if plan.todo or plan.from_journal or plan.removed or plan.touched:
         return False
     if old.classes != manifest.classes or len(plan.failed_known) != len(old.failed):
         return False
@@ -263,6 +323,8 @@ def extract(
     lock_timeout: float = -1,
     allow_download: bool | None = None,
     shard: tuple[int, int] | None = None,
+    follow_links: str = "inside",
+    check_content: bool = False,
 ) -> FeatureStore:
     """Extract pooled features of every image under ``root`` into its store; return the store.
 
@@ -270,6 +332,12 @@ def extract(
     changed files are computed, removed files drop out. An interrupted run resumes from its
     journal. Corrupt images are recorded in ``/failed`` and skipped (``strict=True``: raise).
     The returned store's ``last_extraction`` holds an :class:`ExtractStats`.
+
+    A file counts as unchanged when its size and mtime are those recorded; ``check_content``
+    also re-hashes every file (it reads them all) and re-extracts those whose bytes changed.
+    ``follow_links``: ``"inside"`` (symbolic links are followed when they resolve inside
+    ``root``), ``"all"`` or ``"none"``. ``lock_timeout``: seconds to wait for another process
+    writing the same store (< 0: as long as it takes; 0: fail at once).
 
     ``shard=(i, n)`` extracts every n-th image of the sorted folder, starting at the i-th, into
     a shard store beside the store; :func:`embedtl.cache.merge_stores` joins the shards into the
@@ -288,10 +356,10 @@ def extract(
     cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     spec = get_backbone(backbone, image_size=image_size)
     fingerprint = spec.fingerprint()
-    manifest = scan(root, split, labels)
+    manifest = scan(root, split, labels, follow_links)
     if manifest.n_skipped:
         log.info(
-            "%d files are not images and were skipped (e.g. %s)",
+            "%d files are not images (by extension), hidden or links not followed: skipped (e.g. %s)",
             manifest.n_skipped,
             ", ".join(manifest.skipped_examples),
         )
@@ -320,7 +388,11 @@ def extract(
         dim = old.dim if old is not None else spec.dim  # spec.dim builds a meta-device model
         journal = Journal(path, fingerprint, dim, dtype)
         journal_rows = journal.load()
-        plan = _plan(manifest, old, journal_rows, all_paths)
+        hasher = _Hasher(manifest.root)
+        plan = _plan(manifest, old, journal_rows, all_paths, hasher, check_content, progress)
+        if strict and plan.failed_known:
+            pos = min(plan.failed_known)
+            raise ImageDecodeError(_strict_message(manifest, pos, plan.failed_known[pos], len(plan.failed_known)))  # fmt: skip
 
         if old is not None and _unchanged(old, manifest, plan, attrs):
             stats = ExtractStats(
@@ -329,6 +401,7 @@ def extract(
                 removed=0, seconds=time.perf_counter() - t_start, images_per_second=0.0, runtime=None,
                 runtime_reason="cache hit: every file unchanged, no model built", device=None,
                 model_built=False, failed=[{"path": p, "error": e} for p, e in old.failed],
+                content_checked=check_content,
             )  # fmt: skip
             old.last_extraction = stats
             return old
@@ -359,7 +432,7 @@ def extract(
             )
             t_compute = time.perf_counter() - t0
             journal_rows = journal.load()
-            plan = _plan(manifest, old, journal_rows, all_paths)
+            plan = _plan(manifest, old, journal_rows, all_paths, hasher, check_content)
             if plan.todo:
                 raise StoreError(
                     f"internal error: {len(plan.todo)} files neither extracted nor failed"
@@ -388,6 +461,7 @@ def extract(
         elif old is not None:  # rows and labels rewritten, features as the last run made them
             attrs.update({k: old.metadata.get(k) for k in ("runtime", "device", "amp", "decoder", "extraction")})  # fmt: skip
         rows = _fold(manifest, plan, old, journal_rows, path, dim, dtype, attrs)
+        pause_point("store-replaced")
         journal.clear()
         stages["write"] += time.perf_counter() - t_w
 
@@ -403,9 +477,15 @@ def extract(
         batch_size=used_batch, workers=workers if run_device is not None else None,
         stages={k: round(v, 4) for k, v in stages.items()},
         failed=[{"path": p, "error": e} for p, e in zip(rows.failed_paths, rows.failed_errors, strict=True)],
+        touched=plan.touched, content_checked=check_content,
     )  # fmt: skip
     store.last_extraction = stats
     return store
+
+
+def _strict_message(manifest: Manifest, pos: int, err: str, n: int) -> str:
+    more = f" (and {n - 1} more)" if n > 1 else ""
+    return f"cannot read {manifest.root / manifest.entries[pos].path}{more}: {err} (--strict; without it unreadable images are recorded and skipped)"
 
 
 def torchrun_rank() -> tuple[int, int] | None:
@@ -544,11 +624,11 @@ def _stream(
     progress: bool,
     stages: dict[str, float],
     desc: str,
-) -> Iterator[tuple[list[int], np.ndarray | None, list[tuple[int, str]]]]:
+) -> Iterator[tuple[list[int], np.ndarray | None, list[tuple[int, str]], list[str]]]:
     """The engine's inner loop: decode ``paths`` (under ``root``) in batches and run the model.
 
-    Yields (positions, features (B, D) float32 | None, [(position, error)]) per batch, in order;
-    decode, h2d and model seconds accumulate in ``stages``.
+    Yields (positions, features (B, D) float32 | None, [(position, error)], content hashes of
+    the positions) per batch, in order; decode, h2d and model seconds accumulate in ``stages``.
     """
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
@@ -570,7 +650,7 @@ def _stream(
         while True:
             t0 = time.perf_counter()
             try:
-                idx, x, failed = next(it)
+                idx, x, failed, hashes = next(it)
             except StopIteration:
                 break
             t1 = time.perf_counter()
@@ -582,7 +662,7 @@ def _stream(
                 stages["h2d"] += t2 - t1
                 feats = model(x)  # (B, D) float32 numpy
                 stages["model"] += time.perf_counter() - t2
-            yield idx, feats, failed
+            yield idx, feats, failed, hashes
             bar.update(len(idx) + len(failed))
     finally:
         bar.close()
@@ -605,6 +685,7 @@ def _run_model(
     entries = [manifest.entries[i] for i in todo]
     pending_feats: list[np.ndarray] = []
     pending_rows: list[int] = []
+    pending_hashes: list[str] = []
     pending_failed: list[tuple[str, str, int, int]] = []
     last_flush = time.perf_counter()
 
@@ -623,10 +704,12 @@ def _run_model(
                 [e.path for e in es],
                 [e.size for e in es],
                 [e.mtime_ns for e in es],
+                pending_hashes,
                 pending_failed,
             )
             pending_feats.clear()
             pending_rows.clear()
+            pending_hashes.clear()
             pending_failed.clear()
             stages["write"] += time.perf_counter() - t
         last_flush = time.perf_counter()
@@ -637,16 +720,18 @@ def _run_model(
         progress, stages, f"extract {spec.name}",
     )  # fmt: skip
     try:
-        for idx, feats, failed in batches:
+        for idx, feats, failed, hashes in batches:
             for i, err in failed:
                 e = entries[i]
                 if strict:
-                    raise ImageDecodeError(f"cannot read {manifest.root / e.path}: {err}")
-                log.warning("skipping %s: %s", e.path, err)
+                    raise ImageDecodeError(_strict_message(manifest, todo[i], err, 1))
+                log.info("failed: %s: %s", e.path, err)
                 pending_failed.append((e.path, err, e.size, e.mtime_ns))
             if feats is not None:
                 pending_feats.append(feats)
                 pending_rows.extend(idx)
+                pending_hashes.extend(hashes)
+            pause_point("batch")
             if (
                 len(pending_rows) >= _FLUSH_ROWS
                 or time.perf_counter() - last_flush > _FLUSH_SECONDS
@@ -694,7 +779,7 @@ def embed_files(
     feats: list[np.ndarray] = []
     ok: list[int] = []
     failed: list[tuple[str, str]] = []
-    for idx, f, bad in _stream(
+    for idx, f, bad, _ in _stream(
         eng.model, spec, Path("/"), paths, eng.device, eng.batch_size, eng.workers, progress,
         stages, f"embed {spec.name}",
     ):  # fmt: skip
@@ -738,27 +823,27 @@ def _fold(
         failed_errors=[plan.failed_known[p] for p in failed_pos],
         failed_sizes=np.asarray([e.size for e in fes], dtype=np.int64),
         failed_mtimes_ns=np.asarray([e.mtime_ns for e in fes], dtype=np.int64),
-    )
+        hashes=np.asarray(
+            [plan.hashes.get(p) or journal_rows.hashes.get(e.path, "") for p, e in zip(ok_pos, es, strict=True)],
+            dtype=object,
+        ),
+    )  # fmt: skip
 
     def fill(ds) -> None:
-        import h5py
-
         chunk = 8192
-        with h5py.File(old.path, "r") if old is not None else nullcontext() as src:
-            for start in range(0, len(ok_pos), chunk):
-                part = ok_pos[start : start + chunk]
-                block = np.empty((len(part), dim), dtype=dtype)
-                in_store = [k for k, p in enumerate(part) if p in plan.from_store]
-                if in_store:
-                    src_rows = np.asarray([plan.from_store[part[k]] for k in in_store])
-                    # both orders are sorted by path, so src_rows increases: one h5py selection
-                    block[in_store] = src["features"][src_rows]
-                in_journal = [k for k, p in enumerate(part) if p in plan.from_journal]
-                if in_journal:
-                    block[in_journal] = journal_rows.features[
-                        [plan.from_journal[part[k]] for k in in_journal]
-                    ]
-                ds[start : start + len(part)] = block
+        for start in range(0, len(ok_pos), chunk):
+            part = ok_pos[start : start + chunk]
+            block = np.empty((len(part), dim), dtype=dtype)
+            in_store = [k for k, p in enumerate(part) if p in plan.from_store]
+            if in_store:
+                # both orders are sorted by path, so the rows increase: one h5py selection
+                block[in_store] = old.read_rows([plan.from_store[part[k]] for k in in_store])  # type: ignore[union-attr]
+            in_journal = [k for k, p in enumerate(part) if p in plan.from_journal]
+            if in_journal:
+                block[in_journal] = journal_rows.features[
+                    [plan.from_journal[part[k]] for k in in_journal]
+                ]
+            ds[start : start + len(part)] = block
 
     write_store(path, rows, dim, dtype, fill, attrs)
     return rows

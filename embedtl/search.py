@@ -315,6 +315,7 @@ class VectorIndex:
         import h5py
 
         from .cache import library_versions
+        from .cache._store import write_strings
 
         path = Path(path)
         rows = self.rows or IndexRows.empty()
@@ -330,7 +331,7 @@ class VectorIndex:
         }
         with atomic_file(path) as tmp, h5py.File(tmp, "w") as f:
             f.create_dataset("faiss", data=faiss.serialize_index(self.index))
-            f.create_dataset("paths", data=rows.paths.astype(object), dtype=h5py.string_dtype("utf-8"))  # fmt: skip
+            write_strings(f, "paths", rows.paths)
             f.create_dataset("sizes", data=rows.sizes.astype(np.int64))
             f.create_dataset("mtimes_ns", data=rows.mtimes_ns.astype(np.int64))
             f.attrs["meta"] = json.dumps(attrs, default=str)
@@ -343,6 +344,8 @@ class VectorIndex:
         import faiss
         import h5py
 
+        from .cache._store import read_strings
+
         path = Path(path)
         try:
             with h5py.File(path, "r") as f:
@@ -352,9 +355,7 @@ class VectorIndex:
                 if meta.get("format_version") != INDEX_FORMAT_VERSION:
                     raise StaleIndexError(f"{path} has index format version {meta.get('format_version')}; this embedtl reads {INDEX_FORMAT_VERSION}")  # fmt: skip
                 blob = f["faiss"][()]
-                rows = IndexRows(
-                    f["paths"].asstr()[()].astype(object), f["sizes"][()], f["mtimes_ns"][()]
-                )
+                rows = IndexRows(read_strings(f["paths"]), f["sizes"][()], f["mtimes_ns"][()])
         except (OSError, KeyError, ValueError) as e:
             raise StoreError(f"cannot read index {path}: {e}") from e
         try:

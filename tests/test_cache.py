@@ -87,7 +87,7 @@ def test_open_store_by_folder_and_errors(store, class_folder, cache_dir, tmp_pat
     with pytest.raises(StoreError, match="format_version 99"):
         embedtl.open_store(newer)
     (tmp_path / "junk.h5").write_bytes(b"junk")
-    with pytest.raises(StoreError, match="cannot read"):
+    with pytest.raises(StoreError, match="not a readable HDF5 file"):
         embedtl.open_store(tmp_path / "junk.h5")
 
 
@@ -97,6 +97,7 @@ def test_verify_reports_problems_and_stale_files(store, class_folder):
     (class_folder / "dog" / "dog_001.png").write_bytes(b"changed")
     r = embedtl.verify_store(store.path)
     assert r["ok"] and r["missing"] == ["dog/dog_000.png"] and r["stale"] == ["dog/dog_001.png"]
+    store.close()  # an open store holds its file: HDF5 refuses a writer beside it
     with h5py.File(store.path, "r+") as f:
         f["features"][3] = np.nan
     r = embedtl.verify_store(store.path)

@@ -67,7 +67,10 @@ def test_flat_folder_is_unlabelled(tmp_path):
     assert m.layout == "flat" and not m.labelled and m.classes == []
     assert {e.split for e in m.entries} == {"train"}
     assert {e.label for e in m.entries} == {-1}
-    assert m.n_skipped == 1
+    assert m.n_skipped == 2 and m.skipped_examples == [
+        ".hidden.png",
+        "notes.txt",
+    ]  # hidden files too
 
 
 def test_labels_csv(tmp_path, caplog):

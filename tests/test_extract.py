@@ -48,7 +48,8 @@ def test_rerun_is_a_cache_hit_that_builds_no_model_and_decodes_no_image(
         raise AssertionError("must not be called on a cache hit")
 
     monkeypatch.setattr(rt, "build_feature_model", boom)
-    monkeypatch.setattr(ex, "load_image", boom)
+    monkeypatch.setattr(ex, "read_file", boom)
+    monkeypatch.setattr(ex, "decode_image", boom)
     monkeypatch.setattr(ex, "write_store", boom)
     again = embedtl.extract(class_folder, cache_dir=cache_dir, **tiny)
     st = again.last_extraction
@@ -67,13 +68,13 @@ def test_incremental_add_change_remove(class_folder, cache_dir, tiny, monkeypatc
     (class_folder / "fox" / "fox_002.png").unlink()  # removed
 
     decoded: list[str] = []
-    real = ex.load_image
+    real = ex.read_file
 
     def spy(path, *a, **k):
         decoded.append(os.path.basename(path))
         return real(path, *a, **k)
 
-    monkeypatch.setattr(ex, "load_image", spy)
+    monkeypatch.setattr(ex, "read_file", spy)
     second = embedtl.extract(class_folder, cache_dir=cache_dir, dtype="float32", **tiny)
     st = second.last_extraction
     assert sorted(decoded) == ["cat_001.png", "dog_new.png"]
@@ -92,7 +93,7 @@ def test_corrupt_image_is_recorded_and_skipped_strict_raises(class_folder, cache
     store = embedtl.extract(class_folder, cache_dir=cache_dir, **tiny)
     st = store.last_extraction
     assert st.n_failed == 1 and st.n_images == 24
-    assert store.failed[0][0] == "cat/broken.jpg" and "Error" in store.failed[0][1]
+    assert store.failed[0][0] == "cat/broken.jpg" and "not an image" in store.failed[0][1]
     # the unchanged broken file is not retried: a plain cache hit
     assert not embedtl.extract(
         class_folder, cache_dir=cache_dir, **tiny

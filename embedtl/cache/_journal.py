@@ -2,8 +2,9 @@
 
 A journal is a folder beside the store (``<store>.journal/``) of ``.npz`` segments, each written
 to a temporary name and renamed into place, so a killed process leaves only whole segments. A
-segment holds the features and file stats of the rows it extracted and the files that failed.
-A completed run folds the journal into the store and deletes it.
+segment holds the features, file stats and content hashes of the rows it extracted and the
+files that failed. A completed run folds the journal into the store and deletes it. The journal
+is only touched under the store's lock.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .._io import pause_point
+from ..errors import StoreError
+
 __all__ = ["Journal", "JournalRows"]
 
 
@@ -28,6 +32,7 @@ class JournalRows:
     index: dict[str, int]  # path -> row in features
     sizes: dict[str, int]
     mtimes_ns: dict[str, int]
+    hashes: dict[str, str]
     failed: dict[str, tuple[str, int, int]]  # path -> (error, size, mtime_ns)
 
 
@@ -45,9 +50,11 @@ class Journal:
 
     def load(self) -> JournalRows:
         """Whole segments of earlier runs with the same fingerprint; others are discarded."""
-        empty = JournalRows(np.zeros((0, self.dim), self.dtype), {}, {}, {}, {})
+        empty = JournalRows(np.zeros((0, self.dim), self.dtype), {}, {}, {}, {}, {})
         if not self.dir.is_dir():
             return empty
+        for tmp in self.dir.glob(".*.tmp"):  # a segment a killed writer did not finish
+            tmp.unlink(missing_ok=True)
         meta_file = self.dir / "meta.json"
         try:
             meta = json.loads(meta_file.read_text())
@@ -60,6 +67,7 @@ class Journal:
         index: dict[str, int] = {}
         sizes: dict[str, int] = {}
         mtimes: dict[str, int] = {}
+        hashes: dict[str, str] = {}
         failed: dict[str, tuple[str, int, int]] = {}
         n = 0
         for seg in sorted(self.dir.glob("seg-*.npz")):
@@ -68,6 +76,7 @@ class Journal:
                     f = z["features"]
                     paths = z["paths"].tolist()
                     s, m = z["sizes"].tolist(), z["mtimes_ns"].tolist()
+                    h = z["hashes"].tolist() if "hashes" in z.files else [""] * len(paths)
                     fp, fe = z["failed_paths"].tolist(), z["failed_errors"].tolist()
                     fs, fm = z["failed_sizes"].tolist(), z["failed_mtimes_ns"].tolist()
             except (OSError, ValueError, KeyError):
@@ -79,12 +88,13 @@ class Journal:
                 index[p] = n + i
                 sizes[p] = s[i]
                 mtimes[p] = m[i]
+                hashes[p] = h[i]
                 failed.pop(p, None)
             for p, e, sz, mt in zip(fp, fe, fs, fm, strict=True):
                 failed[p] = (e, sz, mt)
             n += len(paths)
         return JournalRows(
-            np.concatenate(feats) if feats else empty.features, index, sizes, mtimes, failed
+            np.concatenate(feats) if feats else empty.features, index, sizes, mtimes, hashes, failed
         )
 
     def append(
@@ -93,11 +103,22 @@ class Journal:
         paths: list[str],
         sizes: list[int],
         mtimes_ns: list[int],
+        hashes: list[str],
         failed: list[tuple[str, str, int, int]],
     ) -> None:
-        """Write one segment atomically."""
+        """Write one segment atomically (a full disk raises :class:`StoreError`; the segments
+        already written stay valid)."""
         if not paths and not failed:
             return
+        try:
+            self._append(features, paths, sizes, mtimes_ns, hashes, failed)
+        except OSError as e:
+            raise StoreError(
+                f"cannot write the extraction journal in {self.dir} ({e.strerror or e}); the rows "
+                "written so far are kept: free disk space or choose another --cache-dir, then rerun"
+            ) from None
+
+    def _append(self, features, paths, sizes, mtimes_ns, hashes, failed) -> None:
         if not self.dir.is_dir():
             self.dir.mkdir(parents=True, exist_ok=True)
         meta_file = self.dir / "meta.json"
@@ -107,6 +128,15 @@ class Journal:
             os.replace(tmp, meta_file)
         name = f"seg-{self._run}-{self._n:06d}.npz"
         tmp = self.dir / f".{name}.tmp"
+        try:
+            self._write_segment(tmp, features, paths, sizes, mtimes_ns, hashes, failed)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        os.replace(tmp, self.dir / name)
+        self._n += 1
+
+    def _write_segment(self, tmp, features, paths, sizes, mtimes_ns, hashes, failed) -> None:
         with open(tmp, "wb") as fh:
             np.savez(
                 fh,
@@ -114,15 +144,15 @@ class Journal:
                 paths=np.asarray(paths, dtype=str),
                 sizes=np.asarray(sizes, dtype=np.int64),
                 mtimes_ns=np.asarray(mtimes_ns, dtype=np.int64),
+                hashes=np.asarray(hashes, dtype=str),
                 failed_paths=np.asarray([f[0] for f in failed], dtype=str),
                 failed_errors=np.asarray([f[1] for f in failed], dtype=str),
                 failed_sizes=np.asarray([f[2] for f in failed], dtype=np.int64),
                 failed_mtimes_ns=np.asarray([f[3] for f in failed], dtype=np.int64),
             )
             fh.flush()
+            pause_point("journal-segment")
             os.fsync(fh.fileno())
-        os.replace(tmp, self.dir / name)
-        self._n += 1
 
     def clear(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

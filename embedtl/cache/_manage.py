@@ -261,7 +261,7 @@ def export_store(source: str | os.PathLike[str], out: str | os.PathLike[str]) ->
             raise StoreError("parquet export needs pyarrow: pip install 'embedtl[parquet]'") from e
         table = pa.table(
             {
-                "path": s.paths.astype(str),
+                "path": [_utf8(p) for p in s.paths],
                 "label": s.labels,
                 "label_name": label_names,
                 "split": s.splits.astype(str),
@@ -273,6 +273,11 @@ def export_store(source: str | os.PathLike[str], out: str | os.PathLike[str]) ->
     else:
         raise StoreError(f"unknown export format {out.suffix!r}: use .npz or .parquet")
     return {"store": str(s.path), "out": str(out), "rows": len(s), "dim": s.dim}
+
+
+def _utf8(path: str) -> str:
+    """Parquet strings are UTF-8: a name that is not keeps its odd bytes as \\xNN escapes."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 _SHARD_NAME = re.compile(r"^(?P<stem>.+)\.shard-(?P<i>\d+)-of-(?P<n>\d+)\.h5$")
@@ -340,25 +345,19 @@ def merge_stores(
         failed_errors=[f[1] for f in failed],
         failed_sizes=np.asarray([f[2] for f in failed], dtype=np.int64),
         failed_mtimes_ns=np.asarray([f[3] for f in failed], dtype=np.int64),
+        hashes=np.asarray([col("hashes", k, r) for _, k, r in order], dtype=object),
     )
 
     def fill(ds) -> None:
-        import h5py
-
         chunk = 8192
-        files = [h5py.File(s.path, "r") for s in stores]
-        try:
-            for start in range(0, len(order), chunk):
-                part = order[start : start + chunk]
-                block = np.empty((len(part), ref.dim), dtype=ref.dtype)
-                for k, f in enumerate(files):
-                    pos = [j for j, (_, kk, _) in enumerate(part) if kk == k]
-                    if pos:  # rows of one store come in increasing order: one h5py selection
-                        block[pos] = f["features"][np.asarray([part[j][2] for j in pos])]
-                ds[start : start + len(part)] = block
-        finally:
-            for f in files:
-                f.close()
+        for start in range(0, len(order), chunk):
+            part = order[start : start + chunk]
+            block = np.empty((len(part), ref.dim), dtype=ref.dtype)
+            for k, s in enumerate(stores):
+                pos = [j for j, (_, kk, _) in enumerate(part) if kk == k]
+                if pos:  # rows of one store come in increasing order: one h5py selection
+                    block[pos] = s.read_rows([part[j][2] for j in pos])
+            ds[start : start + len(part)] = block
 
     attrs = {
         k: v

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import StoreLockedError
+from ..errors import StoreError, StoreLockedError
 
 __all__ = ["default_cache_dir", "store_path", "onnx_model_path", "store_lock"]
 
 CACHE_ENV = "EMBEDTL_CACHE"
+log = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
@@ -46,17 +48,32 @@ def onnx_model_path(cache_dir: Path, backbone_name: str, fingerprint: str) -> Pa
 
 @contextmanager
 def store_lock(path: Path, timeout: float = -1):
-    """One writer per store. ``timeout`` < 0 waits for the other writer to finish."""
+    """One writer per store: an OS file lock (released by the kernel when its holder dies, so a
+    killed run never leaves a stale lock). ``timeout`` < 0 waits for the other writer to finish,
+    0 fails at once, else waits that many seconds; a failure is a :class:`StoreLockedError`."""
     from filelock import FileLock, Timeout
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(path) + ".lock")
     try:
-        lock.acquire(timeout=timeout)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path) + ".lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            if timeout == 0:
+                raise
+            log.warning("another embedtl process is writing %s: waiting for it (--lock-timeout to give up)", path)  # fmt: skip
+            lock.acquire(timeout=timeout)
     except Timeout as e:
+        waited = f" after waiting {timeout:g} s" if timeout > 0 else ""
         raise StoreLockedError(
-            f"another embedtl process is writing {path}; wait for it or stop it"
+            f"another embedtl process is writing {path}{waited}; wait for it to finish "
+            "(or stop it: an interrupted run resumes), or pass a longer --lock-timeout"
         ) from e
+    except OSError as e:
+        raise StoreError(
+            f"cannot use the cache folder {path.parent} ({e.strerror or e}): "
+            "choose a writable one with --cache-dir or $EMBEDTL_CACHE"
+        ) from None
     try:
         yield
     finally:

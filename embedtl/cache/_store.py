@@ -2,8 +2,12 @@
 
 Writes are atomic: a new version of a store is written to a temporary file beside it, flushed,
 fsynced and moved over the old one with ``os.replace``. Readers therefore see either the old
-file or the new one, never half-written rows; a reader that already has the old file open keeps
-reading the old inode. Work in progress lives in a journal (``_journal.py``) until a run completes.
+file or the new one, never half-written rows. A :class:`FeatureStore` holds its file open from
+the moment it reads the rows, so its features always belong to those rows, even after a writer
+has replaced the file. Work in progress lives in a journal (``_journal.py``) until a run completes.
+
+Paths are text; a file name that is not valid UTF-8 is stored as its raw bytes (read it with
+h5py's ``.asstr(errors="surrogateescape")``), so every file can be found again.
 """
 
 from __future__ import annotations
@@ -18,11 +22,19 @@ from typing import Any
 
 import numpy as np
 
-from .._io import atomic_file
+from .._io import atomic_file, pause_point
 from ..backbones import FORMAT_VERSION, BackboneSpec
 from ..errors import StoreError
 
-__all__ = ["FORMAT_NAME", "FeatureStore", "StoreRows", "write_store", "library_versions"]
+__all__ = [
+    "FORMAT_NAME",
+    "FeatureStore",
+    "StoreRows",
+    "write_store",
+    "library_versions",
+    "write_strings",
+    "read_strings",
+]
 
 FORMAT_NAME = "embedtl.features"
 _STR = None  # h5py string dtype, created lazily
@@ -35,6 +47,19 @@ def _str_dtype():
 
         _STR = h5py.string_dtype("utf-8")
     return _STR
+
+
+def write_strings(group, name: str, values) -> None:
+    """A UTF-8 string dataset; names that are not valid UTF-8 keep their bytes (surrogateescape)."""
+    data = np.asarray([str(v).encode("utf-8", "surrogateescape") for v in values], dtype=object)
+    group.create_dataset(name, data=data, dtype=_str_dtype())
+
+
+def read_strings(ds) -> np.ndarray:
+    """The inverse of :func:`write_strings`: an object array of str."""
+    if len(ds) == 0:
+        return np.empty(0, dtype=object)
+    return np.asarray(ds.asstr(errors="surrogateescape")[()], dtype=object)
 
 
 def library_versions() -> dict[str, str]:
@@ -72,38 +97,82 @@ class StoreRows:
     failed_errors: list[str]
     failed_sizes: np.ndarray  # (F,) int64
     failed_mtimes_ns: np.ndarray  # (F,) int64
+    hashes: np.ndarray | None = None  # (N,) str: blake2b-128 hex of each file; "" where unknown
+
+    def content_hashes(self) -> np.ndarray:
+        return (
+            self.hashes if self.hashes is not None else np.full(len(self.paths), "", dtype=object)
+        )
+
+
+_REBUILD = "delete it and run `embedtl extract` again to rebuild it"
 
 
 class FeatureStore:
     """Read access to one feature store file. Use :func:`embedtl.open_store` to get one.
 
-    Row metadata (paths, labels, splits) is read once; features are read on demand, whole or
-    in chunks. No file handle is held between calls.
+    Row metadata (paths, labels, splits) is read once; features are read on demand, whole or in
+    chunks, from the file as it was when the rows were read: the store holds it open (read-only)
+    until :meth:`close`, garbage collection or the end of a ``with`` block, so a writer that
+    replaces the file meanwhile cannot mix its rows into this store's.
+
+    A file that is not a readable store of this format is refused with a :class:`StoreError`
+    naming the file and what to do.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         import h5py
 
         self.path = Path(path)
+        self._file = None
         if not self.path.is_file():
             raise StoreError(f"feature store not found: {self.path}")
         try:
-            with h5py.File(self.path, "r") as f:
-                self._attrs = _read_attrs(f, self.path)
-                self._rows = _read_rows(f, self.path)
-                feats = f["features"]
-                self._shape = tuple(feats.shape)
-                self._h5dtype = feats.dtype
+            f = h5py.File(self.path, "r")
+        except OSError as e:
+            raise StoreError(f"{self.path} is not a readable HDF5 file ({_h5_reason(e)}): {_REBUILD}") from None  # fmt: skip
+        try:
+            self._attrs = _read_attrs(f, self.path)
+            self._rows = _read_rows(f, self.path)
+            feats = f["features"]
+            self._shape = tuple(feats.shape)
+            self._h5dtype = feats.dtype
+            if len(self._shape) != 2:
+                raise StoreError(f"{self.path}: /features is not a 2-D array: {_REBUILD}")
+            if self._shape[0] != len(self._rows.paths):
+                raise StoreError(
+                    f"{self.path}: /features has {self._shape[0]} rows but /paths has {len(self._rows.paths)}: {_REBUILD}"
+                )
         except StoreError:
+            f.close()
             raise
-        except (OSError, KeyError) as e:
-            raise StoreError(f"cannot read feature store {self.path}: {e}") from e
-        if self._shape[0] != len(self._rows.paths):
-            raise StoreError(
-                f"{self.path}: /features has {self._shape[0]} rows but /paths has {len(self._rows.paths)}"
-            )
+        except (OSError, KeyError, ValueError, TypeError, UnicodeDecodeError, AttributeError) as e:
+            f.close()
+            raise StoreError(f"{self.path} is a damaged feature store ({_h5_reason(e)}): {_REBUILD}") from None  # fmt: skip
+        self._file = f
         #: Set by :func:`embedtl.extract` on the store it returns: what that run did.
         self.last_extraction = None
+
+    def close(self) -> None:
+        """Release the file (reading features afterwards raises :class:`StoreError`)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> FeatureStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _h5(self):
+        if self._file is None:
+            raise StoreError(f"{self.path} was closed")
+        return self._file
+
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Features of the increasing row indices ``rows``, in the stored dtype (one selection)."""
+        return self._h5()["features"][np.asarray(rows)]
 
     # -- metadata ---------------------------------------------------------------------------
     @property
@@ -171,6 +240,11 @@ class FeatureStore:
     @property
     def mtimes_ns(self) -> np.ndarray:
         return self._rows.mtimes_ns
+
+    @property
+    def hashes(self) -> np.ndarray:
+        """(N,) blake2b-128 hex of each file's bytes as extracted; "" where not recorded."""
+        return self._rows.content_hashes()
 
     @property
     def failed(self) -> list[tuple[str, str]]:
@@ -243,23 +317,23 @@ class FeatureStore:
         stays bounded by the chunk whatever the split's rows are; chunks may hold fewer rows.
         Blocks come in row order, or in ``order`` (a permutation of the block numbers).
         """
-        import h5py
-
         if chunk_rows < 1:
             raise StoreError("chunk_rows must be >= 1")
         mask = self._select(split, rows)
         starts = range(0, len(self), chunk_rows)
         if order is not None:
             starts = [starts[b] for b in order]
-        with h5py.File(self.path, "r") as f:
-            ds = f["features"]
-            for start in starts:
-                sel = mask[start : start + chunk_rows]
-                if not sel.any():
-                    continue
+        ds = self._h5()["features"]
+        for start in starts:
+            sel = mask[start : start + chunk_rows]
+            if not sel.any():
+                continue
+            try:
                 block = ds[start : start + len(sel)]  # (<= chunk_rows, D), one contiguous read
-                rows = np.flatnonzero(sel) + start
-                yield rows, _convert(block[sel] if not sel.all() else block, dtype)
+            except OSError as e:
+                raise StoreError(f"cannot read the features of {self.path} ({_h5_reason(e)}): {_REBUILD}") from None  # fmt: skip
+            rows = np.flatnonzero(sel) + start
+            yield rows, _convert(block[sel] if not sel.all() else block, dtype)
 
     def summary(self) -> dict[str, Any]:
         splits = self.splits.astype(str)
@@ -312,33 +386,37 @@ def _read_attrs(f, path: Path) -> dict[str, Any]:
         attrs[k] = v
     fmt = attrs.get("format")
     if fmt != FORMAT_NAME:
-        raise StoreError(f"{path} is not an embedtl feature store (format attribute: {fmt!r})")
+        raise StoreError(f"{path} is not an embedtl feature store (format attribute: {fmt!r}); give a store made by `embedtl extract`")  # fmt: skip
     version = attrs.get("format_version")
     if version != FORMAT_VERSION:
         raise StoreError(
             f"{path} has format_version {version}; this embedtl reads version {FORMAT_VERSION} "
-            "(re-run `embedtl extract` to rebuild it)"
+            "(run `embedtl extract` on its image folder to rebuild it)"
         )
     if "classes" not in attrs:
         attrs["classes"] = []
     return attrs
 
 
+def _h5_reason(e: BaseException) -> str:
+    """HDF5's error text, first clause only ("Unable to synchronously open file (...)")."""
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return msg if len(msg) <= 160 else msg[:157] + "..."
+
+
 def _read_str(f, key: str, path: Path) -> np.ndarray:
     try:
         ds = f[key]
-    except KeyError as e:
-        raise StoreError(f"{path}: missing dataset {key}") from e
-    if len(ds) == 0:
-        return np.empty(0, dtype=object)
-    return np.asarray(ds.asstr()[()], dtype=object)
+    except KeyError:
+        raise StoreError(f"{path}: missing dataset /{key}: {_REBUILD}") from None
+    return read_strings(ds)
 
 
 def _read_num(f, key: str, path: Path, dtype) -> np.ndarray:
     try:
         return np.asarray(f[key][()], dtype=dtype)
-    except KeyError as e:
-        raise StoreError(f"{path}: missing dataset {key}") from e
+    except KeyError:
+        raise StoreError(f"{path}: missing dataset /{key}: {_REBUILD}") from None
 
 
 def _read_rows(f, path: Path) -> StoreRows:
@@ -357,6 +435,7 @@ def _read_rows(f, path: Path) -> StoreRows:
         failed_mtimes_ns=_read_num(f, "failed/mtimes_ns", path, np.int64)
         if has_failed and "mtimes_ns" in f["failed"]
         else np.zeros(0, np.int64),
+        hashes=np.asarray(f["hashes"][()].astype(str), dtype=object) if "hashes" in f else None,
     )
 
 
@@ -379,44 +458,56 @@ def write_store(
     n = len(rows.paths)
     if not (len(rows.labels) == len(rows.splits) == len(rows.sizes) == len(rows.mtimes_ns) == n):
         raise StoreError("internal error: row arrays of different lengths")
-    with atomic_file(path) as tmp, h5py.File(tmp, "w") as f:
-        f.create_dataset(
-            "features",
-            shape=(n, dim),
-            dtype=np.dtype(dtype),
-            chunks=(max(1, min(n, max(1, (1 << 20) // (dim * np.dtype(dtype).itemsize)))), dim)
-            if n
-            else None,
-            maxshape=(None, dim),
-        )
-        if n:
-            fill_features(f["features"])
-        sd = _str_dtype()
-        f.create_dataset("paths", data=np.asarray(rows.paths, dtype=object), dtype=sd)
-        f.create_dataset("labels", data=np.asarray(rows.labels, dtype=np.int32))
-        f.create_dataset("splits", data=np.asarray(rows.splits, dtype=object), dtype=sd)
-        f.create_dataset("sizes", data=np.asarray(rows.sizes, dtype=np.int64))
-        f.create_dataset("mtimes_ns", data=np.asarray(rows.mtimes_ns, dtype=np.int64))
-        g = f.create_group("failed")
-        g.create_dataset("paths", data=np.asarray(rows.failed_paths, dtype=object), dtype=sd)
-        g.create_dataset("errors", data=np.asarray(rows.failed_errors, dtype=object), dtype=sd)
-        g.create_dataset("sizes", data=np.asarray(rows.failed_sizes, dtype=np.int64))
-        g.create_dataset("mtimes_ns", data=np.asarray(rows.failed_mtimes_ns, dtype=np.int64))
-        now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        full = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "dim": dim,
-            "dtype": dtype,
-        }
-        full.update(attrs)
-        full.setdefault("created", now)
-        full["updated"] = now
-        for k, v in full.items():
-            if k in _JSON_ATTRS:
-                v = json.dumps(v, sort_keys=True)
-            if k == "classes":
-                f.attrs.create(k, np.asarray(list(v), dtype=object), dtype=sd)
-            elif v is not None:
-                f.attrs[k] = v
-        f.flush()
+    try:
+        with atomic_file(path) as tmp, h5py.File(tmp, "w") as f:
+            _write(f, rows, n, dim, dtype, fill_features, attrs)
+            pause_point("store-write")
+    except OSError as e:
+        raise StoreError(
+            f"cannot write {path} ({_h5_reason(e)}); the previous store, if any, is unchanged: "
+            "free disk space or choose another --cache-dir"
+        ) from None
+
+
+def _write(f, rows: StoreRows, n: int, dim: int, dtype: str, fill_features, attrs) -> None:
+    f.create_dataset(
+        "features",
+        shape=(n, dim),
+        dtype=np.dtype(dtype),
+        chunks=(max(1, min(n, max(1, (1 << 20) // (dim * np.dtype(dtype).itemsize)))), dim)
+        if n
+        else None,
+        maxshape=(None, dim),
+    )
+    if n:
+        fill_features(f["features"])
+    write_strings(f, "paths", rows.paths)
+    f.create_dataset("labels", data=np.asarray(rows.labels, dtype=np.int32))
+    write_strings(f, "splits", rows.splits)
+    f.create_dataset("sizes", data=np.asarray(rows.sizes, dtype=np.int64))
+    f.create_dataset("mtimes_ns", data=np.asarray(rows.mtimes_ns, dtype=np.int64))
+    f.create_dataset("hashes", data=np.asarray(rows.content_hashes(), dtype="S32"))
+    g = f.create_group("failed")
+    write_strings(g, "paths", rows.failed_paths)
+    write_strings(g, "errors", rows.failed_errors)
+    g.create_dataset("sizes", data=np.asarray(rows.failed_sizes, dtype=np.int64))
+    g.create_dataset("mtimes_ns", data=np.asarray(rows.failed_mtimes_ns, dtype=np.int64))
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    full = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "dim": dim,
+        "dtype": dtype,
+    }
+    full.update(attrs)
+    full.setdefault("created", now)
+    full["updated"] = now
+    sd = _str_dtype()
+    for k, v in full.items():
+        if k in _JSON_ATTRS:
+            v = json.dumps(v, sort_keys=True)
+        if k == "classes":
+            f.attrs.create(k, np.asarray(list(v), dtype=object), dtype=sd)
+        elif v is not None:
+            f.attrs[k] = v
+    f.flush()

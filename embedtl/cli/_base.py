@@ -15,6 +15,8 @@ from ..backbones import DEFAULT_BACKBONE
 from ..errors import EmbedTLError
 
 _DEBUG_ENV = "EMBEDTL_DEBUG"
+#: `embedtl extract` exit status when the store is complete but some files could not be read.
+EXIT_FAILED_FILES = 3
 
 
 def _one_line(msg: str) -> str:
@@ -193,6 +195,9 @@ def extract_options(f: Callable) -> Callable:
         click.option("--workers", type=click.IntRange(min=0), default=None, help="Decoding worker processes [default: 0 on a 2-core CPU, more with spare cores or a GPU]."),
         click.option("--strict", is_flag=True, help="Stop at the first unreadable image instead of recording and skipping it."),
         click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True, help="Stored feature precision."),
+        click.option("--follow-links", type=click.Choice(["inside", "all", "none"]), default="inside", show_default=True, help="Symbolic links followed: those resolving inside DATA_DIR, all, or none (loops are never followed)."),
+        click.option("--check-content", is_flag=True, help="Re-hash every file (reads them all) and re-extract those whose bytes changed even where size and mtime did not."),
+        click.option("--lock-timeout", type=float, default=-1, metavar="SECONDS", help="How long to wait while another process writes the same store; 0 fails at once [default: wait]."),
     ]  # fmt: skip
     return split_options(_apply(f, opts))
 
@@ -203,7 +208,15 @@ def extract_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
     from ..data import SplitConfig
 
     out = {k: kw.pop(k) for k in ("backbone", "cache_dir", "image_size", "device", "runtime")}
-    for k in ("batch_size", "workers", "strict", "dtype"):
+    for k in (
+        "batch_size",
+        "workers",
+        "strict",
+        "dtype",
+        "follow_links",
+        "check_content",
+        "lock_timeout",
+    ):
         if k in kw:
             out[k] = kw.pop(k)
     if "seed" in kw:

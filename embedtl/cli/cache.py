@@ -42,15 +42,27 @@ def ls_cmd(cache_dir: str | None, as_json: bool) -> None:
 @cache_group.command("info")
 @click.argument("store")
 @store_options
+@click.option("--failed", "list_failed", is_flag=True, help="List the files that could not be read, with the reason (path<TAB>reason per line; --json: failed_files).")  # fmt: skip
 @json_option
 def info_cmd(
-    store: str, backbone: str, image_size: int | None, cache_dir: str | None, as_json: bool
+    store: str,
+    backbone: str,
+    image_size: int | None,
+    cache_dir: str | None,
+    list_failed: bool,
+    as_json: bool,
 ) -> None:
     """Metadata and row counts of one store."""
     s = open_store(store, backbone=backbone, cache_dir=cache_dir, image_size=image_size)
     summary = s.summary()
     summary["backbone_spec"] = s.backbone
     summary["versions"] = s.metadata.get("versions")
+    if list_failed:
+        summary["failed_files"] = [{"path": p, "error": e} for p, e in s.failed]
+        if not as_json:
+            for p, e in s.failed:
+                click.echo(f"{p}\t{e}")
+            return
 
     def human() -> None:
         for k in (

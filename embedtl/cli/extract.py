@@ -7,6 +7,7 @@ import click
 from ..extract import extract as run_extract
 from ..extract import extract_distributed, torchrun_rank
 from ._base import (
+    EXIT_FAILED_FILES,
     backbone_options,
     emit,
     extract_kwargs,
@@ -33,9 +34,19 @@ def print_extract_summary(stats) -> None:
         )
     else:
         click.echo(f"          {s.runtime_reason}")
-    for f in s.failed[:10]:
-        click.echo(f"failed    {f['path']}: {f['error']}", err=True)
     click.echo(f"time      {s.seconds:.2f} s")
+
+
+def print_failed_summary(store: str, failed: list[dict[str, str]], shown: int = 5) -> None:
+    """How many files could not be read, a few of them, and how to list them all (stderr)."""
+    if not failed:
+        return
+    n = len(failed)
+    click.echo(f"{n} file{'s' if n > 1 else ''} could not be read (recorded in the store, not extracted):", err=True)  # fmt: skip
+    for f in failed[:shown]:
+        click.echo(f"  {f['path']}: {f['error']}", err=True)
+    more = f"the other {n - shown}" if n > shown else "them"
+    click.echo(f"list {more} with: embedtl cache info {store} --failed", err=True)
 
 
 def _parse_shard(value: str | None) -> tuple[int, int] | None:
@@ -73,6 +84,10 @@ def extract_cmd(
     Reruns reuse unchanged files without building the model; new or changed files are
     extracted, removed files drop out; an interrupted run resumes where it stopped. Under
     torchrun each rank extracts a shard and rank 0 merges them and prints the summary.
+
+    Files that cannot be read as images are recorded in the store and skipped. Exit status:
+    0 every image is stored; 3 the store is complete but some files could not be read (listed
+    by `embedtl cache info STORE --failed`); 1 an error (--strict: the first unreadable image).
     """
     kwargs = extract_kwargs(kw)
     rank = torchrun_rank()
@@ -91,3 +106,6 @@ def extract_cmd(
     payload.pop("failed")
     payload["failed_files"] = stats.failed[:100]
     emit(as_json, payload, lambda: print_extract_summary(stats))
+    print_failed_summary(stats.store, stats.failed)  # stderr, with --json too
+    if stats.n_failed:
+        raise click.exceptions.Exit(EXIT_FAILED_FILES)
