@@ -30,6 +30,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -644,13 +645,26 @@ def _read_checkpoint(path: str) -> dict[str, Any]:
     import torch
 
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return dict(load_file(path))
+        try:
+            return dict(load_file(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise BackboneError(f"cannot read checkpoint {path}: not a valid safetensors file ({e})") from None  # fmt: skip
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BackboneError(
+            f"cannot read checkpoint {path}: it holds more than tensors and plain containers, "
+            f"and embedtl never unpickles code ({first}); save it with "
+            "torch.save(model.state_dict(), PATH) or as .safetensors"
+        ) from None
     except Exception as e:
-        raise BackboneError(f"cannot read checkpoint {path}: {e}") from e
+        raise BackboneError(
+            f"cannot read checkpoint {path}: {' '.join(str(e).split())[:200]}"
+        ) from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

@@ -432,13 +432,18 @@ def max_image_pixels() -> int:
     return 2 * int(Image.MAX_IMAGE_PIXELS or 89_478_485)
 
 
+#: The reason of a file that could not be read (as opposed to decoded) starts with this: the
+#: cause is outside the file (permissions, a vanished file, I/O), so the next run tries again.
+UNREADABLE = "unreadable file"
+
+
 def read_file(path: str | os.PathLike[str]) -> bytes:
     """The bytes of an image file; a missing or unreadable file is an :class:`ImageDecodeError`."""
     try:
         with open(path, "rb") as f:
             return f.read()
     except OSError as e:
-        raise ImageDecodeError(f"{type(e).__name__}: {e.strerror or e}") from e
+        raise ImageDecodeError(f"{UNREADABLE}: {type(e).__name__}: {e.strerror or e}") from e
 
 
 def content_hash(data: bytes) -> str:

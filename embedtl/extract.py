@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ._io import pause_point
+from ._io import pause_point, remove_stale_temporaries
 from .backbones import DEFAULT_BACKBONE, BackboneSpec, get_backbone
 from .cache import (
     FeatureStore,
@@ -39,6 +39,7 @@ from .cache import (
 from .cache._journal import Journal
 from .data import (
     DECODER,
+    UNREADABLE,
     ImageTransform,
     Manifest,
     SplitConfig,
@@ -233,11 +234,13 @@ def _plan(
     hasher: _Hasher,
     check_content: bool = False,
     progress: bool = False,
+    retry_unreadable: bool = True,
 ) -> _Plan:
     """Which rows can be reused. A row is reused when its file has the size and mtime it had
     when extracted; with ``check_content`` also the same content hash. A file with the same
     size but a new mtime is re-hashed, and reused when its bytes are unchanged (``touch``, a
-    copy that did not keep times)."""
+    copy that did not keep times). A recorded failure is kept while its file is unchanged,
+    unless the file could not be read at all (``retry_unreadable``: try again)."""
     from tqdm.auto import tqdm
 
     old_index: dict[str, int] = {}
@@ -280,7 +283,7 @@ def _plan(
             continue
         for failed in (journal_rows.failed, old_failed):
             rec = failed.get(e.path)
-            if rec is not None and rec[1] == e.size and rec[2] == e.mtime_ns:
+            if rec is not None and rec[1] == e.size and rec[2] == e.mtime_ns and not (retry_unreadable and rec[0].startswith(UNREADABLE)):  # fmt: skip
                 plan.failed_known[pos] = rec[0]
                 break
         else:
@@ -380,6 +383,7 @@ def extract(
     }
 
     with store_lock(path, timeout=lock_timeout):
+        remove_stale_temporaries(path)
         old = _open_existing(path, fingerprint, dtype)
         if old is None and shard is not None:
             old = _open_existing(full_path, fingerprint, dtype)  # a shard reuses merged rows
@@ -395,6 +399,7 @@ def extract(
             raise ImageDecodeError(_strict_message(manifest, pos, plan.failed_known[pos], len(plan.failed_known)))  # fmt: skip
 
         if old is not None and _unchanged(old, manifest, plan, attrs):
+            journal.clear()  # left by a run killed after it replaced the store
             stats = ExtractStats(
                 store=str(path), n_images=len(old), n_failed=len(old.failed), n_skipped=manifest.n_skipped,
                 dim=dim, backbone=spec.name, fingerprint=fingerprint, cached=len(old), extracted=0,
@@ -432,7 +437,7 @@ def extract(
             )
             t_compute = time.perf_counter() - t0
             journal_rows = journal.load()
-            plan = _plan(manifest, old, journal_rows, all_paths, hasher, check_content)
+            plan = _plan(manifest, old, journal_rows, all_paths, hasher, check_content, retry_unreadable=False)  # fmt: skip
             if plan.todo:
                 raise StoreError(
                     f"internal error: {len(plan.todo)} files neither extracted nor failed"

@@ -329,8 +329,12 @@ class VectorIndex:
             "versions": {**library_versions(), "faiss": faiss.__version__},
             **meta,
         }
-        with atomic_file(path) as tmp, h5py.File(tmp, "w") as f:
-            f.create_dataset("faiss", data=faiss.serialize_index(self.index))
+        blob = faiss.serialize_index(self.index)
+        reserve = (
+            blob.nbytes + 64 * len(rows.paths) + sum(len(str(p)) for p in rows.paths) + (1 << 20)
+        )
+        with atomic_file(path, reserve=reserve) as tmp, h5py.File(tmp, "w") as f:
+            f.create_dataset("faiss", data=blob)
             write_strings(f, "paths", rows.paths)
             f.create_dataset("sizes", data=rows.sizes.astype(np.int64))
             f.create_dataset("mtimes_ns", data=rows.mtimes_ns.astype(np.int64))

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from .._io import is_stale_temporary
 from ..backbones import DEFAULT_BACKBONE, get_backbone
 from ..errors import StoreError
 from ._paths import default_cache_dir, store_lock, store_path
@@ -200,7 +201,7 @@ def gc_cache(
         except StoreError:
             continue  # a writer holds it
     for tmp in [*cache.glob("*/.*.h5.tmp-*"), *cache.glob("*/.*.h5.index.tmp-*")]:
-        if not _pid_alive(tmp.name.rsplit("-", 1)[-1]):
+        if is_stale_temporary(tmp):
             _remove(tmp)  # left by a killed writer; the store beside it is intact
     for journal in cache.glob("*/*.h5.journal"):
         # progress of an interrupted first run: kept for resuming unless old
@@ -221,16 +222,6 @@ def gc_cache(
         if d.is_dir() and not any(d.iterdir()) and not dry_run:
             d.rmdir()
     return {"cache_dir": str(cache), "removed": removed, "bytes_freed": freed, "dry_run": dry_run}
-
-
-def _pid_alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def export_store(source: str | os.PathLike[str], out: str | os.PathLike[str]) -> dict[str, Any]:

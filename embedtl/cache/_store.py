@@ -146,7 +146,7 @@ class FeatureStore:
         except StoreError:
             f.close()
             raise
-        except (OSError, KeyError, ValueError, TypeError, UnicodeDecodeError, AttributeError) as e:
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError, UnicodeDecodeError, AttributeError) as e:  # fmt: skip
             f.close()
             raise StoreError(f"{self.path} is a damaged feature store ({_h5_reason(e)}): {_REBUILD}") from None  # fmt: skip
         self._file = f
@@ -172,7 +172,10 @@ class FeatureStore:
 
     def read_rows(self, rows: np.ndarray) -> np.ndarray:
         """Features of the increasing row indices ``rows``, in the stored dtype (one selection)."""
-        return self._h5()["features"][np.asarray(rows)]
+        try:
+            return self._h5()["features"][np.asarray(rows)]
+        except (OSError, RuntimeError, ValueError) as e:  # HDF5 on damaged bytes
+            raise StoreError(f"cannot read the features of {self.path} ({_h5_reason(e)}): {_REBUILD}") from None  # fmt: skip
 
     # -- metadata ---------------------------------------------------------------------------
     @property
@@ -330,7 +333,7 @@ class FeatureStore:
                 continue
             try:
                 block = ds[start : start + len(sel)]  # (<= chunk_rows, D), one contiguous read
-            except OSError as e:
+            except (OSError, RuntimeError, ValueError) as e:  # HDF5 on damaged bytes
                 raise StoreError(f"cannot read the features of {self.path} ({_h5_reason(e)}): {_REBUILD}") from None  # fmt: skip
             rows = np.flatnonzero(sel) + start
             yield rows, _convert(block[sel] if not sel.all() else block, dtype)
@@ -459,7 +462,7 @@ def write_store(
     if not (len(rows.labels) == len(rows.splits) == len(rows.sizes) == len(rows.mtimes_ns) == n):
         raise StoreError("internal error: row arrays of different lengths")
     try:
-        with atomic_file(path) as tmp, h5py.File(tmp, "w") as f:
+        with atomic_file(path, reserve=_size_estimate(rows, n, dim, dtype)) as tmp, h5py.File(tmp, "w") as f:  # fmt: skip
             _write(f, rows, n, dim, dtype, fill_features, attrs)
             pause_point("store-write")
     except OSError as e:
@@ -467,6 +470,13 @@ def write_store(
             f"cannot write {path} ({_h5_reason(e)}); the previous store, if any, is unchanged: "
             "free disk space or choose another --cache-dir"
         ) from None
+
+
+def _size_estimate(rows: StoreRows, n: int, dim: int, dtype: str) -> int:
+    """A generous upper bound on the bytes of a store file, for :func:`atomic_file`'s reserve."""
+    strings = sum(len(str(p).encode("utf-8", "surrogateescape")) + 48 for p in rows.paths)
+    strings += sum(len(p) + len(e) + 96 for p, e in zip(rows.failed_paths, rows.failed_errors, strict=True))  # fmt: skip
+    return int(n * dim * np.dtype(dtype).itemsize * 1.02) + strings + 80 * n + (1 << 20)
 
 
 def _write(f, rows: StoreRows, n: int, dim: int, dtype: str, fill_features, attrs) -> None:

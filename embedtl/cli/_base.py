@@ -56,16 +56,13 @@ class EmbedTLGroup(click.Group):
         except click.ClickException as e:
             click.echo(f"Error: {_one_line(e.format_message())}", err=True)
             sys.exit(e.exit_code)
-        except click.exceptions.Abort:
-            click.echo("Error: aborted", err=True)
+        except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+            click.echo("Error: interrupted (an extraction resumes where it stopped)", err=True)
             sys.exit(130)
         except BrokenPipeError:
             # stdout was closed early (`embedtl ... | head`): exit quietly, as Unix tools do
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(141)
-        except KeyboardInterrupt:
-            click.echo("Error: interrupted (an extraction resumes where it stopped)", err=True)
-            sys.exit(130)
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
