@@ -118,18 +118,22 @@ class OnnxRuntime:
 
         from .export import export_onnx
 
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = os.cpu_count() or 1
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if path.is_file():
+            try:
+                self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])  # fmt: skip
+            except Exception as e:  # a damaged cache file: it is derived data, make it again
+                log.warning("the cached ONNX export %s is unreadable (%s): exporting again", path, " ".join(str(e).split())[:120])  # fmt: skip
+                path.unlink(missing_ok=True)
         if not path.is_file():
             log.info("exporting %s to ONNX (once per fingerprint): %s", spec.name, path)
             model = build_feature_model(spec, allow_download=allow_download)
             crop = spec.preprocess.crop
             export_onnx(model, path, (2, 3, crop, crop), metadata={"backbone": spec.to_dict()})
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = os.cpu_count() or 1
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(
-            str(path), sess_options=opts, providers=["CPUExecutionProvider"]
-        )
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])  # fmt: skip
         self.input_name = self.session.get_inputs()[0].name
 
     def prepare(self, x):

@@ -485,6 +485,7 @@ class _Evil:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_checkpoints_that_are_not_state_dicts_or_carry_code_are_refused(class_folder, cache_dir, tmp_path):  # fmt: skip
     import torch
 
@@ -503,6 +504,17 @@ def test_checkpoints_that_are_not_state_dicts_or_carry_code_are_refused(class_fo
         out = _one_line_error(["extract", str(class_folder), "--cache-dir", str(cache_dir), "--backbone", f"efficientnet_lite0@{tmp_path / name}", "--image-size", "32"])  # fmt: skip
         assert message in out and name in out, out
     assert not marker.exists()  # the pickle's code never ran
+
+
+def test_a_damaged_cached_onnx_export_is_made_again(class_folder, cache_dir, tiny, caplog):
+    spec = embedtl.get_backbone(TINY_BACKBONE, image_size=TINY_SIZE)
+    onnx = cache_dir / "onnx" / f"efficientnet_lite0_random-{spec.fingerprint()[:16]}.onnx"
+    onnx.parent.mkdir(parents=True)
+    onnx.write_bytes(b"\x08\x07 not a protobuf")
+    with caplog.at_level("WARNING", logger="embedtl"):
+        store = embedtl.extract(class_folder, cache_dir=cache_dir, **{**tiny, "runtime": "onnxruntime"})  # fmt: skip
+    assert "unreadable" in caplog.text and store.runtime == "onnxruntime" and len(store) == 24
+    assert onnx.stat().st_size > 10_000
 
 
 def test_a_head_for_another_backbone_is_refused(class_folder, cache_dir, tmp_path):
