@@ -421,6 +421,7 @@ def extract(
             t0 = time.perf_counter()
             eng = _engine(spec, cache_root, device, runtime, len(plan.todo), batch_size, workers, allow_download)  # fmt: skip
             run_device, run_runtime, reason = eng.device, eng.runtime, eng.reason
+            parity = eng.parity
             used_batch, workers = eng.batch_size, eng.workers
             _run_model(
                 eng.model,
@@ -461,6 +462,7 @@ def extract(
                     "runtime": run_runtime,
                     "device": run_device,
                     "batch_size": used_batch,
+                    "parity": parity,  # ONNX Runtime vs PyTorch on a seeded batch
                 },  # fmt: skip
             )
         elif old is not None:  # rows and labels rewritten, features as the last run made them
@@ -585,6 +587,7 @@ def _open_existing(path: Path, fingerprint: str, dtype: str) -> FeatureStore | N
 
 @dataclass
 class _Engine:
+    parity: dict | None  # ONNX Runtime: its export's check against PyTorch
     model: Any  # a runtime from embedtl.runtime
     device: str
     runtime: str
@@ -607,8 +610,11 @@ def _engine(
     run_device = resolve_device(device)
     onnx_path = onnx_model_path(cache_root, spec.name, spec.fingerprint())
     run_runtime, reason = resolve_runtime(runtime, run_device, n_images, onnx_path)
-    model = load_runtime(run_runtime, spec, run_device, onnx_path, allow_download)
+    model, fallback = load_runtime(run_runtime, spec, run_device, onnx_path, allow_download)
+    if fallback is not None:
+        run_runtime, reason = model.name, fallback
     return _Engine(
+        parity=model.parity,
         model=model,
         device=run_device,
         runtime=run_runtime,

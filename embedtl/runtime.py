@@ -26,6 +26,7 @@ __all__ = [
     "AUTO_ONNX_MIN_IMAGES",
     "resolve_runtime",
     "load_runtime",
+    "export_failure",
 ]
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,12 @@ def resolve_runtime(requested: str, device: str, n_images: int, onnx_path: Path)
             "torch",
             "CPU: onnxruntime is not installed (pip install onnxruntime for faster CPU extraction)",
         )
+    failed = export_failure(onnx_path)
+    if failed:
+        return (
+            "torch",
+            f"CPU: PyTorch eager (the ONNX export of this backbone failed before: {failed})",
+        )
     if onnx_path.is_file():
         return "onnxruntime", "CPU: ONNX Runtime, export already cached"
     if n_images >= AUTO_ONNX_MIN_IMAGES:
@@ -79,8 +86,23 @@ def resolve_runtime(requested: str, device: str, n_images: int, onnx_path: Path)
     return "torch", f"CPU: PyTorch eager (only {n_images} images; an ONNX export would not pay off)"
 
 
+def _failure_marker(onnx_path: Path) -> Path:
+    return onnx_path.with_name(onnx_path.stem + ".failed.json")
+
+
+def export_failure(onnx_path: Path) -> str | None:
+    """Why the export of this fingerprint failed before, if it did (``auto`` then skips it)."""
+    import json
+
+    try:
+        return str(json.loads(_failure_marker(onnx_path).read_text())["error"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 class TorchRuntime:
     name = "torch"
+    parity = None
 
     def __init__(self, spec: BackboneSpec, device: str, allow_download: bool | None) -> None:
         import torch
@@ -135,6 +157,8 @@ class OnnxRuntime:
             export_onnx(model, path, (2, 3, crop, crop), metadata={"backbone": spec.to_dict()})
             self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])  # fmt: skip
         self.input_name = self.session.get_inputs()[0].name
+        #: the export's check against PyTorch on a seeded batch (max_abs_diff, min_cosine, batch)
+        self.parity = _read_parity(path)
 
     def prepare(self, x):
         return x.numpy()
@@ -143,9 +167,33 @@ class OnnxRuntime:
         return self.session.run(None, {self.input_name: x})[0]
 
 
+def _read_parity(path: Path) -> dict | None:
+    import json
+
+    try:
+        return dict(json.loads(path.with_suffix(".json").read_text())["parity"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def load_runtime(
     name: str, spec: BackboneSpec, device: str, onnx_path: Path, allow_download: bool | None
-):
+) -> tuple[TorchRuntime | OnnxRuntime, str | None]:
+    """The runtime ``name`` for ``spec``, and why it is not ``name`` when it is not: a backbone
+    that cannot be exported to ONNX, or whose export does not match PyTorch, runs in PyTorch
+    instead, with a warning (and the failure is remembered, so ``auto`` does not retry it)."""
+    import json
+
+    from .export import ExportError
+
     if name == "onnxruntime":
-        return OnnxRuntime(spec, onnx_path, allow_download)
-    return TorchRuntime(spec, device, allow_download)
+        try:
+            return OnnxRuntime(spec, onnx_path, allow_download), None
+        except ExportError as e:
+            why = " ".join(str(e).split())
+            log.warning("ONNX Runtime cannot run %s, extracting with PyTorch instead: %s", spec.name, why)  # fmt: skip
+            marker = _failure_marker(onnx_path)
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(json.dumps({"error": why[:500], "backbone": spec.to_dict()}))
+            return TorchRuntime(spec, device, allow_download), f"ONNX Runtime unavailable ({why[:200]}): PyTorch eager instead"  # fmt: skip
+    return TorchRuntime(spec, device, allow_download), None
