@@ -16,8 +16,8 @@ __all__ = [
 ]
 
 #: Test hook: ``EMBEDTL_TEST_PAUSE=point`` (or ``point@N``, the N-th time, counting from 1) makes
-#: this process stop at :func:`pause_point` ``point``: it creates ``point.paused`` in the folder
-#: ``$EMBEDTL_TEST_PAUSE_DIR`` and waits there until ``point.resume`` appears. Tests use it to
+#: this process stop at :func:`pause_point` ``point``: it creates ``point.<pid>.paused`` in the
+#: folder ``$EMBEDTL_TEST_PAUSE_DIR`` and waits there until ``point.resume`` appears. Tests use it to
 #: kill or interrupt a real process at an exact moment (inside a write, holding the lock), not
 #: after a sleep. Unset, it costs one dictionary lookup.
 PAUSE_ENV = "EMBEDTL_TEST_PAUSE"
@@ -37,7 +37,7 @@ def pause_point(name: str) -> None:
     import time
 
     folder = Path(os.environ.get(PAUSE_ENV + "_DIR", "."))
-    (folder / f"{name}.paused").write_text(str(os.getpid()))
+    (folder / f"{name}.{os.getpid()}.paused").touch()
     while not (folder / f"{name}.resume").exists():
         time.sleep(0.01)
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ._dist import process_group, torchrun_rank
 from ._io import pause_point, remove_stale_temporaries
 from .backbones import DEFAULT_BACKBONE, BackboneSpec, get_backbone
 from .cache import (
@@ -96,6 +97,7 @@ class ExtractStats:
     failed: list[dict[str, str]] = field(default_factory=list)
     touched: int = 0  # files with a new mtime but the same bytes (content hash): reused
     content_checked: bool = False  # every reused row's file was re-hashed (check_content=True)
+    ranks: list[dict[str, Any]] | None = None  # under torchrun: what each rank's shard did
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -495,42 +497,39 @@ def _strict_message(manifest: Manifest, pos: int, err: str, n: int) -> str:
     return f"cannot read {manifest.root / manifest.entries[pos].path}{more}: {err} (--strict; without it unreadable images are recorded and skipped)"
 
 
-def torchrun_rank() -> tuple[int, int] | None:
-    """(rank, world size) when this process runs under torchrun with more than one process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and "RANK" in os.environ:
-        return int(os.environ["RANK"]), world
-    return None
-
-
 def extract_distributed(root: str | os.PathLike[str], **kw: Any) -> FeatureStore | None:
     """:func:`extract` under torchrun: each rank extracts its shard (on its own GPU when there
     are GPUs), then rank 0 merges the shards into the single-process store and returns it; the
     other ranks return None. A rerun reuses the merged store's rows and builds no model."""
     import torch
-    import torch.distributed as dist
 
-    from .cache import merge_stores
+    from .cache import merge_stores, remove_shards
 
     rank, world = torchrun_rank() or (0, 1)
     if kw.get("device", "auto") in ("auto", "cuda") and torch.cuda.is_available():
         kw["device"] = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
-    store = extract(root, shard=(rank, world), **kw)
-    started = not dist.is_initialized()
-    if started:
-        dist.init_process_group("gloo")
+    error: Exception | None = None
     try:
-        everyone: list[Any] = [None] * world
-        dist.all_gather_object(everyone, (str(store.path), store.last_extraction.to_dict()))
-    finally:
-        if started:
-            dist.destroy_process_group()
+        store = extract(root, shard=(rank, world), **kw)
+        store.close()
+        mine = (str(store.path), store.last_extraction.to_dict(), None)
+    except Exception as e:  # meet the other ranks anyway, so that none of them waits forever
+        error, mine = e, (None, None, " ".join(str(e).split()))
+    with process_group() as gather:  # a shard may take hours: the gather waits for the slowest
+        everyone = gather(mine)
+    if error is not None:
+        raise error
+    failed = [f"rank {r}: {m[2]}" for r, m in enumerate(everyone) if m[2] is not None]
+    if failed:
+        raise EmbedTLError(
+            f"{len(failed)} of {world} ranks failed ({'; '.join(failed)}); the other shards "
+            "are kept: rerun the same command to resume"
+        )
     if rank != 0:
         return None
-    merged = merge_stores([p for p, _ in everyone])
-    for p, _ in everyone:
-        Path(p).unlink(missing_ok=True)  # the merged store now holds these rows
-    merged.last_extraction = _combine([s for _, s in everyone], merged)
+    merged = merge_stores([p for p, _, _ in everyone])
+    remove_shards([p for p, _, _ in everyone])  # the merged store now holds these rows
+    merged.last_extraction = _combine([s for _, s, _ in everyone], merged)
     return merged
 
 
@@ -550,16 +549,28 @@ def _combine(parts: list[dict[str, Any]], merged: FeatureStore) -> ExtractStats:
         batch_size=first["batch_size"], workers=first["workers"],
         stages={k: max(p["stages"].get(k, 0.0) for p in parts) for k in first["stages"]},
         failed=[{"path": p, "error": e} for p, e in merged.failed],
+        ranks=[
+            {k: p[k] for k in ("n_images", "n_failed", "extracted", "cached", "seconds", "images_per_second", "runtime", "device")}  # fmt: skip
+            | {"rank": r}
+            for r, p in enumerate(parts)
+        ],
     )  # fmt: skip
+
+
+def shard_bounds(n_items: int, i: int, n: int) -> tuple[int, int]:
+    """[lo, hi) of the i-th of n contiguous, near-equal slices of n_items sorted items: the
+    shards of a sorted folder, in order, concatenate to the whole (merging is appending)."""
+    return i * n_items // n, (i + 1) * n_items // n
 
 
 def _shard(manifest: Manifest, path: Path, shard: tuple[int, int]) -> tuple[Manifest, Path]:
     i, n = shard
     if n < 1 or not 0 <= i < n:
         raise EmbedTLError(f"--shard must be I/N with 0 <= I < N, got {i}/{n}")
+    lo, hi = shard_bounds(len(manifest.entries), i, n)
     part = Manifest(
         root=manifest.root,
-        entries=manifest.entries[i::n],
+        entries=manifest.entries[lo:hi],
         classes=manifest.classes,
         layout=manifest.layout,
         n_skipped=manifest.n_skipped if i == 0 else 0,

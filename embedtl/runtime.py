@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -141,7 +140,10 @@ class OnnxRuntime:
         from .export import export_onnx
 
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = os.cpu_count() or 1
+        import torch
+
+        # as many threads as PyTorch uses: OMP_NUM_THREADS when set (torchrun sets 1 per rank)
+        opts.intra_op_num_threads = torch.get_num_threads()
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if path.is_file():

@@ -430,21 +430,42 @@ def build_store_index(
     chunk_rows: int = 65536,
     seed: int = 0,
     progress: bool = False,
-) -> VectorIndex:
-    """Build, tune and save the index of every row of ``store``."""
+    parts: int = 1,
+    rank: int | None = None,
+    gather=None,
+) -> VectorIndex | None:
+    """Build, tune and save the index of every row of ``store``.
+
+    ``parts`` > 1 builds it the scale-out way: the index is trained once (on a sample), then the
+    rows are added in ``parts`` contiguous slices, each into its own copy of the trained index,
+    saved as a part file beside the index; the parts are then merged (faiss moves the IVF lists
+    over; flat indexes append), so no process needs more than its slice to add. Under torchrun
+    each rank builds one part (``rank``; ``gather`` is the ranks' barrier, see
+    :func:`embedtl._dist.process_group`) and rank 0 merges, tunes and saves; the other ranks
+    return None. The result equals a one-part build with the same ``seed``.
+    """
+    import faiss
     from tqdm.auto import tqdm
+
+    from .extract import shard_bounds
 
     n = len(store)
     if n == 0:
         raise StoreError(f"{store.path} has no rows to index")
     t0 = time.perf_counter()
+    path = Path(path or index_path(store))
     plan = plan_index(n, store.dim, kind, memory_budget)
+    if parts > 1 and plan.kind == "hnsw":
+        raise StoreError("an HNSW index cannot be merged from parts: use --index-type ivf, ivfsq8 or flat")  # fmt: skip
     ix = VectorIndex.create(store.dim, plan, metric)
     rng = np.random.default_rng(seed)
-    if not ix.is_trained:
-        n_train = min(n, max(_TRAIN_PER_LIST * plan.nlist, 20_000)) if plan.nlist else n
-        rows = np.sort(rng.choice(n, n_train, replace=False))
-        ix.train(store.features(rows=rows))
+    n_train = min(n, max(_TRAIN_PER_LIST * plan.nlist, 20_000)) if plan.nlist else n
+    train_rows = np.sort(rng.choice(n, n_train, replace=False))
+    trained = path.with_name(path.name + ".trained")
+    if not ix.is_trained and rank in (None, 0):
+        ix.train(store.features(rows=train_rows))
+    if parts > 1 and rank == 0:
+        _write_faiss(trained, ix.index)
     t_train = time.perf_counter() - t0
     # The tuning queries are held out: added last, after the search parameter is tuned on them,
     # so they are new to the index as a user's queries are (a row already in a graph or list is
@@ -452,10 +473,32 @@ def build_store_index(
     tuning = plan.kind != "flat" and n > 4 * _TUNE_K
     q_rows = np.sort(rng.choice(n, min(_TUNE_QUERIES, n // 4), replace=False)) if tuning else np.zeros(0, np.int64)  # fmt: skip
     rest = np.setdiff1d(np.arange(n), q_rows)
+    if gather is not None:
+        gather("trained")  # the trained index is on disk for every rank
     bar = tqdm(total=n, desc=f"index ({plan.kind})", unit="vec", disable=not progress, leave=False)
-    for got, x in store.iter_chunks(chunk_rows, rows=rest):
-        ix.add(x)
-        bar.update(len(got))
+    for i in range(parts) if rank is None else [rank]:
+        # each part starts as the trained, empty index: a copy here, the file on other ranks
+        part = ix.index if parts == 1 else faiss.clone_index(ix.index) if rank in (None, 0) else _read_faiss(trained)  # fmt: skip
+        lo, hi = shard_bounds(len(rest), i, parts)
+        for got, x in store.iter_chunks(chunk_rows, rows=rest[lo:hi]):
+            part.add(ix._prep(x))
+            bar.update(len(got))
+        if parts > 1:
+            _write_faiss(_part_path(path, i, parts), part)
+    if gather is not None:
+        gather("added")  # every part is on disk
+    if rank not in (None, 0):
+        return None
+    if parts > 1:  # merge: the trained (empty) index takes every part's vectors, in row order
+        ix.index = faiss.deserialize_index(
+            faiss.serialize_index(ix.index)
+        )  # same C++ type as parts
+        for i in range(parts):
+            part_file = _part_path(path, i, parts)
+            # IVF lists keep ids: shift the part's by what is merged so far; flat ids are positions
+            ix.index.merge_from(_read_faiss(part_file), ix.index.ntotal if plan.nlist else 0)
+            part_file.unlink()
+        trained.unlink(missing_ok=True)
     tune = None
     if tuning:
         queries = store.features(rows=q_rows)
@@ -472,12 +515,30 @@ def build_store_index(
         {
             "build_seconds": round(time.perf_counter() - t0, 3),
             "train_seconds": round(t_train, 3),
-            "add_seconds": round(t_add, 3),  # with the tuning
+            "add_seconds": round(t_add, 3),  # with the merge and the tuning
             "tune": tune,
+            "parts": parts,
         }
     )
-    ix.save(path or index_path(store), _store_meta(store, target_recall))
+    ix.save(path, _store_meta(store, target_recall))
     return ix
+
+
+def _part_path(path: Path, i: int, n: int) -> Path:
+    return path.with_name(f"{path.name}.part-{i}-of-{n}")
+
+
+def _write_faiss(path: Path, index) -> None:
+    import faiss
+
+    with atomic_file(path) as tmp:
+        faiss.write_index(index, str(tmp))
+
+
+def _read_faiss(path: Path):
+    import faiss
+
+    return faiss.read_index(str(path))
 
 
 def _store_meta(store, target_recall: float) -> dict[str, Any]:

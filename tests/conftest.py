@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -122,3 +125,42 @@ def synthetic_store(
     }
     write_store(path, rows, dim, "float32", fill, attrs)
     return FeatureStore(path)
+
+
+class Paused:
+    """A real `embedtl extract` process that stops at a pause point."""
+
+    def __init__(self, cmd: list[str], point: str, where: Path) -> None:
+        self.dir = where
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.name = point.partition("@")[0]
+        env = {**os.environ, "EMBEDTL_TEST_PAUSE": point, "EMBEDTL_TEST_PAUSE_DIR": str(self.dir)}
+        self.err = open(self.dir / "stderr.txt", "w+")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=self.err, text=True)  # fmt: skip
+
+    def paused_pids(self) -> list[int]:
+        return sorted(int(p.name.split(".")[-2]) for p in self.dir.glob(f"{self.name}.*.paused"))
+
+    def wait_paused(self, count: int = 1, timeout: float = 240) -> None:
+        end = time.monotonic() + timeout
+        while len(self.paused_pids()) < count:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"exited {self.proc.returncode} before {self.name}: {self.stderr()}")  # fmt: skip
+            if time.monotonic() > end:
+                self.proc.kill()
+                raise AssertionError(f"never reached {self.name}")
+            time.sleep(0.02)
+
+    def resume(self) -> None:
+        (self.dir / f"{self.name}.resume").touch()
+
+    def finish(self, sig: int | None = None, timeout: float = 240) -> int:
+        if sig is not None:
+            self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout)
+        self.out = self.proc.stdout.read()
+        return rc
+
+    def stderr(self) -> str:
+        self.err.flush()
+        return (self.dir / "stderr.txt").read_text()

@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -149,28 +148,3 @@ def test_shard_and_merge_commands(runner, class_folder, cache_dir):
     assert not any(os.path.exists(p) for p in paths)
     r = runner.invoke(main, ["extract", str(class_folder), "--shard", "3/2"])
     assert r.exit_code == 2 and "expected 0 <= I < N" in r.stderr
-
-
-def test_torchrun_ranks_extract_shards_and_rank0_prints_the_merged_store(
-    tmp_path, class_folder, cache_dir
-):
-    """Two processes under torchrun (gloo, CPU): one JSON line, from rank 0, for the whole folder."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", port,
-         "-m", "embedtl", "extract", str(class_folder), "--cache-dir", str(cache_dir), *TINY, "--json"],  # fmt: skip
-        capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = proc.stdout.splitlines()
-    assert len(lines) == 1, proc.stdout
-    out = json.loads(lines[0])
-    assert out["n_images"] == 24 and out["extracted"] == 24 and ".shard-" not in out["store"]
-    assert sorted(p.name for p in Path(out["store"]).parent.glob("*.h5")) == [
-        Path(out["store"]).name
-    ]

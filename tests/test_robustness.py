@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import TINY_BACKBONE, TINY_SIZE, make_class_folder, write_image
+from conftest import TINY_BACKBONE, TINY_SIZE, Paused, make_class_folder, write_image
 from PIL import Image
 
 import embedtl
@@ -247,42 +247,6 @@ def _cmd(root: Path, cache: Path, *extra: str, flush_rows: int = 4) -> list[str]
     )
     return [sys.executable, "-c", boot, "extract", str(root), "--cache-dir", str(cache), *TINY,
             "--batch-size", "4", "--no-progress", *extra]  # fmt: skip
-
-
-class Paused:
-    """A real `embedtl extract` process that stops at a pause point."""
-
-    def __init__(self, cmd: list[str], point: str, where: Path) -> None:
-        self.dir = where
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.name = point.partition("@")[0]
-        env = {**os.environ, "EMBEDTL_TEST_PAUSE": point, "EMBEDTL_TEST_PAUSE_DIR": str(self.dir)}
-        self.err = open(self.dir / "stderr.txt", "w+")  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=self.err, text=True)  # fmt: skip
-
-    def wait_paused(self, timeout: float = 240) -> None:
-        end = time.monotonic() + timeout
-        while not (self.dir / f"{self.name}.paused").exists():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"exited {self.proc.returncode} before {self.name}: {self.stderr()}")  # fmt: skip
-            if time.monotonic() > end:
-                self.proc.kill()
-                raise AssertionError(f"never reached {self.name}")
-            time.sleep(0.02)
-
-    def resume(self) -> None:
-        (self.dir / f"{self.name}.resume").touch()
-
-    def finish(self, sig: int | None = None, timeout: float = 240) -> int:
-        if sig is not None:
-            self.proc.send_signal(sig)
-        rc = self.proc.wait(timeout)
-        self.out = self.proc.stdout.read()
-        return rc
-
-    def stderr(self) -> str:
-        self.err.flush()
-        return (self.dir / "stderr.txt").read_text()
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ from ._manage import (
     list_stores,
     merge_stores,
     open_store,
+    remove_shards,
     verify_store,
 )
 from ._paths import default_cache_dir, onnx_model_path, store_lock, store_path
@@ -25,6 +26,7 @@ __all__ = [
     "merge_stores",
     "onnx_model_path",
     "open_store",
+    "remove_shards",
     "store_lock",
     "store_path",
     "verify_store",

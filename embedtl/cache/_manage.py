@@ -19,6 +19,7 @@ from ._paths import default_cache_dir, store_lock, store_path
 from ._store import FeatureStore, StoreRows, write_store
 
 __all__ = [
+    "remove_shards",
     "open_store",
     "find_store",
     "list_stores",
@@ -274,13 +275,30 @@ def _utf8(path: str) -> str:
 _SHARD_NAME = re.compile(r"^(?P<stem>.+)\.shard-(?P<i>\d+)-of-(?P<n>\d+)\.h5$")
 
 
+def remove_shards(shards: Sequence[str | os.PathLike[str]], keep: str | os.PathLike[str] | None = None) -> None:  # fmt: skip
+    """Delete merged shard stores with their lock files and indexes (not ``keep``)."""
+    for p in map(Path, shards):
+        if keep is not None and p.resolve() == Path(keep).resolve():
+            continue
+        for f in (p, p.with_name(p.name + ".lock"), p.with_name(p.name + ".index")):
+            f.unlink(missing_ok=True)
+
+
 def merge_stores(
-    shards: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str] | None = None
+    shards: Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str] | None = None,
+    virtual: bool = False,
 ) -> FeatureStore:
     """Join shard stores (``extract(..., shard=(i, n))``) of one folder and backbone into one.
 
     The result is the store a single process would have written (sorted rows, the same file
     name without ``.shard-i-of-n``), so a later ``extract`` of the folder is a cache hit.
+
+    By default the features are copied into the one file. ``virtual=True`` writes an HDF5
+    virtual dataset instead: the merged store reads its features from the shard files, which
+    must stay where they are (a store whose shard file is gone is refused); it needs the shards
+    to be contiguous slices of the sorted folder (what ``--shard`` makes). An ``extract`` that
+    updates a virtual store writes a consolidated one.
     """
     if not shards:
         raise StoreError("no stores to merge")
@@ -339,6 +357,8 @@ def merge_stores(
         hashes=np.asarray([col("hashes", k, r) for _, k, r in order], dtype=object),
     )
 
+    layout = _virtual_layout(stores, order, out) if virtual else None
+
     def fill(ds) -> None:
         chunk = 8192
         for start in range(0, len(order), chunk):
@@ -356,6 +376,28 @@ def merge_stores(
         if k not in ("format", "format_version", "dim", "dtype", "updated", "shard")
     }
     attrs["classes"] = classes
+    attrs["virtual"] = bool(virtual)
     with store_lock(out):
-        write_store(out, rows, ref.dim, ref.dtype, fill, attrs)
+        write_store(out, rows, ref.dim, ref.dtype, fill, attrs, virtual_layout=layout)
     return FeatureStore(out)
+
+
+def _virtual_layout(stores: list[FeatureStore], order: list, out: Path):
+    """An h5py VirtualLayout of the shards' /features, one block per shard in path order."""
+    import h5py
+
+    blocks = sorted(range(len(stores)), key=lambda k: str(stores[k].paths[0]) if len(stores[k]) else "")  # fmt: skip
+    expected = [(k, r) for k in blocks for r in range(len(stores[k]))]
+    if expected != [(k, r) for _, k, r in order]:
+        raise StoreError("a virtual merge needs shards that are contiguous slices of the sorted folder (as `extract --shard I/N` makes); merge without --virtual")  # fmt: skip
+    ref = stores[0]
+    layout = h5py.VirtualLayout(shape=(len(order), ref.dim), dtype=np.dtype(ref.dtype))
+    start = 0
+    for k in blocks:
+        s = stores[k]
+        if not len(s):
+            continue
+        src = os.path.relpath(s.path.resolve(), out.resolve().parent)  # found beside the store
+        layout[start : start + len(s)] = h5py.VirtualSource(src, "features", shape=(len(s), ref.dim))  # fmt: skip
+        start += len(s)
+    return layout

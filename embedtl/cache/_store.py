@@ -139,6 +139,11 @@ class FeatureStore:
             self._h5dtype = feats.dtype
             if len(self._shape) != 2:
                 raise StoreError(f"{self.path}: /features is not a 2-D array: {_REBUILD}")
+            if feats.is_virtual:
+                for vs in feats.virtual_sources():
+                    src = self.path.parent / vs.file_name
+                    if not src.is_file():
+                        raise StoreError(f"{self.path} is a virtual merge whose shard {src} is missing: put it back, or run `embedtl extract` on the folder to rebuild the store")  # fmt: skip
             if self._shape[0] != len(self._rows.paths):
                 raise StoreError(
                     f"{self.path}: /features has {self._shape[0]} rows but /paths has {len(self._rows.paths)}: {_REBUILD}"
@@ -449,6 +454,7 @@ def write_store(
     dtype: str,
     fill_features: Callable[[Any], None],
     attrs: dict[str, Any],
+    virtual_layout: Any = None,
 ) -> None:
     """Write a complete store atomically.
 
@@ -463,7 +469,7 @@ def write_store(
         raise StoreError("internal error: row arrays of different lengths")
     try:
         with atomic_file(path, reserve=_size_estimate(rows, n, dim, dtype)) as tmp, h5py.File(tmp, "w") as f:  # fmt: skip
-            _write(f, rows, n, dim, dtype, fill_features, attrs)
+            _write(f, rows, n, dim, dtype, fill_features, attrs, virtual_layout)
             pause_point("store-write")
     except OSError as e:
         raise StoreError(
@@ -479,18 +485,21 @@ def _size_estimate(rows: StoreRows, n: int, dim: int, dtype: str) -> int:
     return int(n * dim * np.dtype(dtype).itemsize * 1.02) + strings + 80 * n + (1 << 20)
 
 
-def _write(f, rows: StoreRows, n: int, dim: int, dtype: str, fill_features, attrs) -> None:
-    f.create_dataset(
-        "features",
-        shape=(n, dim),
-        dtype=np.dtype(dtype),
-        chunks=(max(1, min(n, max(1, (1 << 20) // (dim * np.dtype(dtype).itemsize)))), dim)
-        if n
-        else None,
-        maxshape=(None, dim),
-    )
-    if n:
-        fill_features(f["features"])
+def _write(f, rows: StoreRows, n: int, dim: int, dtype: str, fill_features, attrs, virtual_layout=None) -> None:  # fmt: skip
+    if virtual_layout is not None:  # features read from other files (a virtual merge of shards)
+        f.create_virtual_dataset("features", virtual_layout, fillvalue=np.nan)
+    else:
+        f.create_dataset(
+            "features",
+            shape=(n, dim),
+            dtype=np.dtype(dtype),
+            chunks=(max(1, min(n, max(1, (1 << 20) // (dim * np.dtype(dtype).itemsize)))), dim)
+            if n
+            else None,
+            maxshape=(None, dim),
+        )
+        if n:
+            fill_features(f["features"])
     write_strings(f, "paths", rows.paths)
     f.create_dataset("labels", data=np.asarray(rows.labels, dtype=np.int32))
     write_strings(f, "splits", rows.splits)

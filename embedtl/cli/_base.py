@@ -49,6 +49,7 @@ class EmbedTLGroup(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        _terminate_as_interrupt()
         try:
             rv = super().main(
                 args, prog_name or "embedtl", complete_var, standalone_mode=False, **extra
@@ -64,6 +65,20 @@ class EmbedTLGroup(click.Group):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(141)
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _terminate_as_interrupt() -> None:
+    """SIGTERM (a scheduler's time limit, torchrun stopping the other ranks, `kill`) unwinds like
+    Ctrl-C: an extraction saves the batch in flight to its journal before the process ends."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        pass
 
 
 class _ClickHandler(logging.Handler):

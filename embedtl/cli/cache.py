@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import time
 
 import click
 
-from ..cache import export_store, gc_cache, list_stores, merge_stores, open_store, verify_store
+from ..cache import (
+    export_store,
+    gc_cache,
+    list_stores,
+    merge_stores,
+    open_store,
+    remove_shards,
+    verify_store,
+)
 from ._base import EmbedTLGroup, emit, json_option, store_options
 
 
@@ -175,19 +183,25 @@ def export_cmd(
 @click.option(
     "--keep", is_flag=True, help="Keep the shard files (they are removed after a successful merge)."
 )
+@click.option("--virtual", is_flag=True, help="Write an HDF5 virtual dataset that reads the features from the shard files (kept) instead of copying them.")  # fmt: skip
 @json_option
-def merge_cmd(shards: tuple[str, ...], out: str | None, keep: bool, as_json: bool) -> None:
-    """Join shard stores of one folder and backbone (`extract --shard I/N`) into its store."""
-    merged = merge_stores(shards, out)
-    if not keep:
-        for p in shards:
-            if p != str(merged.path):
-                Path(p).unlink(missing_ok=True)
+def merge_cmd(shards: tuple[str, ...], out: str | None, keep: bool, virtual: bool, as_json: bool) -> None:  # fmt: skip
+    """Join shard stores of one folder and backbone (`extract --shard I/N`) into its store.
+
+    The features are copied into one file (the shards are then removed, unless --keep), so the
+    merged store takes incremental updates like any other; --virtual maps them instead."""
+    t0 = time.perf_counter()
+    merged = merge_stores(shards, out, virtual=virtual)
+    seconds = time.perf_counter() - t0
+    if not (keep or virtual):
+        remove_shards(shards, keep=merged.path)
     r = {
         "store": str(merged.path),
         "rows": len(merged),
         "shards": len(shards),
         "failed": len(merged.failed),
+        "virtual": virtual,
+        "seconds": round(seconds, 3),
     }
     emit(
         as_json,

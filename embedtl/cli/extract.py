@@ -72,7 +72,7 @@ def _parse_shard(value: str | None) -> tuple[int, int] | None:
     type=str,
     default=None,
     metavar="I/N",
-    help="Extract every N-th image from the I-th into a shard store (join with `embedtl cache merge`).",
+    help="Extract the I-th of N contiguous slices of the sorted folder (0-based) into a shard store; join them with `embedtl cache merge`.",
 )
 @progress_option
 @json_option

@@ -31,11 +31,23 @@ def index_options(f):
     ])  # fmt: skip
 
 
-def _open(source: str, kw: dict, progress: bool, metric: str = "cosine", rebuild: bool = False):
-    from ..search import open_store_index
+def _open(source: str, kw: dict, progress: bool, metric: str = "cosine", rebuild: bool = False, parts: int = 1):  # fmt: skip
+    from .._dist import process_group, torchrun_rank
+    from ..search import build_store_index, open_store_index
 
     opts = {k: kw.pop(k) for k in ("index_type", "target_recall", "index_file", "no_update")}
     store = open_source(source, extract_kwargs(kw), progress)
+    rank = torchrun_rank()
+    if rank is not None or parts > 1:  # built in parts (one per rank under torchrun), merged
+        build = {"kind": opts["index_type"], "metric": metric, "target_recall": opts["target_recall"], "path": opts["index_file"], "progress": progress}  # fmt: skip
+        if rank is None:
+            ix = build_store_index(store, parts=parts, **build)
+        else:
+            with process_group() as gather:
+                ix = build_store_index(store, parts=rank[1], rank=rank[0], gather=gather, **build)
+        if ix is not None:
+            ix.info["action"] = f"built from {ix.info['parts']} parts"
+        return store, ix
     ix = open_store_index(
         store, kind=opts["index_type"], metric=metric, update=not opts["no_update"],
         rebuild=rebuild, path=opts["index_file"], target_recall=opts["target_recall"], progress=progress,
@@ -54,19 +66,23 @@ def _index_line(ix) -> str:
 @click.argument("source", metavar="DATA_DIR|STORE", type=click.Path(exists=True))
 @click.option("--metric", type=click.Choice(["cosine", "l2"]), default="cosine", show_default=True)
 @click.option("--rebuild", is_flag=True, help="Build from scratch even if the index is up to date.")
+@click.option("--parts", type=click.IntRange(min=1), default=1, show_default=True, help="Build from N contiguous parts of the rows, each added to its own copy of the trained index, then merged (under torchrun: one part per rank).")  # fmt: skip
 @index_options
 @backbone_options
 @split_options
 @progress_option
 @json_option
-def index_cmd(source: str, metric: str, rebuild: bool, as_json: bool, progress: bool | None, **kw) -> None:  # fmt: skip
+def index_cmd(source: str, metric: str, rebuild: bool, parts: int, as_json: bool, progress: bool | None, **kw) -> None:  # fmt: skip
     """Build (or bring up to date) the nearest-neighbour index of DATA_DIR's store or a STORE.
 
     The index records the store's fingerprint and rows: rows added since are appended; removed or
     changed rows, or another backbone, make it stale and it is rebuilt. The type is chosen from
     the store's size (or --index-type) and its search parameter tuned to --target-recall.
+    Under torchrun (or with --parts N) it is built in parts and merged; only rank 0 prints.
     """
-    store, ix = _open(source, kw, want_progress(progress), metric, rebuild)
+    store, ix = _open(source, kw, want_progress(progress), metric, rebuild, parts)
+    if ix is None:
+        return  # a rank other than 0: its part is merged by rank 0
     payload = {"store": str(store.path), **ix.summary(), "action": ix.info.get("action"), "action_reason": ix.info.get("action_reason"), "tune": ix.info.get("tune")}  # fmt: skip
     emit(as_json, payload, lambda: click.echo(_index_line(ix) + (f"\nwhy       {ix.info['reason']}" if ix.info.get("action") == "built" else "")))  # fmt: skip
 
