@@ -122,14 +122,15 @@ def main() -> None:
                            "--master-port", _port(), "-m", "embedtl", *common, "--cache-dir", str(cache)]  # fmt: skip
                 wall, st = run_cli(cmd)
                 runs[name].append({"wall_s": wall, "ips_wall": n / wall, "extract_ips": st["images_per_second"], "runtime": st["runtime"],
-                                   "ranks": st.get("ranks"), "seconds": st["seconds"]})  # fmt: skip
+                                   "ranks": st.get("ranks"), "seconds": st["seconds"], "merge_s": st["stages"].get("merge")})  # fmt: skip
                 print(f"[{rep}] {name}: {wall:.1f} s wall, {n / wall:.1f} img/s end to end, runtime {st['runtime']}", flush=True)  # fmt: skip
         merges = merge_costs(tmp, [int(s) for s in args.merge_sizes.split(",")])
 
     table = []
     for name, rs in runs.items():
+        merge = [r["merge_s"] for r in rs if r["merge_s"] is not None]
         table.append({"setting": name, "wall_s": round(median([r["wall_s"] for r in rs]), 2), "images_per_second_wall": round(median([r["ips_wall"] for r in rs]), 1),
-                      "runtime": rs[0]["runtime"], "runs": rs})  # fmt: skip
+                      "merge_s": round(median(merge), 3) if merge else None, "runtime": rs[0]["runtime"], "runs": rs})  # fmt: skip
     speedup = median([b["wall_s"] / a["wall_s"] for a, b in zip(runs["torchrun 2 ranks"], runs["1 process"], strict=True)])  # fmt: skip
     result = {"benchmark": "distributed", "machine": machine(), "data": {"images": n, "source": f"fashion-mnist, {args.per_class} per class", "image_size": args.image_size},
               "repeats": args.repeats, "settings": table, "two_ranks_vs_one_process": round(speedup, 2), "merge": merges}  # fmt: skip
@@ -139,11 +140,12 @@ def main() -> None:
         "",
         f"{m['date']} · {m['cpu']} · {m['cores']} cores · torch {m['versions'].get('torch')} · {n} Fashion-MNIST images at {args.image_size} px · medians of {args.repeats} interleaved runs",
         "",
-        "| setting | wall s (whole command) | images/s over the wall time | runtime |",
-        "|---|---|---|---|",
-        *[f"| {r['setting']} | {r['wall_s']} | {r['images_per_second_wall']} | {r['runtime']} |" for r in table],
+        "| setting | wall s (whole command) | images/s over the wall time | merge s (rank 0) | runtime |",
+        "|---|---|---|---|---|",
+        *[f"| {r['setting']} | {r['wall_s']} | {r['images_per_second_wall']} | {r['merge_s'] if r['merge_s'] is not None else '-'} | {r['runtime']} |" for r in table],
         "",
-        f"Two torchrun ranks vs one process (median of per-repeat wall-time ratios): **{speedup:.2f}x**. On 2 cores one process already uses both; ranks pay a second interpreter start-up, the process group and the merge.",
+        f"Two torchrun ranks vs one process (median of per-repeat wall-time ratios, > 1: the ranks were faster): **{speedup:.2f}x**. "
+        "Both use the 2 cores: one process runs the model on 2 threads and decodes between forward passes; each rank decodes and runs the model on its own core, and pays its own start-up, the gather and (rank 0) the merge.",
         "",
         "Merge cost (two shard stores, float16, D = 1280):",
         "",

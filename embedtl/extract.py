@@ -527,9 +527,11 @@ def extract_distributed(root: str | os.PathLike[str], **kw: Any) -> FeatureStore
         )
     if rank != 0:
         return None
+    t = time.perf_counter()
     merged = merge_stores([p for p, _, _ in everyone])
     remove_shards([p for p, _, _ in everyone])  # the merged store now holds these rows
     merged.last_extraction = _combine([s for _, s, _ in everyone], merged)
+    merged.last_extraction.stages["merge"] = round(time.perf_counter() - t, 4)
     return merged
 
 
