@@ -127,6 +127,12 @@ def synthetic_store(
     return FeatureStore(path)
 
 
+def _default_sigint() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Paused:
     """A real `embedtl extract` process that stops at a pause point."""
 
@@ -136,7 +142,9 @@ class Paused:
         self.name = point.partition("@")[0]
         env = {**os.environ, "EMBEDTL_TEST_PAUSE": point, "EMBEDTL_TEST_PAUSE_DIR": str(self.dir)}
         self.err = open(self.dir / "stderr.txt", "w+")  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=self.err, text=True)  # fmt: skip
+        # a shell without job control starts background jobs with SIGINT ignored, and Python
+        # keeps it ignored: give the child the default, so that Ctrl-C reaches it here too
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=self.err, text=True, preexec_fn=_default_sigint)  # fmt: skip
 
     def paused_pids(self) -> list[int]:
         return sorted(int(p.name.split(".")[-2]) for p in self.dir.glob(f"{self.name}.*.paused"))
