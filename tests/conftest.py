@@ -127,6 +127,14 @@ def synthetic_store(
     return FeatureStore(path)
 
 
+#: `embedtl` in a fresh interpreter (``python -c EMBEDTL_WITH_SMALL_JOURNAL ARGS...``) that
+#: writes a journal segment every 4 rows, so a process stopped early has left some behind
+EMBEDTL_WITH_SMALL_JOURNAL = (
+    "import importlib, sys; importlib.import_module('embedtl.extract')._FLUSH_ROWS = 4; "
+    "from embedtl.cli import main; sys.argv[0] = 'embedtl'; main()"
+)
+
+
 def _default_sigint() -> None:
     import signal
 

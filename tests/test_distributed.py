@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_BACKBONE, TINY_SIZE, Paused, make_class_folder
+from conftest import EMBEDTL_WITH_SMALL_JOURNAL, TINY_BACKBONE, TINY_SIZE, Paused, make_class_folder
 
 import embedtl
 from embedtl.extract import shard_bounds
@@ -21,25 +21,13 @@ from embedtl.extract import shard_bounds
 TINY = ["--backbone", TINY_BACKBONE, "--image-size", str(TINY_SIZE), "--workers", "0"]
 
 
-def _torchrun(script_args: list[str], boot: Path, env: dict | None = None) -> list[str]:
+def _torchrun(args: list[str]) -> list[str]:
+    """`torchrun --nproc-per-node 2 embedtl ARGS` (journal segments every 4 rows)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-            "--master-port", port, str(boot), *script_args]  # fmt: skip
-
-
-def _boot(tmp_path: Path, flush_rows: int = 4) -> Path:
-    """`embedtl` with a journal segment every ``flush_rows`` rows (so a kill leaves some)."""
-    boot = tmp_path / "boot.py"
-    boot.write_text(
-        "import importlib, sys\n"
-        f"importlib.import_module('embedtl.extract')._FLUSH_ROWS = {flush_rows}\n"
-        "from embedtl.cli import main\n"
-        "sys.argv[0] = 'embedtl'\n"
-        "main()\n"
-    )
-    return boot
+            "--master-port", port, "--no-python", sys.executable, "-c", EMBEDTL_WITH_SMALL_JOURNAL, *args]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +57,7 @@ def test_torchrun_two_ranks_merge_into_the_single_process_store(folder, tmp_path
     root = folder[0]
     cache = tmp_path / "cache"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = _torchrun(["extract", str(root), "--cache-dir", str(cache), *TINY, "--json"], _boot(tmp_path, 4096))  # fmt: skip
+    cmd = _torchrun(["extract", str(root), "--cache-dir", str(cache), *TINY, "--json"])  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
@@ -81,7 +69,7 @@ def test_torchrun_two_ranks_merge_into_the_single_process_store(folder, tmp_path
     assert sorted(p.name for p in Path(out["store"]).parent.glob("*.h5")) == [Path(out["store"]).name]  # fmt: skip
     _same_as_single(embedtl.open_store(out["store"]), folder)
     # a rerun under torchrun reuses the merged store: no model anywhere
-    again = subprocess.run(_torchrun(["extract", str(root), "--cache-dir", str(cache), *TINY, "--json"], _boot(tmp_path)), capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    again = subprocess.run(_torchrun(["extract", str(root), "--cache-dir", str(cache), *TINY, "--json"]), capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
     st = json.loads(again.stdout)
     assert again.returncode == 0 and not st["model_built"] and st["cached"] == 24
 
@@ -92,7 +80,7 @@ def test_a_killed_rank_resumes_from_its_journal(folder, tmp_path):
     root = folder[0]
     cache = tmp_path / "cache"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = _torchrun(["extract", str(root), "--cache-dir", str(cache), *TINY, "--batch-size", "4", "--json"], _boot(tmp_path))  # fmt: skip
+    cmd = _torchrun(["extract", str(root), "--cache-dir", str(cache), *TINY, "--batch-size", "4", "--json"])  # fmt: skip
     p = Paused(cmd, "batch@2", tmp_path / "pause")
     p.wait_paused(count=2)  # both ranks are inside their second batch
     victim = p.paused_pids()[0]
@@ -100,7 +88,7 @@ def test_a_killed_rank_resumes_from_its_journal(folder, tmp_path):
     assert p.finish(timeout=240) != 0
     journals = list(cache.glob("*/*.journal"))
     assert len(journals) == 2  # one per shard
-    r = subprocess.run(_torchrun(["extract", str(root), "--cache-dir", str(cache), *TINY, "--batch-size", "4", "--json"], _boot(tmp_path)), capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    r = subprocess.run(_torchrun(["extract", str(root), "--cache-dir", str(cache), *TINY, "--batch-size", "4", "--json"]), capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     st = json.loads(r.stdout)
     # the killed rank kept its first batch (4 rows), the stopped one its first two (8)
@@ -114,7 +102,7 @@ def test_a_failing_rank_fails_the_run_in_one_line_without_hanging(folder, tmp_pa
     make_class_folder(root, n_per_class=4)
     (root / "fox" / "zzz_broken.png").write_bytes(b"not a png")  # in the last shard
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = _torchrun(["extract", str(root), "--cache-dir", str(tmp_path / "c"), *TINY, "--strict"], _boot(tmp_path))  # fmt: skip
+    cmd = _torchrun(["extract", str(root), "--cache-dir", str(tmp_path / "c"), *TINY, "--strict"])  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode != 0
     assert "Error: cannot read" in proc.stderr and "zzz_broken.png" in proc.stderr
@@ -193,7 +181,7 @@ def test_torchrun_index_one_part_per_rank(tmp_path):
     s = synthetic_store(tmp_path / "s.h5", n_per_class=(500, 500), dim=16)
     s.close()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(_torchrun(["index", str(s.path), "--index-type", "ivf", "--json"], _boot(tmp_path)), capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    proc = subprocess.run(_torchrun(["index", str(s.path), "--index-type", "ivf", "--json"]), capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout)  # one line, from rank 0
     assert out["rows"] == 1000 and out["action"] == "built from 2 parts"

@@ -24,7 +24,14 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import TINY_BACKBONE, TINY_SIZE, Paused, make_class_folder, write_image
+from conftest import (
+    EMBEDTL_WITH_SMALL_JOURNAL,
+    TINY_BACKBONE,
+    TINY_SIZE,
+    Paused,
+    make_class_folder,
+    write_image,
+)
 from PIL import Image
 
 import embedtl
@@ -238,14 +245,9 @@ def test_symlink_policy(tmp_path, cache_dir, tiny, caplog):
 # real processes, stopped at exact moments
 
 
-def _cmd(root: Path, cache: Path, *extra: str, flush_rows: int = 4) -> list[str]:
-    """`embedtl extract` in a fresh interpreter, with a journal segment every ``flush_rows``."""
-    boot = (
-        "import importlib, sys; e = importlib.import_module('embedtl.extract'); "
-        f"e._FLUSH_ROWS = {flush_rows}; "
-        "from embedtl.cli import main; sys.argv[0] = 'embedtl'; main()"
-    )
-    return [sys.executable, "-c", boot, "extract", str(root), "--cache-dir", str(cache), *TINY,
+def _cmd(root: Path, cache: Path, *extra: str) -> list[str]:
+    """`embedtl extract` in a fresh interpreter, with a journal segment every 4 rows."""
+    return [sys.executable, "-c", EMBEDTL_WITH_SMALL_JOURNAL, "extract", str(root), "--cache-dir", str(cache), *TINY,
             "--batch-size", "4", "--no-progress", *extra]  # fmt: skip
 
 
