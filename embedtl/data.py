@@ -135,7 +135,6 @@ class _Walk:
     skipped: list[str] = field(default_factory=list)  # hidden entries, special files
     external_links: list[str] = field(default_factory=list)  # symlinks leading out of the root
     loops: list[str] = field(default_factory=list)  # directory symlinks to one of their ancestors
-    unreadable_dirs: list[str] = field(default_factory=list)
 
 
 def _inside(target: str, root_real: str) -> bool:
@@ -167,7 +166,6 @@ def _walk_files(root: Path, follow_links: str = "inside") -> tuple[list[tuple[st
             if not rel:
                 raise DataError(f"cannot list {d}: {e.strerror}") from e
             log.warning("cannot list %s (%s): its files are left out", d, e.strerror)
-            walk.unreadable_dirs.append(rel.rstrip("/"))
             continue
         for de in entries:
             name = rel + de.name
