@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,7 +51,16 @@ from .data import (
     scan,
 )
 from .errors import DeviceError, EmbedTLError, ImageDecodeError, StoreError
-from .runtime import ONNX_BATCH, RUNTIMES, load_runtime, resolve_runtime
+from .runtime import (
+    ONNX_BATCH,
+    RUNTIMES,
+    Finished,
+    TorchRuntime,
+    autotune_batch,
+    load_runtime,
+    resolve_runtime,
+)
+from .tensor_decode import DECODERS, TensorDecoder, fallback_reason, probe
 
 __all__ = [
     "extract",
@@ -98,6 +108,12 @@ class ExtractStats:
     touched: int = 0  # files with a new mtime but the same bytes (content hash): reused
     content_checked: bool = False  # every reused row's file was re-hashed (check_content=True)
     ranks: list[dict[str, Any]] | None = None  # under torchrun: what each rank's shard did
+    precision: str | None = None  # fp32, fp16 or bf16 (autocast), when the model ran
+    decoder: str | None = None  # how images were decoded and resized, when the model ran
+    decode_fallback: dict[str, int] = field(
+        default_factory=dict
+    )  # reason -> images PIL decoded instead of the tensor decoder
+    autotune: dict[int, float] | None = None  # batch size -> images/s, when the batch was tuned
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -157,46 +173,65 @@ def resolve_device(device: str) -> str:
 
 
 class _Images:
-    """Dataset of (position, uint8 tensor | None, error | None, content hash | None); decoding
-    errors are data. Each file is read once: its bytes are hashed and decoded.
+    """Dataset of (position, uint8 tensor | None, error | None, content hash | None, JPEG bytes |
+    None, why not on the device | None); decoding errors are data. Each file is read once: its
+    bytes are hashed and decoded -- or, with ``tensor_jpeg``, JPEGs the tensor decoder can take
+    are passed on undecoded (:mod:`embedtl.tensor_decode`), the rest decoded here.
 
     With a ``seed`` (a tuple, e.g. (seed, epoch)) the transform is random and draws from a
     generator seeded by (seed..., position): the same image gets the same draw in any worker,
     in any order, after a resume.
     """
 
-    def __init__(self, root: Path, paths: Sequence[str], transform: ImageTransform) -> None:
+    def __init__(
+        self, root: Path, paths: Sequence[str], transform: ImageTransform, tensor_jpeg: bool = False
+    ) -> None:
         self.root = root
         self.paths = list(paths)
         self.transform = transform
+        self.tensor_jpeg = tensor_jpeg
         self.seed: tuple[int, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
+        import torch
+
+        why = None
         try:
             data = read_file(self.root / self.paths[i])
+            if self.tensor_jpeg:
+                why = fallback_reason(data)
+                if why is None:
+                    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                    return i, None, None, content_hash(data), raw, None
             im = decode_image(data, draft_size=self.transform.draft_size)
             if self.seed is not None:
                 x = self.transform(im, np.random.default_rng((*self.seed, i)))  # type: ignore[call-arg]
             else:
                 x = self.transform(im)
-            return i, x, None, content_hash(data)
+            return i, x, None, content_hash(data), None, why
         except ImageDecodeError as e:
-            return i, None, str(e), None
+            return i, None, str(e), None, None, None
         except (OSError, ValueError, MemoryError) as e:  # anything else one image can raise
-            return i, None, f"{type(e).__name__}: {e}", None
+            return i, None, f"{type(e).__name__}: {e}", None, None, None
 
 
 def _collate(batch):
+    """(positions, uint8 (B, 3, H, W) | None, [(position, error)], hashes of the positions,
+    JPEG positions, JPEG bytes, JPEG hashes, [why decoded here instead of on the device])."""
     import torch
 
-    ok = [(i, t, h) for i, t, _, h in batch if t is not None]
-    failed = [(i, e) for i, t, e, _ in batch if t is None]
-    idx = [i for i, _, _ in ok]
+    ok = [(i, t, h) for i, t, _, h, _, _ in batch if t is not None]
+    jpegs = [(i, raw, h) for i, _, _, h, raw, _ in batch if raw is not None]
+    failed = [(i, e) for i, _, e, _, _, _ in batch if e is not None]
     x = torch.stack([t for _, t, _ in ok]) if ok else None
-    return idx, x, failed, [h for _, _, h in ok]
+    return (
+        [i for i, _, _ in ok], x, failed, [h for _, _, h in ok],
+        [i for i, _, _ in jpegs], [r for _, r, _ in jpegs], [h for _, _, h in jpegs],
+        [w for *_, w in batch if w is not None],
+    )  # fmt: skip
 
 
 @dataclass
@@ -330,6 +365,9 @@ def extract(
     shard: tuple[int, int] | None = None,
     follow_links: str = "inside",
     check_content: bool = False,
+    precision: str = "auto",
+    compile: bool = False,
+    decoder: str = "auto",
 ) -> FeatureStore:
     """Extract pooled features of every image under ``root`` into its store; return the store.
 
@@ -344,6 +382,13 @@ def extract(
     ``root``), ``"all"`` or ``"none"``. ``lock_timeout``: seconds to wait for another process
     writing the same store (< 0: as long as it takes; 0: fail at once).
 
+    On a GPU (:mod:`embedtl.runtime`, :mod:`embedtl.tensor_decode`): ``precision`` ``auto``
+    (float16 autocast on CUDA, float32 elsewhere), ``fp32``, ``fp16`` or ``bf16`` -- a reduced
+    precision is checked against float32 on the first batch and dropped, visibly, when a row's
+    cosine falls under 0.999; ``compile`` runs the model through ``torch.compile``; ``decoder``
+    ``auto`` (nvJPEG on CUDA), ``pil`` or ``torchvision``. Without ``batch_size`` a large CUDA
+    job tunes it, and out-of-memory halves it instead of failing.
+
     ``shard=(i, n)`` extracts every n-th image of the sorted folder, starting at the i-th, into
     a shard store beside the store; :func:`embedtl.cache.merge_stores` joins the shards into the
     store a single process would have written.
@@ -357,6 +402,8 @@ def extract(
         raise EmbedTLError(f"--workers must be >= 0, got {workers}")
     if runtime not in RUNTIMES:
         raise EmbedTLError(f"unknown runtime {runtime!r}: use {', '.join(RUNTIMES)}")
+    if decoder not in DECODERS:
+        raise EmbedTLError(f"unknown decoder {decoder!r}: use {', '.join(DECODERS)}")
     split = split or SplitConfig()
     cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     spec = get_backbone(backbone, image_size=image_size)
@@ -415,30 +462,15 @@ def extract(
 
         stages = {"decode": 0.0, "h2d": 0.0, "model": 0.0, "write": 0.0}
         n_resumed = len(plan.from_journal)
-        run_device = run_runtime = None
+        eng: _Engine | None = None
         reason = "no new or changed files: store rewritten without the model"
         t_compute = 0.0
-        used_batch = None
         if plan.todo:
             t0 = time.perf_counter()
-            eng = _engine(spec, cache_root, device, runtime, len(plan.todo), batch_size, workers, allow_download)  # fmt: skip
-            run_device, run_runtime, reason = eng.device, eng.runtime, eng.reason
-            parity = eng.parity
-            used_batch, workers = eng.batch_size, eng.workers
-            _run_model(
-                eng.model,
-                spec,
-                manifest,
-                plan.todo,
-                journal,
-                run_device,
-                used_batch,
-                workers,
-                strict,
-                progress,
-                stages,
-            )
+            eng = _engine(spec, cache_root, device, runtime, len(plan.todo), batch_size, workers, allow_download, precision, compile, decoder)  # fmt: skip
+            _run_model(eng, spec, manifest, plan.todo, journal, strict, progress, stages)
             t_compute = time.perf_counter() - t0
+            reason = eng.final_reason()
             journal_rows = journal.load()
             plan = _plan(manifest, old, journal_rows, all_paths, hasher, check_content, retry_unreadable=False)  # fmt: skip
             if plan.todo:
@@ -447,25 +479,21 @@ def extract(
                 )
 
         t_w = time.perf_counter()
-        if run_device is not None:
+        if eng is not None:
             n_new = len(plan.from_journal) - n_resumed
+            run = eng.summary()
             attrs.update(
-                runtime=run_runtime,
-                device=run_device,
-                amp="float16"
-                if run_device.startswith("cuda") and run_runtime == "torch"
-                else "none",
-                decoder=DECODER,
-                # the last run that computed features: how fast this backbone ran here
+                runtime=eng.runtime,
+                device=eng.device,
+                amp=run["precision"] if run["precision"] != "fp32" else "none",
+                decoder=eng.decoder_name,
+                # the last run that computed features: how fast and how this backbone ran here
                 extraction={
                     "images": n_new,
                     "seconds": round(t_compute, 3),
                     "images_per_second": round(n_new / t_compute, 2) if t_compute > 0 else None,
-                    "runtime": run_runtime,
-                    "device": run_device,
-                    "batch_size": used_batch,
-                    "parity": parity,  # ONNX Runtime vs PyTorch on a seeded batch
-                },  # fmt: skip
+                    **run,
+                },
             )
         elif old is not None:  # rows and labels rewritten, features as the last run made them
             attrs.update({k: old.metadata.get(k) for k in ("runtime", "device", "amp", "decoder", "extraction")})  # fmt: skip
@@ -476,17 +504,20 @@ def extract(
 
     store = FeatureStore(path)
     n_extracted = len(plan.from_journal) - n_resumed
+    run = eng.summary() if eng is not None else {}
     stats = ExtractStats(
         store=str(path), n_images=len(rows.paths), n_failed=len(rows.failed_paths),
         n_skipped=manifest.n_skipped, dim=dim, backbone=spec.name, fingerprint=fingerprint,
         cached=len(plan.from_store) + n_resumed, extracted=n_extracted, removed=plan.removed,
         seconds=time.perf_counter() - t_start,
         images_per_second=n_extracted / t_compute if t_compute > 0 else 0.0,
-        runtime=run_runtime, runtime_reason=reason, device=run_device, model_built=run_device is not None,
-        batch_size=used_batch, workers=workers if run_device is not None else None,
+        runtime=run.get("runtime"), runtime_reason=reason, device=run.get("device"), model_built=eng is not None,
+        batch_size=run.get("batch_size"), workers=eng.workers if eng is not None else None,
         stages={k: round(v, 4) for k, v in stages.items()},
         failed=[{"path": p, "error": e} for p, e in zip(rows.failed_paths, rows.failed_errors, strict=True)],
         touched=plan.touched, content_checked=check_content,
+        precision=run.get("precision"), decoder=run.get("decoder"),
+        decode_fallback=run.get("decode_fallback", {}), autotune=run.get("autotune"),
     )  # fmt: skip
     store.last_extraction = stats
     return store
@@ -600,13 +631,70 @@ def _open_existing(path: Path, fingerprint: str, dtype: str) -> FeatureStore | N
 
 @dataclass
 class _Engine:
-    parity: dict | None  # ONNX Runtime: its export's check against PyTorch
     model: Any  # a runtime from embedtl.runtime
     device: str
     runtime: str
     reason: str
     batch_size: int
     workers: int
+    decoder: TensorDecoder | None  # JPEGs decoded on the model's device; None: PIL in the workers
+    decoder_reason: str
+    autotune: dict[int, float] | None = None  # batch size -> images/s, when it was tuned
+    decode_fallback: Counter = field(default_factory=Counter)  # why images went to PIL instead
+
+    @property
+    def decoder_name(self) -> str:
+        return self.decoder.name if self.decoder is not None else DECODER
+
+    @property
+    def parity(self) -> dict | None:
+        """The runtime's check against float32 PyTorch (ONNX export, autocast, compile)."""
+        return self.model.parity
+
+    def final_reason(self) -> str:
+        """The runtime reason, with what changed while running (precision fallback, backoff)."""
+        return "; ".join([self.reason, *self.model.notes])
+
+    def summary(self) -> dict[str, Any]:
+        """What the store's ``extraction`` metadata and ``--json`` record of how the model ran."""
+        return {
+            "runtime": self.runtime,
+            "device": self.device,
+            "precision": self.model.precision,
+            "compiled": self.model.compiled,
+            "batch_size": self.batch_size
+            if self.model.max_batch is None
+            else min(self.batch_size, self.model.max_batch),  # fmt: skip
+            "autotune": self.autotune,
+            "decoder": self.decoder_name,
+            "decoder_reason": self.decoder_reason,
+            "decode_fallback": dict(self.decode_fallback),
+            "parity": self.parity,
+        }
+
+
+#: The CUDA batch size is tuned (:func:`embedtl.runtime.autotune_batch`) for jobs larger than
+#: this many images; smaller ones run at :data:`_CUDA_BATCH`.
+_AUTOTUNE_MIN_IMAGES = 2048
+
+
+def _pick_decoder(
+    decoder: str, device: str, spec: BackboneSpec
+) -> tuple[TensorDecoder | None, str]:
+    """The tensor decoder for ``--decoder`` (None: PIL in the workers) and why."""
+    if decoder not in DECODERS:
+        raise EmbedTLError(f"unknown decoder {decoder!r}: use {', '.join(DECODERS)}")
+    cuda = device.startswith("cuda")
+    on = device if cuda else "cpu"  # torchvision decodes on CUDA or the CPU (not MPS)
+    if decoder == "pil" or (decoder == "auto" and not cuda):
+        return None, "PIL in the loader workers" + (" (asked for)" if decoder == "pil" else "")
+    err = probe(on)
+    if err is not None:
+        if decoder == "torchvision":
+            raise EmbedTLError(f"--decoder torchvision does not work on {on}: {err}")
+        log.warning("JPEG decoding on the GPU is unavailable (%s): decoding with PIL on the CPU", err)  # fmt: skip
+        return None, f"PIL in the loader workers (nvJPEG unavailable: {err})"
+    return TensorDecoder(spec.preprocess, on), "JPEGs on " + ("the GPU (nvJPEG)" if cuda else "the CPU (libjpeg-turbo, asked for)")  # fmt: skip
 
 
 def _engine(
@@ -618,33 +706,83 @@ def _engine(
     batch_size: int | None,
     workers: int | None,
     allow_download: bool | None,
+    precision: str = "auto",
+    compile: bool = False,
+    decoder: str = "auto",
 ) -> _Engine:
-    """Device, runtime (and why), batch size and workers for ``n_images``; the model built."""
+    """Device, runtime (and why), decoder, batch size and workers for ``n_images``; the model
+    built. On CUDA without ``batch_size`` the batch is tuned for large jobs."""
     run_device = resolve_device(device)
     onnx_path = onnx_model_path(cache_root, spec.name, spec.fingerprint())
-    run_runtime, reason = resolve_runtime(runtime, run_device, n_images, onnx_path)
-    model, fallback = load_runtime(run_runtime, spec, run_device, onnx_path, allow_download)
+    run_runtime, reason = resolve_runtime(runtime, run_device, n_images, onnx_path, precision, compile)  # fmt: skip
+    tensor_decoder, decoder_reason = _pick_decoder(decoder, run_device, spec)
+    model, fallback = load_runtime(run_runtime, spec, run_device, onnx_path, allow_download, precision, compile)  # fmt: skip
     if fallback is not None:
         run_runtime, reason = model.name, fallback
+    tuned = None
+    if batch_size is None and run_device.startswith("cuda") and isinstance(model, TorchRuntime) and n_images >= _AUTOTUNE_MIN_IMAGES:  # fmt: skip
+        batch_size, tuned = _autotune(model, spec, n_images)
+    batch = batch_size or default_batch_size(run_device, spec.preprocess.crop, run_runtime)
+    if model.compiled:
+        model.pad_to = batch
     return _Engine(
-        parity=model.parity,
         model=model,
         device=run_device,
         runtime=run_runtime,
         reason=reason,
-        batch_size=batch_size or default_batch_size(run_device, spec.preprocess.crop, run_runtime),
+        batch_size=batch,
         workers=default_workers(run_device) if workers is None else workers,
+        decoder=tensor_decoder,
+        decoder_reason=decoder_reason,
+        autotune=tuned,
     )
 
 
+def _autotune(
+    model: TorchRuntime, spec: BackboneSpec, n_images: int
+) -> tuple[int, dict[int, float]]:
+    """The fastest batch size of the model on its device (eager; seeded uint8 input)."""
+    import torch
+
+    c = spec.preprocess.crop
+    g = torch.Generator(device=model.device).manual_seed(0)
+
+    def make(b: int):
+        return model.prepare(torch.randint(0, 256, (b, 3, c, c), dtype=torch.uint8, device=model.device, generator=g))  # fmt: skip
+
+    t = time.perf_counter()
+    batch, rates = autotune_batch(
+        lambda x: model.forward(x, eager=True),
+        make,
+        limit=min(1024, n_images),
+        sync=model.synchronize,
+    )
+    log.info("batch size %d (tuned in %.1f s; images/s by batch: %s)", batch, time.perf_counter() - t, {b: round(r) for b, r in rates.items()})  # fmt: skip
+    return batch, {b: round(r, 1) for b, r in rates.items()}
+
+
+#: The GPU counts as starved when it is idle for more than this share of the streaming time.
+_IDLE_WARNING = 0.3
+
+
+def idle_warning(wall: float, busy: float, workers: int, decoder: str) -> str | None:
+    """The warning when the GPU spent more than :data:`_IDLE_WARNING` of ``wall`` seconds
+    waiting on the loader (``busy``: seconds it computed), with what to change."""
+    if wall < 1.0 or busy >= (1 - _IDLE_WARNING) * wall:
+        return None
+    hint = (
+        "use --decoder torchvision (JPEGs decoded on the GPU) or more --workers"
+        if decoder == DECODER
+        else "use more --workers (files are read and non-JPEGs decoded there)"
+    )
+    return f"the GPU was idle {100 * (1 - busy / wall):.0f}% of the extraction, waiting for images from {workers} loader workers: {hint}"  # fmt: skip
+
+
 def _stream(
-    model,
+    eng: _Engine,
     spec: BackboneSpec,
     root: Path,
     paths: Sequence[str],
-    device: str,
-    batch_size: int,
-    workers: int,
     progress: bool,
     stages: dict[str, float],
     desc: str,
@@ -652,97 +790,183 @@ def _stream(
     """The engine's inner loop: decode ``paths`` (under ``root``) in batches and run the model.
 
     Yields (positions, features (B, D) float32 | None, [(position, error)], content hashes of
-    the positions) per batch, in order; decode, h2d and model seconds accumulate in ``stages``.
+    the positions) per batch, in order. On CUDA a batch's result is collected after the next
+    batch is launched, so the GPU has work queued while the CPU fetches; ``stages`` accumulates
+    decode, h2d and model seconds (CUDA: from events) and, on CUDA, idle seconds.
     """
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    dataset = _Images(root, paths, ImageTransform(spec.preprocess))
+    model = eng.model
+    transform = ImageTransform(spec.preprocess)
+    dataset = _Images(root, paths, transform, tensor_jpeg=eng.decoder is not None)
     loader = DataLoader(
         dataset,
-        batch_size=batch_size,
+        batch_size=eng.batch_size,
         shuffle=False,
-        num_workers=workers,
+        num_workers=eng.workers,
         collate_fn=_collate,
-        pin_memory=device.startswith("cuda"),
-        prefetch_factor=4 if workers > 0 else None,
+        pin_memory=eng.device.startswith("cuda"),
+        prefetch_factor=4 if eng.workers > 0 else None,
         persistent_workers=False,
     )
     bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False)
+    busy = 0.0
+
+    def collect(idx, job, failed, hashes):
+        nonlocal busy
+        feats = None
+        if job is not None:
+            feats, times = job.result()
+            for k, v in times.items():
+                stages[k] += v
+                busy += v
+        bar.update(len(idx) + len(failed))
+        return idx, feats, failed, hashes
+
+    t_start = time.perf_counter()
+    in_flight = None
     try:
         it = iter(loader)
         while True:
             t0 = time.perf_counter()
             try:
-                idx, x, failed, hashes = next(it)
+                idx, x, failed, hashes, jpeg_idx, jpegs, jpeg_hashes, why = next(it)
             except StopIteration:
                 break
-            t1 = time.perf_counter()
-            stages["decode"] += t1 - t0
-            feats = None
-            if x is not None:
-                x = model.prepare(x)
-                t2 = time.perf_counter()
-                stages["h2d"] += t2 - t1
-                feats = model(x)  # (B, D) float32 numpy
-                stages["model"] += time.perf_counter() - t2
-            yield idx, feats, failed, hashes
-            bar.update(len(idx) + len(failed))
+            eng.decode_fallback.update(why)
+            if jpegs:
+                x = _decode_on_device(eng, transform, x, idx, failed, hashes, jpeg_idx, jpegs, jpeg_hashes)  # fmt: skip
+            stages["decode"] += time.perf_counter() - t0
+            job = model.submit(x) if x is not None else None
+            if in_flight is not None:
+                yield collect(*in_flight)
+                in_flight = None
+            if job is None or isinstance(job, Finished):
+                yield collect(idx, job, failed, hashes)
+            else:
+                in_flight = (idx, job, failed, hashes)
+        if in_flight is not None:
+            yield collect(*in_flight)
     finally:
         bar.close()
+    if eng.device.startswith("cuda"):
+        wall = time.perf_counter() - t_start
+        stages["idle"] = stages.get("idle", 0.0) + max(0.0, wall - busy)
+        warning = idle_warning(wall, busy, eng.workers, eng.decoder_name)
+        if warning:
+            log.warning("%s", warning)
+
+
+def _decode_on_device(eng: _Engine, transform, x, idx, failed, hashes, jpeg_idx, jpegs, jpeg_hashes):  # fmt: skip
+    """Decode a batch's JPEG bytes with the tensor decoder and append them to the batch (``idx``,
+    ``hashes`` and ``failed`` are extended in place); a JPEG it fails on is decoded with PIL."""
+    import torch
+
+    assert eng.decoder is not None
+    out, errors = eng.decoder(jpegs)
+    keep = []
+    for pos, t, err, h, raw in zip(jpeg_idx, out, errors, jpeg_hashes, jpegs, strict=True):
+        if t is None:
+            eng.decode_fallback["tensor decoder failed"] += 1
+            log.info("%s could not decode image %d (%s): decoding it with PIL", eng.decoder.name, pos, err)  # fmt: skip
+            try:
+                t = transform(decode_image(raw.numpy().tobytes(), transform.draft_size))
+            except ImageDecodeError as e:
+                failed.append((pos, str(e)))
+                continue
+            t = t.to(eng.decoder.device)
+        keep.append((pos, t, h))
+    if not keep:
+        return x
+    idx.extend(p for p, _, _ in keep)
+    hashes.extend(h for _, _, h in keep)
+    on_device = torch.stack([t for _, t, _ in keep])
+    if x is None:
+        return on_device
+    return torch.cat([x.to(on_device.device, non_blocking=True), on_device])
+
+
+class _Writer:
+    """Journal appends on a background thread, so that the model never waits on the disk.
+    At most ``depth`` appends wait in the queue (bounded memory); a write error is raised in the
+    caller at its next :meth:`put`, :meth:`check` or :meth:`close`."""
+
+    def __init__(self, journal: Journal, stages: dict[str, float], depth: int = 2) -> None:
+        import queue
+        import threading
+
+        self.journal, self.stages = journal, stages
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="embedtl-writer", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                t = time.perf_counter()
+                try:
+                    self.journal.append(*item)
+                except BaseException as e:  # handed to the caller
+                    self.error = e
+                self.stages["write"] += time.perf_counter() - t
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def put(self, item: tuple) -> None:
+        self.check()
+        self.queue.put(item)
+
+    def close(self) -> None:
+        """Wait for every queued append; raise the first write error."""
+        self.queue.put(None)
+        self.thread.join()
+        self.check()
 
 
 def _run_model(
-    model,
+    eng: _Engine,
     spec: BackboneSpec,
     manifest: Manifest,
     todo: list[int],
     journal: Journal,
-    device: str,
-    batch_size: int,
-    workers: int,
     strict: bool,
     progress: bool,
     stages: dict[str, float],
 ) -> None:
-    """Compute features of the ``todo`` manifest positions; every finished row goes to the journal."""
+    """Compute features of the ``todo`` manifest positions; every finished row goes to the
+    journal, written on a background thread."""
     entries = [manifest.entries[i] for i in todo]
     pending_feats: list[np.ndarray] = []
     pending_rows: list[int] = []
     pending_hashes: list[str] = []
     pending_failed: list[tuple[str, str, int, int]] = []
     last_flush = time.perf_counter()
+    writer = _Writer(journal, stages)
 
     def flush() -> None:
         nonlocal last_flush
         if pending_rows or pending_failed:
-            t = time.perf_counter()
             feats = (
                 np.concatenate(pending_feats)
                 if pending_feats
-                else np.zeros((0, model_dim), np.float32)
+                else np.zeros((0, spec.dim), np.float32)
             )
             es = [entries[i] for i in pending_rows]
-            journal.append(
-                feats,
-                [e.path for e in es],
-                [e.size for e in es],
-                [e.mtime_ns for e in es],
-                pending_hashes,
-                pending_failed,
-            )
+            writer.put((
+                feats, [e.path for e in es], [e.size for e in es], [e.mtime_ns for e in es],
+                list(pending_hashes), list(pending_failed),
+            ))  # fmt: skip
             pending_feats.clear()
             pending_rows.clear()
             pending_hashes.clear()
             pending_failed.clear()
-            stages["write"] += time.perf_counter() - t
         last_flush = time.perf_counter()
 
-    model_dim = spec.dim
-    batches = _stream(
-        model, spec, manifest.root, [e.path for e in entries], device, batch_size, workers,
-        progress, stages, f"extract {spec.name}",
-    )  # fmt: skip
+    batches = _stream(eng, spec, manifest.root, [e.path for e in entries], progress, stages, f"extract {spec.name}")  # fmt: skip
     try:
         for idx, feats, failed, hashes in batches:
             for i, err in failed:
@@ -755,6 +979,7 @@ def _run_model(
                 pending_feats.append(feats)
                 pending_rows.extend(idx)
                 pending_hashes.extend(hashes)
+            writer.check()
             pause_point("batch")
             if (
                 len(pending_rows) >= _FLUSH_ROWS
@@ -763,7 +988,10 @@ def _run_model(
                 flush()
     finally:
         batches.close()
-        flush()  # keep what was computed, even on Ctrl-C or an error
+        try:
+            flush()  # keep what was computed, even on Ctrl-C or an error
+        finally:
+            writer.close()
 
 
 @dataclass
@@ -790,6 +1018,9 @@ def embed_files(
     image_size: int | None = None,
     progress: bool = False,
     allow_download: bool | None = None,
+    precision: str = "auto",
+    compile: bool = False,
+    decoder: str = "auto",
 ) -> Embedded:
     """Features of image files through the same engine and runtimes as :func:`extract`, without
     writing a store (for predicting and querying new images). Unreadable files are returned in
@@ -798,15 +1029,12 @@ def embed_files(
     spec = get_backbone(backbone, image_size=image_size)
     cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     paths = [str(Path(f).expanduser().resolve()) for f in files]
-    eng = _engine(spec, cache_root, device, runtime, len(paths), batch_size, workers, allow_download)  # fmt: skip
+    eng = _engine(spec, cache_root, device, runtime, len(paths), batch_size, workers, allow_download, precision, compile, decoder)  # fmt: skip
     stages = {"decode": 0.0, "h2d": 0.0, "model": 0.0}
     feats: list[np.ndarray] = []
     ok: list[int] = []
     failed: list[tuple[str, str]] = []
-    for idx, f, bad, _ in _stream(
-        eng.model, spec, Path("/"), paths, eng.device, eng.batch_size, eng.workers, progress,
-        stages, f"embed {spec.name}",
-    ):  # fmt: skip
+    for idx, f, bad, _ in _stream(eng, spec, Path("/"), paths, progress, stages, f"embed {spec.name}"):  # fmt: skip
         failed.extend((paths[i], err) for i, err in bad)
         if f is not None:
             feats.append(f)
@@ -817,7 +1045,7 @@ def embed_files(
         features=np.concatenate(feats) if feats else np.zeros((0, dim), np.float32),
         failed=failed,
         runtime=eng.runtime,
-        runtime_reason=eng.reason,
+        runtime_reason=eng.final_reason(),
         seconds=time.perf_counter() - t0,
     )
 

@@ -403,7 +403,7 @@ class _Trainer:
         cache: list[tuple[torch.Tensor, torch.Tensor]] = []
         batches = [list(range(i, min(n, i + 2 * self.cfg.batch_size))) for i in range(0, n, 2 * self.cfg.batch_size)]  # fmt: skip
         loader = _loader(self.val_images, batches, self.workers, self.device.startswith("cuda"))
-        for idx, x, failed, _ in tqdm(loader, desc="val", unit="batch", disable=not self.progress, leave=False):  # fmt: skip
+        for idx, x, failed, *_ in tqdm(loader, desc="val", unit="batch", disable=not self.progress, leave=False):  # fmt: skip
             for i, err in failed:
                 log.warning("val image %s cannot be read now: %s", self.val_rows.paths[i], err)
             if x is None:
@@ -452,7 +452,7 @@ class _Trainer:
                 self.train_images.seed = (cfg.seed, epoch) if cfg.augment else None
                 loader = _loader(self.train_images, batches[step:], self.workers, self.device.startswith("cuda"))  # fmt: skip
                 _set_mode(self.net, self.train_modules)
-                for idx, x, failed, _ in self._bar(loader, epoch, step, len(batches)):
+                for idx, x, failed, *_ in self._bar(loader, epoch, step, len(batches)):
                     for i, err in failed:
                         log.warning("training image %s cannot be read now: %s", self.train_rows.paths[i], err)  # fmt: skip
                     if x is not None:

@@ -21,6 +21,12 @@ from .errors import DeviceError, EmbedTLError
 
 __all__ = [
     "RUNTIMES",
+    "PRECISIONS",
+    "MIN_COSINE",
+    "resolve_precision",
+    "autotune_batch",
+    "TorchRuntime",
+    "OnnxRuntime",
     "ONNX_BATCH",
     "AUTO_ONNX_MIN_IMAGES",
     "resolve_runtime",
@@ -44,29 +50,40 @@ def _have_onnxruntime() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None
 
 
-def resolve_runtime(requested: str, device: str, n_images: int, onnx_path: Path) -> tuple[str, str]:
+def resolve_runtime(
+    requested: str,
+    device: str,
+    n_images: int,
+    onnx_path: Path,
+    precision: str = "auto",
+    compile: bool = False,
+) -> tuple[str, str]:
     """(runtime, reason) for a run of ``n_images`` on ``device``."""
     if requested not in RUNTIMES:
         raise EmbedTLError(f"unknown runtime {requested!r}: use {', '.join(RUNTIMES)}")
+    resolve_precision(precision, device)  # an unknown name fails here, before any work
     cuda = device.startswith("cuda")
+    torch_only = [o for o, on in (("--compile", compile), (f"--precision {precision}", precision not in ("auto", "fp32"))) if on]  # fmt: skip
     if requested == "torch":
-        return "torch", "asked for" + (
-            ": CUDA with AMP (float16) and channels_last" if cuda else ""
-        )
+        return "torch", "asked for" + (": CUDA with autocast and channels_last" if cuda else "")
     if requested == "onnxruntime":
         if device != "cpu":
             raise DeviceError(
                 f"--runtime onnxruntime runs on the CPU; it cannot use --device {device}"
             )
+        if torch_only:
+            raise EmbedTLError(f"{' and '.join(torch_only)} apply to --runtime torch, not onnxruntime")  # fmt: skip
         if not _have_onnxruntime():
             raise EmbedTLError(
                 "--runtime onnxruntime needs the onnxruntime package: pip install onnxruntime"
             )
         return "onnxruntime", "asked for"
     if cuda:
-        return "torch", "CUDA device: PyTorch with AMP (float16) and channels_last"
+        return "torch", "CUDA device: PyTorch with autocast and channels_last"
     if device != "cpu":
         return "torch", f"{device}: PyTorch"
+    if torch_only:
+        return "torch", f"CPU: PyTorch ({' and '.join(torch_only)} asked for)"
     if not _have_onnxruntime():
         return (
             "torch",
@@ -99,36 +116,248 @@ def export_failure(onnx_path: Path) -> str | None:
         return None
 
 
-class TorchRuntime:
-    name = "torch"
-    parity = None
+#: Autocast dtypes by ``--precision`` name; ``auto`` is float16 on CUDA (same tensor-core speed
+#: as bfloat16 with 3 more mantissa bits: closer to float32), float32 elsewhere.
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+#: A reduced-precision path is used only when every row of a real batch keeps at least this
+#: cosine with float32 (ARCHITECTURE.md: beyond it a path would change the features' key).
+MIN_COSINE = 0.999
+_PARITY_ROWS = 16
 
-    def __init__(self, spec: BackboneSpec, device: str, allow_download: bool | None) -> None:
+
+def resolve_precision(requested: str, device: str) -> str:
+    if requested not in PRECISIONS:
+        raise EmbedTLError(f"unknown precision {requested!r}: use {', '.join(PRECISIONS)}")
+    if requested == "auto":
+        return "fp16" if device.startswith("cuda") else "fp32"
+    return requested
+
+
+def _is_oom(e: BaseException) -> bool:
+    import torch
+
+    return isinstance(e, torch.OutOfMemoryError)
+
+
+class Finished:
+    """A batch whose features are ready: ``result()`` -> (features (B, D) float32, stage seconds)."""
+
+    def __init__(self, feats: np.ndarray, times: dict[str, float]) -> None:
+        self.feats, self.times = feats, times
+
+    def result(self) -> tuple[np.ndarray, dict[str, float]]:
+        return self.feats, self.times
+
+
+class _InFlight:
+    """A CUDA batch still running: its features are copied into pinned host memory behind the
+    model on the same stream; ``result()`` waits for that copy only. Stage seconds come from
+    CUDA events, so timing does not serialise the pipeline."""
+
+    def __init__(self, host, events) -> None:
+        self.host, self.events = host, events
+
+    def result(self) -> tuple[np.ndarray, dict[str, float]]:
+        start, copied, done = self.events
+        done.synchronize()
+        times = {"h2d": start.elapsed_time(copied) / 1e3, "model": copied.elapsed_time(done) / 1e3}
+        return self.host.numpy(), times
+
+
+class TorchRuntime:
+    """The backbone in PyTorch: ``eval()``, ``inference_mode``, channels_last; on CUDA autocast
+    (checked against float32 on the first batch), asynchronous copies, and a batch that halves
+    on out-of-memory instead of failing. ``compile=True`` runs it through ``torch.compile``
+    (one graph: short batches are padded to the batch size)."""
+
+    name = "torch"
+
+    def __init__(
+        self,
+        spec: BackboneSpec,
+        device: str,
+        allow_download: bool | None,
+        precision: str = "auto",
+        compile: bool = False,
+    ) -> None:
         import torch
 
         self.device = device
         self.cuda = device.startswith("cuda")
+        self.precision = resolve_precision(precision, device)
         self.model = build_feature_model(spec, allow_download=allow_download)
         # channels_last is faster for these convnets on CPU too, and leaves the features
         # unchanged within float rounding (tests/test_extract.py compares with a plain forward)
         self.model.to(device, memory_format=torch.channels_last)
-        self._amp = torch.autocast("cuda", dtype=torch.float16) if self.cuda else nullcontext()
+        self.compiled = compile
+        self._fn = torch.compile(self.model, dynamic=False) if compile else self.model
+        #: compiled graphs are made for this batch size; shorter batches are padded up to it
+        self.pad_to: int | None = None
+        #: the largest batch that fitted in memory, once one did not (None: no limit met)
+        self.max_batch: int | None = None
+        #: the first batch's check of this path against float32 eager (None: not run yet)
+        self.parity: dict | None = None
+        self._checked = self.precision == "fp32" and not compile
+        self.notes: list[str] = []  # what changed while running (precision fallback, backoff)
+
+    def _autocast(self):
+        import torch
+
+        if self.precision == "fp32":
+            return nullcontext()
+        dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
+        return torch.autocast("cuda" if self.cuda else "cpu", dtype=dtype)
 
     def prepare(self, x):
-        """Host -> device (the ``h2d`` stage)."""
+        """Host -> device (``non_blocking`` from the loader's pinned memory), channels_last."""
         import torch
 
-        x = x.to(self.device, non_blocking=self.cuda).contiguous(memory_format=torch.channels_last)
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-        return x
+        return x.to(self.device, non_blocking=self.cuda).contiguous(
+            memory_format=torch.channels_last
+        )
+
+    def forward(self, x, eager: bool = False):
+        """Features (B, D) float32 of a prepared batch, on the device (no out-of-memory
+        handling); ``eager`` skips ``torch.compile``."""
+        import torch
+
+        n, fn = len(x), self.model if eager else self._fn
+        if not eager and self.compiled and self.pad_to is not None and n < self.pad_to:
+            x = torch.cat([x, x.new_zeros((self.pad_to - n, *x.shape[1:]))])
+        with torch.inference_mode(), self._autocast():
+            return fn(x)[:n].float()
+
+    def _check(self, x) -> None:
+        """Compare this path (autocast, compiled) with float32 eager on real images; fall back
+        to float32 eager, visibly, when a row's cosine drops under :data:`MIN_COSINE`."""
+        import torch
+
+        self._checked = True
+        xs = x[:_PARITY_ROWS]
+        with torch.inference_mode():
+            ref = self.model(xs).float()
+        out = self.forward(xs)
+        cos = float(torch.nn.functional.cosine_similarity(ref, out, dim=1, eps=1e-12).min())
+        path = (f"{self.precision} autocast" if self.precision != "fp32" else "float32") + (" compiled" if self.compiled else "")  # fmt: skip
+        self.parity = {
+            "check": f"{path} vs float32 eager, first batch",
+            "max_abs_diff": float((ref - out).abs().max()),
+            "min_cosine": cos,
+            "batch": len(xs),
+        }
+        if cos < MIN_COSINE:
+            note = f"{path} changed the features (min cosine {cos:.5f} < {MIN_COSINE}): float32 eager instead"  # fmt: skip
+            log.warning("%s", note)
+            self.notes.append(note)
+            self.precision, self.compiled, self._fn = "fp32", False, self.model
+
+    def _run(self, x):
+        """``forward`` in chunks of at most ``max_batch``; out of memory halves the chunk (kept
+        for the rest of the run) and retries, down to one image."""
+        outs, i, n = [], 0, len(x)
+        step = min(n, self.max_batch or n)
+        while i < n:
+            try:
+                outs.append(self.forward(x[i : i + step]))
+                i += step
+            except Exception as e:
+                if not _is_oom(e):
+                    raise
+                if step == 1:
+                    raise DeviceError(f"out of {self.device} memory with a batch of one image: use a smaller --image-size or another device") from None  # fmt: skip
+                if self.cuda:
+                    import torch
+
+                    torch.cuda.empty_cache()
+                note = f"out of {self.device} memory at batch {step}: continuing at {step // 2}"
+                log.warning("%s", note)
+                self.notes.append(note)
+                step = self.max_batch = step // 2
+        if len(outs) == 1:
+            return outs[0]
+        import torch
+
+        return torch.cat(outs)
+
+    def submit(self, x) -> Finished | _InFlight:
+        """Start a uint8 batch (B, 3, H, W) (on the host, or already on the device)."""
+        import time
+
+        import torch
+
+        if not self.cuda:
+            t0 = time.perf_counter()
+            x = self.prepare(x)
+            t1 = time.perf_counter()
+            if not self._checked:
+                self._check(x)
+            f = self._run(x).numpy()
+            return Finished(f, {"h2d": t1 - t0, "model": time.perf_counter() - t1})
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        events[0].record()
+        x = self.prepare(x)
+        events[1].record()
+        if not self._checked:
+            self._check(x)
+        f = self._run(x)
+        host = torch.empty(f.shape, dtype=f.dtype, pin_memory=True)
+        host.copy_(f, non_blocking=True)
+        events[2].record()
+        return _InFlight(host, events)
 
     def __call__(self, x) -> np.ndarray:
-        import torch
+        return self.submit(x).result()[0]
 
-        with torch.inference_mode(), self._amp:
-            f = self.model(x)
-        return f.float().cpu().numpy()  # (B, D); syncs with the device
+    def synchronize(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize(self.device)
+
+
+def autotune_batch(
+    forward,
+    make_batch,
+    *,
+    start: int = 32,
+    limit: int = 1024,
+    min_gain: float = 1.05,
+    clock=None,
+    sync=lambda: None,
+) -> tuple[int, dict[int, float]]:
+    """The batch size to run at: doubles from ``start`` while throughput (images/s of a timed
+    pass after a warm-up pass) still grows by ``min_gain``, up to ``limit``; a batch that runs
+    out of memory ends the search, and the last batch that gained is kept. Returns (batch, {batch: images/s}). ``forward`` must raise
+    on out-of-memory (not back off): :meth:`TorchRuntime.forward`."""
+    import time
+
+    clock = clock or time.perf_counter
+    rates: dict[int, float] = {}
+    b = best = start
+    while b <= limit:
+        x = make_batch(b)
+        try:
+            forward(x)  # warm-up: cuDNN picks its algorithms for this shape
+            sync()
+            t = clock()
+            forward(x)
+            sync()
+            dt = clock() - t
+        except Exception as e:
+            if not _is_oom(e):
+                raise
+            break
+        finally:
+            del x
+        rates[b] = b / max(dt, 1e-9)
+        if b > start:
+            if rates[b] < min_gain * rates[best]:
+                break  # not worth the memory: keep the smaller batch
+            best = b
+        b *= 2
+    if not rates:
+        raise DeviceError(f"out of memory with a batch of {start} images: use --batch-size")
+    return best, rates
 
 
 class OnnxRuntime:
@@ -139,6 +368,7 @@ class OnnxRuntime:
 
         from .export import export_onnx
 
+        self.notes: list[str] = []
         opts = ort.SessionOptions()
         import torch
 
@@ -162,11 +392,27 @@ class OnnxRuntime:
         #: the export's check against PyTorch on a seeded batch (max_abs_diff, min_cosine, batch)
         self.parity = _read_parity(path)
 
+    precision = "fp32"
+    compiled = False
+    max_batch = None
+
     def prepare(self, x):
         return x.numpy()
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: x})[0]
+
+    def submit(self, x) -> Finished:
+        import time
+
+        t0 = time.perf_counter()
+        x = self.prepare(x)
+        t1 = time.perf_counter()
+        f = self(x)
+        return Finished(f, {"h2d": t1 - t0, "model": time.perf_counter() - t1})
+
+    def synchronize(self) -> None:
+        pass
 
 
 def _read_parity(path: Path) -> dict | None:
@@ -179,7 +425,13 @@ def _read_parity(path: Path) -> dict | None:
 
 
 def load_runtime(
-    name: str, spec: BackboneSpec, device: str, onnx_path: Path, allow_download: bool | None
+    name: str,
+    spec: BackboneSpec,
+    device: str,
+    onnx_path: Path,
+    allow_download: bool | None,
+    precision: str = "auto",
+    compile: bool = False,
 ) -> tuple[TorchRuntime | OnnxRuntime, str | None]:
     """The runtime ``name`` for ``spec``, and why it is not ``name`` when it is not: a backbone
     that cannot be exported to ONNX, or whose export does not match PyTorch, runs in PyTorch
@@ -197,5 +449,5 @@ def load_runtime(
             marker = _failure_marker(onnx_path)
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(json.dumps({"error": why[:500], "backbone": spec.to_dict()}))
-            return TorchRuntime(spec, device, allow_download), f"ONNX Runtime unavailable ({why[:200]}): PyTorch eager instead"  # fmt: skip
-    return TorchRuntime(spec, device, allow_download), None
+            return TorchRuntime(spec, device, allow_download, precision, compile), f"ONNX Runtime unavailable ({why[:200]}): PyTorch eager instead"  # fmt: skip
+    return TorchRuntime(spec, device, allow_download, precision, compile), None

@@ -210,6 +210,9 @@ def extract_options(f: Callable) -> Callable:
         click.option("--follow-links", type=click.Choice(["inside", "all", "none"]), default="inside", show_default=True, help="Symbolic links followed: those resolving inside DATA_DIR, all, or none (loops are never followed)."),
         click.option("--check-content", is_flag=True, help="Re-hash every file (reads them all) and re-extract those whose bytes changed even where size and mtime did not."),
         click.option("--lock-timeout", type=float, default=-1, metavar="SECONDS", help="How long to wait while another process writes the same store; 0 fails at once [default: wait]."),
+        click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True, help="PyTorch autocast: auto = fp16 on CUDA, fp32 elsewhere; checked against fp32 on the first batch (float32 when a row's cosine < 0.999)."),
+        click.option("--decoder", type=click.Choice(["auto", "pil", "torchvision"]), default="auto", show_default=True, help="JPEG decoding: auto = torchvision (nvJPEG) on the GPU when there is one, else PIL in the workers."),
+        click.option("--compile", "compile_model", is_flag=True, help="Run the backbone through torch.compile (PyTorch runtime; pays a compile once per process)."),
     ]  # fmt: skip
     return split_options(_apply(f, opts))
 
@@ -228,9 +231,13 @@ def extract_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
         "follow_links",
         "check_content",
         "lock_timeout",
+        "precision",
+        "decoder",
     ):
         if k in kw:
             out[k] = kw.pop(k)
+    if "compile_model" in kw:
+        out["compile"] = kw.pop("compile_model")
     if "seed" in kw:
         out["split"] = SplitConfig(seed=kw.pop("seed"), val_fraction=kw.pop("val_fraction"))
         out["labels"] = kw.pop("labels_csv")

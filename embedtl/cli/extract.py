@@ -32,6 +32,11 @@ def print_extract_summary(stats) -> None:
             f"speed     {s.images_per_second:.1f} img/s on {s.device} ({s.runtime}); stages: "
             + ", ".join(f"{k} {v:.2f}s" for k, v in st.items())
         )
+        fallback = ", ".join(f"{n} {why}" for why, n in s.decode_fallback.items())
+        click.echo(
+            f"          batch {s.batch_size}, {s.precision}, decoder {s.decoder}"
+            + (f" (decoded by PIL instead: {fallback})" if fallback else "")
+        )
     else:
         click.echo(f"          {s.runtime_reason}")
     click.echo(f"time      {s.seconds:.2f} s")
