@@ -31,6 +31,7 @@ import json
 import math
 import os
 import pickle
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -653,9 +654,16 @@ def _read_checkpoint(path: str) -> dict[str, Any]:
         except (SafetensorError, OSError, ValueError) as e:
             raise BackboneError(f"cannot read checkpoint {path}: not a valid safetensors file ({e})") from None  # fmt: skip
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's pickle-protocol notes: the outcome is what counts
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()] or [
+            type(e).__name__
+        ]
+        # torch's own reason (e.g. "Unsupported global: GLOBAL os.system"), not its advice to
+        # retry with weights_only=False
+        first = lines[1] if len(lines) > 1 and lines[0].startswith("Weights only load failed") else lines[0]  # fmt: skip
         raise BackboneError(
             f"cannot read checkpoint {path}: it holds more than tensors and plain containers, "
             f"and embedtl never unpickles code ({first}); save it with "

@@ -6,9 +6,11 @@ One function, :func:`extract`, does every extraction in embedtl:
 2. scan the folder; compare with the store and with the journal of an interrupted run;
 3. if every file is already there unchanged: done -- no model is built, no image decoded;
 4. otherwise build the model once (a runtime from :mod:`embedtl.runtime`: PyTorch in ``eval()``
-   under ``torch.inference_mode()``, channels_last, AMP on CUDA; or ONNX Runtime on CPU) and
-   stream the missing files through it, DataLoader workers decoding in parallel where there
-   are cores to spare; finished rows go to the journal;
+   under ``torch.inference_mode()``, channels_last, autocast on CUDA checked against float32;
+   or ONNX Runtime on CPU) and stream the missing files through it: DataLoader workers decode
+   in parallel where there are cores to spare (on CUDA they only read JPEGs, which nvJPEG
+   decodes on the GPU: :mod:`embedtl.tensor_decode`); a CUDA batch is collected after the next
+   one is launched; finished rows go to the journal on a writer thread;
 5. fold store + journal into a new store file, sorted by path, swapped in atomically.
 """
 
@@ -581,6 +583,8 @@ def _combine(parts: list[dict[str, Any]], merged: FeatureStore) -> ExtractStats:
         device=",".join(sorted({str(p["device"]) for p in ran})) or None, model_built=bool(ran),
         batch_size=first["batch_size"], workers=first["workers"],
         stages={k: max(p["stages"].get(k, 0.0) for p in parts) for k in first["stages"]},
+        precision=ran[0]["precision"] if ran else None, decoder=ran[0]["decoder"] if ran else None,
+        decode_fallback=dict(sum((Counter(p["decode_fallback"]) for p in parts), Counter())),
         failed=[{"path": p, "error": e} for p, e in merged.failed],
         ranks=[
             {k: p[k] for k in ("n_images", "n_failed", "extracted", "cached", "seconds", "images_per_second", "runtime", "device")}  # fmt: skip
@@ -741,7 +745,8 @@ def _engine(
 def _autotune(
     model: TorchRuntime, spec: BackboneSpec, n_images: int
 ) -> tuple[int, dict[int, float]]:
-    """The fastest batch size of the model on its device (eager; seeded uint8 input)."""
+    """The batch size to run the model at on its device (:func:`autotune_batch`; eager, seeded
+    uint8 input)."""
     import torch
 
     c = spec.preprocess.crop
@@ -757,6 +762,8 @@ def _autotune(
         limit=min(1024, n_images),
         sync=model.synchronize,
     )
+    if model.cuda:
+        torch.cuda.empty_cache()  # what the largest tries held goes back to the pool
     log.info("batch size %d (tuned in %.1f s; images/s by batch: %s)", batch, time.perf_counter() - t, {b: round(r) for b, r in rates.items()})  # fmt: skip
     return batch, {b: round(r, 1) for b, r in rates.items()}
 
@@ -792,7 +799,8 @@ def _stream(
     Yields (positions, features (B, D) float32 | None, [(position, error)], content hashes of
     the positions) per batch, in order. On CUDA a batch's result is collected after the next
     batch is launched, so the GPU has work queued while the CPU fetches; ``stages`` accumulates
-    decode, h2d and model seconds (CUDA: from events) and, on CUDA, idle seconds.
+    decode, h2d and model seconds (CUDA: from events) and, on CUDA, idle seconds: the streaming
+    time not spent in h2d, model or on-device decoding.
     """
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
@@ -836,7 +844,9 @@ def _stream(
                 break
             eng.decode_fallback.update(why)
             if jpegs:
+                t1 = time.perf_counter()
                 x = _decode_on_device(eng, transform, x, idx, failed, hashes, jpeg_idx, jpegs, jpeg_hashes)  # fmt: skip
+                busy += time.perf_counter() - t1  # the GPU decodes (nvJPEG returns when done)
             stages["decode"] += time.perf_counter() - t0
             job = model.submit(x) if x is not None else None
             if in_flight is not None:
