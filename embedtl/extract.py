@@ -112,9 +112,8 @@ class ExtractStats:
     ranks: list[dict[str, Any]] | None = None  # under torchrun: what each rank's shard did
     precision: str | None = None  # fp32, fp16 or bf16 (autocast), when the model ran
     decoder: str | None = None  # how images were decoded and resized, when the model ran
-    decode_fallback: dict[str, int] = field(
-        default_factory=dict
-    )  # reason -> images PIL decoded instead of the tensor decoder
+    #: reason -> images that PIL decoded instead of the tensor decoder
+    decode_fallback: dict[str, int] = field(default_factory=dict)
     autotune: dict[int, float] | None = None  # batch size -> images/s, when the batch was tuned
 
     def to_dict(self) -> dict[str, Any]:
@@ -198,14 +197,14 @@ class _Images:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        import torch
-
         why = None
         try:
             data = read_file(self.root / self.paths[i])
             if self.tensor_jpeg:
                 why = fallback_reason(data)
                 if why is None:
+                    import torch
+
                     raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
                     return i, None, None, content_hash(data), raw, None
             im = decode_image(data, draft_size=self.transform.draft_size)
@@ -666,9 +665,7 @@ class _Engine:
             "device": self.device,
             "precision": self.model.precision,
             "compiled": self.model.compiled,
-            "batch_size": self.batch_size
-            if self.model.max_batch is None
-            else min(self.batch_size, self.model.max_batch),  # fmt: skip
+            "batch_size": min(self.batch_size, self.model.max_batch or self.batch_size),
             "autotune": self.autotune,
             "decoder": self.decoder_name,
             "decoder_reason": self.decoder_reason,
