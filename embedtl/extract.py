@@ -464,6 +464,7 @@ def extract(
         stages = {"decode": 0.0, "h2d": 0.0, "model": 0.0, "write": 0.0}
         n_resumed = len(plan.from_journal)
         eng: _Engine | None = None
+        run: dict[str, Any] = {}  # how the model ran (eng.summary()), when it ran
         reason = "no new or changed files: store rewritten without the model"
         t_compute = 0.0
         if plan.todo:
@@ -471,7 +472,7 @@ def extract(
             eng = _engine(spec, cache_root, device, runtime, len(plan.todo), batch_size, workers, allow_download, precision, compile, decoder)  # fmt: skip
             _run_model(eng, spec, manifest, plan.todo, journal, strict, progress, stages)
             t_compute = time.perf_counter() - t0
-            reason = eng.final_reason()
+            reason, run = eng.final_reason(), eng.summary()
             journal_rows = journal.load()
             plan = _plan(manifest, old, journal_rows, all_paths, hasher, check_content, retry_unreadable=False)  # fmt: skip
             if plan.todo:
@@ -482,7 +483,6 @@ def extract(
         t_w = time.perf_counter()
         if eng is not None:
             n_new = len(plan.from_journal) - n_resumed
-            run = eng.summary()
             attrs.update(
                 runtime=eng.runtime,
                 device=eng.device,
@@ -505,7 +505,6 @@ def extract(
 
     store = FeatureStore(path)
     n_extracted = len(plan.from_journal) - n_resumed
-    run = eng.summary() if eng is not None else {}
     stats = ExtractStats(
         store=str(path), n_images=len(rows.paths), n_failed=len(rows.failed_paths),
         n_skipped=manifest.n_skipped, dim=dim, backbone=spec.name, fingerprint=fingerprint,
