@@ -158,21 +158,21 @@ def main() -> None:
                 "torch",
                 224,
                 {"workers": 0},
-            ),  # fmt: skip
+            ),
             ("224px torch, auto batch, workers=1", "torch", 224, {"workers": 1}),
             (
                 "224px torch, batch=32, workers=0 (the usual eager setting)",
                 "torch",
                 224,
                 {"workers": 0, "batch_size": 32},
-            ),  # fmt: skip
+            ),
             ("224px torch.compile, auto batch, workers=0", "torch-compile", 224, {"workers": 0}),
             (
                 "224px onnxruntime, workers=0 (auto for >= 500 images or a cached export)",
                 "onnxruntime",
                 224,
                 {"workers": 0},
-            ),  # fmt: skip
+            ),
             ("224px onnxruntime, workers=1", "onnxruntime", 224, {"workers": 1}),
             ("64px torch, auto batch, workers=0", "torch", 64, {"workers": 0}),
             ("64px onnxruntime, workers=0", "onnxruntime", 64, {"workers": 0}),
@@ -181,14 +181,18 @@ def main() -> None:
         for _, rt, px, _kw in settings:
             if rt == "torch-compile":
                 bs = embedtl.default_batch_size("cpu", px, "torch")
-                runtimes[(rt, px)], compile_seconds[px] = compiled_runtime(specs[px], [bs, n_images % bs or bs])  # fmt: skip
+                runtimes[(rt, px)], compile_seconds[px] = compiled_runtime(
+                    specs[px], [bs, n_images % bs or bs]
+                )
                 print(
                     f"torch.compile at {px}px: {compile_seconds[px]:.1f} s to compile", flush=True
                 )
         batches = {}
 
         def batch_of(rt: str, px: int, kw: dict) -> int:
-            return kw.get("batch_size") or embedtl.default_batch_size("cpu", px, "torch" if rt == "torch-compile" else rt)  # fmt: skip
+            return kw.get("batch_size") or embedtl.default_batch_size(
+                "cpu", px, "torch" if rt == "torch-compile" else rt
+            )
 
         for _, rt, px, kw in settings:
             bs = batch_of(rt, px, kw)
@@ -204,11 +208,14 @@ def main() -> None:
                 r["model_alone"].append(run_model_alone(runtimes[(rt, px)], batches[(px, bs)]))
                 compiled = runtimes[(rt, px)] if rt == "torch-compile" else None
                 run_rt = "torch" if rt == "torch-compile" else rt
-                e = run_extract(data, backbone, cache, compiled=compiled, runtime=run_rt, image_size=px, **kw)  # fmt: skip
+                e = run_extract(
+                    data, backbone, cache, compiled=compiled, runtime=run_rt, image_size=px, **kw
+                )
                 r["extract"].append(e["images_per_second"])
                 r["stages"].append(e["stages"])
                 print(
-                    f"[{rep}] {name}: model {r['model_alone'][-1]:.1f}  extract {e['images_per_second']:.1f} img/s  {e['stages']}",
+                    f"[{rep}] {name}: model {r['model_alone'][-1]:.1f}  extract "
+                    f"{e['images_per_second']:.1f} img/s  {e['stages']}",
                     flush=True,
                 )
             if not args.skip_tutorial:
@@ -226,13 +233,28 @@ def main() -> None:
         m, e = median(r["model_alone"]), median(r["extract"])
         stages = {k: round(median([s[k] for s in r["stages"]]), 3) for k in r["stages"][0]}
         paired = median([x / y for x, y in zip(r["extract"], r["model_alone"], strict=True)])
-        table.append({"setting": name, "batch_size": r["batch_size"], "model_alone_ips": round(m, 1), "extract_ips": round(e, 1),
-                      "ratio": round(paired, 3), "ratio_of_medians": round(e / m, 3), "stages_s": stages, "model_alone_runs": r["model_alone"], "extract_runs": r["extract"]})  # fmt: skip
+        table.append(
+            {
+                "setting": name,
+                "batch_size": r["batch_size"],
+                "model_alone_ips": round(m, 1),
+                "extract_ips": round(e, 1),
+                "ratio": round(paired, 3),
+                "ratio_of_medians": round(e / m, 3),
+                "stages_s": stages,
+                "model_alone_runs": r["model_alone"],
+                "extract_runs": r["extract"],
+            }
+        )
     tut = median(runs["tutorial"]["tutorial"]) if "tutorial" in runs else None
     head = table[0]  # PyTorch at 224 px, the engine's defaults: the issue's target
     by_name = {r["setting"]: r for r in table}
     ort = by_name[settings[4][0]]  # ONNX Runtime at 224 px, what auto picks for larger jobs
-    torch_224 = [r for r, (_, rt, px, _) in zip(table, settings, strict=True) if px == 224 and rt != "onnxruntime"]  # fmt: skip
+    torch_224 = [
+        r
+        for r, (_, rt, px, _) in zip(table, settings, strict=True)
+        if px == 224 and rt != "onnxruntime"
+    ]
     best_torch = max(torch_224, key=lambda r: r["extract_ips"])
     eager32 = by_name[settings[2][0]]
     ort_ratios = [
@@ -270,42 +292,64 @@ def main() -> None:
             "met": median(ort_ratios) >= 2.5,
             "onnxruntime_extract_vs_torch_eager_batch32_extract": round(
                 ort["extract_ips"] / eager32["extract_ips"], 2
-            ),  # fmt: skip
+            ),
             "torch_compile_seconds": {str(k): round(v, 1) for k, v in compile_seconds.items()},
         },
     }
     lines = [
         "# extract_throughput",
         "",
-        f"{result['machine']['date']} · {result['machine']['cpu']} · {result['machine']['cores']} cores · "
-        f"torch {result['machine']['versions'].get('torch')} · {n_images} images · medians of {args.repeats} interleaved runs",
+        f"{result['machine']['date']} · {result['machine']['cpu']} · "
+        f"{result['machine']['cores']} cores · "
+        f"torch {result['machine']['versions'].get('torch')} · "
+        f"{n_images} images · medians of {args.repeats} interleaved runs",
         "",
-        "extract / model is the median of the per-repeat ratios (each repeat runs both back to back).",
+        "extract / model is the median of the per-repeat ratios "
+        "(each repeat runs both back to back).",
         "",
-        "| setting | batch | model alone (img/s) | extract (img/s) | extract / model | decode s | h2d s | model s | write s |",
+        "| setting | batch | model alone (img/s) | extract (img/s) | "
+        "extract / model | decode s | h2d s | model s | write s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table:
         s = r["stages_s"]
-        lines.append(f"| {r['setting']} | {r['batch_size']} | {r['model_alone_ips']} | {r['extract_ips']} | {r['ratio']:.2f} | "
-                     f"{s['decode']} | {s['h2d']} | {s['model']} | {s['write']} |")  # fmt: skip
+        lines.append(
+            f"| {r['setting']} | {r['batch_size']} | "
+            f"{r['model_alone_ips']} | {r['extract_ips']} | "
+            f"{r['ratio']:.2f} | "
+            f"{s['decode']} | {s['h2d']} | {s['model']} | {s['write']} |"
+        )
     if tut:
-        lines += ["", f"Tutorial loop, one epoch (ImageFolder + weights' transforms, batch 32, num_workers=0, frozen backbone + Linear, Adam): **{tut:.1f} img/s**.",
-                  f"Extraction runs once instead of every epoch, and at **{head['extract_ips'] / tut:.1f}x** the tutorial's per-epoch rate with PyTorch "
-                  f"(**{ort['extract_ips'] / tut:.1f}x** with ONNX Runtime)."]  # fmt: skip
+        lines += [
+            "",
+            "Tutorial loop, one epoch (ImageFolder + weights' "
+            "transforms, batch 32, num_workers=0, frozen backbone + "
+            f"Linear, Adam): **{tut:.1f} img/s**.",
+            "Extraction runs once instead of every epoch, and at "
+            f"**{head['extract_ips'] / tut:.1f}x** the tutorial's "
+            "per-epoch rate with PyTorch "
+            f"(**{ort['extract_ips'] / tut:.1f}x** with ONNX Runtime).",
+        ]
     lines += [
         "",
-        f"Target: PyTorch extract >= 90% of PyTorch model alone at 224 px: **{head['ratio']:.2f}** ({'met' if head['ratio'] >= 0.9 else 'NOT met'}). "
-        f"ONNX Runtime extraction runs at **{ort['extract_ips'] / head['model_alone_ips']:.2f}x** the PyTorch model-alone rate.",
+        "Target: PyTorch extract >= 90% of PyTorch model alone at "
+        f"224 px: **{head['ratio']:.2f}** ({'met' if head['ratio'] >= 0.9 else 'NOT met'}). "
+        "ONNX Runtime extraction runs at "
+        f"**{ort['extract_ips'] / head['model_alone_ips']:.2f}x** the "
+        "PyTorch model-alone rate.",
     ]
     ovt = result["onnxruntime_vs_torch"]
     lines += [
         "",
-        f"ONNX Runtime end-to-end vs embedtl's best PyTorch path ({best_torch['setting']}): **{ovt['onnxruntime_extract_vs_best_torch_extract']:.2f}x** "
+        "ONNX Runtime end-to-end vs embedtl's best PyTorch path "
+        f"({best_torch['setting']}): **{ovt['onnxruntime_extract_vs_best_torch_extract']:.2f}x** "
         f"(median of per-repeat ratios; target >= 2.5x: {'met' if ovt['met'] else 'NOT met'}); "
-        f"vs PyTorch eager at batch 32: **{ovt['onnxruntime_extract_vs_torch_eager_batch32_extract']:.2f}x**. "
-        f"torch.compile took {', '.join(f'{v} s at {k} px' for k, v in ovt['torch_compile_seconds'].items())} to compile (not in the rates above).",
-    ]  # fmt: skip
+        "vs PyTorch eager at batch 32: "
+        f"**{ovt['onnxruntime_extract_vs_torch_eager_batch32_extract']:.2f}x**. "
+        "torch.compile took "
+        f"{', '.join(f'{v} s at {k} px' for k, v in ovt['torch_compile_seconds'].items())} "
+        "to compile (not in the rates above).",
+    ]
     path = write_result("extract_throughput", result, "\n".join(lines))
     print("\n".join(lines))
     print(f"\nwritten: {path}")

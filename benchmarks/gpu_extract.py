@@ -83,7 +83,9 @@ def model_alone(backbone: str, device: str, batch: int, n: int, image_size: int 
     rt = TorchRuntime(spec, device, None)
     c = spec.preprocess.crop
     g = torch.Generator(device=device).manual_seed(0)
-    x = rt.prepare(torch.randint(0, 256, (batch, 3, c, c), dtype=torch.uint8, device=device, generator=g))  # fmt: skip
+    x = rt.prepare(
+        torch.randint(0, 256, (batch, 3, c, c), dtype=torch.uint8, device=device, generator=g)
+    )
     for _ in range(3):  # warm-up: cuDNN picks its algorithms; the parity check runs once
         rt(x)
     steps = max(3, n // batch)
@@ -95,11 +97,27 @@ def model_alone(backbone: str, device: str, batch: int, n: int, image_size: int 
     return {"images_per_second": steps * batch / (time.perf_counter() - t), "batch_size": batch}
 
 
-def end_to_end(data: Path, backbone: str, device: str, decoder: str, workers: int | None, cache: Path, image_size: int | None) -> dict:  # fmt: skip
+def end_to_end(
+    data: Path,
+    backbone: str,
+    device: str,
+    decoder: str,
+    workers: int | None,
+    cache: Path,
+    image_size: int | None,
+) -> dict:
     import embedtl
 
     shutil.rmtree(cache, ignore_errors=True)
-    store = embedtl.extract(data, backbone, cache_dir=cache, device=device, decoder=decoder, workers=workers, image_size=image_size)  # fmt: skip
+    store = embedtl.extract(
+        data,
+        backbone,
+        cache_dir=cache,
+        device=device,
+        decoder=decoder,
+        workers=workers,
+        image_size=image_size,
+    )
     s = store.last_extraction
     store.close()
     shutil.rmtree(cache, ignore_errors=True)
@@ -156,11 +174,18 @@ def main() -> None:
                         data, b, device, d, args.workers, tmp / "cache", args.image_size
                     )
                     runs[b].setdefault(f"extract, decoder {d}", []).append(res)
-                    print(f"[{r}] {b} decoder {d}: {res['images_per_second']:.0f} img/s {res['stages']}", file=sys.stderr)  # fmt: skip
+                    print(
+                        f"[{r}] {b} decoder {d}: {res['images_per_second']:.0f} img/s "
+                        f"{res['stages']}",
+                        file=sys.stderr,
+                    )
                 batch = runs[b][f"extract, decoder {decoders[0]}"][-1]["batch_size"]
                 res = model_alone(b, device, batch, args.images, args.image_size)
                 runs[b].setdefault("model alone", []).append(res)
-                print(f"[{r}] {b} model alone: {res['images_per_second']:.0f} img/s at batch {batch}", file=sys.stderr)  # fmt: skip
+                print(
+                    f"[{r}] {b} model alone: {res['images_per_second']:.0f} img/s at batch {batch}",
+                    file=sys.stderr,
+                )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -170,10 +195,26 @@ def main() -> None:
         summary[b] = {}
         for name, xs in variants.items():
             ips = median([x["images_per_second"] for x in xs])
-            row = {"images_per_second": round(ips, 1), "percent_of_model_alone": round(100 * ips / alone, 1)}  # fmt: skip
+            row = {
+                "images_per_second": round(ips, 1),
+                "percent_of_model_alone": round(100 * ips / alone, 1),
+            }
             if name != "model alone":
-                row["stages"] = {k: round(median([x["stages"].get(k, 0.0) for x in xs]), 3) for k in xs[0]["stages"]}  # fmt: skip
-                row |= {k: xs[-1][k] for k in ("batch_size", "workers", "precision", "decoder", "decode_fallback", "autotune")}  # fmt: skip
+                row["stages"] = {
+                    k: round(median([x["stages"].get(k, 0.0) for x in xs]), 3)
+                    for k in xs[0]["stages"]
+                }
+                row |= {
+                    k: xs[-1][k]
+                    for k in (
+                        "batch_size",
+                        "workers",
+                        "precision",
+                        "decoder",
+                        "decode_fallback",
+                        "autotune",
+                    )
+                }
             summary[b][name] = row
     result = {
         "machine": machine(),
@@ -187,20 +228,39 @@ def main() -> None:
     lines = [
         f"# GPU extraction: {result['device']}",
         "",
-        f"`python benchmarks/gpu_extract.py {' '.join(sys.argv[1:])}` -- {args.images} JPEGs of {w}x{h}, medians of {args.repeats} interleaved repeats; {result['machine']['cores']} CPU cores.",  # fmt: skip
+        f"`python benchmarks/gpu_extract.py {' '.join(sys.argv[1:])}` "
+        f"-- {args.images} JPEGs of {w}x{h}, medians of "
+        f"{args.repeats} interleaved repeats; "
+        f"{result['machine']['cores']} CPU cores.",
         "",
-        "| backbone | path | images/s | % of model alone | batch | precision | stages s (decode / h2d / model / write / idle) |",
+        "| backbone | path | images/s | % of model alone | batch | "
+        "precision | stages s (decode / h2d / model / write / idle) |",
         "|---|---|---:|---:|---:|---|---|",
-    ]  # fmt: skip
+    ]
     for b, rows in summary.items():
         for name, row in rows.items():
             st = row.get("stages", {})
-            stages = " / ".join(f"{st.get(k, 0):.2f}" for k in ("decode", "h2d", "model", "write", "idle")) if st else ""  # fmt: skip
-            lines.append(f"| {b} | {name} | {row['images_per_second']:.0f} | {row['percent_of_model_alone']:.0f} | {row.get('batch_size', '')} | {row.get('precision', '')} | {stages} |")  # fmt: skip
+            stages = (
+                " / ".join(
+                    f"{st.get(k, 0):.2f}" for k in ("decode", "h2d", "model", "write", "idle")
+                )
+                if st
+                else ""
+            )
+            lines.append(
+                f"| {b} | {name} | {row['images_per_second']:.0f} | "
+                f"{row['percent_of_model_alone']:.0f} | "
+                f"{row.get('batch_size', '')} | {row.get('precision', '')} | "
+                f"{stages} |"
+            )
     target = summary.get("resnet50@random", {}).get("extract, decoder torchvision")
     if target and cuda:
         ok = target["images_per_second"] >= 3000
-        lines += ["", f"Target (resnet50, 224 px, >= 3,000 images/s): {'met' if ok else 'NOT met'} ({target['images_per_second']:.0f})."]  # fmt: skip
+        lines += [
+            "",
+            "Target (resnet50, 224 px, >= 3,000 images/s): "
+            f"{'met' if ok else 'NOT met'} ({target['images_per_second']:.0f}).",
+        ]
     md = "\n".join(lines)
     print(md)
     if args.out is not None and ("/" in args.out or args.out.endswith(".json")):

@@ -36,23 +36,43 @@ C_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 def fit(store, **kw) -> dict:
     head = fit_head(store, HeadConfig(**kw))
     f, m = head.info["fit"], head.info["metrics"]
-    out = {"val_accuracy": m["val_accuracy"], "test_accuracy": m["test_accuracy"], "fit_seconds": f["seconds"], "seconds_to_best": f["seconds_to_best"], "epochs": f["epochs"], "best_epoch": f["best_epoch"]}  # fmt: skip
+    out = {
+        "val_accuracy": m["val_accuracy"],
+        "test_accuracy": m["test_accuracy"],
+        "fit_seconds": f["seconds"],
+        "seconds_to_best": f["seconds_to_best"],
+        "epochs": f["epochs"],
+        "best_epoch": f["best_epoch"],
+    }
     print(f"    {kw}: {out}", flush=True)
     return out
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    ap.add_argument("--data", type=Path, default=None, help="[default: export fashion-mnist to a temp dir]")  # fmt: skip
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--data", type=Path, default=None, help="[default: export fashion-mnist to a temp dir]"
+    )
     ap.add_argument("--cache-dir", type=Path, default=None, help="[default: a temp dir]")
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        data = args.data or embedtl.export_dataset("fashion-mnist", Path(tmp) / "fm") and Path(tmp) / "fm"  # fmt: skip
-        store = embedtl.extract(data, cache_dir=args.cache_dir or Path(tmp) / "cache", image_size=args.image_size)  # fmt: skip
+        data = (
+            args.data
+            or embedtl.export_dataset("fashion-mnist", Path(tmp) / "fm")
+            and Path(tmp) / "fm"
+        )
+        store = embedtl.extract(
+            data, cache_dir=args.cache_dir or Path(tmp) / "cache", image_size=args.image_size
+        )
         st = store.last_extraction
-        print(f"store {store.path}: {len(store)} rows, {st.runtime_reason} ({st.seconds:.1f} s)", flush=True)  # fmt: skip
+        print(
+            f"store {store.path}: {len(store)} rows, {st.runtime_reason} ({st.seconds:.1f} s)",
+            flush=True,
+        )
         splits = store.summary()["splits"]
 
         print("choosing C on val", flush=True)
@@ -71,7 +91,12 @@ def main() -> None:
 
     sk_acc = med("logreg", "test_accuracy")
     lin_acc = med("linear", "test_accuracy")
-    speed = median([s["fit_seconds"] / x["fit_seconds"] for s, x in zip(runs["logreg"], runs["linear"], strict=True)])  # fmt: skip
+    speed = median(
+        [
+            s["fit_seconds"] / x["fit_seconds"]
+            for s, x in zip(runs["logreg"], runs["linear"], strict=True)
+        ]
+    )
     ttb = med("linear", "seconds_to_best")
     targets = {
         "linear_within_0.5_points": (sk_acc - lin_acc) * 100 <= 0.5,
@@ -87,7 +112,7 @@ def main() -> None:
             "image_size": args.image_size,
             "backbone": store.backbone.get("name"),
             "store_dtype": store.dtype,
-        },  # fmt: skip
+        },
         "extract": {"seconds": st.seconds, "runtime_reason": st.runtime_reason},
         "repeats": args.repeats,
         "c_grid": {str(c): r for c, r in grid.items()},
@@ -96,22 +121,33 @@ def main() -> None:
         "median": {
             k: {key: med(k, key) for key in runs[k][0] if isinstance(runs[k][0][key], float)}
             for k in runs
-        },  # fmt: skip
+        },
         "linear_speedup_vs_sklearn": speed,
         "targets": targets,
     }
     rows = "\n".join(
-        f"| {k} | {med(k, 'test_accuracy'):.4f} | {med(k, 'val_accuracy'):.4f} | {med(k, 'fit_seconds'):.2f} | "
-        + (f"{med(k, 'seconds_to_best'):.2f} (epoch {int(med(k, 'best_epoch'))} of {int(med(k, 'epochs'))})" if k != "logreg" else "-")
+        f"| {k} | {med(k, 'test_accuracy'):.4f} | "
+        f"{med(k, 'val_accuracy'):.4f} | {med(k, 'fit_seconds'):.2f} | "
+        + (
+            f"{med(k, 'seconds_to_best'):.2f} (epoch "
+            f"{int(med(k, 'best_epoch'))} of {int(med(k, 'epochs'))})"
+            if k != "logreg"
+            else "-"
+        )
         + " |"
         for k in ("linear", "mlp", "logreg")
-    )  # fmt: skip
-    grid_rows = ", ".join(f"C={c}: val {r['val_accuracy']:.4f} ({r['fit_seconds']:.0f} s)" for c, r in grid.items())  # fmt: skip
+    )
+    grid_rows = ", ".join(
+        f"C={c}: val {r['val_accuracy']:.4f} ({r['fit_seconds']:.0f} s)" for c, r in grid.items()
+    )
     md = f"""# heads on cached features: Fashion-MNIST
 
-{result["machine"]["cpu"]}, {result["machine"]["cores"]} cores, torch {result["machine"]["versions"].get("torch")}, scikit-learn lbfgs; {result["machine"]["date"]}.
-Fashion-MNIST at {args.image_size} px through EfficientNet-Lite0 ({store.dim}-d, stored {store.dtype}): train {splits["train"]}, val {splits["val"]}, test {splits["test"]}.
-Medians of {args.repeats} interleaved repeats (`python benchmarks/heads.py`). Fit seconds include reading the features from the store.
+{result["machine"]["cpu"]}, {result["machine"]["cores"]} cores, torch
+{result["machine"]["versions"].get("torch")}, scikit-learn lbfgs; {result["machine"]["date"]}.
+Fashion-MNIST at {args.image_size} px through EfficientNet-Lite0 ({store.dim}-d, stored
+{store.dtype}): train {splits["train"]}, val {splits["val"]}, test {splits["test"]}.
+Medians of {args.repeats} interleaved repeats (`python benchmarks/heads.py`). Fit seconds include
+reading the features from the store.
 
 | head | test acc | val acc | fit (s) | to best val epoch (s) |
 |---|---:|---:|---:|---:|
@@ -119,8 +155,11 @@ Medians of {args.repeats} interleaved repeats (`python benchmarks/heads.py`). Fi
 
 C chosen on val from: {grid_rows}.
 
-Linear vs scikit-learn: {100 * (lin_acc - sk_acc):+.2f} points, **{speed:.1f}x** faster (paired median); time to best val epoch {ttb:.2f} s.
-Targets: within 0.5 points **{"met" if targets["linear_within_0.5_points"] else "NOT met"}**; >= 10x faster **{"met" if targets["linear_10x_faster"] else "NOT met"}**; time to best < 5 s **{"met" if targets["linear_time_to_best_under_5s"] else "NOT met"}**.
+Linear vs scikit-learn: {100 * (lin_acc - sk_acc):+.2f} points, **{speed:.1f}x** faster (paired
+median); time to best val epoch {ttb:.2f} s.
+Targets: within 0.5 points **{"met" if targets["linear_within_0.5_points"] else "NOT met"}**; >=
+10x faster **{"met" if targets["linear_10x_faster"] else "NOT met"}**; time to best < 5 s
+**{"met" if targets["linear_time_to_best_under_5s"] else "NOT met"}**.
 """
     print(md)
     write_result("heads", result, md)

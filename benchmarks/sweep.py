@@ -74,9 +74,14 @@ def summarise(rounds: list[dict]) -> dict:
     r = {k: median([x[k] for x in rounds]) for k in ("one_fit_s", "one_pass_s", "separate_32_s")}
     r["pass_over_one"] = median([x["one_pass_s"] / x["one_fit_s"] for x in rounds])
     r["separate_over_pass"] = median([x["separate_32_s"] / x["one_pass_s"] for x in rounds])
-    r["max_val_accuracy_diff_pass_vs_separate"] = max(x["max_val_accuracy_diff_pass_vs_separate"] for x in rounds)  # fmt: skip
+    r["max_val_accuracy_diff_pass_vs_separate"] = max(
+        x["max_val_accuracy_diff_pass_vs_separate"] for x in rounds
+    )
     r["best"] = rounds[-1]["best"]
-    r["one_fit"] = {"val_accuracy": rounds[-1]["one_fit_val"], "test_accuracy": rounds[-1]["one_fit_test"]}  # fmt: skip
+    r["one_fit"] = {
+        "val_accuracy": rounds[-1]["one_fit_val"],
+        "test_accuracy": rounds[-1]["one_fit_test"],
+    }
     r["epochs_separate"] = rounds[-1]["epochs_separate"]
     r["rounds"] = rounds
     return r
@@ -86,42 +91,83 @@ def markdown(result: dict) -> list[str]:
     m, splits, store = result["machine"], result["store"]["splits"], result["store"]
     epochs = result["fixed_epochs"]
     fx, ea = result["settings"]["fixed"], result["settings"]["early"]
+    diff = "max_val_accuracy_diff_pass_vs_separate"
     lines = [
         "# bench-heads: 32 linear variants in one pass vs 32 fits vs one fit",
         "",
         f"{m['cpu']}, {m['cores']} cores, torch {m['versions'].get('torch')}; {m['date']}.",
-        f"Fashion-MNIST at {result['store']['image_size']} px through {result['store']['backbone']} ({store['dim']}-d): train {splits.get('train')}, val {splits.get('val')}, test {splits.get('test')}.",  # fmt: skip
-        f"Grid `lr-wd`: 8 learning rates x 4 weight decays, batch {BATCH}. Medians of {result['repeats']} interleaved rounds (`python benchmarks/sweep.py`); wall time of each API call, reading the features included.",  # fmt: skip
+        f"Fashion-MNIST at {result['store']['image_size']} px through "
+        f"{result['store']['backbone']} ({store['dim']}-d): train "
+        f"{splits.get('train')}, val {splits.get('val')}, test {splits.get('test')}.",
+        "Grid `lr-wd`: 8 learning rates x 4 weight decays, batch "
+        f"{BATCH}. Medians of {result['repeats']} interleaved rounds "
+        "(`python benchmarks/sweep.py`); wall time of each API call, "
+        "reading the features included.",
         "",
-        "| setting | one fit (s) | one pass, 32 variants (s) | 32 separate fits (s) | pass / one fit | 32 fits / pass |",  # fmt: skip
+        "| setting | one fit (s) | one pass, 32 variants (s) | 32 "
+        "separate fits (s) | pass / one fit | 32 fits / pass |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for name, r in result["settings"].items():
-        label = f"fixed {epochs} epochs" if name == "fixed" else "early stopping (<= 60 epochs, patience 6)"  # fmt: skip
-        lines.append(f"| {label} | {r['one_fit_s']:.2f} | {r['one_pass_s']:.2f} | {r['separate_32_s']:.1f} | **{r['pass_over_one']:.2f}x** | **{r['separate_over_pass']:.1f}x** |")  # fmt: skip
+        label = (
+            f"fixed {epochs} epochs"
+            if name == "fixed"
+            else "early stopping (<= 60 epochs, patience 6)"
+        )
+        lines.append(
+            f"| {label} | {r['one_fit_s']:.2f} | {r['one_pass_s']:.2f} | "
+            f"{r['separate_32_s']:.1f} | **{r['pass_over_one']:.2f}x** | "
+            f"**{r['separate_over_pass']:.1f}x** |"
+        )
     lines += [
         "",
-        f"One-pass val accuracies vs the separate fits (same seeds): max |difference| {max(fx['max_val_accuracy_diff_pass_vs_separate'], ea['max_val_accuracy_diff_pass_vs_separate']):.2e}.",  # fmt: skip
-        f"Early stopping: the separate fits ran {ea['epochs_separate']['min']}-{ea['epochs_separate']['max']} epochs ({ea['epochs_separate']['sum']} in all).",  # fmt: skip
-        f"Best variant (early stopping, chosen on val): {config_str(ea['best']['config'])} val {ea['best']['val_accuracy']:.4f}, test {ea['best']['test_accuracy']:.4f}; the default alone: val {ea['one_fit']['val_accuracy']:.4f}, test {ea['one_fit']['test_accuracy']:.4f}.",  # fmt: skip
+        "One-pass val accuracies vs the separate fits (same seeds): max |difference| "
+        f"{max(fx[diff], ea[diff]):.2e}.",
+        "Early stopping: the separate fits ran "
+        f"{ea['epochs_separate']['min']}-{ea['epochs_separate']['max']} "
+        f"epochs ({ea['epochs_separate']['sum']} in all).",
+        "Best variant (early stopping, chosen on val): "
+        f"{config_str(ea['best']['config'])} val "
+        f"{ea['best']['val_accuracy']:.4f}, test "
+        f"{ea['best']['test_accuracy']:.4f}; the default alone: val "
+        f"{ea['one_fit']['val_accuracy']:.4f}, test {ea['one_fit']['test_accuracy']:.4f}.",
         "",
-        "Why the pass costs more than one fit: per step the 32 heads are one (1024 x 1280) x (1280 x 320) product forward and one of the same size for the weight gradient, 1.7 GFLOP, 32x one head's; the pass is bound by these products, while one head's step is bound by per-step overhead.",  # fmt: skip
-        "With early stopping the pass runs until its slowest variant stops, while the default alone stops early; stopped variants leave the batch, so each variant's epochs are paid once.",  # fmt: skip
+        "Why the pass costs more than one fit: per step the 32 heads "
+        "are one (1024 x 1280) x (1280 x 320) product forward and "
+        "one of the same size for the weight gradient, 1.7 GFLOP, "
+        "32x one head's; the pass is bound by these products, while "
+        "one head's step is bound by per-step overhead.",
+        "With early stopping the pass runs until its slowest variant "
+        "stops, while the default alone stops early; stopped "
+        "variants leave the batch, so each variant's epochs are paid once.",
         "",
-        f"Targets (fixed epochs, the same work per variant): pass <= 4x one fit **{'met' if fx['pass_over_one'] <= 4 else 'missed'}** ({fx['pass_over_one']:.2f}x); >= 8x faster than 32 fits **{'met' if fx['separate_over_pass'] >= 8 else 'missed'}** ({fx['separate_over_pass']:.1f}x).",  # fmt: skip
+        "Targets (fixed epochs, the same work per variant): pass <= "
+        "4x one fit "
+        f"**{'met' if fx['pass_over_one'] <= 4 else 'missed'}** "
+        f"({fx['pass_over_one']:.2f}x); >= 8x faster than 32 fits "
+        f"**{'met' if fx['separate_over_pass'] >= 8 else 'missed'}** "
+        f"({fx['separate_over_pass']:.1f}x).",
     ]
     return lines
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--store", type=Path, default=None, help="a Fashion-MNIST feature store")
-    ap.add_argument("--data", type=Path, default=None, help="[default: export fashion-mnist to a temp dir]")  # fmt: skip
+    ap.add_argument(
+        "--data", type=Path, default=None, help="[default: export fashion-mnist to a temp dir]"
+    )
     ap.add_argument("--cache-dir", type=Path, default=None)
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=12, help="epochs of the fixed setting")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--render", action="store_true", help="only rewrite results/sweep.md from results/sweep.json")  # fmt: skip
+    ap.add_argument(
+        "--render",
+        action="store_true",
+        help="only rewrite results/sweep.md from results/sweep.json",
+    )
     args = ap.parse_args()
     if args.render:
         result = json.loads((HERE / "results" / "sweep.json").read_text())
@@ -131,24 +177,42 @@ def main() -> None:
         if args.store:
             store = embedtl.open_store(args.store)
         else:
-            data = args.data or embedtl.export_dataset("fashion-mnist", Path(tmp) / "fm") and Path(tmp) / "fm"  # fmt: skip
-            store = embedtl.extract(data, cache_dir=args.cache_dir or Path(tmp) / "cache", image_size=args.image_size)  # fmt: skip
+            data = (
+                args.data
+                or embedtl.export_dataset("fashion-mnist", Path(tmp) / "fm")
+                and Path(tmp) / "fm"
+            )
+            store = embedtl.extract(
+                data, cache_dir=args.cache_dir or Path(tmp) / "cache", image_size=args.image_size
+            )
         splits = store.summary()["splits"]
         print(f"store {store.path}: {splits}", flush=True)
         grid = load_grid("lr-wd")
         settings = {
             "fixed": [
                 c.replace(batch_size=BATCH, epochs=args.epochs, patience=args.epochs) for c in grid
-            ],  # fmt: skip
+            ],
             "early": [c.replace(batch_size=BATCH) for c in grid],
         }
-        one = {name: HeadConfig(batch_size=BATCH, **({"epochs": args.epochs, "patience": args.epochs} if name == "fixed" else {})) for name in settings}  # fmt: skip
+        one = {
+            name: HeadConfig(
+                batch_size=BATCH,
+                **({"epochs": args.epochs, "patience": args.epochs} if name == "fixed" else {}),
+            )
+            for name in settings
+        }
         rounds: dict[str, list[dict]] = {name: [] for name in settings}
         for i in range(args.repeats):
             for name, configs in settings.items():
                 r = run_round(store, configs, one[name])
                 rounds[name].append(r)
-                print(f"round {i + 1} {name}: one {r['one_fit_s']:.2f} s, pass {r['one_pass_s']:.2f} s, 32 separate {r['separate_32_s']:.1f} s, max |val diff| {r['max_val_accuracy_diff_pass_vs_separate']:.2e}", flush=True)  # fmt: skip
+                print(
+                    f"round {i + 1} {name}: one {r['one_fit_s']:.2f} s, pass "
+                    f"{r['one_pass_s']:.2f} s, 32 separate "
+                    f"{r['separate_32_s']:.1f} s, max |val diff| "
+                    f"{r['max_val_accuracy_diff_pass_vs_separate']:.2e}",
+                    flush=True,
+                )
     result = {
         "machine": machine(),
         "store": {
@@ -157,7 +221,7 @@ def main() -> None:
             "dim": store.dim,
             "backbone": store.backbone.get("name"),
             "image_size": store.backbone["preprocess"]["crop"],
-        },  # fmt: skip
+        },
         "variants": 32,
         "batch_size": BATCH,
         "fixed_epochs": args.epochs,

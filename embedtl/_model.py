@@ -28,14 +28,23 @@ class Block:
 _TORCHVISION_GROUPS: tuple[tuple[str, dict[str, Any]], ...] = (
     (r"^(resnet|resnext|wide_resnet)", {"stem": r"^conv1\.|^bn1\.", "blocks": r"^layer(\d+)\."}),
     (r"^regnet_", {"stem": r"^stem\.", "blocks": r"^trunk_output\.block(\d+)\."}),
-    (r"^vit_", {
-        "stem": r"^class_token$|^conv_proj\.|^encoder\.pos_embedding$",
-        "blocks": [(r"^encoder\.layers\.encoder_layer_(\d+)\.", None), (r"^encoder\.ln\.", (99999,))],
-    }),
-    (r"^(efficientnet|mobilenet|convnext|swin)", {
-        "blocks": [(r"^features\.(\d+)\.", None), (r"^(?:norm|classifier)\.", (99999,))],
-    }),
-)  # fmt: skip
+    (
+        r"^vit_",
+        {
+            "stem": r"^class_token$|^conv_proj\.|^encoder\.pos_embedding$",
+            "blocks": [
+                (r"^encoder\.layers\.encoder_layer_(\d+)\.", None),
+                (r"^encoder\.ln\.", (99999,)),
+            ],
+        },
+    ),
+    (
+        r"^(efficientnet|mobilenet|convnext|swin)",
+        {
+            "blocks": [(r"^features\.(\d+)\.", None), (r"^(?:norm|classifier)\.", (99999,))],
+        },
+    ),
+)
 
 
 def _group_matcher(body: nn.Module, spec: BackboneSpec) -> dict[str, Any] | Any:

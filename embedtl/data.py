@@ -141,7 +141,9 @@ def _inside(target: str, root_real: str) -> bool:
     return target == root_real or target.startswith(root_real.rstrip(os.sep) + os.sep)
 
 
-def _walk_files(root: Path, follow_links: str = "inside") -> tuple[list[tuple[str, os.stat_result]], _Walk]:  # fmt: skip
+def _walk_files(
+    root: Path, follow_links: str = "inside"
+) -> tuple[list[tuple[str, os.stat_result]], _Walk]:
     """All non-hidden files below ``root``, as (relative POSIX path, stat), sorted.
 
     Symbolic links (``follow_links``): ``"inside"`` follows a link whose target resolves inside
@@ -157,7 +159,9 @@ def _walk_files(root: Path, follow_links: str = "inside") -> tuple[list[tuple[st
     out: list[tuple[str, os.stat_result]] = []
     walk = _Walk()
     st = os.stat(root)
-    stack: list[tuple[str, str, tuple[tuple[int, int], ...]]] = [(str(root), "", ((st.st_dev, st.st_ino),))]  # fmt: skip
+    stack: list[tuple[str, str, tuple[tuple[int, int], ...]]] = [
+        (str(root), "", ((st.st_dev, st.st_ino),))
+    ]
     while stack:
         d, rel, chain = stack.pop()
         try:
@@ -202,8 +206,9 @@ def _walk_files(root: Path, follow_links: str = "inside") -> tuple[list[tuple[st
     if walk.loops:
         log.warning(
             "%d symbolic links loop back to a folder above them and were not followed (e.g. %s)",
-            len(walk.loops), ", ".join(walk.loops[:3]),
-        )  # fmt: skip
+            len(walk.loops),
+            ", ".join(walk.loops[:3]),
+        )
     if walk.external_links:
         log.warning(
             "%d symbolic links %s and were left out (e.g. %s)%s",
@@ -211,7 +216,7 @@ def _walk_files(root: Path, follow_links: str = "inside") -> tuple[list[tuple[st
             "were not followed" if follow_links == "none" else "lead outside the folder",
             ", ".join(walk.external_links[:3]),
             "" if follow_links == "none" else "; --follow-links all follows them",
-        )  # fmt: skip
+        )
     return out, walk
 
 
@@ -225,7 +230,9 @@ def image_files(
         p = Path(item).expanduser()
         if p.is_dir():
             files, _ = _walk_files(p, follow_links)
-            out.extend(p / rel for rel, _ in files if os.path.splitext(rel)[1].lower() in IMAGE_EXTENSIONS)  # fmt: skip
+            out.extend(
+                p / rel for rel, _ in files if os.path.splitext(rel)[1].lower() in IMAGE_EXTENSIONS
+            )
         elif p.is_file():
             out.append(p)
         else:
@@ -364,8 +371,11 @@ def scan(
         if missing:
             log.warning(
                 "%d paths in %s match no image under %s and are ignored (e.g. %s)",
-                len(missing), labels_csv, root, ", ".join(missing[:3]),
-            )  # fmt: skip
+                len(missing),
+                labels_csv,
+                root,
+                ", ".join(missing[:3]),
+            )
         rows = [(rp, st, sp, csv_labels.get(rp)) for rp, st, sp, _ in rows]
         n_unlabelled = sum(1 for *_, c in rows if c is None)
         if n_unlabelled:
@@ -426,7 +436,9 @@ def max_image_pixels() -> int:
         try:
             return int(float(env))
         except ValueError:
-            raise DataError(f"${MAX_IMAGE_PIXELS_ENV} must be a number of pixels, got {env!r}") from None  # fmt: skip
+            raise DataError(
+                f"${MAX_IMAGE_PIXELS_ENV} must be a number of pixels, got {env!r}"
+            ) from None
     return 2 * int(Image.MAX_IMAGE_PIXELS or 89_478_485)
 
 
@@ -504,7 +516,8 @@ def decode_image(data: bytes, draft_size: int | None = None):
 
 def _bomb_message(w: int, h: int, limit: int) -> str:
     return (
-        f"declares {w} x {h} = {w * h / 1e6:,.0f} Mpx, over the decompression-bomb limit of {limit / 1e6:,.0f} Mpx "
+        f"declares {w} x {h} = {w * h / 1e6:,.0f} Mpx, over the "
+        f"decompression-bomb limit of {limit / 1e6:,.0f} Mpx "
         f"(set ${MAX_IMAGE_PIXELS_ENV} to allow larger images)"
     )
 

@@ -26,9 +26,17 @@ __all__ = ["DatasetInfo", "list_datasets", "get_dataset", "export_dataset"]
 _FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 _TUXPAINT_DIR = Path("/usr/share/tuxpaint/stamps")
 FASHION_CLASSES = (
-    "T-shirt_top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle_boot",
-)  # fmt: skip
+    "T-shirt_top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle_boot",
+)
 
 # An item to write: (relative path, function that returns a PIL image).
 _Item = tuple[str, Callable[[], Any]]
@@ -258,7 +266,8 @@ def _tuxpaint_items(max_per_class, classes) -> Iterator[_Item]:
 _register(
     DatasetInfo(
         "tuxpaint-stamps",
-        "Tux Paint stamps: photo cut-outs (animals, food, plants, vehicles, ...) on white, one folder per category",
+        "Tux Paint stamps: photo cut-outs (animals, food, plants, "
+        "vehicles, ...) on white, one folder per category",
         "class folders",
         "apt-get install -y --no-install-recommends tuxpaint-stamps-default",
         lambda: _TUXPAINT_DIR.is_dir() and any(_TUXPAINT_DIR.iterdir()),

@@ -43,7 +43,7 @@ def find_duplicates(
         raise StoreError(f"the threshold is a cosine similarity in [-1, 1], got {threshold}")
     t0 = time.perf_counter()
     n = len(store)
-    ix = index if index is not None else open_store_index(store, metric="cosine", progress=progress)  # fmt: skip
+    ix = index if index is not None else open_store_index(store, metric="cosine", progress=progress)
     if ix.metric != "cosine" or ix.store_rows is None:
         raise StoreError("dedup needs the store's cosine index (open_store_index)")
     id_of_row = np.empty(n, np.int64)
@@ -86,7 +86,9 @@ def find_duplicates(
     }
 
 
-def _leader_groups(store, src: np.ndarray, dst: np.ndarray, sim: np.ndarray) -> list[tuple[int, np.ndarray]]:  # fmt: skip
+def _leader_groups(
+    store, src: np.ndarray, dst: np.ndarray, sim: np.ndarray
+) -> list[tuple[int, np.ndarray]]:
     """(keeper, rows) groups from the pairs above the threshold, by greedy leader clustering:
     the largest file not yet grouped leads, and takes every ungrouped image paired with it.
     Every member is within the threshold of its keeper; chains (a~b, b~c, c~d) do not merge
@@ -136,7 +138,7 @@ def _describe(store, members: list[tuple[int, np.ndarray]]) -> list[dict[str, An
                         **row_record(store, r),
                         "bytes": int(store.sizes[r]),
                         "similarity": round(float(si), 6),
-                    }  # fmt: skip
+                    }
                     for r, si in zip(rows, s, strict=True)
                 ],
             }
@@ -144,7 +146,9 @@ def _describe(store, members: list[tuple[int, np.ndarray]]) -> list[dict[str, An
     return out
 
 
-def write_dedup_report(report: dict[str, Any], out_dir: str | os.PathLike[str], html_limit: int = 500) -> dict[str, str]:  # fmt: skip
+def write_dedup_report(
+    report: dict[str, Any], out_dir: str | os.PathLike[str], html_limit: int = 500
+) -> dict[str, str]:
     """``duplicates.json`` (every group) and ``duplicates.html`` (thumbnails) in ``out_dir``."""
     from .gallery import dedup_html
 

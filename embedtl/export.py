@@ -142,10 +142,15 @@ def export_onnx(
         )
 
     return _checked_write(
-        module, path, "ONNX", write,
+        module,
+        path,
+        "ONNX",
+        write,
         lambda tmp: onnx_parity(module, tmp, example_shape, input_dtype),
-        min_cosine, {"opset": OPSET, **(metadata or {})}, hint,
-    )  # fmt: skip
+        min_cosine,
+        {"opset": OPSET, **(metadata or {})},
+        hint,
+    )
 
 
 def export_torchscript(
@@ -170,7 +175,9 @@ def export_torchscript(
         x = torch.from_numpy(_seeded_batch(example_shape, input_dtype))
         return _compare(module(x).float().numpy(), torch.jit.load(str(tmp))(x).float().numpy())
 
-    return _checked_write(module, path, "TorchScript", write, parity, min_cosine, dict(metadata or {}), hint)  # fmt: skip
+    return _checked_write(
+        module, path, "TorchScript", write, parity, min_cosine, dict(metadata or {}), hint
+    )
 
 
 def export_head(
@@ -199,13 +206,25 @@ def export_head(
     crop = spec.preprocess.crop
     meta = {
         "classes": head.classes,
-        "input": {"name": "images", "dtype": "uint8", "shape": ["batch", 3, crop, crop], "layout": "RGB, NCHW"},
+        "input": {
+            "name": "images",
+            "dtype": "uint8",
+            "shape": ["batch", 3, crop, crop],
+            "layout": "RGB, NCHW",
+        },
         "output": {"name": "probabilities", "shape": ["batch", len(head.classes)]},
         "preprocess": spec.preprocess.to_dict(),
         "backbone": spec.to_dict(),
         "fingerprint": head.fingerprint,
         "head_kind": head.kind,
-    }  # fmt: skip
+    }
     if fmt == "onnx":
-        return export_onnx(model, out, (2, 3, crop, crop), output_name="probabilities", metadata=meta, hint="try --format torchscript")  # fmt: skip
+        return export_onnx(
+            model,
+            out,
+            (2, 3, crop, crop),
+            output_name="probabilities",
+            metadata=meta,
+            hint="try --format torchscript",
+        )
     return export_torchscript(model, out, (2, 3, crop, crop), metadata=meta)

@@ -229,10 +229,15 @@ def _collate(batch):
     failed = [(i, e) for i, _, e, _, _, _ in batch if e is not None]
     x = torch.stack([t for _, t, _ in ok]) if ok else None
     return (
-        [i for i, _, _ in ok], x, failed, [h for _, _, h in ok],
-        [i for i, _, _ in jpegs], [r for _, r, _ in jpegs], [h for _, _, h in jpegs],
+        [i for i, _, _ in ok],
+        x,
+        failed,
+        [h for _, _, h in ok],
+        [i for i, _, _ in jpegs],
+        [r for _, r, _ in jpegs],
+        [h for _, _, h in jpegs],
         [w for *_, w in batch if w is not None],
-    )  # fmt: skip
+    )
 
 
 @dataclass
@@ -307,7 +312,13 @@ def _plan(
         plan.touched += mtime != e.mtime_ns
         return True
 
-    entries = tqdm(manifest.entries, desc="check content", unit="file", disable=not (progress and check_content), leave=False)  # fmt: skip
+    entries = tqdm(
+        manifest.entries,
+        desc="check content",
+        unit="file",
+        disable=not (progress and check_content),
+        leave=False,
+    )
     for pos, e in enumerate(entries):
         i = old_index.get(e.path)
         if i is not None and same(
@@ -316,12 +327,24 @@ def _plan(
             plan.from_store[pos] = i
             continue
         j = journal_rows.index.get(e.path)
-        if j is not None and same(e.path, journal_rows.sizes[e.path], journal_rows.mtimes_ns[e.path], journal_rows.hashes[e.path], e, pos):  # fmt: skip
+        if j is not None and same(
+            e.path,
+            journal_rows.sizes[e.path],
+            journal_rows.mtimes_ns[e.path],
+            journal_rows.hashes[e.path],
+            e,
+            pos,
+        ):
             plan.from_journal[pos] = j
             continue
         for failed in (journal_rows.failed, old_failed):
             rec = failed.get(e.path)
-            if rec is not None and rec[1] == e.size and rec[2] == e.mtime_ns and not (retry_unreadable and rec[0].startswith(UNREADABLE)):  # fmt: skip
+            if (
+                rec is not None
+                and rec[1] == e.size
+                and rec[2] == e.mtime_ns
+                and not (retry_unreadable and rec[0].startswith(UNREADABLE))
+            ):
                 plan.failed_known[pos] = rec[0]
                 break
         else:
@@ -412,7 +435,8 @@ def extract(
     manifest = scan(root, split, labels, follow_links)
     if manifest.n_skipped:
         log.info(
-            "%d files are not images (by extension), hidden or links not followed: skipped (e.g. %s)",
+            "%d files are not images (by extension), hidden or links not "
+            "followed: skipped (e.g. %s)",
             manifest.n_skipped,
             ", ".join(manifest.skipped_examples),
         )
@@ -446,18 +470,32 @@ def extract(
         plan = _plan(manifest, old, journal_rows, all_paths, hasher, check_content, progress)
         if strict and plan.failed_known:
             pos = min(plan.failed_known)
-            raise ImageDecodeError(_strict_message(manifest, pos, plan.failed_known[pos], len(plan.failed_known)))  # fmt: skip
+            raise ImageDecodeError(
+                _strict_message(manifest, pos, plan.failed_known[pos], len(plan.failed_known))
+            )
 
         if old is not None and _unchanged(old, manifest, plan, attrs):
             journal.clear()  # left by a run killed after it replaced the store
             stats = ExtractStats(
-                store=str(path), n_images=len(old), n_failed=len(old.failed), n_skipped=manifest.n_skipped,
-                dim=dim, backbone=spec.name, fingerprint=fingerprint, cached=len(old), extracted=0,
-                removed=0, seconds=time.perf_counter() - t_start, images_per_second=0.0, runtime=None,
-                runtime_reason="cache hit: every file unchanged, no model built", device=None,
-                model_built=False, failed=[{"path": p, "error": e} for p, e in old.failed],
+                store=str(path),
+                n_images=len(old),
+                n_failed=len(old.failed),
+                n_skipped=manifest.n_skipped,
+                dim=dim,
+                backbone=spec.name,
+                fingerprint=fingerprint,
+                cached=len(old),
+                extracted=0,
+                removed=0,
+                seconds=time.perf_counter() - t_start,
+                images_per_second=0.0,
+                runtime=None,
+                runtime_reason="cache hit: every file unchanged, no model built",
+                device=None,
+                model_built=False,
+                failed=[{"path": p, "error": e} for p, e in old.failed],
                 content_checked=check_content,
-            )  # fmt: skip
+            )
             old.last_extraction = stats
             return old
 
@@ -469,12 +507,32 @@ def extract(
         t_compute = 0.0
         if plan.todo:
             t0 = time.perf_counter()
-            eng = _engine(spec, cache_root, device, runtime, len(plan.todo), batch_size, workers, allow_download, precision, compile, decoder)  # fmt: skip
+            eng = _engine(
+                spec,
+                cache_root,
+                device,
+                runtime,
+                len(plan.todo),
+                batch_size,
+                workers,
+                allow_download,
+                precision,
+                compile,
+                decoder,
+            )
             _run_model(eng, spec, manifest, plan.todo, journal, strict, progress, stages)
             t_compute = time.perf_counter() - t0
             reason, run = eng.final_reason(), eng.summary()
             journal_rows = journal.load()
-            plan = _plan(manifest, old, journal_rows, all_paths, hasher, check_content, retry_unreadable=False)  # fmt: skip
+            plan = _plan(
+                manifest,
+                old,
+                journal_rows,
+                all_paths,
+                hasher,
+                check_content,
+                retry_unreadable=False,
+            )
             if plan.todo:
                 raise StoreError(
                     f"internal error: {len(plan.todo)} files neither extracted nor failed"
@@ -497,7 +555,12 @@ def extract(
                 },
             )
         elif old is not None:  # rows and labels rewritten, features as the last run made them
-            attrs.update({k: old.metadata.get(k) for k in ("runtime", "device", "amp", "decoder", "extraction")})  # fmt: skip
+            attrs.update(
+                {
+                    k: old.metadata.get(k)
+                    for k in ("runtime", "device", "amp", "decoder", "extraction")
+                }
+            )
         rows = _fold(manifest, plan, old, journal_rows, path, dim, dtype, attrs)
         pause_point("store-replaced")
         journal.clear()
@@ -506,26 +569,47 @@ def extract(
     store = FeatureStore(path)
     n_extracted = len(plan.from_journal) - n_resumed
     stats = ExtractStats(
-        store=str(path), n_images=len(rows.paths), n_failed=len(rows.failed_paths),
-        n_skipped=manifest.n_skipped, dim=dim, backbone=spec.name, fingerprint=fingerprint,
-        cached=len(plan.from_store) + n_resumed, extracted=n_extracted, removed=plan.removed,
+        store=str(path),
+        n_images=len(rows.paths),
+        n_failed=len(rows.failed_paths),
+        n_skipped=manifest.n_skipped,
+        dim=dim,
+        backbone=spec.name,
+        fingerprint=fingerprint,
+        cached=len(plan.from_store) + n_resumed,
+        extracted=n_extracted,
+        removed=plan.removed,
         seconds=time.perf_counter() - t_start,
         images_per_second=n_extracted / t_compute if t_compute > 0 else 0.0,
-        runtime=run.get("runtime"), runtime_reason=reason, device=run.get("device"), model_built=eng is not None,
-        batch_size=run.get("batch_size"), workers=eng.workers if eng is not None else None,
+        runtime=run.get("runtime"),
+        runtime_reason=reason,
+        device=run.get("device"),
+        model_built=eng is not None,
+        batch_size=run.get("batch_size"),
+        workers=eng.workers if eng is not None else None,
         stages={k: round(v, 4) for k, v in stages.items()},
-        failed=[{"path": p, "error": e} for p, e in zip(rows.failed_paths, rows.failed_errors, strict=True)],
-        touched=plan.touched, content_checked=check_content,
-        precision=run.get("precision"), decoder=run.get("decoder"),
-        decode_fallback=run.get("decode_fallback", {}), autotune=run.get("autotune"),
-    )  # fmt: skip
+        failed=[
+            {"path": p, "error": e}
+            for p, e in zip(rows.failed_paths, rows.failed_errors, strict=True)
+        ],
+        touched=plan.touched,
+        content_checked=check_content,
+        precision=run.get("precision"),
+        decoder=run.get("decoder"),
+        decode_fallback=run.get("decode_fallback", {}),
+        autotune=run.get("autotune"),
+    )
     store.last_extraction = stats
     return store
 
 
 def _strict_message(manifest: Manifest, pos: int, err: str, n: int) -> str:
     more = f" (and {n - 1} more)" if n > 1 else ""
-    return f"cannot read {manifest.root / manifest.entries[pos].path}{more}: {err} (--strict; without it unreadable images are recorded and skipped)"
+    return (
+        "cannot read "
+        f"{manifest.root / manifest.entries[pos].path}{more}: {err} "
+        "(--strict; without it unreadable images are recorded and skipped)"
+    )
 
 
 def extract_distributed(root: str | os.PathLike[str], **kw: Any) -> FeatureStore | None:
@@ -570,26 +654,47 @@ def _combine(parts: list[dict[str, Any]], merged: FeatureStore) -> ExtractStats:
     first = parts[0]
     ran = [p for p in parts if p["model_built"]]
     return ExtractStats(
-        store=str(merged.path), n_images=len(merged), n_failed=len(merged.failed),
-        n_skipped=sum(p["n_skipped"] for p in parts), dim=merged.dim, backbone=first["backbone"],
-        fingerprint=merged.fingerprint, cached=sum(p["cached"] for p in parts),
-        extracted=sum(p["extracted"] for p in parts), removed=first["removed"],
+        store=str(merged.path),
+        n_images=len(merged),
+        n_failed=len(merged.failed),
+        n_skipped=sum(p["n_skipped"] for p in parts),
+        dim=merged.dim,
+        backbone=first["backbone"],
+        fingerprint=merged.fingerprint,
+        cached=sum(p["cached"] for p in parts),
+        extracted=sum(p["extracted"] for p in parts),
+        removed=first["removed"],
         seconds=max(p["seconds"] for p in parts),
         images_per_second=sum(p["images_per_second"] for p in parts),
         runtime=ran[0]["runtime"] if ran else None,
         runtime_reason=f"{len(parts)} torchrun ranks; " + first["runtime_reason"],
-        device=",".join(sorted({str(p["device"]) for p in ran})) or None, model_built=bool(ran),
-        batch_size=first["batch_size"], workers=first["workers"],
+        device=",".join(sorted({str(p["device"]) for p in ran})) or None,
+        model_built=bool(ran),
+        batch_size=first["batch_size"],
+        workers=first["workers"],
         stages={k: max(p["stages"].get(k, 0.0) for p in parts) for k in first["stages"]},
-        precision=ran[0]["precision"] if ran else None, decoder=ran[0]["decoder"] if ran else None,
+        precision=ran[0]["precision"] if ran else None,
+        decoder=ran[0]["decoder"] if ran else None,
         decode_fallback=dict(sum((Counter(p["decode_fallback"]) for p in parts), Counter())),
         failed=[{"path": p, "error": e} for p, e in merged.failed],
         ranks=[
-            {k: p[k] for k in ("n_images", "n_failed", "extracted", "cached", "seconds", "images_per_second", "runtime", "device")}  # fmt: skip
+            {
+                k: p[k]
+                for k in (
+                    "n_images",
+                    "n_failed",
+                    "extracted",
+                    "cached",
+                    "seconds",
+                    "images_per_second",
+                    "runtime",
+                    "device",
+                )
+            }
             | {"rank": r}
             for r, p in enumerate(parts)
         ],
-    )  # fmt: skip
+    )
 
 
 def shard_bounds(n_items: int, i: int, n: int) -> tuple[int, int]:
@@ -692,9 +797,13 @@ def _pick_decoder(
     if err is not None:
         if decoder == "torchvision":
             raise EmbedTLError(f"--decoder torchvision does not work on {on}: {err}")
-        log.warning("JPEG decoding on the GPU is unavailable (%s): decoding with PIL on the CPU", err)  # fmt: skip
+        log.warning(
+            "JPEG decoding on the GPU is unavailable (%s): decoding with PIL on the CPU", err
+        )
         return None, f"PIL in the loader workers (nvJPEG unavailable: {err})"
-    return TensorDecoder(spec.preprocess, on), "JPEGs on " + ("the GPU (nvJPEG)" if cuda else "the CPU (libjpeg-turbo, asked for)")  # fmt: skip
+    return TensorDecoder(spec.preprocess, on), "JPEGs on " + (
+        "the GPU (nvJPEG)" if cuda else "the CPU (libjpeg-turbo, asked for)"
+    )
 
 
 def _engine(
@@ -714,13 +823,22 @@ def _engine(
     built. On CUDA without ``batch_size`` the batch is tuned for large jobs."""
     run_device = resolve_device(device)
     onnx_path = onnx_model_path(cache_root, spec.name, spec.fingerprint())
-    run_runtime, reason = resolve_runtime(runtime, run_device, n_images, onnx_path, precision, compile)  # fmt: skip
+    run_runtime, reason = resolve_runtime(
+        runtime, run_device, n_images, onnx_path, precision, compile
+    )
     tensor_decoder, decoder_reason = _pick_decoder(decoder, run_device, spec)
-    model, fallback = load_runtime(run_runtime, spec, run_device, onnx_path, allow_download, precision, compile)  # fmt: skip
+    model, fallback = load_runtime(
+        run_runtime, spec, run_device, onnx_path, allow_download, precision, compile
+    )
     if fallback is not None:
         run_runtime, reason = model.name, fallback
     tuned = None
-    if batch_size is None and run_device.startswith("cuda") and isinstance(model, TorchRuntime) and n_images >= _AUTOTUNE_MIN_IMAGES:  # fmt: skip
+    if (
+        batch_size is None
+        and run_device.startswith("cuda")
+        and isinstance(model, TorchRuntime)
+        and n_images >= _AUTOTUNE_MIN_IMAGES
+    ):
         batch_size, tuned = _autotune(model, spec, n_images)
     batch = batch_size or default_batch_size(run_device, spec.preprocess.crop, run_runtime)
     if model.compiled:
@@ -749,7 +867,9 @@ def _autotune(
     g = torch.Generator(device=model.device).manual_seed(0)
 
     def make(b: int):
-        return model.prepare(torch.randint(0, 256, (b, 3, c, c), dtype=torch.uint8, device=model.device, generator=g))  # fmt: skip
+        return model.prepare(
+            torch.randint(0, 256, (b, 3, c, c), dtype=torch.uint8, device=model.device, generator=g)
+        )
 
     t = time.perf_counter()
     batch, rates = autotune_batch(
@@ -760,7 +880,12 @@ def _autotune(
     )
     if model.cuda:
         torch.cuda.empty_cache()  # what the largest tries held goes back to the pool
-    log.info("batch size %d (tuned in %.1f s; images/s by batch: %s)", batch, time.perf_counter() - t, {b: round(r) for b, r in rates.items()})  # fmt: skip
+    log.info(
+        "batch size %d (tuned in %.1f s; images/s by batch: %s)",
+        batch,
+        time.perf_counter() - t,
+        {b: round(r) for b, r in rates.items()},
+    )
     return batch, {b: round(r, 1) for b, r in rates.items()}
 
 
@@ -778,7 +903,11 @@ def idle_warning(wall: float, busy: float, workers: int, decoder: str) -> str | 
         if decoder == DECODER
         else "use more --workers (files are read and non-JPEGs decoded there)"
     )
-    return f"the GPU was idle {100 * (1 - busy / wall):.0f}% of the extraction, waiting for images from {workers} loader workers: {hint}"  # fmt: skip
+    return (
+        f"the GPU was idle {100 * (1 - busy / wall):.0f}% of the "
+        f"extraction, waiting for images from {workers} loader "
+        f"workers: {hint}"
+    )
 
 
 def _stream(
@@ -841,7 +970,9 @@ def _stream(
             eng.decode_fallback.update(why)
             if jpegs:
                 t1 = time.perf_counter()
-                x = _decode_on_device(eng, transform, x, idx, failed, hashes, jpeg_idx, jpegs, jpeg_hashes)  # fmt: skip
+                x = _decode_on_device(
+                    eng, transform, x, idx, failed, hashes, jpeg_idx, jpegs, jpeg_hashes
+                )
                 busy += time.perf_counter() - t1  # the GPU decodes (nvJPEG returns when done)
             stages["decode"] += time.perf_counter() - t0
             job = model.submit(x) if x is not None else None
@@ -864,7 +995,9 @@ def _stream(
             log.warning("%s", warning)
 
 
-def _decode_on_device(eng: _Engine, transform, x, idx, failed, hashes, jpeg_idx, jpegs, jpeg_hashes):  # fmt: skip
+def _decode_on_device(
+    eng: _Engine, transform, x, idx, failed, hashes, jpeg_idx, jpegs, jpeg_hashes
+):
     """Decode a batch's JPEG bytes with the tensor decoder and append them to the batch (``idx``,
     ``hashes`` and ``failed`` are extended in place); a JPEG it fails on is decoded with PIL."""
     import torch
@@ -875,7 +1008,12 @@ def _decode_on_device(eng: _Engine, transform, x, idx, failed, hashes, jpeg_idx,
     for pos, t, err, h, raw in zip(jpeg_idx, out, errors, jpeg_hashes, jpegs, strict=True):
         if t is None:
             eng.decode_fallback["tensor decoder failed"] += 1
-            log.info("%s could not decode image %d (%s): decoding it with PIL", eng.decoder.name, pos, err)  # fmt: skip
+            log.info(
+                "%s could not decode image %d (%s): decoding it with PIL",
+                eng.decoder.name,
+                pos,
+                err,
+            )
             try:
                 t = transform(decode_image(raw.numpy().tobytes(), transform.draft_size))
             except ImageDecodeError as e:
@@ -962,17 +1100,31 @@ def _run_model(
                 else np.zeros((0, spec.dim), np.float32)
             )
             es = [entries[i] for i in pending_rows]
-            writer.put((
-                feats, [e.path for e in es], [e.size for e in es], [e.mtime_ns for e in es],
-                list(pending_hashes), list(pending_failed),
-            ))  # fmt: skip
+            writer.put(
+                (
+                    feats,
+                    [e.path for e in es],
+                    [e.size for e in es],
+                    [e.mtime_ns for e in es],
+                    list(pending_hashes),
+                    list(pending_failed),
+                )
+            )
             pending_feats.clear()
             pending_rows.clear()
             pending_hashes.clear()
             pending_failed.clear()
         last_flush = time.perf_counter()
 
-    batches = _stream(eng, spec, manifest.root, [e.path for e in entries], progress, stages, f"extract {spec.name}")  # fmt: skip
+    batches = _stream(
+        eng,
+        spec,
+        manifest.root,
+        [e.path for e in entries],
+        progress,
+        stages,
+        f"extract {spec.name}",
+    )
     try:
         for idx, feats, failed, hashes in batches:
             for i, err in failed:
@@ -1035,12 +1187,26 @@ def embed_files(
     spec = get_backbone(backbone, image_size=image_size)
     cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     paths = [str(Path(f).expanduser().resolve()) for f in files]
-    eng = _engine(spec, cache_root, device, runtime, len(paths), batch_size, workers, allow_download, precision, compile, decoder)  # fmt: skip
+    eng = _engine(
+        spec,
+        cache_root,
+        device,
+        runtime,
+        len(paths),
+        batch_size,
+        workers,
+        allow_download,
+        precision,
+        compile,
+        decoder,
+    )
     stages = {"decode": 0.0, "h2d": 0.0, "model": 0.0}
     feats: list[np.ndarray] = []
     ok: list[int] = []
     failed: list[tuple[str, str]] = []
-    for idx, f, bad, _ in _stream(eng, spec, Path("/"), paths, progress, stages, f"embed {spec.name}"):  # fmt: skip
+    for idx, f, bad, _ in _stream(
+        eng, spec, Path("/"), paths, progress, stages, f"embed {spec.name}"
+    ):
         failed.extend((paths[i], err) for i, err in bad)
         if f is not None:
             feats.append(f)
@@ -1082,10 +1248,13 @@ def _fold(
         failed_sizes=np.asarray([e.size for e in fes], dtype=np.int64),
         failed_mtimes_ns=np.asarray([e.mtime_ns for e in fes], dtype=np.int64),
         hashes=np.asarray(
-            [plan.hashes.get(p) or journal_rows.hashes.get(e.path, "") for p, e in zip(ok_pos, es, strict=True)],
+            [
+                plan.hashes.get(p) or journal_rows.hashes.get(e.path, "")
+                for p, e in zip(ok_pos, es, strict=True)
+            ],
             dtype=object,
         ),
-    )  # fmt: skip
+    )
 
     def fill(ds) -> None:
         chunk = 8192

@@ -124,7 +124,10 @@ class FineTuneConfig:
         if kind != "last" or not n.isdigit() or int(n) < 1:
             raise FineTuneError(f"--unfreeze must be last:N (N >= 1) or all, got {self.unfreeze!r}")
         if int(n) > n_blocks:
-            raise FineTuneError(f"--unfreeze {self.unfreeze}: this backbone has {n_blocks} blocks; use last:{n_blocks} or all")  # fmt: skip
+            raise FineTuneError(
+                f"--unfreeze {self.unfreeze}: this backbone has {n_blocks} "
+                f"blocks; use last:{n_blocks} or all"
+            )
         return int(n)
 
     @property
@@ -192,7 +195,9 @@ class _EndToEnd(nn.Module):
         return self.head(self.features(images))
 
 
-def _freeze(net: _EndToEnd, unfrozen: list[Block], train_bn: bool = False) -> tuple[set[str], set[str]]:  # fmt: skip
+def _freeze(
+    net: _EndToEnd, unfrozen: list[Block], train_bn: bool = False
+) -> tuple[set[str], set[str]]:
     """requires_grad on the unfrozen blocks and the head only. Returns (names of modules that
     run in train mode, state keys that training can change). BatchNorm layers run in eval mode
     (running statistics fixed) unless ``train_bn`` and in an unfrozen block."""
@@ -298,7 +303,17 @@ def _loader(images: _Images, batches: list[list[int]], workers: int, pin: bool):
 
 def _signature(head: Head, parent_fp: str, cfg: FineTuneConfig, train: _Rows, val: _Rows) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"parent": parent_fp, "config": cfg.to_dict(), "head": head.config.to_dict(), "classes": head.classes}, sort_keys=True).encode())  # fmt: skip
+    h.update(
+        json.dumps(
+            {
+                "parent": parent_fp,
+                "config": cfg.to_dict(),
+                "head": head.config.to_dict(),
+                "classes": head.classes,
+            },
+            sort_keys=True,
+        ).encode()
+    )
     for k, v in sorted(head.module.state_dict().items()):
         h.update(k.encode())
         h.update(v.detach().cpu().float().numpy().tobytes())
@@ -314,11 +329,20 @@ def _load_checkpoint(path: Path, signature: str) -> dict[str, Any] | None:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
     except Exception as e:
-        raise FineTuneError(f"cannot read the checkpoint {path} ({' '.join(str(e).split())[:200]}); delete it or pass --restart") from e  # fmt: skip
+        raise FineTuneError(
+            f"cannot read the checkpoint {path} "
+            f"({' '.join(str(e).split())[:200]}); delete it or pass --restart"
+        ) from e
     if not isinstance(ck, dict) or ck.get("format") != _CHECKPOINT_FORMAT:
-        raise FineTuneError(f"{path} is not an embedtl fine-tune checkpoint; delete it or pass --restart")  # fmt: skip
+        raise FineTuneError(
+            f"{path} is not an embedtl fine-tune checkpoint; delete it or pass --restart"
+        )
     if ck.get("signature") != signature:
-        raise FineTuneError(f"the checkpoint {path} is of another fine-tune (other head, settings or images); pass --restart to start over, or another --out")  # fmt: skip
+        raise FineTuneError(
+            f"the checkpoint {path} is of another fine-tune (other head, "
+            "settings or images); pass --restart to start over, or "
+            "another --out"
+        )
     return ck
 
 
@@ -344,7 +368,25 @@ class _Trained:
 class _Trainer:
     """Trains an :class:`_EndToEnd` network; see the module docstring for what it does."""
 
-    def __init__(self, net: _EndToEnd, unfrozen: list[Block], cfg: FineTuneConfig, root: Path, train: _Rows, val: _Rows, n_classes: int, class_weight: str | None, label_smoothing: float, device: str, workers: int, checkpoint: Path, signature: str, progress: bool, on_step: Callable[[int, int], None] | None, checkpoint_seconds: float) -> None:  # fmt: skip
+    def __init__(
+        self,
+        net: _EndToEnd,
+        unfrozen: list[Block],
+        cfg: FineTuneConfig,
+        root: Path,
+        train: _Rows,
+        val: _Rows,
+        n_classes: int,
+        class_weight: str | None,
+        label_smoothing: float,
+        device: str,
+        workers: int,
+        checkpoint: Path,
+        signature: str,
+        progress: bool,
+        on_step: Callable[[int, int], None] | None,
+        checkpoint_seconds: float,
+    ) -> None:
         self.net, self.cfg, self.device = net, cfg, device
         self.train_rows, self.val_rows = train, val
         self.workers, self.progress, self.on_step = workers, progress, on_step
@@ -360,7 +402,9 @@ class _Trainer:
         total = len(_batches(len(train.paths), cfg.batch_size, cfg.seed, 0)) * cfg.epochs
         warm = max(1, int(round(cfg.warmup * total))) if cfg.warmup > 0 else 0
 
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, functools.partial(warmup_cosine, warm=warm, total=total))  # fmt: skip
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, functools.partial(warmup_cosine, warm=warm, total=total)
+        )
         self.amp = amp_dtype(device, cfg.amp)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         labels = torch.as_tensor(train.labels, dtype=torch.long)
@@ -377,7 +421,9 @@ class _Trainer:
         return x
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), y, weight=self.loss_weight, label_smoothing=self.smoothing)  # fmt: skip
+        return F.cross_entropy(
+            logits.float(), y, weight=self.loss_weight, label_smoothing=self.smoothing
+        )
 
     @torch.inference_mode()
     def evaluate(self) -> dict[str, float]:
@@ -392,7 +438,10 @@ class _Trainer:
             loss += float(F.cross_entropy(logits.float(), y, reduction="sum"))
             correct += int((logits.argmax(1) == y).sum())
             n += len(y)
-        return {"val_accuracy": correct / n if n else float("nan"), "val_loss": loss / n if n else float("nan")}  # fmt: skip
+        return {
+            "val_accuracy": correct / n if n else float("nan"),
+            "val_loss": loss / n if n else float("nan"),
+        }
 
     def _val_stream(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         from tqdm.auto import tqdm
@@ -401,9 +450,14 @@ class _Trainer:
         crop = self.net.features.spec.preprocess.crop
         keep = n * 3 * crop * crop <= _VAL_CACHE_BYTES
         cache: list[tuple[torch.Tensor, torch.Tensor]] = []
-        batches = [list(range(i, min(n, i + 2 * self.cfg.batch_size))) for i in range(0, n, 2 * self.cfg.batch_size)]  # fmt: skip
+        batches = [
+            list(range(i, min(n, i + 2 * self.cfg.batch_size)))
+            for i in range(0, n, 2 * self.cfg.batch_size)
+        ]
         loader = _loader(self.val_images, batches, self.workers, self.device.startswith("cuda"))
-        for idx, x, failed, *_ in tqdm(loader, desc="val", unit="batch", disable=not self.progress, leave=False):  # fmt: skip
+        for idx, x, failed, *_ in tqdm(
+            loader, desc="val", unit="batch", disable=not self.progress, leave=False
+        ):
             for i, err in failed:
                 log.warning("val image %s cannot be read now: %s", self.val_rows.paths[i], err)
             if x is None:
@@ -427,7 +481,9 @@ class _Trainer:
             running = dict(ck["running"])
             resumed = {"epoch": epoch, "step": step}
             spent = float(ck["seconds"])
-            log.info("resuming the fine-tune from %s: epoch %d, step %d", self.checkpoint, epoch, step)  # fmt: skip
+            log.info(
+                "resuming the fine-tune from %s: epoch %d, step %d", self.checkpoint, epoch, step
+            )
         else:
             start = self.evaluate()  # head-first: this is the head's own accuracy
             epoch, step, curve, resumed, spent = 1, 0, [], None, 0.0
@@ -438,23 +494,38 @@ class _Trainer:
 
         def snapshot() -> dict[str, Any]:
             return {
-                "format": _CHECKPOINT_FORMAT, "signature": self.signature, "epoch": epoch,
-                "step": step, "state": self._mutable_state(), "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
-                "curve": curve, "start": start, "best": best, "best_state": best_state,
-                "running": running, "seconds": time.perf_counter() - t_run,
-            }  # fmt: skip
+                "format": _CHECKPOINT_FORMAT,
+                "signature": self.signature,
+                "epoch": epoch,
+                "step": step,
+                "state": self._mutable_state(),
+                "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "curve": curve,
+                "start": start,
+                "best": best,
+                "best_state": best_state,
+                "running": running,
+                "seconds": time.perf_counter() - t_run,
+            }
 
         last_save = time.perf_counter()
         try:
             while epoch <= cfg.epochs and best["bad"] < cfg.patience:
                 batches = _batches(len(self.train_rows.paths), cfg.batch_size, cfg.seed, epoch)
                 self.train_images.seed = (cfg.seed, epoch) if cfg.augment else None
-                loader = _loader(self.train_images, batches[step:], self.workers, self.device.startswith("cuda"))  # fmt: skip
+                loader = _loader(
+                    self.train_images, batches[step:], self.workers, self.device.startswith("cuda")
+                )
                 _set_mode(self.net, self.train_modules)
                 for idx, x, failed, *_ in self._bar(loader, epoch, step, len(batches)):
                     for i, err in failed:
-                        log.warning("training image %s cannot be read now: %s", self.train_rows.paths[i], err)  # fmt: skip
+                        log.warning(
+                            "training image %s cannot be read now: %s",
+                            self.train_rows.paths[i],
+                            err,
+                        )
                     if x is not None:
                         self._step(x, idx, epoch, step, running)
                     step += 1
@@ -463,34 +534,73 @@ class _Trainer:
                     if time.perf_counter() - last_save > self.checkpoint_seconds:
                         _save_checkpoint(self.checkpoint, snapshot())
                         last_save = time.perf_counter()
-                point = {"epoch": epoch, "train_loss": running["loss"] / max(1, running["seen"]), "train_accuracy": running["correct"] / max(1, running["seen"]), **self.evaluate(), "seconds": time.perf_counter() - t_run}  # fmt: skip
+                point = {
+                    "epoch": epoch,
+                    "train_loss": running["loss"] / max(1, running["seen"]),
+                    "train_accuracy": running["correct"] / max(1, running["seen"]),
+                    **self.evaluate(),
+                    "seconds": time.perf_counter() - t_run,
+                }
                 curve.append(point)
                 better = point["val_accuracy"] > best["val_accuracy"] or (
-                    point["val_accuracy"] == best["val_accuracy"] and point["val_loss"] < best["val_loss"]
-                )  # fmt: skip
+                    point["val_accuracy"] == best["val_accuracy"]
+                    and point["val_loss"] < best["val_loss"]
+                )
                 if better or best_state is None:
-                    best = {"epoch": epoch, "val_accuracy": point["val_accuracy"], "val_loss": point["val_loss"], "bad": 0}  # fmt: skip
+                    best = {
+                        "epoch": epoch,
+                        "val_accuracy": point["val_accuracy"],
+                        "val_loss": point["val_loss"],
+                        "bad": 0,
+                    }
                     best_state = self._mutable_state()
                 else:
                     best["bad"] += 1
-                log.info("epoch %d: train loss %.4f, val accuracy %.4f%s", epoch, point["train_loss"], point["val_accuracy"], " (best)" if best["epoch"] == epoch else "")  # fmt: skip
+                log.info(
+                    "epoch %d: train loss %.4f, val accuracy %.4f%s",
+                    epoch,
+                    point["train_loss"],
+                    point["val_accuracy"],
+                    " (best)" if best["epoch"] == epoch else "",
+                )
                 epoch, step = epoch + 1, 0
                 running = {"loss": 0.0, "correct": 0, "seen": 0}
                 _save_checkpoint(self.checkpoint, snapshot())
                 last_save = time.perf_counter()
         except KeyboardInterrupt:
             _save_checkpoint(self.checkpoint, snapshot())
-            log.warning("interrupted: checkpoint saved to %s; run the same command to resume", self.checkpoint)  # fmt: skip
+            log.warning(
+                "interrupted: checkpoint saved to %s; run the same command to resume",
+                self.checkpoint,
+            )
             raise
         assert best_state is not None  # at least one epoch ran
-        return _Trained(best_state, curve, int(best["epoch"]), start, best["val_accuracy"], resumed, time.perf_counter() - t_run)  # fmt: skip
+        return _Trained(
+            best_state,
+            curve,
+            int(best["epoch"]),
+            start,
+            best["val_accuracy"],
+            resumed,
+            time.perf_counter() - t_run,
+        )
 
     def _bar(self, loader, epoch: int, step: int, n: int):
         from tqdm.auto import tqdm
 
-        return tqdm(loader, desc=f"fine-tune epoch {epoch}/{self.cfg.epochs}", unit="batch", initial=step, total=n, disable=not self.progress, leave=False)  # fmt: skip
+        return tqdm(
+            loader,
+            desc=f"fine-tune epoch {epoch}/{self.cfg.epochs}",
+            unit="batch",
+            initial=step,
+            total=n,
+            disable=not self.progress,
+            leave=False,
+        )
 
-    def _step(self, x: torch.Tensor, idx: list[int], epoch: int, step: int, running: dict[str, Any]) -> None:  # fmt: skip
+    def _step(
+        self, x: torch.Tensor, idx: list[int], epoch: int, step: int, running: dict[str, Any]
+    ) -> None:
         y = torch.as_tensor(self.train_rows.labels[idx], dtype=torch.long, device=self.device)
         torch.manual_seed(self.cfg.seed * 1_000_003 + epoch * 100_003 + step)  # dropout: resumable
         with self._autocast():
@@ -512,7 +622,9 @@ class _Trainer:
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         missing = self.mutable - set(state)
         if missing:
-            raise FineTuneError(f"the checkpoint {self.checkpoint} lacks {sorted(missing)[:3]}; pass --restart")  # fmt: skip
+            raise FineTuneError(
+                f"the checkpoint {self.checkpoint} lacks {sorted(missing)[:3]}; pass --restart"
+            )
         self.net.load_state_dict(state, strict=False)
 
     def _restore(self, ck: dict[str, Any]) -> None:
@@ -522,13 +634,21 @@ class _Trainer:
             self.sched.load_state_dict(ck["scheduler"])
             self.scaler.load_state_dict(ck["scaler"])
         except (KeyError, ValueError, RuntimeError) as e:
-            raise FineTuneError(f"the checkpoint {self.checkpoint} does not fit this run ({e}); pass --restart") from e  # fmt: skip
+            raise FineTuneError(
+                f"the checkpoint {self.checkpoint} does not fit this run ({e}); pass --restart"
+            ) from e
 
 
 # -- saving the backbone ----------------------------------------------------------------------
 
 
-def save_backbone(model: FeatureModel, path: str | os.PathLike[str], name: str, parent: dict[str, str] | None, extra: dict[str, Any] | None = None) -> Path:  # fmt: skip
+def save_backbone(
+    model: FeatureModel,
+    path: str | os.PathLike[str],
+    name: str,
+    parent: dict[str, str] | None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Write ``model``'s weights as a self-describing backbone file (safetensors; the header
     names architecture, preprocessing and parent); the registry loads it by path."""
     import dataclasses
@@ -580,21 +700,40 @@ def fine_tune(
     root = Path(root).expanduser().resolve()
     head = head if isinstance(head, Head) else load_head(head)
     if head.kind == "knn":
-        raise FineTuneError("a kNN head has no weights to train end to end: fit a linear or mlp head first (embedtl fit-head DATA_DIR --head linear)")  # fmt: skip
+        raise FineTuneError(
+            "a kNN head has no weights to train end to end: fit a linear "
+            "or mlp head first (embedtl fit-head DATA_DIR --head linear)"
+        )
     parent_spec = head.backbone_spec
     parent_fp = parent_spec.fingerprint()
     if parent_fp != head.fingerprint:
-        raise HeadError(f"the backbone weights of this head changed on disk (fingerprint {parent_fp[:16]}, head trained on {head.fingerprint[:16]}): fit the head again")  # fmt: skip
-    ekw: dict[str, Any] = {"cache_dir": cache_dir, "device": device, "runtime": runtime, "workers": workers, "labels": labels, "progress": progress}  # fmt: skip
+        raise HeadError(
+            "the backbone weights of this head changed on disk "
+            f"(fingerprint {parent_fp[:16]}, head trained on "
+            f"{head.fingerprint[:16]}): fit the head again"
+        )
+    ekw: dict[str, Any] = {
+        "cache_dir": cache_dir,
+        "device": device,
+        "runtime": runtime,
+        "workers": workers,
+        "labels": labels,
+        "progress": progress,
+    }
     parent_store = extract(root, parent_spec, split=split, **ekw)
     class_map = _class_map(head, parent_store)
     before = {f"{s}_accuracy": _accuracy(head, parent_store, s) for s in ("val", "test")}
     train_rows = _rows(parent_store, "train", class_map)
     val_rows = _rows(parent_store, "val", class_map)
     if len(train_rows.paths) < 2:
-        raise FineTuneError(f"{root} has {len(train_rows.paths)} training images; fine-tuning needs at least 2")  # fmt: skip
+        raise FineTuneError(
+            f"{root} has {len(train_rows.paths)} training images; fine-tuning needs at least 2"
+        )
     if not val_rows.paths:
-        raise FineTuneError(f"{root} has no validation images: fine-tuning selects its epoch on val (add a val/ folder or use --val-fraction)")  # fmt: skip
+        raise FineTuneError(
+            f"{root} has no validation images: fine-tuning selects its "
+            "epoch on val (add a val/ folder or use --val-fraction)"
+        )
 
     out_dir = (
         Path(out).expanduser() if out is not None else default_out_dir(root, parent_spec.name, cfg)
@@ -611,7 +750,9 @@ def fine_tune(
     record = _read_record(out_dir)
     reused = bool(weights.is_file() and record.get("signature") == signature and not restart)
     if reused:
-        log.info("%s is the result of this same fine-tune: reusing it (--restart trains again)", weights)  # fmt: skip
+        log.info(
+            "%s is the result of this same fine-tune: reusing it (--restart trains again)", weights
+        )
         trained = None
         t_train = 0.0
     else:
@@ -620,10 +761,23 @@ def fine_tune(
         if dev.startswith("cuda"):
             net.to(memory_format=torch.channels_last)
         trainer = _Trainer(
-            net, unfrozen, cfg, root, train_rows, val_rows, len(head.classes), head.config.class_weight,
-            head.config.label_smoothing, dev, default_workers(dev) if workers is None else workers,
-            out_dir / CHECKPOINT, signature, progress, on_step, checkpoint_seconds,
-        )  # fmt: skip
+            net,
+            unfrozen,
+            cfg,
+            root,
+            train_rows,
+            val_rows,
+            len(head.classes),
+            head.config.class_weight,
+            head.config.label_smoothing,
+            dev,
+            default_workers(dev) if workers is None else workers,
+            out_dir / CHECKPOINT,
+            signature,
+            progress,
+            on_step,
+            checkpoint_seconds,
+        )
         with torch.random.fork_rng(devices=[torch.device(dev)] if dev.startswith("cuda") else []):
             trained = trainer.run(restart)
         trainer.load_state(trained.state)
@@ -632,16 +786,24 @@ def fine_tune(
         save_backbone(features, weights, new_name, parent, {"signature": signature})
         t_train = trained.seconds
         record = {
-            "format": "embedtl.finetune", "signature": signature,
-            "parent": {**parent, "store": str(parent_store.path)}, "backbone": new_name,
-            "config": cfg.to_dict(), "head_config": head.config.to_dict(),
+            "format": "embedtl.finetune",
+            "signature": signature,
+            "parent": {**parent, "store": str(parent_store.path)},
+            "backbone": new_name,
+            "config": cfg.to_dict(),
+            "head_config": head.config.to_dict(),
             "blocks": [b.name for b in unfrozen],
             "trainable_parameters": sum(p.numel() for p in net.parameters() if p.requires_grad),
-            "start": trained.start, "curve": trained.curve, "best_epoch": trained.best_epoch,
-            "best_val_accuracy": trained.best_val, "resumed_from": trained.resumed_from,
-            "train_seconds": trained.seconds, "device": dev,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": library_versions(),
-        }  # fmt: skip
+            "start": trained.start,
+            "curve": trained.curve,
+            "best_epoch": trained.best_epoch,
+            "best_val_accuracy": trained.best_val,
+            "resumed_from": trained.resumed_from,
+            "train_seconds": trained.seconds,
+            "device": dev,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "versions": library_versions(),
+        }
         _write_record(out_dir, record)  # from here on a rerun reuses the backbone
         (out_dir / CHECKPOINT).unlink(missing_ok=True)
     new_spec = read_backbone_file(weights)
@@ -650,27 +812,58 @@ def fine_tune(
     t1 = time.perf_counter()
     new_store = extract(root, new_spec, split=split, **ekw)
     t_extract = time.perf_counter() - t1
-    if list(new_store.paths) != list(parent_store.paths) or list(new_store.splits) != list(parent_store.splits):  # fmt: skip
-        log.warning("the images under %s changed during the fine-tune: before and after compare different rows", root)  # fmt: skip
+    if list(new_store.paths) != list(parent_store.paths) or list(new_store.splits) != list(
+        parent_store.splits
+    ):
+        log.warning(
+            "the images under %s changed during the fine-tune: before "
+            "and after compare different rows",
+            root,
+        )
     t2 = time.perf_counter()
     new_head = fit_head(new_store, head.config, device=device, progress=progress)
     head_path = new_head.save(out_dir / "head")
     t_fit = time.perf_counter() - t2
     m = new_head.info["metrics"]
     after = {"val_accuracy": m["val_accuracy"], "test_accuracy": m["test_accuracy"]}
-    record = {**record, "fingerprint": fingerprint, "before": before, "after": after, "store": str(new_store.path), "head": str(head_path)}  # fmt: skip
+    record = {
+        **record,
+        "fingerprint": fingerprint,
+        "before": before,
+        "after": after,
+        "store": str(new_store.path),
+        "head": str(head_path),
+    }
     _write_record(out_dir, record)
     return FineTuneResult(
-        parent_fingerprint=parent_fp, fingerprint=fingerprint, backbone=new_spec.name,
-        backbone_path=str(weights.resolve()), store=str(new_store.path), parent_store=str(parent_store.path),
-        head=str(head_path), before=before, after=after, unfreeze=cfg.unfreeze,
-        blocks=record["blocks"], trainable_parameters=int(record["trainable_parameters"]),
-        epochs=len(record["curve"]), best_epoch=int(record["best_epoch"]),
+        parent_fingerprint=parent_fp,
+        fingerprint=fingerprint,
+        backbone=new_spec.name,
+        backbone_path=str(weights.resolve()),
+        store=str(new_store.path),
+        parent_store=str(parent_store.path),
+        head=str(head_path),
+        before=before,
+        after=after,
+        unfreeze=cfg.unfreeze,
+        blocks=record["blocks"],
+        trainable_parameters=int(record["trainable_parameters"]),
+        epochs=len(record["curve"]),
+        best_epoch=int(record["best_epoch"]),
         start_val_accuracy=record["start"].get("val_accuracy"),
-        end_to_end_val_accuracy=record["best_val_accuracy"], curve=record["curve"],
-        seconds={"train": round(t_train, 3), "extract": round(t_extract, 3), "fit": round(t_fit, 3), "total": round(time.perf_counter() - t0, 3)},  # fmt: skip
-        resumed_from=record["resumed_from"], reused=reused, device=dev, config=cfg.to_dict(),
-    )  # fmt: skip
+        end_to_end_val_accuracy=record["best_val_accuracy"],
+        curve=record["curve"],
+        seconds={
+            "train": round(t_train, 3),
+            "extract": round(t_extract, 3),
+            "fit": round(t_fit, 3),
+            "total": round(time.perf_counter() - t0, 3),
+        },
+        resumed_from=record["resumed_from"],
+        reused=reused,
+        device=dev,
+        config=cfg.to_dict(),
+    )
 
 
 def _class_map(head: Head, store: FeatureStore) -> np.ndarray:
@@ -678,7 +871,10 @@ def _class_map(head: Head, store: FeatureStore) -> np.ndarray:
     pos = {c: i for i, c in enumerate(head.classes)}
     unknown = [c for c in store.classes if c not in pos]
     if unknown:
-        raise FineTuneError(f"{store.root} has classes the head was not trained on: {', '.join(unknown[:10])}; fit a head on this folder first")  # fmt: skip
+        raise FineTuneError(
+            f"{store.root} has classes the head was not trained on: "
+            f"{', '.join(unknown[:10])}; fit a head on this folder first"
+        )
     return np.array([pos[c] for c in store.classes], dtype=np.int64)
 
 
@@ -702,4 +898,6 @@ def _write_record(out_dir: Path, record: dict[str, Any]) -> None:
         tmp.write_text(json.dumps(record, indent=2, default=str))
     if record.get("curve"):
         start = record.get("start", {}).get("val_accuracy")
-        plot_training_curve(record["curve"], out_dir / "curve.png", record.get("best_epoch"), start_accuracy=start)  # fmt: skip
+        plot_training_curve(
+            record["curve"], out_dir / "curve.png", record.get("best_epoch"), start_accuracy=start
+        )

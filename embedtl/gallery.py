@@ -55,7 +55,7 @@ figure.keep img{border:3px solid #26a}
 
 def _page(title: str, body: list[str], size: int) -> str:
     css = _CSS % (size, size, size)
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{css}</style></head><body><h1>{html.escape(title)}</h1>{''.join(body)}</body></html>"  # fmt: skip
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{css}</style></head><body><h1>{html.escape(title)}</h1>{''.join(body)}</body></html>"
 
 
 def _figure(path: str, caption: str, cls: str = "", size: int = THUMB) -> str:
@@ -73,20 +73,31 @@ def _write(out: str | os.PathLike[str], text: str) -> Path:
     return out
 
 
-def search_html(results: Sequence[dict[str, Any]], out: str | os.PathLike[str], title: str = "embedtl search", size: int = THUMB) -> Path:  # fmt: skip
+def search_html(
+    results: Sequence[dict[str, Any]],
+    out: str | os.PathLike[str],
+    title: str = "embedtl search",
+    size: int = THUMB,
+) -> Path:
     """One row per query: the query, then its neighbours with rank, score, label and split."""
     body = []
     for r in results:
         q = r["query"]
         figs = [_figure(q, f"<b>query</b><br>{html.escape(Path(q).name)}", "q", size)]
         for nb in r["neighbors"]:
-            cap = f"#{nb['rank']} <b>{nb['score']:.3f}</b><br>{html.escape(str(nb['label'] or '-'))} <span class='meta'>{nb['split']}</span><br>{html.escape(Path(nb['path']).name)}"  # fmt: skip
+            cap = (
+                f"#{nb['rank']} "
+                f"<b>{nb['score']:.3f}</b><br>{html.escape(str(nb['label'] or '-'))} "
+                f"<span class='meta'>{nb['split']}</span><br>{html.escape(Path(nb['path']).name)}"
+            )
             figs.append(_figure(nb["path"], cap, "", size))
         body.append(f"<h2>{html.escape(q)}</h2><div class='row'>{''.join(figs)}</div>")
     return _write(out, _page(title, body, size))
 
 
-def search_grid(results: Sequence[dict[str, Any]], out: str | os.PathLike[str], size: int = 128) -> Path:  # fmt: skip
+def search_grid(
+    results: Sequence[dict[str, Any]], out: str | os.PathLike[str], size: int = 128
+) -> Path:
     """A PNG: one row per query (query framed green, then its neighbours), score under each."""
     from PIL import Image, ImageDraw
 
@@ -96,7 +107,9 @@ def search_grid(results: Sequence[dict[str, Any]], out: str | os.PathLike[str], 
     draw = ImageDraw.Draw(grid)
     for i, r in enumerate(results):
         y = i * (size + cap + 4)
-        cells = [(r["query"], "query")] + [(nb["path"], f"{nb['score']:.3f} {nb['label'] or ''}") for nb in r["neighbors"]]  # fmt: skip
+        cells = [(r["query"], "query")] + [
+            (nb["path"], f"{nb['score']:.3f} {nb['label'] or ''}") for nb in r["neighbors"]
+        ]
         for j, (path, text) in enumerate(cells):
             x = j * (size + 4)
             th = thumbnail(path, size)
@@ -110,20 +123,39 @@ def search_grid(results: Sequence[dict[str, Any]], out: str | os.PathLike[str], 
     return out
 
 
-def dedup_html(report: dict[str, Any], out: str | os.PathLike[str], limit: int = 500, size: int = THUMB) -> Path:  # fmt: skip
+def dedup_html(
+    report: dict[str, Any], out: str | os.PathLike[str], limit: int = 500, size: int = THUMB
+) -> Path:
     """The duplicate groups, largest first: the suggested keeper framed blue, the others with
     their similarity to it; groups across splits or with conflicting labels flagged."""
     groups = report["groups"]
-    body = [f"<p>{report['n_groups']} groups, {report['n_redundant']} redundant images of {report['n_images']} (cosine similarity &ge; {report['threshold']}); {report['cross_split_groups']} groups span splits (train/test leakage), {report['label_conflicts']} have conflicting labels.</p>"]  # fmt: skip
+    body = [
+        f"<p>{report['n_groups']} groups, {report['n_redundant']} "
+        f"redundant images of {report['n_images']} (cosine similarity "
+        f"&ge; {report['threshold']}); {report['cross_split_groups']} "
+        "groups span splits (train/test leakage), "
+        f"{report['label_conflicts']} have conflicting labels.</p>"
+    ]
     for gi, g in enumerate(groups[:limit]):
-        flags = [f for f, on in (("spans splits", g["cross_split"]), ("labels differ", g["label_conflict"])) if on]  # fmt: skip
+        flags = [
+            f
+            for f, on in (
+                ("spans splits", g["cross_split"]),
+                ("labels differ", g["label_conflict"]),
+            )
+            if on
+        ]
         figs = []
         for m in g["members"]:
             keep = m["path"] == g["keep"]
             head = "<b>keep</b>" if keep else f"<b>{m['similarity']:.3f}</b>"
-            cap = f"{head}<br>{html.escape(str(m['label'] or '-'))} <span class='meta'>{m['split']}</span><br>{html.escape(Path(m['path']).name)}"  # fmt: skip
+            cap = f"{head}<br>{html.escape(str(m['label'] or '-'))} <span class='meta'>{m['split']}</span><br>{html.escape(Path(m['path']).name)}"
             figs.append(_figure(m["path"], cap, "keep" if keep else "", size))
-        body.append(f"<h2>group {gi + 1}: {len(g['members'])} images, min similarity {g['min_similarity']:.3f}{' — ' + ', '.join(flags) if flags else ''}</h2><div class='row'>{''.join(figs)}</div>")  # fmt: skip
+        body.append(
+            f"<h2>group {gi + 1}: {len(g['members'])} images, min "
+            "similarity "
+            f"{g['min_similarity']:.3f}{' — ' + ', '.join(flags) if flags else ''}</h2><div class='row'>{''.join(figs)}</div>"
+        )
     if len(groups) > limit:
         body.append(f"<p>{len(groups) - limit} more groups in the JSON report.</p>")
     return _write(out, _page("embedtl dedup", body, size))

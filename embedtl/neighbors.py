@@ -62,7 +62,10 @@ def knn_evaluate(
     labels, n_classes = store.labels, len(store.classes)
     bank_rows = np.flatnonzero(store.mask("train") & (labels >= 0))
     if not len(bank_rows) or n_classes < 2:
-        raise DataError(f"{store.path} has no labelled train rows in two or more classes: kNN evaluation needs labels (class folders or --labels)")  # fmt: skip
+        raise DataError(
+            f"{store.path} has no labelled train rows in two or more "
+            "classes: kNN evaluation needs labels (class folders or --labels)"
+        )
     bank = VectorIndex.from_vectors(store.features(rows=bank_rows))
     bank_labels = labels[bank_rows]
     k_max = min(ks[-1], len(bank_rows))
@@ -83,7 +86,15 @@ def knn_evaluate(
                 top1[j] += (order[:, 0] == y).sum()
                 top5[j] += (order == y[:, None]).any(axis=1).sum()
         for j, k in enumerate(ks):
-            results.append({"split": split, "k": k, "n": int(len(rows)), "accuracy": float(top1[j] / len(rows)), "top5_accuracy": float(top5[j] / len(rows))})  # fmt: skip
+            results.append(
+                {
+                    "split": split,
+                    "k": k,
+                    "n": int(len(rows)),
+                    "accuracy": float(top1[j] / len(rows)),
+                    "top5_accuracy": float(top5[j] / len(rows)),
+                }
+            )
     if not results:
         raise DataError(f"{store.path} has no labelled rows in {' or '.join(splits)} to evaluate")
     return {

@@ -43,10 +43,19 @@ class Predictions:
             w = csv.writer(fh)
             w.writerow(["path", "label", "confidence", *(f"top{i + 1}" for i in range(k))])
             for r in self.records:
-                w.writerow([r["path"], r["label"], f"{r['confidence']:.6f}", *(f"{t['label']}:{t['p']:.6f}" for t in r["topk"])])  # fmt: skip
+                w.writerow(
+                    [
+                        r["path"],
+                        r["label"],
+                        f"{r['confidence']:.6f}",
+                        *(f"{t['label']}:{t['p']:.6f}" for t in r["topk"]),
+                    ]
+                )
 
 
-def head_backbone(head: Head, backbone: str | BackboneSpec | None = None, image_size: int | None = None) -> BackboneSpec:  # fmt: skip
+def head_backbone(
+    head: Head, backbone: str | BackboneSpec | None = None, image_size: int | None = None
+) -> BackboneSpec:
     """The backbone to run under ``head``: its own recorded spec unless one is named; refused
     unless its fingerprint (weights, preprocessing, image size) is the head's."""
     if backbone is None:
@@ -57,7 +66,9 @@ def head_backbone(head: Head, backbone: str | BackboneSpec | None = None, image_
     return spec
 
 
-def label_records(head: Head, paths: Sequence[str], proba: np.ndarray, topk: int = 5, unsure: float | None = None) -> list[dict[str, Any]]:  # fmt: skip
+def label_records(
+    head: Head, paths: Sequence[str], proba: np.ndarray, topk: int = 5, unsure: float | None = None
+) -> list[dict[str, Any]]:
     """Label, confidence and top-k of each row of ``proba``; "unsure" below ``unsure``."""
     k = min(topk, len(head.classes))
     order = np.argsort(-proba, axis=1)[:, :k]
@@ -65,7 +76,14 @@ def label_records(head: Head, paths: Sequence[str], proba: np.ndarray, topk: int
     for path, p, o in zip(paths, proba, order, strict=True):
         conf = float(p[o[0]])
         label = head.classes[o[0]] if unsure is None or conf >= unsure else UNSURE
-        out.append({"path": str(path), "label": label, "confidence": conf, "topk": [{"label": head.classes[j], "p": float(p[j])} for j in o]})  # fmt: skip
+        out.append(
+            {
+                "path": str(path),
+                "label": label,
+                "confidence": conf,
+                "topk": [{"label": head.classes[j], "p": float(p[j])} for j in o],
+            }
+        )
     return out
 
 
@@ -92,9 +110,15 @@ def predict_images(
     if not files:
         raise DataError(f"no image files in {', '.join(map(str, inputs))}")
     emb = embed_files(
-        files, spec, cache_dir=cache_dir, device=device, runtime=runtime,
-        batch_size=batch_size, progress=progress, allow_download=allow_download,
-    )  # fmt: skip
+        files,
+        spec,
+        cache_dir=cache_dir,
+        device=device,
+        runtime=runtime,
+        batch_size=batch_size,
+        progress=progress,
+        allow_download=allow_download,
+    )
     proba = head.predict_proba(emb.features)
     return Predictions(
         records=label_records(head, emb.paths, proba, topk, unsure),

@@ -27,7 +27,9 @@ __all__ = [
 ECE_BINS = 15
 
 
-def calibration(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> dict[str, Any]:  # fmt: skip
+def calibration(
+    confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS
+) -> dict[str, Any]:
     """Expected calibration error (equal-width confidence bins) and the per-bin table."""
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
@@ -38,11 +40,21 @@ def calibration(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BIN
             continue
         conf, acc = float(confidence[m].mean()), float(correct[m].mean())
         ece += m.sum() / n * abs(acc - conf)
-        table.append({"low": float(edges[b]), "high": float(edges[b + 1]), "count": int(m.sum()), "confidence": conf, "accuracy": acc})  # fmt: skip
+        table.append(
+            {
+                "low": float(edges[b]),
+                "high": float(edges[b + 1]),
+                "count": int(m.sum()),
+                "confidence": conf,
+                "accuracy": acc,
+            }
+        )
     return {"ece": float(ece), "bins": table}
 
 
-def coverage_curve(confidence: np.ndarray, correct: np.ndarray, points: int = 21) -> list[dict[str, float]]:  # fmt: skip
+def coverage_curve(
+    confidence: np.ndarray, correct: np.ndarray, points: int = 21
+) -> list[dict[str, float]]:
     """Answer only when confidence >= t: the share answered (coverage) and their accuracy."""
     out = []
     for t in np.linspace(0.0, 1.0, points):
@@ -101,7 +113,7 @@ class Evaluation:
                     "recall": float(r[i]),
                     "f1": float(f[i]),
                     "support": int(s[i]),
-                }  # fmt: skip
+                }
                 for i, name in enumerate(self.classes)
             },
             "calibration": calibration(conf, correct),
@@ -122,8 +134,20 @@ class Evaluation:
         }
         files["metrics"].write_text(json.dumps(m, indent=2))
         cm = self.confusion()
-        files["confusion_json"].write_text(json.dumps({"classes": self.classes, "rows": "true", "columns": "predicted", "matrix": cm.tolist()}, indent=2))  # fmt: skip
-        _plot_confusion(cm, self.classes, files["confusion_png"], f"{self.split}: accuracy {m['accuracy']:.3f}")  # fmt: skip
+        files["confusion_json"].write_text(
+            json.dumps(
+                {
+                    "classes": self.classes,
+                    "rows": "true",
+                    "columns": "predicted",
+                    "matrix": cm.tolist(),
+                },
+                indent=2,
+            )
+        )
+        _plot_confusion(
+            cm, self.classes, files["confusion_png"], f"{self.split}: accuracy {m['accuracy']:.3f}"
+        )
         _plot_reliability(m["calibration"], files["reliability_png"])
         _plot_coverage(m["coverage"], files["coverage_png"])
         return {k: str(v) for k, v in files.items()}
@@ -155,7 +179,15 @@ def _plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str) 
         for i in range(c):
             for j in range(c):
                 if cm[i, j]:
-                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8, color="white" if norm[i, j] > 0.5 else "black")  # fmt: skip
+                    ax.text(
+                        j,
+                        i,
+                        str(cm[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="white" if norm[i, j] > 0.5 else "black",
+                    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -165,7 +197,15 @@ def _plot_reliability(cal: dict[str, Any], path: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     for b in cal["bins"]:
-        ax.bar(b["low"], b["accuracy"], width=b["high"] - b["low"], align="edge", color="tab:blue", alpha=0.7, edgecolor="white")  # fmt: skip
+        ax.bar(
+            b["low"],
+            b["accuracy"],
+            width=b["high"] - b["low"],
+            align="edge",
+            color="tab:blue",
+            alpha=0.7,
+            edgecolor="white",
+        )
     ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
     ax.set_xlabel("confidence")
     ax.set_ylabel("accuracy")
@@ -193,7 +233,12 @@ def _plot_coverage(curve: list[dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_training_curve(curve: list[dict[str, float]], path: str | os.PathLike[str], best_epoch: int | None = None, start_accuracy: float | None = None) -> None:  # fmt: skip
+def plot_training_curve(
+    curve: list[dict[str, float]],
+    path: str | os.PathLike[str],
+    best_epoch: int | None = None,
+    start_accuracy: float | None = None,
+) -> None:
     """Train/val loss and val accuracy per epoch (``start_accuracy``: val before the first
     step, drawn as a dotted line)."""
     plt = _pyplot()
@@ -202,7 +247,12 @@ def plot_training_curve(curve: list[dict[str, float]], path: str | os.PathLike[s
     a.plot(ep, [p["train_loss"] for p in curve], label="train loss")
     if curve and "val_loss" in curve[0]:
         a.plot(ep, [p["val_loss"] for p in curve], label="val loss")
-        b.plot(ep, [p["val_accuracy"] for p in curve], color="tab:green", marker="o" if len(ep) < 20 else None)  # fmt: skip
+        b.plot(
+            ep,
+            [p["val_accuracy"] for p in curve],
+            color="tab:green",
+            marker="o" if len(ep) < 20 else None,
+        )
     if start_accuracy is not None:
         b.axhline(start_accuracy, color="tab:green", ls=":", lw=1, label="at the start")
         b.legend(loc="lower right")

@@ -63,7 +63,14 @@ def resolve_runtime(
         raise EmbedTLError(f"unknown runtime {requested!r}: use {', '.join(RUNTIMES)}")
     resolve_precision(precision, device)  # an unknown name fails here, before any work
     cuda = device.startswith("cuda")
-    torch_only = [o for o, on in (("--compile", compile), (f"--precision {precision}", precision not in ("auto", "fp32"))) if on]  # fmt: skip
+    torch_only = [
+        o
+        for o, on in (
+            ("--compile", compile),
+            (f"--precision {precision}", precision not in ("auto", "fp32")),
+        )
+        if on
+    ]
     if requested == "torch":
         return "torch", "asked for" + (": CUDA with autocast and channels_last" if cuda else "")
     if requested == "onnxruntime":
@@ -72,7 +79,9 @@ def resolve_runtime(
                 f"--runtime onnxruntime runs on the CPU; it cannot use --device {device}"
             )
         if torch_only:
-            raise EmbedTLError(f"{' and '.join(torch_only)} apply to --runtime torch, not onnxruntime")  # fmt: skip
+            raise EmbedTLError(
+                f"{' and '.join(torch_only)} apply to --runtime torch, not onnxruntime"
+            )
         if not _have_onnxruntime():
             raise EmbedTLError(
                 "--runtime onnxruntime needs the onnxruntime package: pip install onnxruntime"
@@ -238,7 +247,9 @@ class TorchRuntime:
             ref = self.model(xs).float()
         out = self.forward(xs)
         cos = float(torch.nn.functional.cosine_similarity(ref, out, dim=1, eps=1e-12).min())
-        path = (f"{self.precision} autocast" if self.precision != "fp32" else "float32") + (" compiled" if self.compiled else "")  # fmt: skip
+        path = (f"{self.precision} autocast" if self.precision != "fp32" else "float32") + (
+            " compiled" if self.compiled else ""
+        )
         self.parity = {
             "check": f"{path} vs float32 eager, first batch",
             "max_abs_diff": float((ref - out).abs().max()),
@@ -246,7 +257,10 @@ class TorchRuntime:
             "batch": len(xs),
         }
         if cos < MIN_COSINE:
-            note = f"{path} changed the features (min cosine {cos:.5f} < {MIN_COSINE}): float32 eager instead"  # fmt: skip
+            note = (
+                f"{path} changed the features (min cosine {cos:.5f} < "
+                f"{MIN_COSINE}): float32 eager instead"
+            )
             log.warning("%s", note)
             self.notes.append(note)
             self.precision, self.compiled, self._fn = "fp32", False, self.model
@@ -264,7 +278,10 @@ class TorchRuntime:
                 if not _is_oom(e):
                     raise
                 if step == 1:
-                    raise DeviceError(f"out of {self.device} memory with a batch of one image: use a smaller --image-size or another device") from None  # fmt: skip
+                    raise DeviceError(
+                        f"out of {self.device} memory with a batch of one image: use "
+                        "a smaller --image-size or another device"
+                    ) from None
                 if self.cuda:
                     import torch
 
@@ -378,16 +395,24 @@ class OnnxRuntime:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if path.is_file():
             try:
-                self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])  # fmt: skip
+                self.session = ort.InferenceSession(
+                    str(path), sess_options=opts, providers=["CPUExecutionProvider"]
+                )
             except Exception as e:  # a damaged cache file: it is derived data, make it again
-                log.warning("the cached ONNX export %s is unreadable (%s): exporting again", path, " ".join(str(e).split())[:120])  # fmt: skip
+                log.warning(
+                    "the cached ONNX export %s is unreadable (%s): exporting again",
+                    path,
+                    " ".join(str(e).split())[:120],
+                )
                 path.unlink(missing_ok=True)
         if not path.is_file():
             log.info("exporting %s to ONNX (once per fingerprint): %s", spec.name, path)
             model = build_feature_model(spec, allow_download=allow_download)
             crop = spec.preprocess.crop
             export_onnx(model, path, (2, 3, crop, crop), metadata={"backbone": spec.to_dict()})
-            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])  # fmt: skip
+            self.session = ort.InferenceSession(
+                str(path), sess_options=opts, providers=["CPUExecutionProvider"]
+            )
         self.input_name = self.session.get_inputs()[0].name
         #: the export's check against PyTorch on a seeded batch (max_abs_diff, min_cosine, batch)
         self.parity = _read_parity(path)
@@ -445,9 +470,13 @@ def load_runtime(
             return OnnxRuntime(spec, onnx_path, allow_download), None
         except ExportError as e:
             why = " ".join(str(e).split())
-            log.warning("ONNX Runtime cannot run %s, extracting with PyTorch instead: %s", spec.name, why)  # fmt: skip
+            log.warning(
+                "ONNX Runtime cannot run %s, extracting with PyTorch instead: %s", spec.name, why
+            )
             marker = _failure_marker(onnx_path)
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(json.dumps({"error": why[:500], "backbone": spec.to_dict()}))
-            return TorchRuntime(spec, device, allow_download, precision, compile), f"ONNX Runtime unavailable ({why[:200]}): PyTorch eager instead"  # fmt: skip
+            return TorchRuntime(
+                spec, device, allow_download, precision, compile
+            ), f"ONNX Runtime unavailable ({why[:200]}): PyTorch eager instead"
     return TorchRuntime(spec, device, allow_download, precision, compile), None

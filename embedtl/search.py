@@ -100,7 +100,9 @@ def _nlist(n: int) -> int:
 def plan_index(n: int, dim: int, kind: str = "auto", memory_budget: int | None = None) -> IndexPlan:
     """The index for ``n`` vectors of ``dim`` floats: ``kind`` as named, or chosen from the size."""
     if kind not in ("auto", *INDEX_KINDS):
-        raise StoreError(f"unknown index type {kind!r}; expected auto or one of {', '.join(INDEX_KINDS)}")  # fmt: skip
+        raise StoreError(
+            f"unknown index type {kind!r}; expected auto or one of {', '.join(INDEX_KINDS)}"
+        )
     raw = n * dim * 4
     if kind == "auto":
         budget = memory_budget if memory_budget is not None else _default_memory_budget()
@@ -119,7 +121,8 @@ def plan_index(n: int, dim: int, kind: str = "auto", memory_budget: int | None =
                 "ivfsq8",
                 (
                     f"{n} vectors: raw vectors ({raw / 2**30:.1f} GiB) exceed the memory budget "
-                    f"({budget / 2**30:.1f} GiB); 8-bit scalar quantisation stores them in a quarter"
+                    f"({budget / 2**30:.1f} GiB); 8-bit scalar quantisation "
+                    "stores them in a quarter"
                 ),
             )
     else:
@@ -210,7 +213,9 @@ class VectorIndex:
         )
 
     @classmethod
-    def from_vectors(cls, vectors: np.ndarray, kind: str = "flat", metric: str = "cosine") -> VectorIndex:  # fmt: skip
+    def from_vectors(
+        cls, vectors: np.ndarray, kind: str = "flat", metric: str = "cosine"
+    ) -> VectorIndex:
         """An in-memory index over ``vectors`` (trained on them where the kind needs it)."""
         x = np.asarray(vectors)
         ix = cls.create(x.shape[1], plan_index(len(x), x.shape[1], kind), metric)
@@ -286,7 +291,9 @@ class VectorIndex:
         return scores, ids
 
     # -- tuning -----------------------------------------------------------------------------------
-    def tune(self, queries: np.ndarray, truth: np.ndarray, target_recall: float = DEFAULT_TARGET_RECALL) -> dict[str, Any]:  # fmt: skip
+    def tune(
+        self, queries: np.ndarray, truth: np.ndarray, target_recall: float = DEFAULT_TARGET_RECALL
+    ) -> dict[str, Any]:
         """Smallest nprobe / efSearch whose recall@k against ``truth`` (exact ids of the index's
         vectors, (Q, k)) reaches ``target_recall`` on ``queries`` (vectors not in the index)."""
         k = truth.shape[1]
@@ -306,7 +313,13 @@ class VectorIndex:
         self.params[name] = value
         if r < target_recall:
             log.warning("index reached recall@%d %.3f, below the target %.2f", k, r, target_recall)
-        return {"param": name, name: value, "recall_at_10": r, "target_recall": target_recall, "tried": tried}  # fmt: skip
+        return {
+            "param": name,
+            name: value,
+            "recall_at_10": r,
+            "target_recall": target_recall,
+            "tried": tried,
+        }
 
     # -- files ------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str], meta: dict[str, Any]) -> Path:
@@ -357,7 +370,10 @@ class VectorIndex:
                 if meta.get("format") != INDEX_FORMAT:
                     raise StoreError(f"{path} is not an embedtl index")
                 if meta.get("format_version") != INDEX_FORMAT_VERSION:
-                    raise StaleIndexError(f"{path} has index format version {meta.get('format_version')}; this embedtl reads {INDEX_FORMAT_VERSION}")  # fmt: skip
+                    raise StaleIndexError(
+                        f"{path} has index format version "
+                        f"{meta.get('format_version')}; this embedtl reads {INDEX_FORMAT_VERSION}"
+                    )
                 blob = f["faiss"][()]
                 rows = IndexRows(read_strings(f["paths"]), f["sizes"][()], f["mtimes_ns"][()])
         except (OSError, KeyError, ValueError) as e:
@@ -367,7 +383,9 @@ class VectorIndex:
         except RuntimeError as e:
             raise StoreError(f"cannot read index {path}: {str(e).splitlines()[0]}") from e
         if index.ntotal != len(rows.paths):
-            raise StoreError(f"{path}: the index holds {index.ntotal} vectors but lists {len(rows.paths)} rows")  # fmt: skip
+            raise StoreError(
+                f"{path}: the index holds {index.ntotal} vectors but lists {len(rows.paths)} rows"
+            )
         ix = cls(index, meta["kind"], meta["metric"], meta.get("params"), meta.get("info"), rows)
         ix.path = path
         return ix, meta
@@ -388,7 +406,10 @@ class VectorIndex:
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     """Mean share of each row of ``truth`` (Q, k) present in the same row of ``found``."""
     k = truth.shape[1]
-    hits = [len(set(f[f >= 0].tolist()) & set(t[t >= 0].tolist())) for f, t in zip(found, truth, strict=True)]  # fmt: skip
+    hits = [
+        len(set(f[f >= 0].tolist()) & set(t[t >= 0].tolist()))
+        for f, t in zip(found, truth, strict=True)
+    ]
     return float(np.mean(hits) / k) if len(hits) else 1.0
 
 
@@ -398,7 +419,9 @@ def index_path(store) -> Path:
     return store.path.with_name(store.path.name + ".index")
 
 
-def _exact_neighbors(store, queries: np.ndarray, rows: np.ndarray, k: int, metric: str, chunk_rows: int = 65536) -> np.ndarray:  # fmt: skip
+def _exact_neighbors(
+    store, queries: np.ndarray, rows: np.ndarray, k: int, metric: str, chunk_rows: int = 65536
+) -> np.ndarray:
     """Exact top-k of each query among the store ``rows`` (as positions in ``rows``), streaming
     the store once."""
     import faiss
@@ -456,7 +479,9 @@ def build_store_index(
     path = Path(path or index_path(store))
     plan = plan_index(n, store.dim, kind, memory_budget)
     if parts > 1 and plan.kind == "hnsw":
-        raise StoreError("an HNSW index cannot be merged from parts: use --index-type ivf, ivfsq8 or flat")  # fmt: skip
+        raise StoreError(
+            "an HNSW index cannot be merged from parts: use --index-type ivf, ivfsq8 or flat"
+        )
     ix = VectorIndex.create(store.dim, plan, metric)
     rng = np.random.default_rng(seed)
     n_train = min(n, max(_TRAIN_PER_LIST * plan.nlist, 20_000)) if plan.nlist else n
@@ -471,14 +496,24 @@ def build_store_index(
     # so they are new to the index as a user's queries are (a row already in a graph or list is
     # found more easily, which would tune too low).
     tuning = plan.kind != "flat" and n > 4 * _TUNE_K
-    q_rows = np.sort(rng.choice(n, min(_TUNE_QUERIES, n // 4), replace=False)) if tuning else np.zeros(0, np.int64)  # fmt: skip
+    q_rows = (
+        np.sort(rng.choice(n, min(_TUNE_QUERIES, n // 4), replace=False))
+        if tuning
+        else np.zeros(0, np.int64)
+    )
     rest = np.setdiff1d(np.arange(n), q_rows)
     if gather is not None:
         gather("trained")  # the trained index is on disk for every rank
     bar = tqdm(total=n, desc=f"index ({plan.kind})", unit="vec", disable=not progress, leave=False)
     for i in range(parts) if rank is None else [rank]:
         # each part starts as the trained, empty index: a copy here, the file on other ranks
-        part = ix.index if parts == 1 else faiss.clone_index(ix.index) if rank in (None, 0) else _read_faiss(trained)  # fmt: skip
+        part = (
+            ix.index
+            if parts == 1
+            else faiss.clone_index(ix.index)
+            if rank in (None, 0)
+            else _read_faiss(trained)
+        )
         lo, hi = shard_bounds(len(rest), i, parts)
         for got, x in store.iter_chunks(chunk_rows, rows=rest[lo:hi]):
             part.add(ix._prep(x))
@@ -566,20 +601,35 @@ class _Diff:
 def _diff(ix: VectorIndex, meta: dict[str, Any], store) -> _Diff:
     empty = np.zeros(0, np.int64)
     if meta.get("fingerprint") != store.fingerprint:
-        return _Diff(f"it was built for backbone fingerprint {str(meta.get('fingerprint'))[:16]}, the store has {store.fingerprint[:16]}", empty, empty)  # fmt: skip
+        return _Diff(
+            "it was built for backbone fingerprint "
+            f"{str(meta.get('fingerprint'))[:16]}, the store has {store.fingerprint[:16]}",
+            empty,
+            empty,
+        )
     if meta.get("store_dtype") != store.dtype or meta.get("dim") != store.dim:
-        return _Diff("the store's features were rewritten with another dtype or size", empty, empty)  # fmt: skip
+        return _Diff("the store's features were rewritten with another dtype or size", empty, empty)
     rows = ix.rows or IndexRows.empty()
     where = _row_of_path(store)
-    store_rows = np.fromiter((where.get(p, -1) for p in rows.paths.tolist()), np.int64, len(rows.paths))  # fmt: skip
+    store_rows = np.fromiter(
+        (where.get(p, -1) for p in rows.paths.tolist()), np.int64, len(rows.paths)
+    )
     missing = store_rows < 0
     if missing.any():
         first = rows.paths[np.flatnonzero(missing)[0]]
-        return _Diff(f"{int(missing.sum())} indexed rows are no longer in the store (e.g. {first})", store_rows, empty)  # fmt: skip
-    changed = (store.sizes[store_rows] != rows.sizes) | (store.mtimes_ns[store_rows] != rows.mtimes_ns)  # fmt: skip
+        return _Diff(
+            f"{int(missing.sum())} indexed rows are no longer in the store (e.g. {first})",
+            store_rows,
+            empty,
+        )
+    changed = (store.sizes[store_rows] != rows.sizes) | (
+        store.mtimes_ns[store_rows] != rows.mtimes_ns
+    )
     if changed.any():
         first = rows.paths[np.flatnonzero(changed)[0]]
-        return _Diff(f"{int(changed.sum())} indexed images changed since (e.g. {first})", store_rows, empty)  # fmt: skip
+        return _Diff(
+            f"{int(changed.sum())} indexed images changed since (e.g. {first})", store_rows, empty
+        )
     in_index = np.zeros(len(store), dtype=bool)
     in_index[store_rows] = True
     return _Diff(None, store_rows, np.flatnonzero(~in_index))
@@ -608,9 +658,13 @@ def open_store_index(
 
     def build(why: str) -> VectorIndex:
         if not update:
-            raise StaleIndexError(f"index {path} {why}; run `embedtl index {store.path}` to rebuild it")  # fmt: skip
+            raise StaleIndexError(
+                f"index {path} {why}; run `embedtl index {store.path}` to rebuild it"
+            )
         log.info("building index %s: %s", path, why)
-        ix = build_store_index(store, kind, metric, target_recall, path, memory_budget, progress=progress)  # fmt: skip
+        ix = build_store_index(
+            store, kind, metric, target_recall, path, memory_budget, progress=progress
+        )
         ix.info["action"] = "built"
         ix.info["action_reason"] = why
         return ix
@@ -634,13 +688,24 @@ def open_store_index(
     if kind == "auto" and plan_index(len(store), store.dim, "auto", memory_budget).kind != ix.kind:
         return build(f"was a {ix.kind} index and the store has grown to {len(store)} rows")
     if not update:
-        raise StaleIndexError(f"index {path} lacks {len(d.new_rows)} rows added to the store since; run `embedtl index {store.path}`")  # fmt: skip
+        raise StaleIndexError(
+            f"index {path} lacks {len(d.new_rows)} rows added to the "
+            f"store since; run `embedtl index {store.path}`"
+        )
     t0 = time.perf_counter()
     for got, x in store.iter_chunks(rows=d.new_rows):
         ix.add(x, IndexRows.of_store(store, got))
     ix.store_rows = np.concatenate([d.store_rows, d.new_rows])
-    ix.info.update({"action": f"added {len(d.new_rows)} rows", "add_seconds": round(time.perf_counter() - t0, 3)})  # fmt: skip
-    ix.save(path, {**_store_meta(store, meta.get("target_recall", target_recall)), "store": str(store.path)})  # fmt: skip
+    ix.info.update(
+        {
+            "action": f"added {len(d.new_rows)} rows",
+            "add_seconds": round(time.perf_counter() - t0, 3),
+        }
+    )
+    ix.save(
+        path,
+        {**_store_meta(store, meta.get("target_recall", target_recall)), "store": str(store.path)},
+    )
     log.info("index %s: added %d new rows", path, len(d.new_rows))
     return ix
 
@@ -670,7 +735,9 @@ class Neighbors:
     def records(self, store) -> list[dict[str, Any]]:
         """``[{query, neighbors: [{rank, path, label, score, split, row}]}]``."""
         out = []
-        for q, qrow, rows, scores in zip(self.queries, self.query_rows, self.rows, self.scores, strict=True):  # fmt: skip
+        for q, qrow, rows, scores in zip(
+            self.queries, self.query_rows, self.rows, self.scores, strict=True
+        ):
             nb = []
             for rank, (r, s) in enumerate(zip(rows, scores, strict=True), start=1):
                 if r < 0:
@@ -698,7 +765,11 @@ def search_store(
     store_rows = getattr(index, "store_rows", None)
     if store_rows is None or len(store_rows) != len(index):
         raise StaleIndexError("the index was not opened for this store; use open_store_index")
-    qr = np.full(len(queries), -1, np.int64) if query_rows is None else np.asarray(query_rows, np.int64)  # fmt: skip
+    qr = (
+        np.full(len(queries), -1, np.int64)
+        if query_rows is None
+        else np.asarray(query_rows, np.int64)
+    )
     allowed = None
     if split is not None:
         allowed = store.mask(split)[store_rows]
@@ -716,7 +787,11 @@ def search_store(
         rows, scores = keep_rows, keep_scores
     else:
         rows, scores = rows[:, :k], scores[:, :k]
-    names = list(names) if names is not None else [f"row {r}" if r >= 0 else f"query {i}" for i, r in enumerate(qr)]  # fmt: skip
+    names = (
+        list(names)
+        if names is not None
+        else [f"row {r}" if r >= 0 else f"query {i}" for i, r in enumerate(qr)]
+    )
     return Neighbors(names, qr, rows, scores, index.metric)
 
 
@@ -781,8 +856,19 @@ def query_vectors(
     if len(outside):
         spec = store.backbone_spec
         if spec.fingerprint() != store.fingerprint:
-            raise StoreError(f"the backbone of {store.path} ({spec.name}) has another fingerprint on this machine than when it was extracted; re-extract the folder to query it with new images")  # fmt: skip
-        emb = embed_files([files[i] for i in outside], spec, cache_dir=cache_dir, device=device, runtime=runtime, progress=progress)  # fmt: skip
+            raise StoreError(
+                f"the backbone of {store.path} ({spec.name}) has another "
+                "fingerprint on this machine than when it was extracted; "
+                "re-extract the folder to query it with new images"
+            )
+        emb = embed_files(
+            [files[i] for i in outside],
+            spec,
+            cache_dir=cache_dir,
+            device=device,
+            runtime=runtime,
+            progress=progress,
+        )
         pos = {p: j for j, p in enumerate(emb.paths)}
         for i in outside:
             j = pos.get(files[i])
@@ -790,4 +876,6 @@ def query_vectors(
                 feats[i] = emb.features[j]
                 keep[i] = True
         failed = list(emb.failed)
-    return Queries([f for f, k in zip(files, keep, strict=True) if k], feats[keep], rows[keep], failed)  # fmt: skip
+    return Queries(
+        [f for f, k in zip(files, keep, strict=True) if k], feats[keep], rows[keep], failed
+    )

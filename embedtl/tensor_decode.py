@@ -88,7 +88,9 @@ class TensorDecoder:
         from torchvision.io import ImageReadMode, decode_jpeg
 
         try:
-            return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=self.device)), [None] * len(datas)  # fmt: skip
+            return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=self.device)), [
+                None
+            ] * len(datas)
         except RuntimeError:
             pass
         imgs: list = []

@@ -109,10 +109,16 @@ def synthetic_store(
     x, y, sp, paths = x[order], y[order], sp[order], paths[order]
     spec = get_backbone(TINY_BACKBONE, image_size=TINY_SIZE)
     rows = StoreRows(
-        paths=paths, labels=y, splits=sp, sizes=np.ones(n, np.int64),
-        mtimes_ns=np.ones(n, np.int64), failed_paths=[], failed_errors=[],
-        failed_sizes=np.zeros(0, np.int64), failed_mtimes_ns=np.zeros(0, np.int64),
-    )  # fmt: skip
+        paths=paths,
+        labels=y,
+        splits=sp,
+        sizes=np.ones(n, np.int64),
+        mtimes_ns=np.ones(n, np.int64),
+        failed_paths=[],
+        failed_errors=[],
+        failed_sizes=np.zeros(0, np.int64),
+        failed_mtimes_ns=np.zeros(0, np.int64),
+    )
 
     def fill(ds):
         ds[:] = x
@@ -152,7 +158,14 @@ class Paused:
         self.err = open(self.dir / "stderr.txt", "w+")  # noqa: SIM115
         # a shell without job control starts background jobs with SIGINT ignored, and Python
         # keeps it ignored: give the child the default, so that Ctrl-C reaches it here too
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=self.err, text=True, preexec_fn=_default_sigint)  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=self.err,
+            text=True,
+            preexec_fn=_default_sigint,
+        )
 
     def paused_pids(self) -> list[int]:
         return sorted(int(p.name.split(".")[-2]) for p in self.dir.glob(f"{self.name}.*.paused"))
@@ -161,7 +174,9 @@ class Paused:
         end = time.monotonic() + timeout
         while len(self.paused_pids()) < count:
             if self.proc.poll() is not None:
-                raise AssertionError(f"exited {self.proc.returncode} before {self.name}: {self.stderr()}")  # fmt: skip
+                raise AssertionError(
+                    f"exited {self.proc.returncode} before {self.name}: {self.stderr()}"
+                )
             if time.monotonic() > end:
                 self.proc.kill()
                 raise AssertionError(f"never reached {self.name}")

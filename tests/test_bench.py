@@ -52,14 +52,14 @@ GROUPS = {
         for lr in (3e-4, 3e-3, 3e-2)
         for wd in (0.0, 0.2)
         for ls in (0.0, 0.1)
-    ],  # fmt: skip
+    ],
     "mlp_dropout": [
         HeadConfig(
             kind="mlp", hidden=(12, 6), dropout=0.3, lr=lr, weight_decay=wd, epochs=25, patience=4
         )
         for lr in (1e-3, 1e-2)
         for wd in (0.0, 0.1)
-    ],  # fmt: skip
+    ],
     "balanced_l2": [
         HeadConfig(
             kind="linear",
@@ -73,7 +73,7 @@ GROUPS = {
         )
         for lr in (1e-3, 1e-2)
         for ls in (0.0, 0.2)
-    ],  # fmt: skip
+    ],
 }
 
 
@@ -93,19 +93,37 @@ def test_the_batched_pass_equals_each_variant_trained_alone(store, name):
 
 def test_the_loop_is_adamw_with_warmup_cosine_and_label_smoothing(store):
     """V = 1 against torch's own AdamW + LambdaLR + CrossEntropyLoss on the same batches."""
-    cfg = HeadConfig(kind="linear", lr=5e-3, weight_decay=0.1, label_smoothing=0.1, epochs=4, batch_size=32, warmup_epochs=1)  # fmt: skip
+    cfg = HeadConfig(
+        kind="linear",
+        lr=5e-3,
+        weight_decay=0.1,
+        label_smoothing=0.1,
+        epochs=4,
+        batch_size=32,
+        warmup_epochs=1,
+    )
     tr, _ = _splits(store)
     torch.manual_seed(cfg.seed)
     ref = torch.nn.Linear(tr.dim, 3)
     start = torch.nn.Linear(tr.dim, 3)
     start.load_state_dict(ref.state_dict())
     stacked, (res,) = train(start, [cfg], tr, None, 3)
-    opt = torch.optim.AdamW([{"params": [ref.weight], "weight_decay": cfg.weight_decay}, {"params": [ref.bias], "weight_decay": 0.0}], lr=cfg.lr)  # fmt: skip
+    opt = torch.optim.AdamW(
+        [
+            {"params": [ref.weight], "weight_decay": cfg.weight_decay},
+            {"params": [ref.bias], "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+    )
     steps = -(-tr.n // 32)
     total, warm = cfg.epochs * steps, steps
 
     def lr_at(s):
-        return (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / (total - warm)))  # fmt: skip
+        return (
+            (s + 1) / warm
+            if s < warm
+            else 0.5 * (1 + math.cos(math.pi * (s - warm) / (total - warm)))
+        )
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -123,7 +141,9 @@ def test_the_loop_is_adamw_with_warmup_cosine_and_label_smoothing(store):
 
 def test_stacked_net_matches_its_unstacked_variants(store):
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(24, 8), torch.nn.GELU(), torch.nn.Dropout(0.2), torch.nn.Linear(8, 3))  # fmt: skip
+    net = torch.nn.Sequential(
+        torch.nn.Linear(24, 8), torch.nn.GELU(), torch.nn.Dropout(0.2), torch.nn.Linear(8, 3)
+    )
     s = StackedNet(net, 3, "gelu", 0.2).eval()
     with torch.no_grad():
         for w in s.weights:
@@ -166,7 +186,12 @@ def test_grids_presets_json_files_and_errors(tmp_path):
     assert len(lrwd) == 32 and len({c.batch_key() for c in lrwd}) == 1  # one batched pass
     for name in PRESETS:
         assert load_grid(name)
-    cfgs = expand_grid([{"kind": "mlp", "hidden": [[16], [32, 8]], "lr": [1e-3, 1e-2]}, {"kind": "mlp", "hidden": [32, 8], "lr": 1e-3}])  # fmt: skip
+    cfgs = expand_grid(
+        [
+            {"kind": "mlp", "hidden": [[16], [32, 8]], "lr": [1e-3, 1e-2]},
+            {"kind": "mlp", "hidden": [32, 8], "lr": 1e-3},
+        ]
+    )
     assert [c.hidden for c in cfgs] == [(16,), (16,), (32, 8), (32, 8)]  # the duplicate is dropped
     p = tmp_path / "g.json"
     p.write_text(json.dumps({"kind": ["linear", "knn"], "normalize": ["l2", "none"]}))
@@ -199,8 +224,22 @@ def test_selection_never_reads_the_test_split(tmp_path, monkeypatch):
     # _evaluation, once per chosen variant, after the ranking
     seen, evaluated = [], []
     real_split, real_eval = StoreFeatures.split, bench._evaluation
-    monkeypatch.setattr(StoreFeatures, "split", lambda self, rows, labels, device="cpu": (seen.append(self.store.splits[rows]), real_split(self, rows, labels, device))[1])  # fmt: skip
-    monkeypatch.setattr(bench, "_evaluation", lambda head, data, split, cmap: (evaluated.append((split, head.kind)), real_eval(head, data, split, cmap))[1])  # fmt: skip
+    monkeypatch.setattr(
+        StoreFeatures,
+        "split",
+        lambda self, rows, labels, device="cpu": (
+            seen.append(self.store.splits[rows]),
+            real_split(self, rows, labels, device),
+        )[1],
+    )
+    monkeypatch.setattr(
+        bench,
+        "_evaluation",
+        lambda head, data, split, cmap: (
+            evaluated.append((split, head.kind)),
+            real_eval(head, data, split, cmap),
+        )[1],
+    )
     a = bench_heads([clean], configs, folds=0)
     assert seen and all(set(s) <= {"train", "val"} for s in seen)
     assert sorted(evaluated) == sorted(("test", k) for k in ("linear", "mlp", "knn", "logreg"))
@@ -208,7 +247,9 @@ def test_selection_never_reads_the_test_split(tmp_path, monkeypatch):
     key = ("kind", "config", "val_accuracy", "val_macro_f1", "epochs", "best_epoch")
     assert [[v[k] for k in key] for v in a.variants] == [[v[k] for k in key] for v in b.variants]
     tested = [v for v in a.variants if v["test_accuracy"] is not None]
-    assert len(tested) == 4 and [v["test_accuracy"] for v in tested] != [v["test_accuracy"] for v in b.variants if v["test_accuracy"] is not None]  # fmt: skip
+    assert len(tested) == 4 and [v["test_accuracy"] for v in tested] != [
+        v["test_accuracy"] for v in b.variants if v["test_accuracy"] is not None
+    ]
     assert [v["rank"] for v in a.variants] == list(range(1, len(configs) + 1))
     vals = [(-v["val_accuracy"], -v["val_macro_f1"]) for v in a.variants]
     assert vals == sorted(vals)
@@ -235,16 +276,45 @@ def test_cli_table_csv_and_json_agree_and_backbones_compare(tmp_path):
     grid = tmp_path / "grid.json"
     grid.write_text(json.dumps(SMALL[:3]))
     out = tmp_path / "out"
-    args = ["bench-heads", str(root), "-b", TINY_BACKBONE, "-b", "resnet18@random", "--image-size", str(TINY_SIZE), "--cache-dir", str(tmp_path / "cache"), "--grid", str(grid), "--out", str(out), "--folds", "0"]  # fmt: skip
+    args = [
+        "bench-heads",
+        str(root),
+        "-b",
+        TINY_BACKBONE,
+        "-b",
+        "resnet18@random",
+        "--image-size",
+        str(TINY_SIZE),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--grid",
+        str(grid),
+        "--out",
+        str(out),
+        "--folds",
+        "0",
+    ]
     runner = CliRunner()
     r = runner.invoke(main, [*args, "--json"])
     assert r.exit_code == 0, r.output + r.stderr
     payload = json.loads(r.stdout)
     variants = payload["variants"]
-    assert len(variants) == 2 * 7 and {v["backbone"] for v in variants} == {TINY_BACKBONE, "resnet18@random"}  # fmt: skip
+    assert len(variants) == 2 * 7 and {v["backbone"] for v in variants} == {
+        TINY_BACKBONE,
+        "resnet18@random",
+    }
     for v in variants:
-        assert set(v) >= {"backbone", "kind", "config", "val_accuracy", "test_accuracy", "fit_seconds"}  # fmt: skip
-    assert [v["val_accuracy"] for v in variants] == sorted((v["val_accuracy"] for v in variants), reverse=True)  # fmt: skip
+        assert set(v) >= {
+            "backbone",
+            "kind",
+            "config",
+            "val_accuracy",
+            "test_accuracy",
+            "fit_seconds",
+        }
+    assert [v["val_accuracy"] for v in variants] == sorted(
+        (v["val_accuracy"] for v in variants), reverse=True
+    )
     assert (
         sum(v["test_accuracy"] is not None for v in variants) == 2 * 3
     )  # best of each kind, per backbone
@@ -260,7 +330,11 @@ def test_cli_table_csv_and_json_agree_and_backbones_compare(tmp_path):
         return None if x == "" else float(x)
 
     for row, v in zip(rows, variants, strict=True):
-        assert int(row["rank"]) == v["rank"] and row["backbone"] == v["backbone"] and row["kind"] == v["kind"]  # fmt: skip
+        assert (
+            int(row["rank"]) == v["rank"]
+            and row["backbone"] == v["backbone"]
+            and row["kind"] == v["kind"]
+        )
         for k in ("val_accuracy", "test_accuracy", "fit_seconds", "val_macro_f1"):
             assert num(row[k]) == pytest.approx(v[k]) if v[k] is not None else num(row[k]) is None
     # the human table of another run: the same rows, order and figures as that run's files

@@ -29,8 +29,21 @@ def run_json(runner, args):
 
 def test_extract_json_contract(runner, class_folder, cache_dir):
     out = run_json(runner, ["extract", str(class_folder), "--cache-dir", str(cache_dir), *TINY])
-    for key in ("store", "n_images", "n_failed", "n_skipped", "dim", "backbone", "fingerprint", "cached",
-                "seconds", "images_per_second", "runtime", "runtime_reason", "stages"):  # fmt: skip
+    for key in (
+        "store",
+        "n_images",
+        "n_failed",
+        "n_skipped",
+        "dim",
+        "backbone",
+        "fingerprint",
+        "cached",
+        "seconds",
+        "images_per_second",
+        "runtime",
+        "runtime_reason",
+        "stages",
+    ):
         assert key in out, key
     assert out["n_images"] == 24 and out["cached"] == 0 and out["runtime"] == "torch"
     assert set(out["stages"]) == {"decode", "h2d", "model", "write"}
@@ -44,8 +57,20 @@ def test_human_output_and_cache_commands(runner, class_folder, cache_dir, tmp_pa
     ls = run_json(runner, ["cache", "ls", "--cache-dir", str(cache_dir)])
     assert len(ls["stores"]) == 1
     store = ls["stores"][0]["store"]
-    info = run_json(runner, ["cache", "info", str(class_folder), "--cache-dir", str(cache_dir),
-                             "--backbone", TINY_BACKBONE, "--image-size", str(TINY_SIZE)])  # fmt: skip
+    info = run_json(
+        runner,
+        [
+            "cache",
+            "info",
+            str(class_folder),
+            "--cache-dir",
+            str(cache_dir),
+            "--backbone",
+            TINY_BACKBONE,
+            "--image-size",
+            str(TINY_SIZE),
+        ],
+    )
     assert info["rows"] == 24 and info["per_class"] == {"cat": 8, "dog": 8, "fox": 8}
     assert run_json(runner, ["cache", "verify", store])["ok"]
     exp = run_json(runner, ["cache", "export", store, str(tmp_path / "f.npz")])
@@ -114,10 +139,22 @@ def test_python_m_json_stdout_is_exactly_one_line(class_folder, cache_dir):
     """The real process: progress and logs go to stderr, stdout holds one JSON object."""
     (class_folder / "cat" / "broken.png").write_bytes(b"nope")  # a warning goes to stderr
     proc = subprocess.run(
-        [sys.executable, "-m", "embedtl", "extract", str(class_folder), "--cache-dir", str(cache_dir),
-         *TINY, "--progress", "--json"],  # fmt: skip
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "embedtl",
+            "extract",
+            str(class_folder),
+            "--cache-dir",
+            str(cache_dir),
+            *TINY,
+            "--progress",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 3, proc.stderr  # done, but a file could not be read
     lines = proc.stdout.splitlines()
     assert len(lines) == 1

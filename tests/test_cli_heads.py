@@ -31,26 +31,80 @@ def run_json(runner, args, code=0):
 def fitted(runner, tmp_path):
     root = make_class_folder(tmp_path / "imgs", n_per_class=10)
     cache = tmp_path / "cache"
-    out = run_json(runner, ["fit-head", str(root), *TINY, "--cache-dir", str(cache), "--out", str(tmp_path / "head"), "--epochs", "15"])  # fmt: skip
+    out = run_json(
+        runner,
+        [
+            "fit-head",
+            str(root),
+            *TINY,
+            "--cache-dir",
+            str(cache),
+            "--out",
+            str(tmp_path / "head"),
+            "--epochs",
+            "15",
+        ],
+    )
     return root, cache, tmp_path / "head", out
 
 
 def test_fit_head_extracts_on_a_miss_and_reports_the_json_contract(fitted, runner, tmp_path):
     root, cache, head, out = fitted
-    for key in ("head", "kind", "val_accuracy", "test_accuracy", "fit_seconds", "epochs", "store", "fingerprint", "confusion_png"):  # fmt: skip
+    for key in (
+        "head",
+        "kind",
+        "val_accuracy",
+        "test_accuracy",
+        "fit_seconds",
+        "epochs",
+        "store",
+        "fingerprint",
+        "confusion_png",
+    ):
         assert key in out, key
     assert out["kind"] == "linear" and out["head"] == str(head) and out["n"]["train"] > 0
     assert (head / "head.json").is_file() and (head / "test" / "confusion.png").is_file()
     # a second head on the same store is a cache hit; a store path works as well as the folder
-    knn = run_json(runner, ["fit-head", out["store"], "--head", "knn", "-k", "3", "--out", str(tmp_path / "knn")])  # fmt: skip
+    knn = run_json(
+        runner,
+        ["fit-head", out["store"], "--head", "knn", "-k", "3", "--out", str(tmp_path / "knn")],
+    )
     assert knn["kind"] == "knn" and knn["epochs"] == 0
-    mlp = run_json(runner, ["fit-head", str(root), *TINY, "--cache-dir", str(cache), "--head", "mlp", "--hidden", "16,8", "--epochs", "3", "--out", str(tmp_path / "mlp")])  # fmt: skip
+    mlp = run_json(
+        runner,
+        [
+            "fit-head",
+            str(root),
+            *TINY,
+            "--cache-dir",
+            str(cache),
+            "--head",
+            "mlp",
+            "--hidden",
+            "16,8",
+            "--epochs",
+            "3",
+            "--out",
+            str(tmp_path / "mlp"),
+        ],
+    )
     assert mlp["config"]["hidden"] == [16, 8] and mlp["epochs"] <= 3
 
 
 def test_evaluate_writes_the_report(fitted, runner, tmp_path):
     root, cache, head, fit = fitted
-    out = run_json(runner, ["evaluate", str(head), str(root), "--cache-dir", str(cache), "--out", str(tmp_path / "rep")])  # fmt: skip
+    out = run_json(
+        runner,
+        [
+            "evaluate",
+            str(head),
+            str(root),
+            "--cache-dir",
+            str(cache),
+            "--out",
+            str(tmp_path / "rep"),
+        ],
+    )
     assert out["accuracy"] == pytest.approx(fit["test_accuracy"])
     for f in ("metrics.json", "confusion.json", "confusion.png", "reliability.png", "coverage.png"):
         assert (tmp_path / "rep" / f).is_file(), f
@@ -62,24 +116,45 @@ def test_evaluate_writes_the_report(fitted, runner, tmp_path):
 def test_predict_json_csv_unsure_and_failures(fitted, runner, tmp_path):
     root, cache, head, _ = fitted
     imgs = [str(p) for p in sorted((root / "dog").iterdir())[:3]]
-    out = run_json(runner, ["predict", str(head), *imgs, "--cache-dir", str(cache), "--topk", "2", "--out", str(tmp_path / "p.csv")])  # fmt: skip
+    out = run_json(
+        runner,
+        [
+            "predict",
+            str(head),
+            *imgs,
+            "--cache-dir",
+            str(cache),
+            "--topk",
+            "2",
+            "--out",
+            str(tmp_path / "p.csv"),
+        ],
+    )
     assert [p["path"] for p in out["predictions"]] == imgs
-    assert all(len(p["topk"]) == 2 and p["label"] == p["topk"][0]["label"] for p in out["predictions"])  # fmt: skip
+    assert all(
+        len(p["topk"]) == 2 and p["label"] == p["topk"][0]["label"] for p in out["predictions"]
+    )
     with open(tmp_path / "p.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert [r["path"] for r in rows] == imgs
-    unsure = run_json(runner, ["predict", str(head), *imgs, "--cache-dir", str(cache), "--unsure", "1"])  # fmt: skip
+    unsure = run_json(
+        runner, ["predict", str(head), *imgs, "--cache-dir", str(cache), "--unsure", "1"]
+    )
     assert all(p["label"] == "unsure" or p["confidence"] >= 1 for p in unsure["predictions"])
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not a jpeg")
-    out = run_json(runner, ["predict", str(head), imgs[0], str(bad), "--cache-dir", str(cache)], code=1)  # fmt: skip
+    out = run_json(
+        runner, ["predict", str(head), imgs[0], str(bad), "--cache-dir", str(cache)], code=1
+    )
     assert len(out["predictions"]) == 1 and out["failed"][0]["path"] == str(bad)
 
 
 def test_mismatched_backbone_is_refused_in_one_line(fitted, runner):
     root, cache, head, _ = fitted
     img = str(next((root / "cat").iterdir()))
-    r = runner.invoke(main, ["predict", str(head), img, "--image-size", "48", "--cache-dir", str(cache)])  # fmt: skip
+    r = runner.invoke(
+        main, ["predict", str(head), img, "--image-size", "48", "--cache-dir", str(cache)]
+    )
     assert r.exit_code == 1 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and "fingerprint" in r.stderr and "Traceback" not in r.stderr
 
@@ -89,7 +164,9 @@ def test_export_onnx_and_torchscript(fitted, runner, tmp_path):
     out = run_json(runner, ["export", str(head), str(tmp_path / "m.onnx")])
     assert out["format"] == "onnx" and out["min_cosine"] >= 0.9999
     sidecar = json.loads((tmp_path / "m.json").read_text())
-    assert sidecar["classes"] == ["cat", "dog", "fox"] and sidecar["preprocess"]["crop"] == TINY_SIZE  # fmt: skip
+    assert (
+        sidecar["classes"] == ["cat", "dog", "fox"] and sidecar["preprocess"]["crop"] == TINY_SIZE
+    )
     ts = run_json(runner, ["export", str(head), str(tmp_path / "m.pt")])
     assert ts["format"] == "torchscript"
 
@@ -97,7 +174,9 @@ def test_export_onnx_and_torchscript(fitted, runner, tmp_path):
 def test_fit_head_refuses_an_unlabelled_folder(runner, tmp_path):
     for i in range(6):
         write_image(tmp_path / "flat" / f"{i}.png", (100, 100, 100), seed=i)
-    r = runner.invoke(main, ["fit-head", str(tmp_path / "flat"), *TINY, "--cache-dir", str(tmp_path / "c")])  # fmt: skip
+    r = runner.invoke(
+        main, ["fit-head", str(tmp_path / "flat"), *TINY, "--cache-dir", str(tmp_path / "c")]
+    )
     assert r.exit_code == 1 and "no labels" in r.stderr and "--labels" in r.stderr
 
 
@@ -106,7 +185,10 @@ def test_demo_runs_end_to_end(runner, tmp_path):
 
     if not any(d["name"] == "tuxpaint-stamps" and d["available"] for d in list_datasets()):
         pytest.skip("tuxpaint-stamps-default is not installed (scripts/setup.sh installs it)")
-    out = run_json(runner, ["demo", "--cache-dir", str(tmp_path / "cache"), "--workdir", str(tmp_path / "demo")])  # fmt: skip
+    out = run_json(
+        runner,
+        ["demo", "--cache-dir", str(tmp_path / "cache"), "--workdir", str(tmp_path / "demo")],
+    )
     assert out["extract"]["n_images"] > 200 and out["test_accuracy"] > 0.6
     assert (tmp_path / "demo" / "head-linear" / "head.json").is_file()
     assert out["confusion_png"].endswith("confusion.png")
@@ -123,4 +205,7 @@ def test_demo_runs_end_to_end(runner, tmp_path):
     ft = out["fine_tune"]
     assert ft["fingerprint"] != ft["parent_fingerprint"] and ft["store"] != out["store"]
     assert ft["start_val_accuracy"] == pytest.approx(ft["before"]["val_accuracy"], abs=0.03)
-    assert ft["after"]["test_accuracy"] > 0.6 and (tmp_path / "demo" / "finetuned" / "backbone.safetensors").is_file()  # fmt: skip
+    assert (
+        ft["after"]["test_accuracy"] > 0.6
+        and (tmp_path / "demo" / "finetuned" / "backbone.safetensors").is_file()
+    )

@@ -164,11 +164,13 @@ def test_corrupt_and_truncated_images_raise_decode_error(tmp_path):
 
 
 def _torchvision_reference(im, pre):
-    return T.Compose([
-        T.Resize(pre.resize, interpolation=T.InterpolationMode(pre.interpolation)),
-        T.CenterCrop(pre.crop),
-        T.PILToTensor(),
-    ])(im)  # fmt: skip
+    return T.Compose(
+        [
+            T.Resize(pre.resize, interpolation=T.InterpolationMode(pre.interpolation)),
+            T.CenterCrop(pre.crop),
+            T.PILToTensor(),
+        ]
+    )(im)
 
 
 @pytest.mark.parametrize("size", [(300, 260), (171, 200), (640, 480), (97, 333), (256, 256)])

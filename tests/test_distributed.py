@@ -26,8 +26,22 @@ def _torchrun(args: list[str]) -> list[str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-            "--master-port", port, "--no-python", sys.executable, "-c", EMBEDTL_WITH_SMALL_JOURNAL, *args]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        port,
+        "--no-python",
+        sys.executable,
+        "-c",
+        EMBEDTL_WITH_SMALL_JOURNAL,
+        *args,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +49,14 @@ def folder(tmp_path_factory):
     """24 images and the store one process makes of them."""
     base = tmp_path_factory.mktemp("dist")
     root = make_class_folder(base / "imgs", n_per_class=8)
-    whole = embedtl.extract(root, cache_dir=base / "single", backbone=TINY_BACKBONE, image_size=TINY_SIZE, workers=0, batch_size=4)  # fmt: skip
+    whole = embedtl.extract(
+        root,
+        cache_dir=base / "single",
+        backbone=TINY_BACKBONE,
+        image_size=TINY_SIZE,
+        workers=0,
+        batch_size=4,
+    )
     return root, list(whole.paths), whole.features()
 
 
@@ -48,8 +69,20 @@ def _same_as_single(store, folder) -> None:
 def test_shards_are_contiguous_slices_that_concatenate_to_the_folder(folder, tmp_path):
     root, paths, _ = folder
     assert [shard_bounds(10, i, 3) for i in range(3)] == [(0, 3), (3, 6), (6, 10)]
-    parts = [embedtl.extract(root, cache_dir=tmp_path, backbone=TINY_BACKBONE, image_size=TINY_SIZE, workers=0, shard=(i, 3)) for i in range(3)]  # fmt: skip
-    assert [list(p.paths) for p in parts] == [paths[lo:hi] for lo, hi in (shard_bounds(24, i, 3) for i in range(3))]  # fmt: skip
+    parts = [
+        embedtl.extract(
+            root,
+            cache_dir=tmp_path,
+            backbone=TINY_BACKBONE,
+            image_size=TINY_SIZE,
+            workers=0,
+            shard=(i, 3),
+        )
+        for i in range(3)
+    ]
+    assert [list(p.paths) for p in parts] == [
+        paths[lo:hi] for lo, hi in (shard_bounds(24, i, 3) for i in range(3))
+    ]
     assert [p.metadata["shard"] for p in parts] == ["0/3", "1/3", "2/3"]
 
 
@@ -57,19 +90,30 @@ def test_torchrun_two_ranks_merge_into_the_single_process_store(folder, tmp_path
     root = folder[0]
     cache = tmp_path / "cache"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = _torchrun(["extract", str(root), "--cache-dir", str(cache), *TINY, "--json"])  # fmt: skip
+    cmd = _torchrun(["extract", str(root), "--cache-dir", str(cache), *TINY, "--json"])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     assert len(lines) == 1, proc.stdout  # only rank 0 prints
     out = json.loads(lines[0])
     assert out["n_images"] == 24 and out["extracted"] == 24 and ".shard-" not in out["store"]
-    assert [(r["rank"], r["n_images"], r["extracted"]) for r in out["ranks"]] == [(0, 12, 12), (1, 12, 12)]  # fmt: skip
+    assert [(r["rank"], r["n_images"], r["extracted"]) for r in out["ranks"]] == [
+        (0, 12, 12),
+        (1, 12, 12),
+    ]
     assert out["store"] == str(embedtl.find_store(root, TINY_BACKBONE, cache, TINY_SIZE))
-    assert sorted(p.name for p in Path(out["store"]).parent.glob("*.h5")) == [Path(out["store"]).name]  # fmt: skip
+    assert sorted(p.name for p in Path(out["store"]).parent.glob("*.h5")) == [
+        Path(out["store"]).name
+    ]
     _same_as_single(embedtl.open_store(out["store"]), folder)
     # a rerun under torchrun reuses the merged store: no model anywhere
-    again = subprocess.run(_torchrun(["extract", str(root), "--cache-dir", str(cache), *TINY, "--json"]), capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    again = subprocess.run(
+        _torchrun(["extract", str(root), "--cache-dir", str(cache), *TINY, "--json"]),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     st = json.loads(again.stdout)
     assert again.returncode == 0 and not st["model_built"] and st["cached"] == 24
 
@@ -80,7 +124,9 @@ def test_a_killed_rank_resumes_from_its_journal(folder, tmp_path):
     root = folder[0]
     cache = tmp_path / "cache"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = _torchrun(["extract", str(root), "--cache-dir", str(cache), *TINY, "--batch-size", "4", "--json"])  # fmt: skip
+    cmd = _torchrun(
+        ["extract", str(root), "--cache-dir", str(cache), *TINY, "--batch-size", "4", "--json"]
+    )
     p = Paused(cmd, "batch@2", tmp_path / "pause")
     p.wait_paused(count=2)  # both ranks are inside their second batch
     victim = p.paused_pids()[0]
@@ -88,7 +134,15 @@ def test_a_killed_rank_resumes_from_its_journal(folder, tmp_path):
     assert p.finish(timeout=240) != 0
     journals = list(cache.glob("*/*.journal"))
     assert len(journals) == 2  # one per shard
-    r = subprocess.run(_torchrun(["extract", str(root), "--cache-dir", str(cache), *TINY, "--batch-size", "4", "--json"]), capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    r = subprocess.run(
+        _torchrun(
+            ["extract", str(root), "--cache-dir", str(cache), *TINY, "--batch-size", "4", "--json"]
+        ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     st = json.loads(r.stdout)
     # the killed rank kept its first batch (4 rows), the stopped one its first two (8)
@@ -102,7 +156,7 @@ def test_a_failing_rank_fails_the_run_in_one_line_without_hanging(folder, tmp_pa
     make_class_folder(root, n_per_class=4)
     (root / "fox" / "zzz_broken.png").write_bytes(b"not a png")  # in the last shard
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = _torchrun(["extract", str(root), "--cache-dir", str(tmp_path / "c"), *TINY, "--strict"])  # fmt: skip
+    cmd = _torchrun(["extract", str(root), "--cache-dir", str(tmp_path / "c"), *TINY, "--strict"])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode != 0
     assert "Error: cannot read" in proc.stderr and "zzz_broken.png" in proc.stderr
@@ -117,7 +171,12 @@ def test_merge_refuses_overlapping_rows_and_other_folders(folder, tmp_path):
     whole = embedtl.extract(root, cache_dir=tmp_path / "b", **kw)
     with pytest.raises(embedtl.StoreError, match="in more than one of the stores"):
         embedtl.merge_stores([half.path, whole.path], out=tmp_path / "m.h5")
-    other = embedtl.extract(make_class_folder(tmp_path / "other", n_per_class=2), cache_dir=tmp_path / "c", shard=(1, 2), **kw)  # fmt: skip
+    other = embedtl.extract(
+        make_class_folder(tmp_path / "other", n_per_class=2),
+        cache_dir=tmp_path / "c",
+        shard=(1, 2),
+        **kw,
+    )
     with pytest.raises(embedtl.StoreError, match="different image folder"):
         embedtl.merge_stores([half.path, other.path], out=tmp_path / "m.h5")
 
@@ -129,7 +188,17 @@ def test_virtual_merge_reads_the_shards_and_an_update_consolidates(folder, tmp_p
 
     root = folder[0]
     cache = tmp_path / "c"
-    shards = [embedtl.extract(root, cache_dir=cache, backbone=TINY_BACKBONE, image_size=TINY_SIZE, workers=0, shard=(i, 3)).path for i in range(3)]  # fmt: skip
+    shards = [
+        embedtl.extract(
+            root,
+            cache_dir=cache,
+            backbone=TINY_BACKBONE,
+            image_size=TINY_SIZE,
+            workers=0,
+            shard=(i, 3),
+        ).path
+        for i in range(3)
+    ]
     r = CliRunner().invoke(main, ["cache", "merge", "--virtual", "--json", *map(str, shards)])
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
@@ -137,7 +206,9 @@ def test_virtual_merge_reads_the_shards_and_an_update_consolidates(folder, tmp_p
     merged = embedtl.open_store(out["store"])
     _same_as_single(merged, folder)
     assert Path(out["store"]).stat().st_size < min(p.stat().st_size for p in shards)  # no copy
-    assert not embedtl.extract(root, cache_dir=cache, backbone=TINY_BACKBONE, image_size=TINY_SIZE).last_extraction.model_built  # fmt: skip
+    assert not embedtl.extract(
+        root, cache_dir=cache, backbone=TINY_BACKBONE, image_size=TINY_SIZE
+    ).last_extraction.model_built
     merged.close()
     moved = shards[1].rename(shards[1].with_suffix(".moved"))
     with pytest.raises(embedtl.StoreError, match="shard .* is missing"):
@@ -163,7 +234,11 @@ def test_an_index_built_in_parts_and_merged_equals_a_one_part_build(tmp_path, ki
     one = build_store_index(s, kind, path=tmp_path / "one.index")
     build_store_index(s, kind, path=tmp_path / "parts.index", parts=3)
     parts, _ = VectorIndex.load(tmp_path / "parts.index")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.index", "parts.index", "s.h5"]  # parts merged, removed  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "one.index",
+        "parts.index",
+        "s.h5",
+    ]  # parts merged, removed
     q = s.features()[::37]
     (sa, ia), (sb, ib) = one.search(q, 10), parts.search(q, 10)
     np.testing.assert_array_equal(ia, ib)
@@ -181,7 +256,13 @@ def test_torchrun_index_one_part_per_rank(tmp_path):
     s = synthetic_store(tmp_path / "s.h5", n_per_class=(500, 500), dim=16)
     s.close()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(_torchrun(["index", str(s.path), "--index-type", "ivf", "--json"]), capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    proc = subprocess.run(
+        _torchrun(["index", str(s.path), "--index-type", "ivf", "--json"]),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout)  # one line, from rank 0
     assert out["rows"] == 1000 and out["action"] == "built from 2 parts"

@@ -199,7 +199,7 @@ def test_bad_arguments_raise_clear_errors(class_folder, cache_dir, tiny):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_amp_matches_cpu_fp32(class_folder, cache_dir):
-    """AMP + channels_last on CUDA is recorded as metadata only: it must stay within fp16 tolerance."""
+    """AMP + channels_last on CUDA is recorded as metadata only: within fp16 tolerance."""
     kw = {"backbone": "efficientnet_lite0", "image_size": 96, "workers": 0, "dtype": "float32"}
     cpu = embedtl.extract(class_folder, cache_dir=cache_dir, device="cpu", **kw).features()
     gpu = embedtl.extract(

@@ -1,4 +1,5 @@
-"""Fine-tune: tiny images, the real EfficientNet-Lite0 architecture (random weights), 1-2 epochs, CPU."""
+"""Fine-tune: tiny images, the real EfficientNet-Lite0 architecture (random weights), 1-2
+epochs, CPU."""
 
 from __future__ import annotations
 
@@ -27,15 +28,26 @@ def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ft")
     root = make_class_folder(tmp / "imgs", n_per_class=20)
     cache = tmp / "cache"
-    store = embedtl.extract(root, TINY_BACKBONE, image_size=TINY_SIZE, cache_dir=cache, workers=0, batch_size=8)  # fmt: skip
+    store = embedtl.extract(
+        root, TINY_BACKBONE, image_size=TINY_SIZE, cache_dir=cache, workers=0, batch_size=8
+    )
     head = fit_head(store, HeadConfig(epochs=30))
     head_dir = head.save(tmp / "head")
-    return {"root": root, "cache": cache, "store": store, "head": head, "head_dir": head_dir, "tmp": tmp}  # fmt: skip
+    return {
+        "root": root,
+        "cache": cache,
+        "store": store,
+        "head": head,
+        "head_dir": head_dir,
+        "tmp": tmp,
+    }
 
 
 def _run(setup, out, cfg=None, **kw):
     cfg = cfg or FineTuneConfig(epochs=1, batch_size=8)
-    return fine_tune(setup["root"], setup["head_dir"], cfg, out=out, cache_dir=setup["cache"], workers=0, **kw)  # fmt: skip
+    return fine_tune(
+        setup["root"], setup["head_dir"], cfg, out=out, cache_dir=setup["cache"], workers=0, **kw
+    )
 
 
 def _sha(path) -> str:
@@ -49,7 +61,9 @@ def _saved_state(path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("n,train_bn", [(1, False), (2, False), (2, True)])
-def test_only_the_chosen_blocks_change_and_frozen_batchnorm_statistics_do_not(setup, tmp_path, n, train_bn):  # fmt: skip
+def test_only_the_chosen_blocks_change_and_frozen_batchnorm_statistics_do_not(
+    setup, tmp_path, n, train_bn
+):
     parent = build_feature_model(setup["head"].backbone_spec)
     before = parent.state_for_saving()
     blocks = parent.blocks()
@@ -184,8 +198,18 @@ def test_unfreeze_values_are_checked(setup, tmp_path, bad):
 
 @pytest.mark.parametrize(
     "name",
-    [TINY_BACKBONE, "resnet18@random", "resnet50@random", "efficientnet_b0@random", "mobilenet_v3_small@random", "mobilenet_v3_large@random", "convnext_tiny@random", "vit_b_16@random", "timm:resnet18@random"],
-)  # fmt: skip
+    [
+        TINY_BACKBONE,
+        "resnet18@random",
+        "resnet50@random",
+        "efficientnet_b0@random",
+        "mobilenet_v3_small@random",
+        "mobilenet_v3_large@random",
+        "convnext_tiny@random",
+        "vit_b_16@random",
+        "timm:resnet18@random",
+    ],
+)
 def test_blocks_partition_every_parameter_in_order(name):
     from embedtl._model import FeatureModel
     from embedtl.backbones import _classifier_name, _create_arch, _split_classifier
@@ -231,9 +255,19 @@ def test_fine_tune_on_cuda_with_amp(setup, tmp_path):
 def test_backbone_file_round_trip_and_refusals(tmp_path):
     spec = get_backbone(TINY_BACKBONE, image_size=TINY_SIZE)
     model = build_feature_model(spec)
-    f = save_backbone(model, tmp_path / "bb" / "backbone.safetensors", "mine", {"name": "p", "fingerprint": "f" * 64})  # fmt: skip
+    f = save_backbone(
+        model,
+        tmp_path / "bb" / "backbone.safetensors",
+        "mine",
+        {"name": "p", "fingerprint": "f" * 64},
+    )
     got = read_backbone_file(f)
-    assert (got.arch, got.source, got.preprocess, got.name) == (spec.arch, spec.source, spec.preprocess, "mine")  # fmt: skip
+    assert (got.arch, got.source, got.preprocess, got.name) == (
+        spec.arch,
+        spec.source,
+        spec.preprocess,
+        "mine",
+    )
     assert got.parent == {"name": "p", "fingerprint": "f" * 64}
     assert get_backbone(str(tmp_path / "bb")) == got == get_backbone(str(f))
     x = torch.randint(0, 255, (2, 3, TINY_SIZE, TINY_SIZE), dtype=torch.uint8)
@@ -271,7 +305,26 @@ def test_augment_transform_is_a_function_of_its_seed():
 def test_cli_fine_tune_json_and_cache_ls(setup, tmp_path):
     runner = CliRunner()
     out = tmp_path / "ft"
-    res = runner.invoke(main, ["fine-tune", str(setup["root"]), "--head", str(setup["head_dir"]), "--epochs", "1", "--batch-size", "8", "--out", str(out), "--cache-dir", str(setup["cache"]), "--workers", "0", "--json"])  # fmt: skip
+    res = runner.invoke(
+        main,
+        [
+            "fine-tune",
+            str(setup["root"]),
+            "--head",
+            str(setup["head_dir"]),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(setup["cache"]),
+            "--workers",
+            "0",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     d = json.loads(res.stdout)
     for key in (
@@ -289,14 +342,49 @@ def test_cli_fine_tune_json_and_cache_ls(setup, tmp_path):
     ls = runner.invoke(main, ["cache", "ls", "--cache-dir", str(setup["cache"])])
     assert ls.exit_code == 0 and f"superseded by fine-tuned {d['backbone']}" in ls.output
     # the new backbone is usable by path with every command
-    ext = runner.invoke(main, ["extract", str(setup["root"]), "--backbone", str(out), "--cache-dir", str(setup["cache"]), "--json"])  # fmt: skip
+    ext = runner.invoke(
+        main,
+        [
+            "extract",
+            str(setup["root"]),
+            "--backbone",
+            str(out),
+            "--cache-dir",
+            str(setup["cache"]),
+            "--json",
+        ],
+    )
     assert ext.exit_code == 0, ext.output
-    assert json.loads(ext.stdout)["store"] == d["store"] and json.loads(ext.stdout)["extracted"] == 0  # fmt: skip
+    assert (
+        json.loads(ext.stdout)["store"] == d["store"] and json.loads(ext.stdout)["extracted"] == 0
+    )
     # the re-fitted head predicts new images through the fine-tuned backbone it names
     image = next(p for p in setup["store"].paths.astype(str) if p.startswith("cat/"))
-    pred = runner.invoke(main, ["predict", d["head"], str(setup["root"] / image), "--cache-dir", str(setup["cache"]), "--json"])  # fmt: skip
+    pred = runner.invoke(
+        main,
+        [
+            "predict",
+            d["head"],
+            str(setup["root"] / image),
+            "--cache-dir",
+            str(setup["cache"]),
+            "--json",
+        ],
+    )
     assert pred.exit_code == 0, pred.output
-    bad = runner.invoke(main, ["fine-tune", str(setup["root"]), "--head", str(setup["head_dir"]), "--unfreeze", "last:99", "--cache-dir", str(setup["cache"])])  # fmt: skip
+    bad = runner.invoke(
+        main,
+        [
+            "fine-tune",
+            str(setup["root"]),
+            "--head",
+            str(setup["head_dir"]),
+            "--unfreeze",
+            "last:99",
+            "--cache-dir",
+            str(setup["cache"]),
+        ],
+    )
     assert (
         bad.exit_code == 1 and "use last:8 or all" in bad.output and "Traceback" not in bad.output
     )

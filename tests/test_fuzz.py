@@ -40,7 +40,11 @@ def _seed_images() -> dict[str, bytes]:
         ("WEBP", "RGB", {}),
         ("PPM", "RGB", {}),
     ]:
-        src = im.convert(mode) if mode != "I;16" else Image.fromarray(rng.integers(0, 65535, (12, 16)).astype(np.uint16))  # fmt: skip
+        src = (
+            im.convert(mode)
+            if mode != "I;16"
+            else Image.fromarray(rng.integers(0, 65535, (12, 16)).astype(np.uint16))
+        )
         b = io.BytesIO()
         try:
             src.save(b, fmt, **kw)
@@ -53,7 +57,9 @@ def _seed_images() -> dict[str, bytes]:
 SEEDS = _seed_images()
 #: EMBEDTL_FUZZ_EXAMPLES=5000 for a deeper run than CI's
 EXAMPLES = int(os.environ.get("EMBEDTL_FUZZ_EXAMPLES", "100"))
-PRE = Preprocess(resize=20, crop=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic")  # fmt: skip
+PRE = Preprocess(
+    resize=20, crop=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic"
+)
 
 
 #: edits to a file: (kind, where as a fraction of the length, a byte value, bytes to insert)
@@ -117,7 +123,11 @@ def _store_bytes() -> bytes:
         return s.path.read_bytes()
 
 
-@settings(max_examples=3 * EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
+@settings(
+    max_examples=3 * EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(edits=EDITS.filter(bool))
 def test_opening_any_store_file_gives_a_store_or_a_store_error(tmp_path, edits):
     path = Path(tmp_path) / "fuzzed.h5"

@@ -42,7 +42,10 @@ def photos(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("photos")
     sizes = [(500, 375), (375, 500), (640, 427), (333, 250), (1024, 683), (257, 301)]
-    pics = {"a": [skdata.astronaut(), skdata.coffee(), skdata.chelsea()], "b": [skdata.rocket(), skdata.camera(), skdata.hubble_deep_field()]}  # fmt: skip
+    pics = {
+        "a": [skdata.astronaut(), skdata.coffee(), skdata.chelsea()],
+        "b": [skdata.rocket(), skdata.camera(), skdata.hubble_deep_field()],
+    }
     k = 0
     for label, arrs in pics.items():
         for arr in arrs:
@@ -82,7 +85,10 @@ def test_tensor_decoder_is_feature_equivalent(photos, tmp_path):
     assert list(pil.paths) == list(tv.paths) and len(tv) == 12
     assert _cos(pil.features(), tv.features()).min() >= 0.999
     s = tv.last_extraction
-    assert s.decoder.startswith("torchvision.io.decode_jpeg(libjpeg-turbo)") and s.decode_fallback == {}  # fmt: skip
+    assert (
+        s.decoder.startswith("torchvision.io.decode_jpeg(libjpeg-turbo)")
+        and s.decode_fallback == {}
+    )
     assert tv.metadata["decoder"] == s.decoder and tv.metadata["extraction"]["decoder"] == s.decoder
     assert pil.last_extraction.decoder == "pil-box-resize+jpeg-draft4x"
 
@@ -108,7 +114,7 @@ def test_what_the_tensor_decoder_cannot_take_is_decoded_by_pil_and_counted(tmp_p
     s = tv.last_extraction
     # images PIL decoded instead; the text file and the cut JPEG failed there (as with PIL only)
     assert s.decode_fallback == {"not a JPEG": 1, "CMYK JPEG": 1, "EXIF orientation": 1}
-    assert fallback_reason((root / "dog" / "cut.jpg").read_bytes()) == "JPEG without an end marker"  # fmt: skip
+    assert fallback_reason((root / "dog" / "cut.jpg").read_bytes()) == "JPEG without an end marker"
     assert tv.metadata["extraction"]["decode_fallback"] == s.decode_fallback
     # the same rows as the PIL path, the same failures (PIL decides what is broken)
     assert list(tv.paths) == list(pil.paths)
@@ -145,7 +151,9 @@ def test_a_jpeg_the_tensor_decoder_fails_on_goes_to_pil(tmp_path, tiny, monkeypa
 def test_the_tensor_decoder_also_feeds_onnx_runtime(tmp_path, tiny):
     root = make_class_folder(tmp_path / "d", n_per_class=3, ext=".jpg")
     kw = {**tiny, "dtype": "float32", "device": "cpu"}
-    a = embedtl.extract(root, cache_dir=tmp_path / "a", decoder="torchvision", runtime="onnxruntime", **kw)  # fmt: skip
+    a = embedtl.extract(
+        root, cache_dir=tmp_path / "a", decoder="torchvision", runtime="onnxruntime", **kw
+    )
     b = embedtl.extract(root, cache_dir=tmp_path / "b", decoder="pil", runtime="torch", **kw)
     assert a.last_extraction.runtime == "onnxruntime"
     assert _cos(a.features(), b.features()).min() >= 0.999
@@ -172,7 +180,9 @@ def test_decoder_choice(monkeypatch):
 # -- precision ---------------------------------------------------------------------------------
 
 
-def test_reduced_precision_is_checked_against_float32_on_the_first_batch(class_folder, tmp_path, tiny):  # fmt: skip
+def test_reduced_precision_is_checked_against_float32_on_the_first_batch(
+    class_folder, tmp_path, tiny
+):
     kw = {**tiny, "dtype": "float32", "device": "cpu", "runtime": "torch"}
     ref = embedtl.extract(class_folder, cache_dir=tmp_path / "fp32", **kw)
     bf = embedtl.extract(class_folder, cache_dir=tmp_path / "bf16", precision="bf16", **kw)
@@ -186,7 +196,9 @@ def test_reduced_precision_is_checked_against_float32_on_the_first_batch(class_f
     assert _cos(ref.features(), bf.features()).min() >= 0.999
 
 
-def test_a_precision_that_changes_the_features_falls_back_to_float32_visibly(class_folder, tmp_path, tiny, monkeypatch, caplog):  # fmt: skip
+def test_a_precision_that_changes_the_features_falls_back_to_float32_visibly(
+    class_folder, tmp_path, tiny, monkeypatch, caplog
+):
     monkeypatch.setattr(rt, "MIN_COSINE", 1.0001)  # no reduced precision can pass
     kw = {**tiny, "dtype": "float32", "device": "cpu", "runtime": "torch"}
     with caplog.at_level(logging.WARNING):
@@ -204,10 +216,14 @@ def test_precision_options_are_refused_where_they_cannot_apply(class_folder, cac
     with pytest.raises(embedtl.EmbedTLError, match="unknown precision"):
         embedtl.extract(class_folder, cache_dir=cache_dir, precision="int8", **tiny)
     with pytest.raises(embedtl.EmbedTLError, match="apply to --runtime torch"):
-        embedtl.extract(class_folder, cache_dir=cache_dir, precision="bf16", runtime="onnxruntime", **tiny)  # fmt: skip
+        embedtl.extract(
+            class_folder, cache_dir=cache_dir, precision="bf16", runtime="onnxruntime", **tiny
+        )
     # auto on CPU goes to PyTorch when a PyTorch-only option is asked for
     assert rt.resolve_runtime("auto", "cpu", 10_000, cache_dir / "x.onnx", "bf16")[0] == "torch"
-    assert rt.resolve_runtime("auto", "cpu", 10_000, cache_dir / "x.onnx", compile=True)[0] == "torch"  # fmt: skip
+    assert (
+        rt.resolve_runtime("auto", "cpu", 10_000, cache_dir / "x.onnx", compile=True)[0] == "torch"
+    )
     assert rt.resolve_precision("auto", "cuda:0") == "fp16"
     assert rt.resolve_precision("auto", "cpu") == "fp32"
 
@@ -230,7 +246,9 @@ def _oom_above(monkeypatch, limit: int) -> list[int]:
     return seen
 
 
-def test_out_of_memory_halves_the_batch_instead_of_failing(class_folder, tmp_path, tiny, monkeypatch, caplog):  # fmt: skip
+def test_out_of_memory_halves_the_batch_instead_of_failing(
+    class_folder, tmp_path, tiny, monkeypatch, caplog
+):
     kw = {**tiny, "dtype": "float32", "device": "cpu", "runtime": "torch"}
     ref = embedtl.extract(class_folder, cache_dir=tmp_path / "ref", **kw)
     seen = _oom_above(monkeypatch, 2)
@@ -349,11 +367,27 @@ def test_in_flight_batches_are_collected_after_the_next_is_launched(tmp_path):
     (root / paths[5]).write_bytes(b"broken")
     spec = get_backbone(TINY_BACKBONE, image_size=TINY_SIZE)
     model = _AsyncModel()
-    eng = ex._Engine(model=model, device="cpu", runtime="torch", reason="", batch_size=4, workers=0, decoder=None, decoder_reason="")  # fmt: skip
+    eng = ex._Engine(
+        model=model,
+        device="cpu",
+        runtime="torch",
+        reason="",
+        batch_size=4,
+        workers=0,
+        decoder=None,
+        decoder_reason="",
+    )
     stages = {"decode": 0.0, "h2d": 0.0, "model": 0.0}
     got = list(ex._stream(eng, spec, root, paths, False, stages, "t"))
     # batch k's result is collected only after batch k+1 was submitted
-    assert model.log == [("submit", 4), ("submit", 3), ("result", 4), ("submit", 4), ("result", 3), ("result", 4)]  # fmt: skip
+    assert model.log == [
+        ("submit", 4),
+        ("submit", 3),
+        ("result", 4),
+        ("submit", 4),
+        ("result", 3),
+        ("result", 4),
+    ]
     assert [len(i) for i, *_ in got] == [4, 3, 4]
     assert got[1][2][0][0] == 5  # the broken file, reported with its batch
     tf = ImageTransform(spec.preprocess)
@@ -407,14 +441,34 @@ def test_writer_thread_writes_in_order_and_hands_errors_back():
 def test_cli_reports_precision_decoder_and_fallbacks(tmp_path):
     root = make_class_folder(tmp_path / "d", n_per_class=3, ext=".jpg")
     write_image(root / "cat" / "x.png", (10, 200, 10))
-    args = ["extract", str(root), "--cache-dir", str(tmp_path / "c"), "--backbone", TINY_BACKBONE, "--image-size", str(TINY_SIZE), "--workers", "0", "--device", "cpu"]  # fmt: skip
-    r = CliRunner().invoke(main, [*args, "--precision", "bf16", "--decoder", "torchvision", "--json"])  # fmt: skip
+    args = [
+        "extract",
+        str(root),
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--backbone",
+        TINY_BACKBONE,
+        "--image-size",
+        str(TINY_SIZE),
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+    ]
+    r = CliRunner().invoke(
+        main, [*args, "--precision", "bf16", "--decoder", "torchvision", "--json"]
+    )
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert out["precision"] == "bf16" and out["runtime"] == "torch"
-    assert out["decoder"].startswith("torchvision.io.decode_jpeg") and out["decode_fallback"] == {"not a JPEG": 1}  # fmt: skip
+    assert out["decoder"].startswith("torchvision.io.decode_jpeg") and out["decode_fallback"] == {
+        "not a JPEG": 1
+    }
     assert set(out["stages"]) == {"decode", "h2d", "model", "write"}
-    r = CliRunner().invoke(main, [*args[:2], "--cache-dir", str(tmp_path / "c2"), *args[4:], "--decoder", "torchvision"])  # fmt: skip
+    r = CliRunner().invoke(
+        main,
+        [*args[:2], "--cache-dir", str(tmp_path / "c2"), *args[4:], "--decoder", "torchvision"],
+    )
     assert r.exit_code == 0, r.output
     assert "decoded by PIL instead: 1 not a JPEG" in r.stdout
 
@@ -426,7 +480,9 @@ def test_cli_reports_precision_decoder_and_fallbacks(tmp_path):
 @cuda
 def test_cuda_fast_path_matches_cpu(photos, tmp_path):
     kw = {"dtype": "float32", "workers": 2}
-    cpu = embedtl.extract(photos, cache_dir=tmp_path / "cpu", device="cpu", runtime="torch", decoder="pil", **kw)  # fmt: skip
+    cpu = embedtl.extract(
+        photos, cache_dir=tmp_path / "cpu", device="cpu", runtime="torch", decoder="pil", **kw
+    )
     gpu = embedtl.extract(photos, cache_dir=tmp_path / "gpu", device="cuda", **kw)
     s = gpu.last_extraction
     assert s.precision == "fp16" and "nvjpeg" in s.decoder and s.decode_fallback == {}

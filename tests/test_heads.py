@@ -47,8 +47,12 @@ def test_selection_reads_val_only_poisoned_test_split_changes_nothing(tmp_path):
     cfg = HeadConfig(kind="mlp", epochs=25, patience=5)
     a, b = fit_head(clean, cfg), fit_head(poisoned, cfg)
     assert a.info["fit"]["best_epoch"] == b.info["fit"]["best_epoch"]
-    assert [p["val_accuracy"] for p in a.info["curve"]] == [p["val_accuracy"] for p in b.info["curve"]]  # fmt: skip
-    for (k, v), (k2, v2) in zip(a.module.state_dict().items(), b.module.state_dict().items(), strict=True):  # fmt: skip
+    assert [p["val_accuracy"] for p in a.info["curve"]] == [
+        p["val_accuracy"] for p in b.info["curve"]
+    ]
+    for (k, v), (k2, v2) in zip(
+        a.module.state_dict().items(), b.module.state_dict().items(), strict=True
+    ):
         assert k == k2 and torch.equal(v, v2), k
     assert a.info["metrics"]["test_accuracy"] != b.info["metrics"]["test_accuracy"]
 
@@ -86,7 +90,9 @@ def test_streaming_under_a_small_memory_budget_matches_in_memory(store):
     budget = 4 * store.dim * 100  # < the 108 training rows: they must stream
     data = StoreFeatures(store, budget)
     assert not data.in_memory
-    assert isinstance(data.split(store.indices("train"), store.labels[store.indices("train")]), Streamed)  # fmt: skip
+    assert isinstance(
+        data.split(store.indices("train"), store.labels[store.indices("train")]), Streamed
+    )
     streamed = fit_head(store, HeadConfig(kind="linear", **FAST), memory_budget=budget)
     whole = fit_head(store, HeadConfig(kind="linear", **FAST))
     assert streamed.info["metrics"]["test_accuracy"] >= 0.95
@@ -109,7 +115,9 @@ def test_artifact_round_trip(store, tmp_path):
         meta = json.loads((path / "head.json").read_text())
         assert meta["format"] == "embedtl.head" and meta["kind"] == kind
         assert meta["fingerprint"] == store.fingerprint and meta["backbone"]["name"]
-        assert (path / "weights.safetensors").is_file() and (path / "test" / "confusion.png").is_file()  # fmt: skip
+        assert (path / "weights.safetensors").is_file() and (
+            path / "test" / "confusion.png"
+        ).is_file()
         back = load_head(path)
         x = store.features("test")
         assert np.allclose(back.predict_proba(x), head.predict_proba(x), atol=1e-6)

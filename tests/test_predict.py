@@ -1,4 +1,5 @@
-"""Backbone + head on images: predict matches evaluate, export matches PyTorch, mismatches refused."""
+"""Backbone + head on images: predict matches evaluate, export matches PyTorch, mismatches
+refused."""
 
 from __future__ import annotations
 
@@ -21,7 +22,12 @@ def fitted(tmp_path_factory):
     """A float32 store of a 3-class folder, and a linear and a kNN head fitted on it."""
     tmp = tmp_path_factory.mktemp("predict")
     root = make_class_folder(tmp / "imgs", n_per_class=10)
-    kw = {"backbone": TINY_BACKBONE, "image_size": TINY_SIZE, "workers": 0, "cache_dir": tmp / "cache"}  # fmt: skip
+    kw = {
+        "backbone": TINY_BACKBONE,
+        "image_size": TINY_SIZE,
+        "workers": 0,
+        "cache_dir": tmp / "cache",
+    }
     store = embedtl.extract(root, dtype="float32", runtime="torch", **kw)
     heads = {k: fit_head(store, HeadConfig(kind=k, epochs=20, k=5)) for k in ("linear", "knn")}
     return root, store, heads, kw
@@ -52,7 +58,9 @@ def test_predict_folder_unsure_and_csv(fitted, tmp_path):
     preds = predict_images(heads["linear"], [root], cache_dir=kw["cache_dir"], unsure=t)
     labels = [r["label"] for r in preds.records]
     assert [lab == UNSURE for lab in labels] == list(conf < t)
-    assert [lab for lab in labels if lab != UNSURE] == [r["label"] for r, c in zip(sure.records, conf, strict=True) if c >= t]  # fmt: skip
+    assert [lab for lab in labels if lab != UNSURE] == [
+        r["label"] for r, c in zip(sure.records, conf, strict=True) if c >= t
+    ]
     preds.write_csv(tmp_path / "p.csv")
     lines = (tmp_path / "p.csv").read_text().splitlines()
     assert lines[0].startswith("path,label,confidence,top1") and len(lines) == 31
@@ -68,7 +76,7 @@ def test_a_backbone_with_another_fingerprint_is_refused(fitted):
     with pytest.raises(HeadError, match="fingerprint"):
         predict_images(heads["linear"], [img], image_size=48, cache_dir=kw["cache_dir"])
     with pytest.raises(HeadError, match="fingerprint"):
-        predict_images(heads["linear"], [img], backbone="efficientnet_lite0", image_size=TINY_SIZE)  # fmt: skip
+        predict_images(heads["linear"], [img], backbone="efficientnet_lite0", image_size=TINY_SIZE)
 
 
 def _batch(files, head):

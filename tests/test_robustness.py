@@ -51,7 +51,12 @@ def _png_header_only(w: int, h: int) -> bytes:
         return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")  # fmt: skip
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _encoded(im: Image.Image, fmt: str, **kw) -> bytes:
@@ -93,7 +98,7 @@ def _odd_but_valid() -> dict[str, bytes]:
         "cmyk.jpg": _encoded(im.convert("CMYK"), "JPEG"),
         "gray16.png": _encoded(
             Image.fromarray(rng.integers(0, 65535, (30, 40)).astype(np.uint16)), "PNG"
-        ),  # fmt: skip
+        ),
         "palette.png": _encoded(im.convert("P"), "PNG"),
         "palette_transparent.gif": _encoded(im.convert("P"), "GIF", transparency=0),
         "la.png": _encoded(im.convert("LA"), "PNG"),
@@ -132,7 +137,9 @@ def _good_paths(root: Path) -> set[str]:
     }
 
 
-def test_bad_images_are_recorded_with_their_reason_and_every_valid_image_is_stored(messy, cache_dir, tiny):  # fmt: skip
+def test_bad_images_are_recorded_with_their_reason_and_every_valid_image_is_stored(
+    messy, cache_dir, tiny
+):
     store = embedtl.extract(messy, cache_dir=cache_dir, **tiny)
     st = store.last_extraction
     assert set(store.paths) == _good_paths(messy)  # every valid image, odd modes and names too
@@ -162,7 +169,9 @@ def test_extract_exit_status_summary_and_strict(messy, cache_dir):
     )
     # --strict: the first bad file is fatal, also when the failure was recorded by an earlier run
     for cache in (cache_dir, cache_dir.parent / "fresh"):
-        r = CliRunner().invoke(cli_main, ["extract", str(messy), "--cache-dir", str(cache), "--strict", *TINY])  # fmt: skip
+        r = CliRunner().invoke(
+            cli_main, ["extract", str(messy), "--cache-dir", str(cache), "--strict", *TINY]
+        )
         assert r.exit_code == 1
         assert r.output.count("\n") == 1 and "--strict" in r.output and "cat/" in r.output
     ok = make_class_folder(messy.parent / "clean", n_per_class=2)
@@ -170,7 +179,9 @@ def test_extract_exit_status_summary_and_strict(messy, cache_dir):
     assert r.exit_code == 0
 
 
-def test_unreadable_file_and_folder_are_recorded_not_fatal(class_folder, cache_dir, tiny, monkeypatch):  # fmt: skip
+def test_unreadable_file_and_folder_are_recorded_not_fatal(
+    class_folder, cache_dir, tiny, monkeypatch
+):
     """Root can read anything, so chmod proves nothing here: the faults are injected."""
     locked = class_folder / "cat" / "cat_002.png"
     real_open, real_scandir = open, os.scandir
@@ -205,11 +216,15 @@ def test_file_names_that_are_not_utf8_are_stored_and_found_again(tmp_path, cache
     store = embedtl.extract(root, cache_dir=cache_dir, **tiny)
     name = "a/caf\udce9-latin1.png"
     assert name in set(store.paths) and len(store) == 5
-    assert os.path.exists(os.fsdecode(os.path.join(os.fsencode(root), name.encode("utf-8", "surrogateescape"))))  # fmt: skip
+    assert os.path.exists(
+        os.fsdecode(os.path.join(os.fsencode(root), name.encode("utf-8", "surrogateescape")))
+    )
     with h5py.File(store.path, "r") as f:  # raw readers get the bytes back
         assert name in f["paths"].asstr(errors="surrogateescape")[()].tolist()
     assert not embedtl.extract(root, cache_dir=cache_dir, **tiny).last_extraction.model_built
-    r = CliRunner().invoke(cli_main, ["extract", str(root), "--cache-dir", str(cache_dir), *TINY, "--json"])  # fmt: skip
+    r = CliRunner().invoke(
+        cli_main, ["extract", str(root), "--cache-dir", str(cache_dir), *TINY, "--json"]
+    )
     assert r.exit_code == 0 and json.loads(r.output)["n_images"] == 5
 
 
@@ -226,7 +241,15 @@ def test_symlink_policy(tmp_path, cache_dir, tiny, caplog):
     os.symlink(root / "a" / "gone.png", root / "b" / "dangling.png")  # inside, target missing
     with caplog.at_level("WARNING", logger="embedtl"):
         store = embedtl.extract(root, cache_dir=cache_dir, **tiny)
-    assert set(store.paths) == {"a/a_000.png", "a/a_001.png", "b/b_000.png", "b/b_001.png", "b/alias.png", "c/a_000.png", "c/a_001.png"}  # fmt: skip
+    assert set(store.paths) == {
+        "a/a_000.png",
+        "a/a_001.png",
+        "b/b_000.png",
+        "b/b_001.png",
+        "b/alias.png",
+        "c/a_000.png",
+        "c/a_001.png",
+    }
     assert [p for p, _ in store.failed] == ["b/dangling.png"]
     assert store.last_extraction.n_skipped == 2  # external, b/ext.png
     text = caplog.text
@@ -247,8 +270,20 @@ def test_symlink_policy(tmp_path, cache_dir, tiny, caplog):
 
 def _cmd(root: Path, cache: Path, *extra: str) -> list[str]:
     """`embedtl extract` in a fresh interpreter, with a journal segment every 4 rows."""
-    return [sys.executable, "-c", EMBEDTL_WITH_SMALL_JOURNAL, "extract", str(root), "--cache-dir", str(cache), *TINY,
-            "--batch-size", "4", "--no-progress", *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-c",
+        EMBEDTL_WITH_SMALL_JOURNAL,
+        "extract",
+        str(root),
+        "--cache-dir",
+        str(cache),
+        *TINY,
+        "--batch-size",
+        "4",
+        "--no-progress",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +291,14 @@ def folder40(tmp_path_factory):
     """40 images and the store an uninterrupted run makes of them."""
     base = tmp_path_factory.mktemp("kill")
     root = make_class_folder(base / "imgs", n_per_class=10, classes=("a", "b", "c", "d"))
-    ref = embedtl.extract(root, cache_dir=base / "ref", backbone=TINY_BACKBONE, image_size=TINY_SIZE, workers=0, batch_size=4)  # fmt: skip
+    ref = embedtl.extract(
+        root,
+        cache_dir=base / "ref",
+        backbone=TINY_BACKBONE,
+        image_size=TINY_SIZE,
+        workers=0,
+        batch_size=4,
+    )
     return root, list(ref.paths), ref.features()
 
 
@@ -285,12 +327,18 @@ def test_kill_9_at_any_moment_resumes_to_the_uninterrupted_rows(folder40, tmp_pa
     store_file = embedtl.find_store(root, TINY_BACKBONE, cache, TINY_SIZE)
     if point != "store-replaced":
         assert not store_file.exists()  # never a half-written store
-    r = CliRunner().invoke(cli_main, ["extract", str(root), "--cache-dir", str(cache), *TINY, "--json"])  # fmt: skip
+    r = CliRunner().invoke(
+        cli_main, ["extract", str(root), "--cache-dir", str(cache), *TINY, "--json"]
+    )
     assert r.exit_code == 0, r.output
     st = json.loads(r.output.splitlines()[-1])
     assert st["cached"] == reused and st["extracted"] == 40 - reused
     _assert_same_as_uninterrupted(embedtl.open_store(store_file), folder40)
-    leftovers = [f.name for f in store_file.parent.iterdir() if f.name != store_file.name and not f.name.endswith(".lock")]  # fmt: skip
+    leftovers = [
+        f.name
+        for f in store_file.parent.iterdir()
+        if f.name != store_file.name and not f.name.endswith(".lock")
+    ]
     assert leftovers == []  # no journal, no temporary files
 
 
@@ -302,7 +350,9 @@ def test_kill_9_while_updating_keeps_the_old_store_valid(folder40, tmp_path):
     for f in extra:
         f.rename(f.with_suffix(".bak"))  # not images by extension: left out for now
     cache = tmp_path / "cache"
-    old = embedtl.extract(root, cache_dir=cache, backbone=TINY_BACKBONE, image_size=TINY_SIZE, workers=0)  # fmt: skip
+    old = embedtl.extract(
+        root, cache_dir=cache, backbone=TINY_BACKBONE, image_size=TINY_SIZE, workers=0
+    )
     old_paths, old_feats = list(old.paths), old.features()
     old.close()
     for f in extra:
@@ -316,7 +366,9 @@ def test_kill_9_while_updating_keeps_the_old_store_valid(folder40, tmp_path):
     assert p.finish(signal.SIGKILL) == -signal.SIGKILL
     after_kill = embedtl.open_store(old.path)
     assert list(after_kill.paths) == old_paths and embedtl.verify_store(old.path)["ok"]
-    store = embedtl.extract(root, cache_dir=cache, backbone=TINY_BACKBONE, image_size=TINY_SIZE, workers=0)  # fmt: skip
+    store = embedtl.extract(
+        root, cache_dir=cache, backbone=TINY_BACKBONE, image_size=TINY_SIZE, workers=0
+    )
     assert store.last_extraction.cached == 40  # 38 from the store, 2 from the journal
     _assert_same_as_uninterrupted(store, folder40)
 
@@ -330,7 +382,9 @@ def test_ctrl_c_saves_the_journal_and_the_next_run_resumes(folder40, tmp_path):
     assert rc == 130
     err = p.stderr().strip().splitlines()
     assert err[-1] == "Error: interrupted (an extraction resumes where it stopped)"
-    r = CliRunner().invoke(cli_main, ["extract", str(root), "--cache-dir", str(cache), *TINY, "--json"])  # fmt: skip
+    r = CliRunner().invoke(
+        cli_main, ["extract", str(root), "--cache-dir", str(cache), *TINY, "--json"]
+    )
     st = json.loads(r.output.splitlines()[-1])
     assert st["cached"] == 12 and st["extracted"] == 28  # the interrupted batch was kept too
     _assert_same_as_uninterrupted(embedtl.open_store(st["store"]), folder40)
@@ -346,10 +400,14 @@ def test_second_writer_fails_at_once_or_waits_and_rows_never_interleave(folder40
     first = Paused(_cmd(root, cache), "batch@2", tmp_path / "first")
     first.wait_paused()  # it holds the store's lock, mid-extraction
 
-    hurry = subprocess.run(_cmd(root, cache, "--lock-timeout", "0"), capture_output=True, text=True, timeout=240)  # fmt: skip
+    hurry = subprocess.run(
+        _cmd(root, cache, "--lock-timeout", "0"), capture_output=True, text=True, timeout=240
+    )
     assert hurry.returncode == 1
     assert hurry.stderr.count("\n") == 1 and "another embedtl process is writing" in hurry.stderr
-    brief = subprocess.run(_cmd(root, cache, "--lock-timeout", "0.5"), capture_output=True, text=True, timeout=240)  # fmt: skip
+    brief = subprocess.run(
+        _cmd(root, cache, "--lock-timeout", "0.5"), capture_output=True, text=True, timeout=240
+    )
     assert brief.returncode == 1 and "after waiting 0.5 s" in brief.stderr
 
     patient = Paused(_cmd(root, cache, "--json"), "never", tmp_path / "second")
@@ -365,7 +423,9 @@ def test_second_writer_fails_at_once_or_waits_and_rows_never_interleave(folder40
     _assert_same_as_uninterrupted(embedtl.open_store(st["store"]), folder40)
 
 
-def test_an_open_store_keeps_its_rows_while_a_writer_replaces_the_file(class_folder, cache_dir, tiny):  # fmt: skip
+def test_an_open_store_keeps_its_rows_while_a_writer_replaces_the_file(
+    class_folder, cache_dir, tiny
+):
     reader = embedtl.extract(class_folder, cache_dir=cache_dir, **tiny)
     paths, feats = list(reader.paths), reader.features()
     write_image(class_folder / "cat" / "aaa_new.png", (1, 1, 1), seed=5)  # sorts first
@@ -424,14 +484,20 @@ def _corrupt_stores(store_file: Path, where: Path) -> dict[str, tuple[Path, str]
 
 def test_corrupt_or_foreign_stores_are_refused_in_one_line(store_file, tmp_path):
     for what, (path, message) in _corrupt_stores(store_file, tmp_path / "bad").items():
-        for args in (["fit-head", str(path)], ["cache", "info", str(path)], ["search", str(path), "--query", str(path)]):  # fmt: skip
+        for args in (
+            ["fit-head", str(path)],
+            ["cache", "info", str(path)],
+            ["search", str(path), "--query", str(path)],
+        ):
             out = _one_line_error(args)
             assert str(path) in out and message in out, (what, args, out)
         with pytest.raises(StoreError):
             embedtl.open_store(path)
 
 
-def test_a_corrupt_cached_store_is_rebuilt_by_extract(store_file, class_folder, cache_dir, tiny, caplog):  # fmt: skip
+def test_a_corrupt_cached_store_is_rebuilt_by_extract(
+    store_file, class_folder, cache_dir, tiny, caplog
+):
     blob = store_file.read_bytes()
     store_file.write_bytes(blob[: len(blob) // 3])
     with caplog.at_level("WARNING", logger="embedtl"):
@@ -452,7 +518,9 @@ class _Evil:
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-def test_checkpoints_that_are_not_state_dicts_or_carry_code_are_refused(class_folder, cache_dir, tmp_path):  # fmt: skip
+def test_checkpoints_that_are_not_state_dicts_or_carry_code_are_refused(
+    class_folder, cache_dir, tmp_path
+):
     import torch
 
     marker = tmp_path / "pwned"
@@ -467,7 +535,18 @@ def test_checkpoints_that_are_not_state_dicts_or_carry_code_are_refused(class_fo
     (tmp_path / "garbage.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
     cases["garbage.safetensors"] = "garbage.safetensors"
     for name, message in cases.items():
-        out = _one_line_error(["extract", str(class_folder), "--cache-dir", str(cache_dir), "--backbone", f"efficientnet_lite0@{tmp_path / name}", "--image-size", "32"])  # fmt: skip
+        out = _one_line_error(
+            [
+                "extract",
+                str(class_folder),
+                "--cache-dir",
+                str(cache_dir),
+                "--backbone",
+                f"efficientnet_lite0@{tmp_path / name}",
+                "--image-size",
+                "32",
+            ]
+        )
         assert message in out and name in out, out
     assert not marker.exists()  # the pickle's code never ran
 
@@ -478,19 +557,48 @@ def test_a_damaged_cached_onnx_export_is_made_again(class_folder, cache_dir, tin
     onnx.parent.mkdir(parents=True)
     onnx.write_bytes(b"\x08\x07 not a protobuf")
     with caplog.at_level("WARNING", logger="embedtl"):
-        store = embedtl.extract(class_folder, cache_dir=cache_dir, **{**tiny, "runtime": "onnxruntime"})  # fmt: skip
+        store = embedtl.extract(
+            class_folder, cache_dir=cache_dir, **{**tiny, "runtime": "onnxruntime"}
+        )
     assert "unreadable" in caplog.text and store.runtime == "onnxruntime" and len(store) == 24
     assert onnx.stat().st_size > 10_000
 
 
 def test_a_head_for_another_backbone_is_refused(class_folder, cache_dir, tmp_path):
     tiny = ["--backbone", TINY_BACKBONE, "--image-size", str(TINY_SIZE)]
-    r = CliRunner().invoke(cli_main, ["fit-head", str(class_folder), "--cache-dir", str(cache_dir), *tiny, "--out", str(tmp_path / "head"), "--epochs", "2"])  # fmt: skip
+    r = CliRunner().invoke(
+        cli_main,
+        [
+            "fit-head",
+            str(class_folder),
+            "--cache-dir",
+            str(cache_dir),
+            *tiny,
+            "--out",
+            str(tmp_path / "head"),
+            "--epochs",
+            "2",
+        ],
+    )
     assert r.exit_code == 0, r.output
-    out = _one_line_error(["evaluate", str(tmp_path / "head"), str(class_folder), "--cache-dir", str(cache_dir), "--backbone", TINY_BACKBONE, "--image-size", "48"])  # fmt: skip
+    out = _one_line_error(
+        [
+            "evaluate",
+            str(tmp_path / "head"),
+            str(class_folder),
+            "--cache-dir",
+            str(cache_dir),
+            "--backbone",
+            TINY_BACKBONE,
+            "--image-size",
+            "48",
+        ]
+    )
     assert "fingerprint" in out or "backbone" in out
     (tmp_path / "head" / "weights.safetensors").write_bytes(b"junk")
-    out = _one_line_error(["evaluate", str(tmp_path / "head"), str(class_folder), "--cache-dir", str(cache_dir)])  # fmt: skip
+    out = _one_line_error(
+        ["evaluate", str(tmp_path / "head"), str(class_folder), "--cache-dir", str(cache_dir)]
+    )
     assert "weights.safetensors" in out
 
 
@@ -515,20 +623,24 @@ def _limited(max_bytes: int):
         (2_000, "cannot write the extraction journal"),  # not even the journal
     ],
 )
-def test_disk_full_is_one_clear_line_and_the_store_stays_valid(folder40, tmp_path, limit, message):  # fmt: skip
+def test_disk_full_is_one_clear_line_and_the_store_stays_valid(folder40, tmp_path, limit, message):
     root = tmp_path / "imgs"
     shutil.copytree(folder40[0], root)
     new = [root / "a" / "a_000.png", root / "b" / "b_000.png"]
     for f in new:
         f.rename(f.with_suffix(".bak"))
     cache = tmp_path / "cache"
-    old = embedtl.extract(root, cache_dir=cache, backbone=TINY_BACKBONE, image_size=TINY_SIZE, workers=0)  # fmt: skip
+    old = embedtl.extract(
+        root, cache_dir=cache, backbone=TINY_BACKBONE, image_size=TINY_SIZE, workers=0
+    )
     old_paths, old_feats, old_bytes = list(old.paths), old.features(), old.path.read_bytes()
     old.close()
     assert len(old_bytes) > limit  # a rewrite cannot fit
     for f in new:
         f.with_suffix(".bak").rename(f)
-    proc = subprocess.run(_cmd(root, cache), capture_output=True, text=True, timeout=240, preexec_fn=_limited(limit))  # fmt: skip
+    proc = subprocess.run(
+        _cmd(root, cache), capture_output=True, text=True, timeout=240, preexec_fn=_limited(limit)
+    )
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
     assert "free disk space" in proc.stderr and str(cache) in proc.stderr
@@ -537,7 +649,9 @@ def test_disk_full_is_one_clear_line_and_the_store_stays_valid(folder40, tmp_pat
     assert list(kept.paths) == old_paths
     np.testing.assert_array_equal(kept.features(), old_feats)
     assert not list(old.path.parent.glob(".*.tmp-*"))  # the partial file was removed
-    store = embedtl.extract(root, cache_dir=cache, backbone=TINY_BACKBONE, image_size=TINY_SIZE, workers=0)  # fmt: skip
+    store = embedtl.extract(
+        root, cache_dir=cache, backbone=TINY_BACKBONE, image_size=TINY_SIZE, workers=0
+    )
     _assert_same_as_uninterrupted(store, folder40)
 
 
@@ -588,7 +702,18 @@ def test_changed_files_size_mtime_and_content_hash(class_folder, cache_dir, tiny
     assert st.content_checked and (st.extracted, st.cached) == (1, 24)
     after = dict(zip(store.paths, store.features(), strict=True))
     assert [p for p in before if not np.array_equal(before[p], after[p])] == ["cat/edited.bmp"]
-    r = CliRunner().invoke(cli_main, ["extract", str(class_folder), "--cache-dir", str(cache_dir), *TINY, "--check-content", "--json"])  # fmt: skip
+    r = CliRunner().invoke(
+        cli_main,
+        [
+            "extract",
+            str(class_folder),
+            "--cache-dir",
+            str(cache_dir),
+            *TINY,
+            "--check-content",
+            "--json",
+        ],
+    )
     assert r.exit_code == 0 and json.loads(r.output)["extracted"] == 0
 
 
@@ -597,7 +722,9 @@ def test_changed_files_size_mtime_and_content_hash(class_folder, cache_dir, tiny
 
 
 def test_decode_errors_are_one_line_and_bomb_limit_is_configurable(monkeypatch):
-    with pytest.raises(ImageDecodeError, match=r"declares 100000 x 100000 = 10,000 Mpx.*EMBEDTL_MAX_IMAGE_PIXELS"):  # fmt: skip
+    with pytest.raises(
+        ImageDecodeError, match=r"declares 100000 x 100000 = 10,000 Mpx.*EMBEDTL_MAX_IMAGE_PIXELS"
+    ):
         data_mod.decode_image(_png_header_only(100_000, 100_000))
     small = _encoded(_noise(40, 30), "PNG")
     assert data_mod.decode_image(small).size == (40, 30)

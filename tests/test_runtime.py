@@ -105,13 +105,28 @@ def test_a_failed_export_falls_back_to_torch_visibly(tmp_path, monkeypatch, capl
 
     monkeypatch.setattr(export_mod, "export_onnx", broken)
     root = make_class_folder(tmp_path / "d", n_per_class=2)
-    args = ["extract", str(root), "--cache-dir", str(tmp_path / "c"), "--backbone", TINY_BACKBONE, "--image-size", str(TINY_SIZE), "--runtime", "onnxruntime", "--json"]  # fmt: skip
+    args = [
+        "extract",
+        str(root),
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--backbone",
+        TINY_BACKBONE,
+        "--image-size",
+        str(TINY_SIZE),
+        "--runtime",
+        "onnxruntime",
+        "--json",
+    ]
     with caplog.at_level("WARNING", logger="embedtl"):
         r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     out = json.loads(r.output.strip().splitlines()[-1])
     assert out["runtime"] == "torch" and "ONNX Runtime unavailable" in out["runtime_reason"]
-    assert "unsupported operator" in out["runtime_reason"] and "extracting with PyTorch instead" in caplog.text  # fmt: skip
+    assert (
+        "unsupported operator" in out["runtime_reason"]
+        and "extracting with PyTorch instead" in caplog.text
+    )
     # remembered: auto does not pay for the failing export again
     spec = embedtl.get_backbone(TINY_BACKBONE, TINY_SIZE)
     onnx = onnx_model_path(tmp_path / "c", spec.name, spec.fingerprint())

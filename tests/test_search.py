@@ -51,21 +51,37 @@ def clustered(n, dim=64, n_clusters=40, seed=0, noise=0.5):
 def vector_store(path, x, paths=None, fingerprint="fp-test", mtimes=None, labels=None, splits=None):
     """A store holding exactly the vectors ``x`` (rows sorted by path as real stores are)."""
     n = len(x)
-    paths = np.asarray(paths if paths is not None else [f"v/{i:06d}.png" for i in range(n)], dtype=object)  # fmt: skip
+    paths = np.asarray(
+        paths if paths is not None else [f"v/{i:06d}.png" for i in range(n)], dtype=object
+    )
     order = np.argsort(paths.astype(str))
     rows = StoreRows(
         paths=paths[order],
-        labels=(np.full(n, -1, np.int32) if labels is None else np.asarray(labels, np.int32))[order],
-        splits=(np.full(n, "train", dtype=object) if splits is None else np.asarray(splits, dtype=object))[order],
+        labels=(np.full(n, -1, np.int32) if labels is None else np.asarray(labels, np.int32))[
+            order
+        ],
+        splits=(
+            np.full(n, "train", dtype=object)
+            if splits is None
+            else np.asarray(splits, dtype=object)
+        )[order],
         sizes=np.ones(n, np.int64),
         mtimes_ns=(np.ones(n, np.int64) if mtimes is None else np.asarray(mtimes, np.int64))[order],
-        failed_paths=[], failed_errors=[], failed_sizes=np.zeros(0, np.int64), failed_mtimes_ns=np.zeros(0, np.int64),
-    )  # fmt: skip
+        failed_paths=[],
+        failed_errors=[],
+        failed_sizes=np.zeros(0, np.int64),
+        failed_mtimes_ns=np.zeros(0, np.int64),
+    )
 
     def fill(ds):
         ds[:] = x[order]
 
-    attrs = {"backbone": {"name": "synthetic"}, "fingerprint": fingerprint, "root": str(path.parent), "classes": ["a", "b"] if labels is not None else []}  # fmt: skip
+    attrs = {
+        "backbone": {"name": "synthetic"},
+        "fingerprint": fingerprint,
+        "root": str(path.parent),
+        "classes": ["a", "b"] if labels is not None else [],
+    }
     write_store(path, rows, x.shape[1], "float32", fill, attrs)
     return FeatureStore(path)
 
@@ -109,7 +125,9 @@ def test_approximate_indexes_reach_the_recall_target_without_probing_everything(
         assert ix.params["efSearch"] <= 256, ix.params
     # held-out queries from the same clusters, against exact top-10
     rng = np.random.default_rng(7)
-    q = centers[rng.integers(0, len(centers), 300)] + 0.5 * rng.standard_normal((300, 64)).astype(np.float32)  # fmt: skip
+    q = centers[rng.integers(0, len(centers), 300)] + 0.5 * rng.standard_normal((300, 64)).astype(
+        np.float32
+    )
     truth = VectorIndex.from_vectors(x).search(q, 10)[1]
     _, ids = ix.search(q, 10)
     found = ix.store_rows[ids]  # index ids -> store rows; x is in store-row order here
@@ -256,7 +274,16 @@ def test_dedup_finds_planted_duplicates_of_real_photos(tmp_path):
         again = root / f"{p.stem}-q75.jpg"
         im.save(again, quality=75)
         planted[p.name] = {p.name, small.name, again.name}
-    out = run_json(["dedup", str(root), "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "report")])  # fmt: skip
+    out = run_json(
+        [
+            "dedup",
+            str(root),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--out",
+            str(tmp_path / "report"),
+        ]
+    )
     groups = [{m["path"].rsplit("/", 1)[1] for m in g["members"]} for g in out["groups"]]
     assert sorted(map(sorted, groups)) == sorted(map(sorted, planted.values()))
     assert out["n_images"] == 14 and out["n_redundant"] == 4
@@ -277,7 +304,23 @@ def test_search_cli_on_a_flat_unlabelled_folder(tmp_path):
     cache = str(tmp_path / "cache")
     idx = run_json(["index", str(root), *TINY, "--cache-dir", cache])
     assert idx["type"] == "flat" and idx["rows"] == 12 and idx["action"] == "built"
-    out = run_json(["search", str(root), *TINY, "--cache-dir", cache, "-q", str(root / "img_03.png"), "-q", str(outside), "-k", "4", "--html", str(tmp_path / "page.html")])  # fmt: skip
+    out = run_json(
+        [
+            "search",
+            str(root),
+            *TINY,
+            "--cache-dir",
+            cache,
+            "-q",
+            str(root / "img_03.png"),
+            "-q",
+            str(outside),
+            "-k",
+            "4",
+            "--html",
+            str(tmp_path / "page.html"),
+        ]
+    )
     first, second = out["results"]
     assert first["query"].endswith("img_03.png") and first["query_row"] is not None
     assert first["neighbors"][0]["path"].endswith("img_03.png")
@@ -290,10 +333,38 @@ def test_search_cli_on_a_flat_unlabelled_folder(tmp_path):
     assert page.count("<img") == 2 * 5 and out["grid"].endswith("page.png")
     assert Image.open(out["grid"]).size[0] > 4 * 100
     # --exclude-self
-    out = run_json(["search", str(root), *TINY, "--cache-dir", cache, "-q", str(root / "img_03.png"), "--exclude-self", "-k", "3"])  # fmt: skip
+    out = run_json(
+        [
+            "search",
+            str(root),
+            *TINY,
+            "--cache-dir",
+            cache,
+            "-q",
+            str(root / "img_03.png"),
+            "--exclude-self",
+            "-k",
+            "3",
+        ]
+    )
     assert not any(n["path"].endswith("img_03.png") for n in out["results"][0]["neighbors"])
     # dedup and knn-eval on it: no duplicates; no labels -> a clear error
-    assert run_json(["dedup", str(root), *TINY, "--cache-dir", cache, "--out", str(tmp_path / "d"), "--threshold", "0.9999"])["n_groups"] == 0  # fmt: skip
+    assert (
+        run_json(
+            [
+                "dedup",
+                str(root),
+                *TINY,
+                "--cache-dir",
+                cache,
+                "--out",
+                str(tmp_path / "d"),
+                "--threshold",
+                "0.9999",
+            ]
+        )["n_groups"]
+        == 0
+    )
     r = CliRunner().invoke(main, ["knn-eval", str(root), *TINY, "--cache-dir", cache])
     assert r.exit_code == 1 and "needs labels" in r.stderr and "Traceback" not in r.output
 
@@ -303,7 +374,20 @@ def test_search_cli_updates_an_index_when_images_are_added(tmp_path):
     cache = str(tmp_path / "cache")
     assert run_json(["index", str(root), *TINY, "--cache-dir", cache])["rows"] == 18
     write_image(root / "cat" / "cat_new.png", (220, 40, 40), seed=500)
-    r = CliRunner().invoke(main, ["search", str(root), *TINY, "--cache-dir", cache, "-q", str(root / "cat" / "cat_new.png"), "--no-update", "--json"])  # fmt: skip
+    r = CliRunner().invoke(
+        main,
+        [
+            "search",
+            str(root),
+            *TINY,
+            "--cache-dir",
+            cache,
+            "-q",
+            str(root / "cat" / "cat_new.png"),
+            "--no-update",
+            "--json",
+        ],
+    )
     assert r.exit_code == 1 and "lacks 1 rows" in r.stderr
     out = run_json(["index", str(root), *TINY, "--cache-dir", cache])
     assert out["action"] == "added 1 rows" and out["rows"] == 19
@@ -312,7 +396,9 @@ def test_search_cli_updates_an_index_when_images_are_added(tmp_path):
 def test_knn_eval_cli_reports_each_k_for_val_and_test(tmp_path):
     store = synthetic_store(tmp_path / "s.h5", n_per_class=(80, 80, 80), dim=16)
     out = run_json(["knn-eval", str(store.path)])
-    assert {(r["split"], r["k"]) for r in out["results"]} == {(s, k) for s in ("val", "test") for k in (10, 20, 50)}  # fmt: skip
+    assert {(r["split"], r["k"]) for r in out["results"]} == {
+        (s, k) for s in ("val", "test") for k in (10, 20, 50)
+    }
     assert all(r["accuracy"] > 0.9 for r in out["results"]) and out["temperature"] == 0.07
 
 

@@ -275,7 +275,9 @@ def _utf8(path: str) -> str:
 _SHARD_NAME = re.compile(r"^(?P<stem>.+)\.shard-(?P<i>\d+)-of-(?P<n>\d+)\.h5$")
 
 
-def remove_shards(shards: Sequence[str | os.PathLike[str]], keep: str | os.PathLike[str] | None = None) -> None:  # fmt: skip
+def remove_shards(
+    shards: Sequence[str | os.PathLike[str]], keep: str | os.PathLike[str] | None = None
+) -> None:
     """Delete merged shard stores with their lock files and indexes (not ``keep``)."""
     for p in map(Path, shards):
         if keep is not None and p.resolve() == Path(keep).resolve():
@@ -312,13 +314,15 @@ def merge_stores(
         ):
             if a != b:
                 raise StoreError(
-                    f"cannot merge {s.path.name} into {ref.path.name}: different {what} ({b} vs {a})"
+                    f"cannot merge {s.path.name} into {ref.path.name}: different "
+                    f"{what} ({b} vs {a})"
                 )
     if out is None:
         m = _SHARD_NAME.match(ref.path.name)
         if m is None:
             raise StoreError(
-                f"{ref.path.name} is not named as a shard (name.shard-I-of-N.h5): say where to write"
+                f"{ref.path.name} is not named as a shard "
+                "(name.shard-I-of-N.h5): say where to write"
             )
         out = ref.path.with_name(m.group("stem") + ".h5")
     out = Path(out)
@@ -386,10 +390,16 @@ def _virtual_layout(stores: list[FeatureStore], order: list, out: Path):
     """An h5py VirtualLayout of the shards' /features, one block per shard in path order."""
     import h5py
 
-    blocks = sorted(range(len(stores)), key=lambda k: str(stores[k].paths[0]) if len(stores[k]) else "")  # fmt: skip
+    blocks = sorted(
+        range(len(stores)), key=lambda k: str(stores[k].paths[0]) if len(stores[k]) else ""
+    )
     expected = [(k, r) for k in blocks for r in range(len(stores[k]))]
     if expected != [(k, r) for _, k, r in order]:
-        raise StoreError("a virtual merge needs shards that are contiguous slices of the sorted folder (as `extract --shard I/N` makes); merge without --virtual")  # fmt: skip
+        raise StoreError(
+            "a virtual merge needs shards that are contiguous slices of "
+            "the sorted folder (as `extract --shard I/N` makes); merge "
+            "without --virtual"
+        )
     ref = stores[0]
     layout = h5py.VirtualLayout(shape=(len(order), ref.dim), dtype=np.dtype(ref.dtype))
     start = 0
@@ -398,6 +408,8 @@ def _virtual_layout(stores: list[FeatureStore], order: list, out: Path):
         if not len(s):
             continue
         src = os.path.relpath(s.path.resolve(), out.resolve().parent)  # found beside the store
-        layout[start : start + len(s)] = h5py.VirtualSource(src, "features", shape=(len(s), ref.dim))  # fmt: skip
+        layout[start : start + len(s)] = h5py.VirtualSource(
+            src, "features", shape=(len(s), ref.dim)
+        )
         start += len(s)
     return layout

@@ -61,7 +61,10 @@ def store_lock(path: Path, timeout: float = -1):
         except Timeout:
             if timeout == 0:
                 raise
-            log.warning("another embedtl process is writing %s: waiting for it (--lock-timeout to give up)", path)  # fmt: skip
+            log.warning(
+                "another embedtl process is writing %s: waiting for it (--lock-timeout to give up)",
+                path,
+            )
             lock.acquire(timeout=timeout)
     except Timeout as e:
         waited = f" after waiting {timeout:g} s" if timeout > 0 else ""

@@ -130,7 +130,9 @@ class FeatureStore:
         try:
             f = h5py.File(self.path, "r")
         except OSError as e:
-            raise StoreError(f"{self.path} is not a readable HDF5 file ({_h5_reason(e)}): {_REBUILD}") from None  # fmt: skip
+            raise StoreError(
+                f"{self.path} is not a readable HDF5 file ({_h5_reason(e)}): {_REBUILD}"
+            ) from None
         try:
             self._attrs = _read_attrs(f, self.path)
             self._rows = _read_rows(f, self.path)
@@ -143,17 +145,32 @@ class FeatureStore:
                 for vs in feats.virtual_sources():
                     src = self.path.parent / vs.file_name
                     if not src.is_file():
-                        raise StoreError(f"{self.path} is a virtual merge whose shard {src} is missing: put it back, or run `embedtl extract` on the folder to rebuild the store")  # fmt: skip
+                        raise StoreError(
+                            f"{self.path} is a virtual merge whose shard {src} is "
+                            "missing: put it back, or run `embedtl extract` on the "
+                            "folder to rebuild the store"
+                        )
             if self._shape[0] != len(self._rows.paths):
                 raise StoreError(
-                    f"{self.path}: /features has {self._shape[0]} rows but /paths has {len(self._rows.paths)}: {_REBUILD}"
+                    f"{self.path}: /features has {self._shape[0]} rows but /paths "
+                    f"has {len(self._rows.paths)}: {_REBUILD}"
                 )
         except StoreError:
             f.close()
             raise
-        except (OSError, RuntimeError, KeyError, ValueError, TypeError, UnicodeDecodeError, AttributeError) as e:  # fmt: skip
+        except (
+            OSError,
+            RuntimeError,
+            KeyError,
+            ValueError,
+            TypeError,
+            UnicodeDecodeError,
+            AttributeError,
+        ) as e:
             f.close()
-            raise StoreError(f"{self.path} is a damaged feature store ({_h5_reason(e)}): {_REBUILD}") from None  # fmt: skip
+            raise StoreError(
+                f"{self.path} is a damaged feature store ({_h5_reason(e)}): {_REBUILD}"
+            ) from None
         self._file = f
         #: Set by :func:`embedtl.extract` on the store it returns: what that run did.
         self.last_extraction = None
@@ -180,7 +197,9 @@ class FeatureStore:
         try:
             return self._h5()["features"][np.asarray(rows)]
         except (OSError, RuntimeError, ValueError) as e:  # HDF5 on damaged bytes
-            raise StoreError(f"cannot read the features of {self.path} ({_h5_reason(e)}): {_REBUILD}") from None  # fmt: skip
+            raise StoreError(
+                f"cannot read the features of {self.path} ({_h5_reason(e)}): {_REBUILD}"
+            ) from None
 
     # -- metadata ---------------------------------------------------------------------------
     @property
@@ -339,7 +358,9 @@ class FeatureStore:
             try:
                 block = ds[start : start + len(sel)]  # (<= chunk_rows, D), one contiguous read
             except (OSError, RuntimeError, ValueError) as e:  # HDF5 on damaged bytes
-                raise StoreError(f"cannot read the features of {self.path} ({_h5_reason(e)}): {_REBUILD}") from None  # fmt: skip
+                raise StoreError(
+                    f"cannot read the features of {self.path} ({_h5_reason(e)}): {_REBUILD}"
+                ) from None
             rows = np.flatnonzero(sel) + start
             yield rows, _convert(block[sel] if not sel.all() else block, dtype)
 
@@ -394,7 +415,10 @@ def _read_attrs(f, path: Path) -> dict[str, Any]:
         attrs[k] = v
     fmt = attrs.get("format")
     if fmt != FORMAT_NAME:
-        raise StoreError(f"{path} is not an embedtl feature store (format attribute: {fmt!r}); give a store made by `embedtl extract`")  # fmt: skip
+        raise StoreError(
+            f"{path} is not an embedtl feature store (format attribute: "
+            f"{fmt!r}); give a store made by `embedtl extract`"
+        )
     version = attrs.get("format_version")
     if version != FORMAT_VERSION:
         raise StoreError(
@@ -468,7 +492,10 @@ def write_store(
     if not (len(rows.labels) == len(rows.splits) == len(rows.sizes) == len(rows.mtimes_ns) == n):
         raise StoreError("internal error: row arrays of different lengths")
     try:
-        with atomic_file(path, reserve=_size_estimate(rows, n, dim, dtype)) as tmp, h5py.File(tmp, "w") as f:  # fmt: skip
+        with (
+            atomic_file(path, reserve=_size_estimate(rows, n, dim, dtype)) as tmp,
+            h5py.File(tmp, "w") as f,
+        ):
             _write(f, rows, n, dim, dtype, fill_features, attrs, virtual_layout)
             pause_point("store-write")
     except OSError as e:
@@ -481,11 +508,15 @@ def write_store(
 def _size_estimate(rows: StoreRows, n: int, dim: int, dtype: str) -> int:
     """A generous upper bound on the bytes of a store file, for :func:`atomic_file`'s reserve."""
     strings = sum(len(str(p).encode("utf-8", "surrogateescape")) + 48 for p in rows.paths)
-    strings += sum(len(p) + len(e) + 96 for p, e in zip(rows.failed_paths, rows.failed_errors, strict=True))  # fmt: skip
+    strings += sum(
+        len(p) + len(e) + 96 for p, e in zip(rows.failed_paths, rows.failed_errors, strict=True)
+    )
     return int(n * dim * np.dtype(dtype).itemsize * 1.02) + strings + 80 * n + (1 << 20)
 
 
-def _write(f, rows: StoreRows, n: int, dim: int, dtype: str, fill_features, attrs, virtual_layout=None) -> None:  # fmt: skip
+def _write(
+    f, rows: StoreRows, n: int, dim: int, dtype: str, fill_features, attrs, virtual_layout=None
+) -> None:
     if virtual_layout is not None:  # features read from other files (a virtual merge of shards)
         f.create_virtual_dataset("features", virtual_layout, fillvalue=np.nan)
     else:

@@ -144,13 +144,32 @@ def _store_options(
         backbone = (
             click.option("--backbone", "-b", multiple=True, help=backbone_help)
             if multiple
-            else click.option("--backbone", "-b", default=default_backbone, show_default=default_backbone is not None, help=backbone_help)
-        )  # fmt: skip
-        return _apply(f, [
-            backbone,
-            click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Feature cache folder [default: $EMBEDTL_CACHE or the user cache folder]."),
-            click.option("--image-size", type=click.IntRange(min=8), default=None, help="Crop size in pixels (default: the weights' own)."),
-        ])  # fmt: skip
+            else click.option(
+                "--backbone",
+                "-b",
+                default=default_backbone,
+                show_default=default_backbone is not None,
+                help=backbone_help,
+            )
+        )
+        return _apply(
+            f,
+            [
+                backbone,
+                click.option(
+                    "--cache-dir",
+                    type=click.Path(file_okay=False),
+                    default=None,
+                    help="Feature cache folder [default: $EMBEDTL_CACHE or the user cache folder].",
+                ),
+                click.option(
+                    "--image-size",
+                    type=click.IntRange(min=8),
+                    default=None,
+                    help="Crop size in pixels (default: the weights' own).",
+                ),
+            ],
+        )
 
     return decorate
 
@@ -163,10 +182,24 @@ store_options = _store_options(
 
 
 def _runtime_options(f: Callable) -> Callable:
-    return _apply(f, [
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N; a missing GPU is an error."),
-        click.option("--runtime", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True, help="auto: ONNX Runtime on CPU for larger jobs, PyTorch on CUDA."),
-    ])  # fmt: skip
+    return _apply(
+        f,
+        [
+            click.option(
+                "--device",
+                default="auto",
+                show_default=True,
+                help="auto, cpu, cuda or cuda:N; a missing GPU is an error.",
+            ),
+            click.option(
+                "--runtime",
+                type=click.Choice(["auto", "torch", "onnxruntime"]),
+                default="auto",
+                show_default=True,
+                help="auto: ONNX Runtime on CPU for larger jobs, PyTorch on CUDA.",
+            ),
+        ],
+    )
 
 
 def backbone_options(f: Callable) -> Callable:
@@ -178,7 +211,8 @@ def backbones_options(f: Callable) -> Callable:
     """backbone_options with --backbone repeatable (commands that compare backbones)."""
     return _store_options(
         None,
-        f"Backbone (see `embedtl backbones`); repeat it to compare several [default: {DEFAULT_BACKBONE}].",
+        "Backbone (see `embedtl backbones`); repeat it to compare "
+        f"several [default: {DEFAULT_BACKBONE}].",
         multiple=True,
     )(_runtime_options(f))
 
@@ -187,33 +221,117 @@ def head_backbone_options(f: Callable) -> Callable:
     """backbone_options for commands given a head: the backbone defaults to the head's own."""
     return _store_options(
         None,
-        "Backbone to run [default: the one the head was trained on]; its fingerprint must match the head's.",
+        "Backbone to run [default: the one the head was trained on]; "
+        "its fingerprint must match the head's.",
     )(_runtime_options(f))
 
 
 def split_options(f: Callable) -> Callable:
     """How rows get labels and splits."""
-    return _apply(f, [
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/val/test split."),
-        click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True, help="Share of train/ carved into val when there is no val/ folder."),
-        click.option("--labels", "labels_csv", type=click.Path(dir_okay=False, exists=True), default=None, help="CSV of path,label rows (paths relative to DATA_DIR)."),
-    ])  # fmt: skip
+    return _apply(
+        f,
+        [
+            click.option(
+                "--seed",
+                type=int,
+                default=0,
+                show_default=True,
+                help="Seed of the train/val/test split.",
+            ),
+            click.option(
+                "--val-fraction",
+                type=click.FloatRange(0, 1, max_open=True),
+                default=0.1,
+                show_default=True,
+                help="Share of train/ carved into val when there is no val/ folder.",
+            ),
+            click.option(
+                "--labels",
+                "labels_csv",
+                type=click.Path(dir_okay=False, exists=True),
+                default=None,
+                help="CSV of path,label rows (paths relative to DATA_DIR).",
+            ),
+        ],
+    )
 
 
 def extract_options(f: Callable) -> Callable:
     """How extraction runs, and split_options."""
     opts = [
-        click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per forward pass [default: 256 on CUDA; on CPU sized to the cache, e.g. 4 at 224 px]."),
-        click.option("--workers", type=click.IntRange(min=0), default=None, help="Decoding worker processes [default: 0 on a 2-core CPU, more with spare cores or a GPU]."),
-        click.option("--strict", is_flag=True, help="Stop at the first unreadable image instead of recording and skipping it."),
-        click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True, help="Stored feature precision."),
-        click.option("--follow-links", type=click.Choice(["inside", "all", "none"]), default="inside", show_default=True, help="Symbolic links followed: those resolving inside DATA_DIR, all, or none (loops are never followed)."),
-        click.option("--check-content", is_flag=True, help="Re-hash every file (reads them all) and re-extract those whose bytes changed even where size and mtime did not."),
-        click.option("--lock-timeout", type=float, default=-1, metavar="SECONDS", help="How long to wait while another process writes the same store; 0 fails at once [default: wait]."),
-        click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True, help="PyTorch autocast: auto = fp16 on CUDA, fp32 elsewhere; checked against fp32 on the first batch (float32 when a row's cosine < 0.999)."),
-        click.option("--decoder", type=click.Choice(["auto", "pil", "torchvision"]), default="auto", show_default=True, help="JPEG decoding: auto = torchvision (nvJPEG) on the GPU when there is one, else PIL in the workers."),
-        click.option("--compile", "compile_model", is_flag=True, help="Run the backbone through torch.compile (PyTorch runtime; pays a compile once per process)."),
-    ]  # fmt: skip
+        click.option(
+            "--batch-size",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Images per forward pass [default: 256 on CUDA; on CPU sized "
+            "to the cache, e.g. 4 at 224 px].",
+        ),
+        click.option(
+            "--workers",
+            type=click.IntRange(min=0),
+            default=None,
+            help="Decoding worker processes [default: 0 on a 2-core CPU, more "
+            "with spare cores or a GPU].",
+        ),
+        click.option(
+            "--strict",
+            is_flag=True,
+            help="Stop at the first unreadable image instead of recording and skipping it.",
+        ),
+        click.option(
+            "--dtype",
+            type=click.Choice(["float16", "float32"]),
+            default="float16",
+            show_default=True,
+            help="Stored feature precision.",
+        ),
+        click.option(
+            "--follow-links",
+            type=click.Choice(["inside", "all", "none"]),
+            default="inside",
+            show_default=True,
+            help="Symbolic links followed: those resolving inside DATA_DIR, "
+            "all, or none (loops are never followed).",
+        ),
+        click.option(
+            "--check-content",
+            is_flag=True,
+            help="Re-hash every file (reads them all) and re-extract those "
+            "whose bytes changed even where size and mtime did not.",
+        ),
+        click.option(
+            "--lock-timeout",
+            type=float,
+            default=-1,
+            metavar="SECONDS",
+            help="How long to wait while another process writes the same "
+            "store; 0 fails at once [default: wait].",
+        ),
+        click.option(
+            "--precision",
+            type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
+            default="auto",
+            show_default=True,
+            help="PyTorch autocast: auto = fp16 on CUDA, fp32 elsewhere; "
+            "checked against fp32 on the first batch (float32 when a "
+            "row's cosine < 0.999).",
+        ),
+        click.option(
+            "--decoder",
+            type=click.Choice(["auto", "pil", "torchvision"]),
+            default="auto",
+            show_default=True,
+            help="JPEG decoding: auto = torchvision (nvJPEG) on the GPU when "
+            "there is one, else PIL in the workers.",
+        ),
+        click.option(
+            "--compile",
+            "compile_model",
+            is_flag=True,
+            help="Run the backbone through torch.compile (PyTorch runtime; "
+            "pays a compile once per process).",
+        ),
+    ]
     return split_options(_apply(f, opts))
 
 

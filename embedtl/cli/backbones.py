@@ -21,11 +21,16 @@ def backbones_cmd(as_json: bool) -> None:
     for name in list_backbones():
         try:
             spec = get_backbone(name)
-            rows.append({
-                "name": name, "dim": spec.dim, "image_size": spec.preprocess.crop,
-                "weights_available": spec.weights_available(), "source": spec.source,
-                "description": describe_backbone(name),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "name": name,
+                    "dim": spec.dim,
+                    "image_size": spec.preprocess.crop,
+                    "weights_available": spec.weights_available(),
+                    "source": spec.source,
+                    "description": describe_backbone(name),
+                }
+            )
         except EmbedTLError as e:
             rows.append({"name": name, "error": str(e)})
 

@@ -41,7 +41,8 @@ def ls_cmd(cache_dir: str | None, as_json: bool) -> None:
             newer = ", ".join(s["backbone"] for s in r["superseded_by"])
             stale = f"  (superseded by fine-tuned {newer})" if newer else ""
             click.echo(
-                f"{r['rows']:>8} rows  {r['bytes'] / 1e6:8.1f} MB  {r['backbone']:<20} {r['root']}{gone}{stale}"
+                f"{r['rows']:>8} rows  {r['bytes'] / 1e6:8.1f} MB  "
+                f"{r['backbone']:<20} {r['root']}{gone}{stale}"
             )
 
     emit(as_json, {"stores": rows}, human)
@@ -50,7 +51,13 @@ def ls_cmd(cache_dir: str | None, as_json: bool) -> None:
 @cache_group.command("info")
 @click.argument("store")
 @store_options
-@click.option("--failed", "list_failed", is_flag=True, help="List the files that could not be read, with the reason (path<TAB>reason per line; --json: failed_files).")  # fmt: skip
+@click.option(
+    "--failed",
+    "list_failed",
+    is_flag=True,
+    help="List the files that could not be read, with the reason "
+    "(path<TAB>reason per line; --json: failed_files).",
+)
 @json_option
 def info_cmd(
     store: str,
@@ -119,7 +126,9 @@ def verify_cmd(
             click.echo(f"  problem: {p}")
         if report["stale"] or report["missing"]:
             click.echo(
-                f"  {len(report['stale'])} changed and {len(report['missing'])} missing files: rerun `embedtl extract` to update"
+                f"  {len(report['stale'])} changed and "
+                f"{len(report['missing'])} missing files: rerun `embedtl "
+                "extract` to update"
             )
 
     emit(as_json, report, human)
@@ -183,9 +192,16 @@ def export_cmd(
 @click.option(
     "--keep", is_flag=True, help="Keep the shard files (they are removed after a successful merge)."
 )
-@click.option("--virtual", is_flag=True, help="Write an HDF5 virtual dataset that reads the features from the shard files (kept) instead of copying them.")  # fmt: skip
+@click.option(
+    "--virtual",
+    is_flag=True,
+    help="Write an HDF5 virtual dataset that reads the features from "
+    "the shard files (kept) instead of copying them.",
+)
 @json_option
-def merge_cmd(shards: tuple[str, ...], out: str | None, keep: bool, virtual: bool, as_json: bool) -> None:  # fmt: skip
+def merge_cmd(
+    shards: tuple[str, ...], out: str | None, keep: bool, virtual: bool, as_json: bool
+) -> None:
     """Join shard stores of one folder and backbone (`extract --shard I/N`) into its store.
 
     The features are copied into one file (the shards are then removed, unless --keep), so the

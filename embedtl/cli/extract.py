@@ -47,7 +47,10 @@ def print_failed_summary(store: str, failed: list[dict[str, str]], shown: int = 
     if not failed:
         return
     n = len(failed)
-    click.echo(f"{n} file{'s' if n > 1 else ''} could not be read (recorded in the store, not extracted):", err=True)  # fmt: skip
+    click.echo(
+        f"{n} file{'s' if n > 1 else ''} could not be read (recorded in the store, not extracted):",
+        err=True,
+    )
     for f in failed[:shown]:
         click.echo(f"  {f['path']}: {f['error']}", err=True)
     more = f"the other {n - shown}" if n > shown else "them"
@@ -77,7 +80,9 @@ def _parse_shard(value: str | None) -> tuple[int, int] | None:
     type=str,
     default=None,
     metavar="I/N",
-    help="Extract the I-th of N contiguous slices of the sorted folder (0-based) into a shard store; join them with `embedtl cache merge`.",
+    help="Extract the I-th of N contiguous slices of the sorted "
+    "folder (0-based) into a shard store; join them with "
+    "`embedtl cache merge`.",
 )
 @progress_option
 @json_option

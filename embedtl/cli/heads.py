@@ -37,31 +37,142 @@ def head_options(f):
     """Every HeadConfig field as an option; None means the kind's default."""
     from ..heads import ACTIVATIONS, HEAD_KINDS, NORMALIZATIONS
 
-    return _apply(f, [
-        click.option("--head", "kind", type=click.Choice(HEAD_KINDS), default="linear", show_default=True, help="Head kind."),
-        click.option("--hidden", callback=_int_list, default=None, help="mlp: hidden sizes, e.g. 1024,256 [default: 512]."),
-        click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None, help="mlp: dropout [0.2]."),
-        click.option("--activation", type=click.Choice(ACTIVATIONS), default=None, help="mlp: activation [gelu]."),
-        click.option("--epochs", type=click.IntRange(min=1), default=None, help="Most epochs (early stopping on val may end sooner) [60]."),
-        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="AdamW peak learning rate [3e-3]."),
-        click.option("--weight-decay", type=click.FloatRange(min=0), default=None, help="AdamW weight decay [0.05]."),
-        click.option("--batch-size", "head_batch_size", type=click.IntRange(min=1), default=None, help="Rows per step [scales with the data, 16..1024]."),
-        click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=None, help="[0.0]"),
-        click.option("--class-weight", type=click.Choice(["none", "balanced"]), default=None, help="balanced: weigh classes against imbalance [none]."),
-        click.option("--normalize", type=click.Choice(NORMALIZATIONS), default=None, help="Feature normalisation [standardize; kNN always l2]."),
-        click.option("--patience", type=click.IntRange(min=1), default=None, help="Epochs without a better val accuracy before stopping [6]."),
-        click.option("--train-seed", type=int, default=None, help="Seed of initialisation and shuffling [0]."),
-        click.option("-k", "--k", "k", type=click.IntRange(min=1), default=None, help="knn: neighbours [20]."),
-        click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=None, help="knn: vote temperature [0.07]."),
-        click.option("--C", "C", type=click.FloatRange(min=0, min_open=True), default=None, help="logreg: inverse regularisation [1.0]."),
-        click.option("--memory-budget", type=click.IntRange(min=1), default=None, help="MiB of features to hold in memory; more streams from the store [a quarter of RAM]."),
-    ])  # fmt: skip
+    return _apply(
+        f,
+        [
+            click.option(
+                "--head",
+                "kind",
+                type=click.Choice(HEAD_KINDS),
+                default="linear",
+                show_default=True,
+                help="Head kind.",
+            ),
+            click.option(
+                "--hidden",
+                callback=_int_list,
+                default=None,
+                help="mlp: hidden sizes, e.g. 1024,256 [default: 512].",
+            ),
+            click.option(
+                "--dropout",
+                type=click.FloatRange(0, 1, max_open=True),
+                default=None,
+                help="mlp: dropout [0.2].",
+            ),
+            click.option(
+                "--activation",
+                type=click.Choice(ACTIVATIONS),
+                default=None,
+                help="mlp: activation [gelu].",
+            ),
+            click.option(
+                "--epochs",
+                type=click.IntRange(min=1),
+                default=None,
+                help="Most epochs (early stopping on val may end sooner) [60].",
+            ),
+            click.option(
+                "--lr",
+                type=click.FloatRange(min=0, min_open=True),
+                default=None,
+                help="AdamW peak learning rate [3e-3].",
+            ),
+            click.option(
+                "--weight-decay",
+                type=click.FloatRange(min=0),
+                default=None,
+                help="AdamW weight decay [0.05].",
+            ),
+            click.option(
+                "--batch-size",
+                "head_batch_size",
+                type=click.IntRange(min=1),
+                default=None,
+                help="Rows per step [scales with the data, 16..1024].",
+            ),
+            click.option(
+                "--label-smoothing",
+                type=click.FloatRange(0, 1, max_open=True),
+                default=None,
+                help="[0.0]",
+            ),
+            click.option(
+                "--class-weight",
+                type=click.Choice(["none", "balanced"]),
+                default=None,
+                help="balanced: weigh classes against imbalance [none].",
+            ),
+            click.option(
+                "--normalize",
+                type=click.Choice(NORMALIZATIONS),
+                default=None,
+                help="Feature normalisation [standardize; kNN always l2].",
+            ),
+            click.option(
+                "--patience",
+                type=click.IntRange(min=1),
+                default=None,
+                help="Epochs without a better val accuracy before stopping [6].",
+            ),
+            click.option(
+                "--train-seed",
+                type=int,
+                default=None,
+                help="Seed of initialisation and shuffling [0].",
+            ),
+            click.option(
+                "-k",
+                "--k",
+                "k",
+                type=click.IntRange(min=1),
+                default=None,
+                help="knn: neighbours [20].",
+            ),
+            click.option(
+                "--temperature",
+                type=click.FloatRange(min=0, min_open=True),
+                default=None,
+                help="knn: vote temperature [0.07].",
+            ),
+            click.option(
+                "--C",
+                "C",
+                type=click.FloatRange(min=0, min_open=True),
+                default=None,
+                help="logreg: inverse regularisation [1.0].",
+            ),
+            click.option(
+                "--memory-budget",
+                type=click.IntRange(min=1),
+                default=None,
+                help="MiB of features to hold in memory; more streams from the "
+                "store [a quarter of RAM].",
+            ),
+        ],
+    )
 
 
 def _head_config(kw: dict[str, Any]):
     from ..heads import HeadConfig
 
-    names = {"kind": "kind", "hidden": "hidden", "dropout": "dropout", "activation": "activation", "epochs": "epochs", "lr": "lr", "weight_decay": "weight_decay", "head_batch_size": "batch_size", "label_smoothing": "label_smoothing", "normalize": "normalize", "patience": "patience", "train_seed": "seed", "k": "k", "temperature": "temperature", "C": "C"}  # fmt: skip
+    names = {
+        "kind": "kind",
+        "hidden": "hidden",
+        "dropout": "dropout",
+        "activation": "activation",
+        "epochs": "epochs",
+        "lr": "lr",
+        "weight_decay": "weight_decay",
+        "head_batch_size": "batch_size",
+        "label_smoothing": "label_smoothing",
+        "normalize": "normalize",
+        "patience": "patience",
+        "train_seed": "seed",
+        "k": "k",
+        "temperature": "temperature",
+        "C": "C",
+    }
     values = {field: kw.pop(opt) for opt, field in names.items()}
     cw = kw.pop("class_weight")
     if cw is not None:
@@ -76,12 +187,25 @@ def default_head_dir(store, kind: str) -> Path:
 @click.command("fit-head")
 @click.argument("source", metavar="DATA_DIR|STORE", type=click.Path(exists=True))
 @head_options
-@click.option("--out", type=click.Path(), default=None, help="Head artifact folder [default: heads/<folder>-<backbone>-<kind>; replaced if it is a head].")  # fmt: skip
+@click.option(
+    "--out",
+    type=click.Path(),
+    default=None,
+    help="Head artifact folder [default: "
+    "heads/<folder>-<backbone>-<kind>; replaced if it is a head].",
+)
 @backbone_options
 @split_options
 @progress_option
 @json_option
-def fit_head_cmd(source: str, out: str | None, memory_budget: int | None, as_json: bool, progress: bool | None, **kw) -> None:  # fmt: skip
+def fit_head_cmd(
+    source: str,
+    out: str | None,
+    memory_budget: int | None,
+    as_json: bool,
+    progress: bool | None,
+    **kw,
+) -> None:
     """Train a head on the cached features of DATA_DIR (extracted first if needed) or a STORE.
 
     Model selection (early stopping, best epoch) reads the validation split only; the test split
@@ -122,16 +246,22 @@ def fit_head_cmd(source: str, out: str | None, memory_budget: int | None, as_jso
         "fingerprint": store.fingerprint,
         "confusion_png": str(path / "test" / "confusion.png")
         if m["test_accuracy"] is not None
-        else None,  # fmt: skip
+        else None,
     }
 
     def human() -> None:
-        click.echo(f"head      {path}  ({head.kind}, {len(head.classes)} classes, backbone {payload['backbone']})")  # fmt: skip
+        click.echo(
+            f"head      {path}  ({head.kind}, {len(head.classes)} "
+            f"classes, backbone {payload['backbone']})"
+        )
         click.echo(f"rows      train {m['n']['train']}, val {m['n']['val']}, test {m['n']['test']}")
         ep = f", {fit['epochs']} epochs (best {fit['best_epoch']})" if fit["epochs"] else ""
         click.echo(f"fit       {fit['seconds']:.2f} s on {fit['device']}{ep}")
         click.echo(f"val       accuracy {_pct(m['val_accuracy'])}")
-        click.echo(f"test      accuracy {_pct(m['test_accuracy'])}, top-5 {_pct(m['test_top5_accuracy'])}, macro-F1 {_pct(m['test_macro_f1'])}")  # fmt: skip
+        click.echo(
+            f"test      accuracy {_pct(m['test_accuracy'])}, top-5 "
+            f"{_pct(m['test_top5_accuracy'])}, macro-F1 {_pct(m['test_macro_f1'])}"
+        )
         if payload["confusion_png"]:
             click.echo(f"confusion {payload['confusion_png']}")
 
@@ -151,13 +281,28 @@ def _load(head_path: str):
 @click.command("evaluate")
 @click.argument("head_path", metavar="HEAD", type=click.Path(exists=True))
 @click.argument("source", metavar="DATA_DIR|STORE", type=click.Path(exists=True))
-@click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)  # fmt: skip
-@click.option("--out", type=click.Path(file_okay=False), default=None, help="Report folder [default: HEAD/eval-<folder>-<split>].")  # fmt: skip
+@click.option(
+    "--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Report folder [default: HEAD/eval-<folder>-<split>].",
+)
 @head_backbone_options
 @split_options
 @progress_option
 @json_option
-def evaluate_cmd(head_path: str, source: str, split: str, out: str | None, as_json: bool, progress: bool | None, **kw) -> None:  # fmt: skip
+def evaluate_cmd(
+    head_path: str,
+    source: str,
+    split: str,
+    out: str | None,
+    as_json: bool,
+    progress: bool | None,
+    **kw,
+) -> None:
     """Evaluate HEAD on a split of DATA_DIR or STORE: accuracy, top-5, macro-F1, per-class
     precision/recall, confusion matrix, calibration (ECE, reliability plot) and the
     accuracy-vs-coverage curve of an "unsure" threshold, as JSON and PNG files."""
@@ -191,7 +336,11 @@ def evaluate_cmd(head_path: str, source: str, split: str, out: str | None, as_js
 
     def human() -> None:
         click.echo(f"{split} of {store.root}: {m['n']} images")
-        click.echo(f"accuracy  {_pct(m['accuracy'])}  top-{m['top_k']} {_pct(m['top5_accuracy'])}  macro-F1 {_pct(m['macro_f1'])}  ECE {m['calibration']['ece']:.3f}")  # fmt: skip
+        click.echo(
+            f"accuracy  {_pct(m['accuracy'])}  top-{m['top_k']} "
+            f"{_pct(m['top5_accuracy'])}  macro-F1 {_pct(m['macro_f1'])}  "
+            f"ECE {m['calibration']['ece']:.3f}"
+        )
         w = max(len(c) for c in head.classes)
         click.echo(f"{'class':<{w}}  precision  recall  support")
         for c, r in m["per_class"].items():
@@ -201,23 +350,52 @@ def evaluate_cmd(head_path: str, source: str, split: str, out: str | None, as_js
                 )
         for p in m["coverage"]:
             if p["threshold"] in (0.5, 0.8, 0.9):
-                click.echo(f"unsure below {p['threshold']:.1f}: answers {_pct(p['coverage'])} of images at accuracy {_pct(p['accuracy'])}")  # fmt: skip
-        click.echo(f"report    {report_dir} (confusion.png, reliability.png, coverage.png, metrics.json)")  # fmt: skip
+                click.echo(
+                    f"unsure below {p['threshold']:.1f}: answers "
+                    f"{_pct(p['coverage'])} of images at accuracy {_pct(p['accuracy'])}"
+                )
+        click.echo(
+            f"report    {report_dir} (confusion.png, reliability.png, coverage.png, metrics.json)"
+        )
 
     emit(as_json, payload, human)
 
 
 @click.command("predict")
 @click.argument("head_path", metavar="HEAD", type=click.Path(exists=True))
-@click.argument("inputs", metavar="IMAGE|DIR...", nargs=-1, required=True, type=click.Path(exists=True))  # fmt: skip
-@click.option("--unsure", type=click.FloatRange(0, 1), default=None, help="Answer 'unsure' when the top probability is below P.")  # fmt: skip
+@click.argument(
+    "inputs", metavar="IMAGE|DIR...", nargs=-1, required=True, type=click.Path(exists=True)
+)
+@click.option(
+    "--unsure",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Answer 'unsure' when the top probability is below P.",
+)
 @click.option("--topk", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the predictions to this CSV.")  # fmt: skip
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per forward pass.")  # fmt: skip
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write the predictions to this CSV.",
+)
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=None, help="Images per forward pass."
+)
 @head_backbone_options
 @progress_option
 @json_option
-def predict_cmd(head_path: str, inputs: tuple[str, ...], unsure: float | None, topk: int, out: str | None, batch_size: int | None, as_json: bool, progress: bool | None, **kw) -> None:  # fmt: skip
+def predict_cmd(
+    head_path: str,
+    inputs: tuple[str, ...],
+    unsure: float | None,
+    topk: int,
+    out: str | None,
+    batch_size: int | None,
+    as_json: bool,
+    progress: bool | None,
+    **kw,
+) -> None:
     """Classify images (files, or folders searched recursively) with the backbone + HEAD.
 
     The backbone is rebuilt from the spec in the head; a backbone whose fingerprint differs
@@ -227,18 +405,35 @@ def predict_cmd(head_path: str, inputs: tuple[str, ...], unsure: float | None, t
 
     head = _load(head_path)
     preds = predict_images(
-        head, inputs, backbone=kw["backbone"], image_size=kw["image_size"],
-        cache_dir=kw["cache_dir"], device=kw["device"], runtime=kw["runtime"],
-        batch_size=batch_size, topk=topk, unsure=unsure, progress=want_progress(progress),
-    )  # fmt: skip
+        head,
+        inputs,
+        backbone=kw["backbone"],
+        image_size=kw["image_size"],
+        cache_dir=kw["cache_dir"],
+        device=kw["device"],
+        runtime=kw["runtime"],
+        batch_size=batch_size,
+        topk=topk,
+        unsure=unsure,
+        progress=want_progress(progress),
+    )
     if out:
         preds.write_csv(out)
-    payload = {"head": str(head_path), "predictions": preds.records, "failed": preds.failed, "runtime": preds.runtime, "csv": out}  # fmt: skip
+    payload = {
+        "head": str(head_path),
+        "predictions": preds.records,
+        "failed": preds.failed,
+        "runtime": preds.runtime,
+        "csv": out,
+    }
 
     def human() -> None:
         for r in preds.records:
             alt = ", ".join(f"{t['label']} {t['p']:.2f}" for t in r["topk"][1:3])
-            click.echo(f"{r['label']:<16} {r['confidence']:.3f}  {r['path']}" + (f"  ({alt})" if alt else ""))  # fmt: skip
+            click.echo(
+                f"{r['label']:<16} {r['confidence']:.3f}  {r['path']}"
+                + (f"  ({alt})" if alt else "")
+            )
         for f in preds.failed:
             click.echo(f"failed    {f['path']}: {f['error']}", err=True)
         if out:
@@ -252,7 +447,13 @@ def predict_cmd(head_path: str, inputs: tuple[str, ...], unsure: float | None, t
 @click.command("export")
 @click.argument("head_path", metavar="HEAD", type=click.Path(exists=True))
 @click.argument("out", type=click.Path(dir_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), default=None, help="[default: from OUT's suffix; .onnx unless .pt/.ts/.torchscript]")  # fmt: skip
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["onnx", "torchscript"]),
+    default=None,
+    help="[default: from OUT's suffix; .onnx unless .pt/.ts/.torchscript]",
+)
 @head_backbone_options
 @json_option
 def export_cmd(head_path: str, out: str, fmt: str | None, as_json: bool, **kw) -> None:
@@ -276,4 +477,12 @@ def export_cmd(head_path: str, out: str, fmt: str | None, as_json: bool, **kw) -
         "min_cosine": report.min_cosine,
         "bytes": Path(out).stat().st_size,
     }
-    emit(as_json, payload, lambda: click.echo(f"wrote {out} ({fmt}, {payload['bytes'] / 2**20:.1f} MiB); matches PyTorch: max |diff| {report.max_abs_diff:.2e}, min cosine {report.min_cosine:.6f}"))  # fmt: skip
+    emit(
+        as_json,
+        payload,
+        lambda: click.echo(
+            f"wrote {out} ({fmt}, {payload['bytes'] / 2**20:.1f} MiB); "
+            f"matches PyTorch: max |diff| {report.max_abs_diff:.2e}, min "
+            f"cosine {report.min_cosine:.6f}"
+        ),
+    )

@@ -23,15 +23,50 @@ def index_options(f):
     """Which index a command uses, and whether it may be brought up to date."""
     from ..search import DEFAULT_TARGET_RECALL, INDEX_KINDS
 
-    return _apply(f, [
-        click.option("--index-type", "index_type", type=click.Choice(["auto", *INDEX_KINDS]), default="auto", show_default=True, help="auto: exact flat up to 50k rows, ivf above, ivfsq8 when raw vectors exceed the memory budget."),
-        click.option("--target-recall", type=click.FloatRange(0, 1), default=DEFAULT_TARGET_RECALL, show_default=True, help="recall@10 the search parameter (nprobe/efSearch) is tuned to reach when the index is built."),
-        click.option("--index", "index_file", type=click.Path(dir_okay=False), default=None, help="Index file [default: beside the store, <store>.h5.index]."),
-        click.option("--no-update", is_flag=True, help="Refuse a stale or incomplete index instead of rebuilding or extending it."),
-    ])  # fmt: skip
+    return _apply(
+        f,
+        [
+            click.option(
+                "--index-type",
+                "index_type",
+                type=click.Choice(["auto", *INDEX_KINDS]),
+                default="auto",
+                show_default=True,
+                help="auto: exact flat up to 50k rows, ivf above, ivfsq8 when raw "
+                "vectors exceed the memory budget.",
+            ),
+            click.option(
+                "--target-recall",
+                type=click.FloatRange(0, 1),
+                default=DEFAULT_TARGET_RECALL,
+                show_default=True,
+                help="recall@10 the search parameter (nprobe/efSearch) is tuned "
+                "to reach when the index is built.",
+            ),
+            click.option(
+                "--index",
+                "index_file",
+                type=click.Path(dir_okay=False),
+                default=None,
+                help="Index file [default: beside the store, <store>.h5.index].",
+            ),
+            click.option(
+                "--no-update",
+                is_flag=True,
+                help="Refuse a stale or incomplete index instead of rebuilding or extending it.",
+            ),
+        ],
+    )
 
 
-def _open(source: str, kw: dict, progress: bool, metric: str = "cosine", rebuild: bool = False, parts: int = 1):  # fmt: skip
+def _open(
+    source: str,
+    kw: dict,
+    progress: bool,
+    metric: str = "cosine",
+    rebuild: bool = False,
+    parts: int = 1,
+):
     from .._dist import process_group, torchrun_rank
     from ..search import build_store_index, open_store_index
 
@@ -39,7 +74,13 @@ def _open(source: str, kw: dict, progress: bool, metric: str = "cosine", rebuild
     store = open_source(source, extract_kwargs(kw), progress)
     rank = torchrun_rank()
     if rank is not None or parts > 1:  # built in parts (one per rank under torchrun), merged
-        build = {"kind": opts["index_type"], "metric": metric, "target_recall": opts["target_recall"], "path": opts["index_file"], "progress": progress}  # fmt: skip
+        build = {
+            "kind": opts["index_type"],
+            "metric": metric,
+            "target_recall": opts["target_recall"],
+            "path": opts["index_file"],
+            "progress": progress,
+        }
         if rank is None:
             ix = build_store_index(store, parts=parts, **build)
         else:
@@ -49,9 +90,15 @@ def _open(source: str, kw: dict, progress: bool, metric: str = "cosine", rebuild
             ix.info["action"] = f"built from {ix.info['parts']} parts"
         return store, ix
     ix = open_store_index(
-        store, kind=opts["index_type"], metric=metric, update=not opts["no_update"],
-        rebuild=rebuild, path=opts["index_file"], target_recall=opts["target_recall"], progress=progress,
-    )  # fmt: skip
+        store,
+        kind=opts["index_type"],
+        metric=metric,
+        update=not opts["no_update"],
+        rebuild=rebuild,
+        path=opts["index_file"],
+        target_recall=opts["target_recall"],
+        progress=progress,
+    )
     return store, ix
 
 
@@ -59,20 +106,33 @@ def _index_line(ix) -> str:
     s = ix.summary()
     r = s.get("recall_at_10")
     par = ", ".join(f"{k}={v}" for k, v in s["params"].items())
-    return f"index     {s['index']} ({s['type']}, {s['rows']} rows{', ' + par if par else ''}{f', recall@10 {r:.3f}' if r is not None else ''}): {ix.info.get('action')}"  # fmt: skip
+    return (
+        f"index     {s['index']} ({s['type']}, {s['rows']} "
+        f"rows{', ' + par if par else ''}{f', recall@10 {r:.3f}' if r is not None else ''}): {ix.info.get('action')}"
+    )
 
 
 @click.command("index")
 @click.argument("source", metavar="DATA_DIR|STORE", type=click.Path(exists=True))
 @click.option("--metric", type=click.Choice(["cosine", "l2"]), default="cosine", show_default=True)
 @click.option("--rebuild", is_flag=True, help="Build from scratch even if the index is up to date.")
-@click.option("--parts", type=click.IntRange(min=1), default=1, show_default=True, help="Build from N contiguous parts of the rows, each added to its own copy of the trained index, then merged (under torchrun: one part per rank).")  # fmt: skip
+@click.option(
+    "--parts",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Build from N contiguous parts of the rows, each added to "
+    "its own copy of the trained index, then merged (under "
+    "torchrun: one part per rank).",
+)
 @index_options
 @backbone_options
 @split_options
 @progress_option
 @json_option
-def index_cmd(source: str, metric: str, rebuild: bool, parts: int, as_json: bool, progress: bool | None, **kw) -> None:  # fmt: skip
+def index_cmd(
+    source: str, metric: str, rebuild: bool, parts: int, as_json: bool, progress: bool | None, **kw
+) -> None:
     """Build (or bring up to date) the nearest-neighbour index of DATA_DIR's store or a STORE.
 
     The index records the store's fingerprint and rows: rows added since are appended; removed or
@@ -83,24 +143,83 @@ def index_cmd(source: str, metric: str, rebuild: bool, parts: int, as_json: bool
     store, ix = _open(source, kw, want_progress(progress), metric, rebuild, parts)
     if ix is None:
         return  # a rank other than 0: its part is merged by rank 0
-    payload = {"store": str(store.path), **ix.summary(), "action": ix.info.get("action"), "action_reason": ix.info.get("action_reason"), "tune": ix.info.get("tune")}  # fmt: skip
-    emit(as_json, payload, lambda: click.echo(_index_line(ix) + (f"\nwhy       {ix.info['reason']}" if ix.info.get("action") == "built" else "")))  # fmt: skip
+    payload = {
+        "store": str(store.path),
+        **ix.summary(),
+        "action": ix.info.get("action"),
+        "action_reason": ix.info.get("action_reason"),
+        "tune": ix.info.get("tune"),
+    }
+    emit(
+        as_json,
+        payload,
+        lambda: click.echo(
+            _index_line(ix)
+            + (f"\nwhy       {ix.info['reason']}" if ix.info.get("action") == "built" else "")
+        ),
+    )
 
 
 @click.command("search")
 @click.argument("source", metavar="DATA_DIR|STORE", type=click.Path(exists=True))
-@click.option("--query", "-q", "queries", multiple=True, required=True, type=click.Path(exists=True), help="Query image or folder of images; repeat for more. Images of the store reuse their cached features.")  # fmt: skip
-@click.option("-k", "--k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Neighbours per query.")  # fmt: skip
-@click.option("--split", "splits", multiple=True, type=click.Choice(["train", "val", "test"]), help="Only neighbours from this split (repeatable).")  # fmt: skip
+@click.option(
+    "--query",
+    "-q",
+    "queries",
+    multiple=True,
+    required=True,
+    type=click.Path(exists=True),
+    help="Query image or folder of images; repeat for more. Images of "
+    "the store reuse their cached features.",
+)
+@click.option(
+    "-k",
+    "--k",
+    "k",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="Neighbours per query.",
+)
+@click.option(
+    "--split",
+    "splits",
+    multiple=True,
+    type=click.Choice(["train", "val", "test"]),
+    help="Only neighbours from this split (repeatable).",
+)
 @click.option("--exclude-self", is_flag=True, help="Never return the query image itself.")
-@click.option("--html", "html_out", type=click.Path(dir_okay=False), default=None, help="Write a page with each query and its neighbours as thumbnails.")  # fmt: skip
-@click.option("--grid", "grid_out", type=click.Path(dir_okay=False), default=None, help="Write the same as one PNG grid [default with --html: beside it].")  # fmt: skip
+@click.option(
+    "--html",
+    "html_out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write a page with each query and its neighbours as thumbnails.",
+)
+@click.option(
+    "--grid",
+    "grid_out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write the same as one PNG grid [default with --html: beside it].",
+)
 @index_options
 @backbone_options
 @split_options
 @progress_option
 @json_option
-def search_cmd(source: str, queries: tuple[str, ...], k: int, splits: tuple[str, ...], exclude_self: bool, html_out: str | None, grid_out: str | None, as_json: bool, progress: bool | None, **kw) -> None:  # fmt: skip
+def search_cmd(
+    source: str,
+    queries: tuple[str, ...],
+    k: int,
+    splits: tuple[str, ...],
+    exclude_self: bool,
+    html_out: str | None,
+    grid_out: str | None,
+    as_json: bool,
+    progress: bool | None,
+    **kw,
+) -> None:
     """Find the images of DATA_DIR (or STORE) most like each --query image (cosine similarity of
     the cached embeddings); new query images run through the store's backbone."""
     from ..gallery import search_grid, search_html
@@ -110,8 +229,19 @@ def search_cmd(source: str, queries: tuple[str, ...], k: int, splits: tuple[str,
     store, ix = _open(source, kw, want_progress(progress))
     q = query_vectors(store, queries, progress=want_progress(progress), **runtime)
     if not len(q.names):
-        raise click.ClickException("no query image could be read: " + "; ".join(f"{p}: {e}" for p, e in q.failed))  # fmt: skip
-    nb = search_store(store, ix, q.features, k, split=list(splits) or None, query_rows=q.rows, exclude_self=exclude_self, names=q.names)  # fmt: skip
+        raise click.ClickException(
+            "no query image could be read: " + "; ".join(f"{p}: {e}" for p, e in q.failed)
+        )
+    nb = search_store(
+        store,
+        ix,
+        q.features,
+        k,
+        split=list(splits) or None,
+        query_rows=q.rows,
+        exclude_self=exclude_self,
+        names=q.names,
+    )
     results = nb.records(store)
     if html_out and not grid_out:
         grid_out = str(Path(html_out).with_suffix(".png"))
@@ -120,13 +250,24 @@ def search_cmd(source: str, queries: tuple[str, ...], k: int, splits: tuple[str,
         files["html"] = str(search_html(results, html_out))
     if grid_out:
         files["grid"] = str(search_grid(results, grid_out))
-    payload = {"store": str(store.path), "index": ix.kind, "metric": ix.metric, "k": k, "results": results, "failed": [{"path": p, "error": e} for p, e in q.failed], **files}  # fmt: skip
+    payload = {
+        "store": str(store.path),
+        "index": ix.kind,
+        "metric": ix.metric,
+        "k": k,
+        "results": results,
+        "failed": [{"path": p, "error": e} for p, e in q.failed],
+        **files,
+    }
 
     def human() -> None:
         for r in results:
             click.echo(f"{r['query']}" + (" (in the store)" if r["query_row"] is not None else ""))
             for n in r["neighbors"]:
-                click.echo(f"  {n['rank']:>3}  {n['score']:.4f}  {str(n['label'] or '-'):<14} {n['split']:<5}  {n['path']}")  # fmt: skip
+                click.echo(
+                    f"  {n['rank']:>3}  {n['score']:.4f}  "
+                    f"{str(n['label'] or '-'):<14} {n['split']:<5}  {n['path']}"
+                )
         for p, e in q.failed:
             click.echo(f"failed    {p}: {e}", err=True)
         for name, path in files.items():
@@ -139,30 +280,62 @@ def search_cmd(source: str, queries: tuple[str, ...], k: int, splits: tuple[str,
 
 @click.command("dedup")
 @click.argument("source", metavar="DATA_DIR|STORE", type=click.Path(exists=True))
-@click.option("--threshold", type=click.FloatRange(-1, 1), default=None, help="Cosine similarity at or above which two images are duplicates [0.88].")  # fmt: skip
-@click.option("--out", type=click.Path(file_okay=False), default=None, help="Report folder (duplicates.json, duplicates.html) [default: dedup-<folder>].")  # fmt: skip
+@click.option(
+    "--threshold",
+    type=click.FloatRange(-1, 1),
+    default=None,
+    help="Cosine similarity at or above which two images are duplicates [0.88].",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Report folder (duplicates.json, duplicates.html) [default: dedup-<folder>].",
+)
 @index_options
 @backbone_options
 @split_options
 @progress_option
 @json_option
-def dedup_cmd(source: str, threshold: float | None, out: str | None, as_json: bool, progress: bool | None, **kw) -> None:  # fmt: skip
+def dedup_cmd(
+    source: str,
+    threshold: float | None,
+    out: str | None,
+    as_json: bool,
+    progress: bool | None,
+    **kw,
+) -> None:
     """Find groups of near-duplicate images in DATA_DIR (or STORE): resized copies, re-encoded
     JPEGs, the same photo twice. Flags groups that span splits (test leakage) or whose labels
     differ, and names the largest file of each group as the one to keep."""
     from ..dedup import DEFAULT_THRESHOLD, find_duplicates, write_dedup_report
 
     store, ix = _open(source, kw, want_progress(progress))
-    rep = find_duplicates(store, DEFAULT_THRESHOLD if threshold is None else threshold, index=ix, progress=want_progress(progress))  # fmt: skip
+    rep = find_duplicates(
+        store,
+        DEFAULT_THRESHOLD if threshold is None else threshold,
+        index=ix,
+        progress=want_progress(progress),
+    )
     files = write_dedup_report(rep, out or f"dedup-{store.root.name}")
     payload = {**rep, "report": files}
 
     def human() -> None:
-        click.echo(f"{rep['n_groups']} groups of near-duplicates ({rep['n_redundant']} redundant images of {rep['n_images']}, similarity >= {rep['threshold']})")  # fmt: skip
+        click.echo(
+            f"{rep['n_groups']} groups of near-duplicates "
+            f"({rep['n_redundant']} redundant images of "
+            f"{rep['n_images']}, similarity >= {rep['threshold']})"
+        )
         if rep["cross_split_groups"] or rep["label_conflicts"]:
-            click.echo(f"warning   {rep['cross_split_groups']} groups span splits (test leakage), {rep['label_conflicts']} have conflicting labels")  # fmt: skip
+            click.echo(
+                f"warning   {rep['cross_split_groups']} groups span splits "
+                f"(test leakage), {rep['label_conflicts']} have conflicting labels"
+            )
         for g in rep["groups"][:10]:
-            click.echo(f"  {len(g['members'])} images, min similarity {g['min_similarity']:.3f}: keep {g['keep']}")  # fmt: skip
+            click.echo(
+                f"  {len(g['members'])} images, min similarity "
+                f"{g['min_similarity']:.3f}: keep {g['keep']}"
+            )
         if rep["n_groups"] > 10:
             click.echo(f"  ... {rep['n_groups'] - 10} more")
         click.echo(f"report    {files['html']}")
@@ -172,13 +345,19 @@ def dedup_cmd(source: str, threshold: float | None, out: str | None, as_json: bo
 
 @click.command("knn-eval")
 @click.argument("source", metavar="DATA_DIR|STORE", type=click.Path(exists=True))
-@click.option("-k", "--k", "ks", default="10,20,50", show_default=True, help="Comma-separated k values.")  # fmt: skip
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=0.07, show_default=True)  # fmt: skip
+@click.option(
+    "-k", "--k", "ks", default="10,20,50", show_default=True, help="Comma-separated k values."
+)
+@click.option(
+    "--temperature", type=click.FloatRange(min=0, min_open=True), default=0.07, show_default=True
+)
 @backbone_options
 @split_options
 @progress_option
 @json_option
-def knn_eval_cmd(source: str, ks: str, temperature: float, as_json: bool, progress: bool | None, **kw) -> None:  # fmt: skip
+def knn_eval_cmd(
+    source: str, ks: str, temperature: float, as_json: bool, progress: bool | None, **kw
+) -> None:
     """How well the embeddings separate the classes, with no training: weighted kNN over the train
     rows (cosine, votes exp(s/T)), accuracy on val and test for each k."""
     from ..neighbors import knn_evaluate
@@ -191,8 +370,15 @@ def knn_eval_cmd(source: str, ks: str, temperature: float, as_json: bool, progre
     rep = knn_evaluate(store, k_values, temperature)
 
     def human() -> None:
-        click.echo(f"kNN on {store.path.name} ({rep['backbone']}): {rep['bank']} train rows, T={temperature}")  # fmt: skip
+        click.echo(
+            f"kNN on {store.path.name} ({rep['backbone']}): {rep['bank']} "
+            f"train rows, T={temperature}"
+        )
         for r in rep["results"]:
-            click.echo(f"  {r['split']:<5} k={r['k']:<3} accuracy {100 * r['accuracy']:.2f}%  top-5 {100 * r['top5_accuracy']:.2f}%  (n={r['n']})")  # fmt: skip
+            click.echo(
+                f"  {r['split']:<5} k={r['k']:<3} accuracy "
+                f"{100 * r['accuracy']:.2f}%  top-5 "
+                f"{100 * r['top5_accuracy']:.2f}%  (n={r['n']})"
+            )
 
     emit(as_json, rep, human)

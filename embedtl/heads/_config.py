@@ -91,7 +91,9 @@ class HeadConfig:
         """This config with the settings its kind ignores reset to their defaults and the
         normalisation resolved: two configs that give the same head compare equal."""
         base = HeadConfig()
-        keep = {"kind", "k", "temperature"} if self.kind == "knn" else {f.name for f in fields(self)}  # fmt: skip
+        keep = (
+            {"kind", "k", "temperature"} if self.kind == "knn" else {f.name for f in fields(self)}
+        )
         if self.kind == "logreg":
             keep = {"kind", "C", "max_iter", "class_weight", "normalize", "seed"}
         elif self.kind == "linear":
@@ -109,7 +111,9 @@ class HeadConfig:
         does not use. kNN variants share one neighbour search; logreg variants fit one by one."""
         base, e = HeadConfig(), self.effective()
         if self.trained:
-            return e.replace(lr=base.lr, weight_decay=base.weight_decay, label_smoothing=base.label_smoothing)  # fmt: skip
+            return e.replace(
+                lr=base.lr, weight_decay=base.weight_decay, label_smoothing=base.label_smoothing
+            )
         if self.kind == "knn":
             return e.replace(k=base.k, temperature=base.temperature)
         return e

@@ -33,7 +33,9 @@ class Split:
     dim: int
     labels: torch.Tensor  # (n,) on the device
 
-    def batches(self, batch_size: int, generator: torch.Generator | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+    def batches(
+        self, batch_size: int, generator: torch.Generator | None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         raise NotImplementedError
 
     def numpy(self) -> tuple[np.ndarray, np.ndarray]:
@@ -99,7 +101,14 @@ class _Mapped(Split):
 class Streamed(Split):
     """Store rows read ``block_rows`` at a time; memory bounded by one block."""
 
-    def __init__(self, store: FeatureStore, rows: np.ndarray, labels: np.ndarray, device: str, block_rows: int) -> None:  # fmt: skip
+    def __init__(
+        self,
+        store: FeatureStore,
+        rows: np.ndarray,
+        labels: np.ndarray,
+        device: str,
+        block_rows: int,
+    ) -> None:
         self.store, self.rows, self.device, self.block_rows = store, rows, device, block_rows
         self.label_of_row = np.full(len(store), -1, dtype=np.int64)
         self.label_of_row[rows] = labels

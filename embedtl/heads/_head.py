@@ -88,7 +88,10 @@ class Head:
         return BackboneSpec.from_dict(self.backbone)
 
     def __repr__(self) -> str:
-        return f"Head(kind={self.kind!r}, classes={len(self.classes)}, dim={self.dim}, backbone={self.backbone.get('name')!r})"  # fmt: skip
+        return (
+            f"Head(kind={self.kind!r}, classes={len(self.classes)}, "
+            f"dim={self.dim}, backbone={self.backbone.get('name')!r})"
+        )
 
     def check_fingerprint(self, fingerprint: str, what: str) -> None:
         """Refuse features of another backbone (or other weights, or other preprocessing)."""
@@ -178,7 +181,9 @@ class Head:
         files: dict[str, str] = {}
         curve = self.info.get("curve")
         if curve:
-            plot_training_curve(curve, path / "curve.png", self.info.get("fit", {}).get("best_epoch"))  # fmt: skip
+            plot_training_curve(
+                curve, path / "curve.png", self.info.get("fit", {}).get("best_epoch")
+            )
             files["curve_png"] = str(path / "curve.png")
         ev = self.evaluations.get("test")
         if ev is not None and len(ev.y_true):
@@ -203,15 +208,23 @@ def load_head(path: str | os.PathLike[str]) -> Head:
     folder = p.parent if p.name == _META else p
     meta_path, weights_path = folder / _META, folder / _WEIGHTS
     if not meta_path.is_file():
-        raise HeadError(f"{folder} is not a head artifact (no {_META}); fit one with `embedtl fit-head`")  # fmt: skip
+        raise HeadError(
+            f"{folder} is not a head artifact (no {_META}); fit one with `embedtl fit-head`"
+        )
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise HeadError(f"cannot read {meta_path}: {e}") from e
     if not isinstance(meta, dict) or meta.get("format") != HEAD_FORMAT:
-        raise HeadError(f"{meta_path} is not an embedtl head (format {meta.get('format') if isinstance(meta, dict) else None!r})")  # fmt: skip
+        raise HeadError(
+            f"{meta_path} is not an embedtl head (format {meta.get('format') if isinstance(meta, dict) else None!r})"
+        )
     if meta.get("format_version") != HEAD_FORMAT_VERSION:
-        raise HeadError(f"{meta_path} has head format_version {meta.get('format_version')}; this embedtl reads {HEAD_FORMAT_VERSION}: fit the head again")  # fmt: skip
+        raise HeadError(
+            f"{meta_path} has head format_version "
+            f"{meta.get('format_version')}; this embedtl reads "
+            f"{HEAD_FORMAT_VERSION}: fit the head again"
+        )
     try:
         config = HeadConfig.from_dict(meta["config"])
         classes, dim = list(meta["classes"]), int(meta["dim"])
@@ -227,7 +240,9 @@ def load_head(path: str | os.PathLike[str]) -> Head:
     try:
         module.load_state_dict(state)
     except RuntimeError as e:
-        raise HeadError(f"{weights_path} does not fit its {meta_path.name}: {' '.join(str(e).split())[:300]}") from e  # fmt: skip
+        raise HeadError(
+            f"{weights_path} does not fit its {meta_path.name}: {' '.join(str(e).split())[:300]}"
+        ) from e
     info = {k: meta[k] for k in _INFO_KEYS if k in meta}
     return Head(module, config, classes, meta["backbone"], meta["fingerprint"], info)
 
@@ -254,10 +269,16 @@ def _train_rows(store: FeatureStore) -> np.ndarray:
     tr = _split_rows(store, "train")
     counts = np.bincount(store.labels[tr], minlength=len(store.classes))
     if (counts > 0).sum() < 2:
-        raise DataError(f"the train split of {store.root} holds {(counts > 0).sum()} class(es); a head needs at least 2")  # fmt: skip
+        raise DataError(
+            f"the train split of {store.root} holds {(counts > 0).sum()} "
+            "class(es); a head needs at least 2"
+        )
     empty = [c for c, n in zip(store.classes, counts, strict=True) if n == 0]
     if empty:
-        log.warning("no training images for class(es) %s: the head will never predict them", ", ".join(empty))  # fmt: skip
+        log.warning(
+            "no training images for class(es) %s: the head will never predict them",
+            ", ".join(empty),
+        )
     return tr
 
 
@@ -295,7 +316,9 @@ def fit_head(
     dev = resolve_device(device) if cfg.trained else "cpu"  # faiss and sklearn work on the CPU
     va = _split_rows(store, "val")
     if not len(va):
-        log.warning("%s has no validation rows: no early stopping, the last epoch is kept", store.root)  # fmt: skip
+        log.warning(
+            "%s has no validation rows: no early stopping, the last epoch is kept", store.root
+        )
 
     data = StoreFeatures(store, memory_budget)
     train_split = data.split(tr, store.labels[tr], dev)
@@ -397,7 +420,9 @@ def _fit_logreg(cfg: HeadConfig, x: np.ndarray, y: np.ndarray, n_classes: int) -
         module.norm.std.copy_(torch.from_numpy(np.maximum(std, 1e-6)))
     with torch.no_grad():
         xn = module.norm(torch.from_numpy(x)).numpy()
-    clf = LogisticRegression(C=cfg.C, max_iter=cfg.max_iter, class_weight=cfg.class_weight, random_state=cfg.seed)  # fmt: skip
+    clf = LogisticRegression(
+        C=cfg.C, max_iter=cfg.max_iter, class_weight=cfg.class_weight, random_state=cfg.seed
+    )
     clf.fit(xn, y)
     w = np.zeros((n_classes, x.shape[1]), np.float32)
     b = np.zeros(n_classes, np.float32)
@@ -415,7 +440,9 @@ def _fit_logreg(cfg: HeadConfig, x: np.ndarray, y: np.ndarray, n_classes: int) -
     return module
 
 
-def evaluate_head(head: Head, store: FeatureStore, split: str = "test", memory_budget: int | None = None) -> Evaluation:  # fmt: skip
+def evaluate_head(
+    head: Head, store: FeatureStore, split: str = "test", memory_budget: int | None = None
+) -> Evaluation:
     """Evaluate ``head`` on the labelled rows of ``split`` of ``store`` (same backbone only).
 
     Classes are matched by name; a class the head does not know is an error.
@@ -426,7 +453,9 @@ def evaluate_head(head: Head, store: FeatureStore, split: str = "test", memory_b
     used = set(store.labels[rows].tolist())
     unknown = [c for i, c in enumerate(store.classes) if i in used and c not in head.classes]
     if unknown:
-        raise HeadError(f"the {split} split has classes the head does not know: {', '.join(unknown[:10])}")  # fmt: skip
+        raise HeadError(
+            f"the {split} split has classes the head does not know: {', '.join(unknown[:10])}"
+        )
     pos = {c: i for i, c in enumerate(head.classes)}
     class_map = np.array([pos.get(c, -1) for c in store.classes], dtype=np.int64)
     return _evaluation(head, StoreFeatures(store, memory_budget), split, class_map)

@@ -14,7 +14,14 @@ from torch.nn import functional as F
 
 from ._config import HeadConfig
 
-__all__ = ["FeatureNorm", "KNNVote", "HeadModule", "ImageClassifier", "build_module", "ACTIVATION_FUNCTIONS"]  # fmt: skip
+__all__ = [
+    "FeatureNorm",
+    "KNNVote",
+    "HeadModule",
+    "ImageClassifier",
+    "build_module",
+    "ACTIVATION_FUNCTIONS",
+]
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 #: The same activations as functions (the batched trainer's stacked networks use these).
@@ -42,13 +49,17 @@ class FeatureNorm(nn.Module):
 class KNNVote(nn.Module):
     """Weighted kNN vote over a memory bank of unit vectors: probabilities (B, C)."""
 
-    def __init__(self, bank: torch.Tensor, labels: torch.Tensor, n_classes: int, k: int, temperature: float) -> None:  # fmt: skip
+    def __init__(
+        self, bank: torch.Tensor, labels: torch.Tensor, n_classes: int, k: int, temperature: float
+    ) -> None:
         super().__init__()
         self.k = min(k, len(bank))
         self.temperature = temperature
         self.register_buffer("bank", bank.to(torch.float16))  # (N, D), unit rows
         # one-hot labels (N, C): a gather + sum votes, which every exporter handles
-        self.register_buffer("onehot", nn.functional.one_hot(labels.long(), n_classes).to(torch.float32))  # fmt: skip
+        self.register_buffer(
+            "onehot", nn.functional.one_hot(labels.long(), n_classes).to(torch.float32)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, D) unit rows -> (B, C)
         sims = x @ self.bank.float().T  # (B, N)
@@ -74,7 +85,13 @@ class HeadModule(nn.Module):
         return out
 
 
-def build_module(config: HeadConfig, dim: int, n_classes: int, bank: torch.Tensor | None = None, bank_labels: torch.Tensor | None = None) -> HeadModule:  # fmt: skip
+def build_module(
+    config: HeadConfig,
+    dim: int,
+    n_classes: int,
+    bank: torch.Tensor | None = None,
+    bank_labels: torch.Tensor | None = None,
+) -> HeadModule:
     """A fresh head for ``dim`` features and ``n_classes`` (kNN: over ``bank``/``bank_labels``)."""
     norm = FeatureNorm(config.normalization, dim)
     if config.kind in ("linear", "logreg"):
@@ -83,7 +100,11 @@ def build_module(config: HeadConfig, dim: int, n_classes: int, bank: torch.Tenso
         layers: list[nn.Module] = []
         width = dim
         for h in config.hidden:
-            layers += [nn.Linear(width, h), _ACTIVATIONS[config.activation](), nn.Dropout(config.dropout)]  # fmt: skip
+            layers += [
+                nn.Linear(width, h),
+                _ACTIVATIONS[config.activation](),
+                nn.Dropout(config.dropout),
+            ]
             width = h
         layers.append(nn.Linear(width, n_classes))
         net = nn.Sequential(*layers)

@@ -75,13 +75,24 @@ class EmbeddingClassifier(ClassifierMixin, BaseEstimator):
 
     def _config(self) -> HeadConfig:
         return HeadConfig(
-            kind=self.kind, hidden=tuple(self.hidden), dropout=self.dropout,
-            activation=self.activation, epochs=self.epochs, batch_size=self.batch_size,
-            lr=self.lr, weight_decay=self.weight_decay, label_smoothing=self.label_smoothing,
-            class_weight=self.class_weight, normalize=self.normalize, patience=self.patience,
-            seed=self.random_state, k=self.k, temperature=self.temperature, C=self.C,
+            kind=self.kind,
+            hidden=tuple(self.hidden),
+            dropout=self.dropout,
+            activation=self.activation,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            label_smoothing=self.label_smoothing,
+            class_weight=self.class_weight,
+            normalize=self.normalize,
+            patience=self.patience,
+            seed=self.random_state,
+            k=self.k,
+            temperature=self.temperature,
+            C=self.C,
             max_iter=self.max_iter,
-        )  # fmt: skip
+        )
 
     def fit(self, X, y):
         from ..extract import resolve_device
@@ -92,7 +103,10 @@ class EmbeddingClassifier(ClassifierMixin, BaseEstimator):
         self.label_encoder_ = LabelEncoder().fit(y)
         self.classes_ = self.label_encoder_.classes_
         if len(self.classes_) < 2:
-            raise ValueError(f"{type(self).__name__} needs samples of at least 2 classes in the data; got 1 class")  # fmt: skip
+            raise ValueError(
+                f"{type(self).__name__} needs samples of at least 2 classes "
+                "in the data; got 1 class"
+            )
         yi = self.label_encoder_.transform(y).astype(np.int64)
         idx = np.arange(len(yi))
         tr, va = idx, idx[:0]
@@ -100,13 +114,17 @@ class EmbeddingClassifier(ClassifierMixin, BaseEstimator):
         if cfg.trained and n_val >= 1 and len(yi) - n_val >= 2:
             counts = np.bincount(yi)
             strat = yi if counts.min() >= 2 and n_val >= len(counts) else None
-            tr, va = train_test_split(idx, test_size=n_val, random_state=self.random_state, stratify=strat)  # fmt: skip
+            tr, va = train_test_split(
+                idx, test_size=n_val, random_state=self.random_state, stratify=strat
+            )
         dev = resolve_device(self.device) if cfg.trained else "cpu"
 
         def split(rows):
             return InMemory(torch.from_numpy(X[rows]).to(dev), torch.from_numpy(yi[rows]).to(dev))
 
-        module, result = fit_module(cfg, split(tr), split(va) if len(va) else None, len(self.classes_))  # fmt: skip
+        module, result = fit_module(
+            cfg, split(tr), split(va) if len(va) else None, len(self.classes_)
+        )
         self.head_ = Head(module, cfg, [str(c) for c in self.classes_], {}, "")
         self.best_epoch_ = result.best_epoch if result else 0
         self.n_iter_ = result.epochs if result else 1  # epochs run; one solve for knn/logreg

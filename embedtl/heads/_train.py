@@ -81,7 +81,9 @@ class StackedNet(nn.Module):
     trained alone with the same seed.
     """
 
-    def __init__(self, net: nn.Module, n: int, activation: str = "gelu", dropout: float = 0.0) -> None:  # fmt: skip
+    def __init__(
+        self, net: nn.Module, n: int, activation: str = "gelu", dropout: float = 0.0
+    ) -> None:
         super().__init__()
         linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
         self.weights = nn.ParameterList(
@@ -159,7 +161,9 @@ class _StackedAdamW:
         b1, b2 = _BETAS
         c1, c2 = 1 - b1**self.t, math.sqrt(1 - b2**self.t)
         n_w = len(self.net.weights)
-        for j, (p, (m, v)) in enumerate(zip((*self.net.weights, *self.net.biases), self.state, strict=True)):  # fmt: skip
+        for j, (p, (m, v)) in enumerate(
+            zip((*self.net.weights, *self.net.biases), self.state, strict=True)
+        ):
             lr = (self.lr * scale).view(-1, *([1] * (p.ndim - 1)))
             if j < n_w:
                 p.mul_(1 - lr * self.wd.view_as(lr))
@@ -174,7 +178,12 @@ class _StackedAdamW:
         self.state = [(m[idx], v[idx]) for m, v in self.state]
 
 
-def _loss(logits: torch.Tensor, y: torch.Tensor, smoothing: torch.Tensor | None, class_weight: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+def _loss(
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    smoothing: torch.Tensor | None,
+    class_weight: torch.Tensor | None,
+) -> torch.Tensor:
     """Per-variant cross-entropy (V,) of logits (V, B, C), as nn.CrossEntropyLoss computes it
     with a label smoothing per variant and optional class weights."""
     v, b, c = logits.shape
@@ -250,7 +259,11 @@ def train(
     stacked.to(device).train()
     best = copy.deepcopy(stacked)  # each variant's best weights, in the order of configs
     f32 = {"dtype": torch.float32, "device": device}
-    opt = _StackedAdamW(stacked, torch.tensor([c.lr for c in configs], **f32), torch.tensor([c.weight_decay for c in configs], **f32))  # fmt: skip
+    opt = _StackedAdamW(
+        stacked,
+        torch.tensor([c.lr for c in configs], **f32),
+        torch.tensor([c.weight_decay for c in configs], **f32),
+    )
     ls = [c.label_smoothing for c in configs]
     smoothing = torch.tensor(ls, **f32) if any(ls) else None
     weight = class_weights(train_split.labels, n_classes).to(device) if cfg.class_weight else None
@@ -270,7 +283,7 @@ def train(
     has_val = val_split is not None and val_split.n > 0
     step = 0
     desc = f"fit {cfg.kind}" + (f" x{n_var}" if n_var > 1 else "")
-    bar = tqdm(range(1, cfg.epochs + 1), desc=desc, unit="epoch", disable=not progress, leave=False)  # fmt: skip
+    bar = tqdm(range(1, cfg.epochs + 1), desc=desc, unit="epoch", disable=not progress, leave=False)
     # dropout draws from the global generator: fork it so training is seeded and leaves no trace
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
