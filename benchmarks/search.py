@@ -75,9 +75,9 @@ def synthetic_store(path: Path, n: int, n_queries: int, seed: int = 0):
 def exact_top10(store, queries: np.ndarray) -> np.ndarray:
     """Exact cosine top-10 (store rows) of each query, streaming the store (embedtl's own helper,
     the one that tunes the indexes)."""
-    from embedtl.search import _exact_neighbors
+    from embedtl.search import exact_neighbors
 
-    return _exact_neighbors(store, queries, np.arange(len(store)), 10, "cosine")
+    return exact_neighbors(store, queries, np.arange(len(store)), 10, "cosine")
 
 
 def measure(ix, queries: np.ndarray, truth_rows: np.ndarray, n_single: int) -> dict[str, float]:

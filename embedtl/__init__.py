@@ -9,7 +9,6 @@ from .backbones import (
     DEFAULT_BACKBONE,
     BackboneSpec,
     Preprocess,
-    build_feature_model,
     get_backbone,
     list_backbones,
     read_backbone_file,
@@ -28,24 +27,37 @@ from .cache import (
 )
 from .data import ImageTransform, Manifest, SplitConfig, load_image, scan
 from .datasets import export_dataset, list_datasets
+from .engine import (
+    Embedded,
+    EngineOptions,
+    ExtractStats,
+    default_batch_size,
+    default_workers,
+    embed_files,
+    extract,
+    extract_distributed,
+    open_source,
+)
 from .errors import (
     BackboneError,
     DataError,
     DatasetUnavailableError,
     DeviceError,
     EmbedTLError,
+    ExportError,
     FineTuneError,
     HeadError,
     ImageDecodeError,
+    StaleIndexError,
     StoreError,
     StoreLockedError,
     WeightsNotFoundError,
 )
-from .extract import ExtractStats, default_batch_size, extract
 
 #: Public names whose modules import torch: imported on first use, so `import embedtl` stays light.
 _LAZY = {
     "FeatureModel": "._model",
+    "build_feature_model": "._builder",
     "Head": ".heads",
     "HeadConfig": ".heads",
     "EmbeddingClassifier": ".heads",
@@ -54,7 +66,6 @@ _LAZY = {
     "evaluate_head": ".heads",
     "predict_images": ".predict",
     "export_head": ".export",
-    "embed_files": ".extract",
     "open_store_index": ".search",
     "search_store": ".search",
     "query_vectors": ".search",
@@ -84,7 +95,10 @@ __all__ = [
     "DatasetUnavailableError",
     "DeviceError",
     "EmbedTLError",
+    "Embedded",
     "EmbeddingClassifier",
+    "EngineOptions",
+    "ExportError",
     "ExtractStats",
     "FeatureModel",
     "FeatureStore",
@@ -99,6 +113,7 @@ __all__ = [
     "Manifest",
     "Preprocess",
     "SplitConfig",
+    "StaleIndexError",
     "StoreError",
     "StoreLockedError",
     "WeightsNotFoundError",
@@ -106,6 +121,7 @@ __all__ = [
     "bench_heads",
     "build_feature_model",
     "default_batch_size",
+    "default_workers",
     "default_cache_dir",
     "embed_files",
     "evaluate_head",
@@ -113,6 +129,7 @@ __all__ = [
     "export_dataset",
     "export_store",
     "extract",
+    "extract_distributed",
     "find_duplicates",
     "find_store",
     "fine_tune",
@@ -127,6 +144,7 @@ __all__ = [
     "load_grid",
     "load_head",
     "load_image",
+    "open_source",
     "open_store",
     "open_store_index",
     "predict_images",

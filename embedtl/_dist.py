@@ -1,5 +1,6 @@
-"""torch.distributed, as embedtl uses it under torchrun: one gloo process group (CPU tensors, any
-device), gathers of small Python objects between ranks. Rank work is embedtl's own engines."""
+"""Work split among processes: contiguous shards, and torch.distributed as embedtl uses it under
+torchrun (one gloo process group, CPU tensors, any device; gathers of small Python objects
+between ranks). Rank work is embedtl's own engines."""
 
 from __future__ import annotations
 
@@ -9,10 +10,17 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["torchrun_rank", "process_group"]
+__all__ = ["torchrun_rank", "process_group", "shard_bounds"]
 
 #: A rank may work for hours before the others hear from it: gathers wait that long.
 _TIMEOUT = datetime.timedelta(days=30)
+
+
+def shard_bounds(n_items: int, i: int, n: int) -> tuple[int, int]:
+    """[lo, hi) of the i-th of n contiguous, near-equal slices of n_items sorted items: the
+    shards of a sorted folder (or a store's rows), in order, concatenate to the whole (merging
+    is appending)."""
+    return i * n_items // n, (i + 1) * n_items // n
 
 
 def torchrun_rank() -> tuple[int, int] | None:

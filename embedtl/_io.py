@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = [
     "atomic_file",
+    "atomic_dir",
+    "write_text",
     "is_stale_temporary",
     "remove_stale_temporaries",
     "pause_point",
@@ -17,9 +20,9 @@ __all__ = [
 
 #: Test hook: ``EMBEDTL_TEST_PAUSE=point`` (or ``point@N``, the N-th time, counting from 1) makes
 #: this process stop at :func:`pause_point` ``point``: it creates ``point.<pid>.paused`` in the
-#: folder ``$EMBEDTL_TEST_PAUSE_DIR`` and waits there until ``point.resume`` appears. Tests use it to
-#: kill or interrupt a real process at an exact moment (inside a write, holding the lock), not
-#: after a sleep. Unset, it costs one dictionary lookup.
+#: folder ``$EMBEDTL_TEST_PAUSE_DIR`` and waits there until ``point.resume`` appears. Tests use
+#: it to kill or interrupt a real process at an exact moment (inside a write, holding the lock),
+#: not after a sleep. Unset, it costs one dictionary lookup.
 PAUSE_ENV = "EMBEDTL_TEST_PAUSE"
 _pause_counts: dict[str, int] = {}
 
@@ -65,29 +68,77 @@ def remove_stale_temporaries(path: Path) -> int:
     return len(stale)
 
 
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}{_TMP}{os.getpid()}")
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
 @contextmanager
-def atomic_file(path: str | os.PathLike[str], reserve: int = 0) -> Iterator[Path]:
+def atomic_file(
+    path: str | os.PathLike[str], reserve: int = 0, durable: bool = True
+) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write; when the block ends without an error the
     file is fsynced and moved over ``path`` with ``os.replace``. On an error it is removed and
-    ``path`` is left as it was.
+    ``path`` is left as it was. The temporary's name has no suffix of ``path``'s: a writer that
+    picks its format by extension must be told the format.
 
     ``reserve``: bytes to allocate for the temporary file first, so that a full disk (or a file
     size limit) fails here, as a plain ``OSError``, before a library such as HDF5 meets it in the
     middle of its own writes (HDF5 can crash on a failed write instead of raising).
+    ``durable=False`` skips the fsync (many small files that can be made again, e.g. the images
+    of an exported dataset): still never half a file, but maybe none after a power cut.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}{_TMP}{os.getpid()}")
+    tmp = _temporary(path)
     try:
         if reserve > 0:
             _reserve(tmp, reserve)
         yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        if durable:
+            _fsync(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path`` to fill; when the block ends without an
+    error its files are fsynced and it takes the place of ``path`` (a folder already there is
+    moved aside, then removed). On an error it is removed and ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                _fsync(f)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """``path`` holding ``text`` (UTF-8), written through :func:`atomic_file`."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def _reserve(tmp: Path, nbytes: int) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ._io import atomic_file
 from .errors import DatasetUnavailableError, EmbedTLError
 
 __all__ = ["DatasetInfo", "list_datasets", "get_dataset", "export_dataset"]
@@ -111,15 +112,13 @@ def export_dataset(
         if dest.exists():
             existing += 1
             continue
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name("." + dest.name + ".tmp")
         im = make()
-        im.save(
-            tmp,
-            format="JPEG" if dest.suffix == ".jpg" else "PNG",
-            **({"quality": 95} if dest.suffix == ".jpg" else {}),
-        )
-        os.replace(tmp, dest)
+        with atomic_file(dest, durable=False) as tmp:  # images can be made again: no fsync
+            im.save(
+                tmp,
+                format="JPEG" if dest.suffix == ".jpg" else "PNG",
+                **({"quality": 95} if dest.suffix == ".jpg" else {}),
+            )
         written += 1
     if written + existing == 0:
         raise EmbedTLError(
@@ -275,7 +274,7 @@ _register(
     )
 )
 
-# -- scikit-learn digits ----------------------------------------------------------------------------
+# -- scikit-learn digits ---------------------------------------------------------------------
 
 
 def _digits_items(max_per_class, classes) -> Iterator[_Item]:
@@ -309,7 +308,7 @@ _register(
     )
 )
 
-# -- scikit-image photos ------------------------------------------------------------------------------
+# -- scikit-image photos ---------------------------------------------------------------------
 
 _SKIMAGE_PHOTOS = (
     "astronaut",

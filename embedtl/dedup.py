@@ -3,8 +3,8 @@
 Memory stays bounded: the store is read a chunk of rows at a time and each chunk is searched in
 the store's index (exact ``flat`` up to 50k rows); only the pairs above the threshold are kept.
 Groups are formed around keepers, largest file first (every member is above the threshold with
-its keeper; no chaining). Each group flags groups that span splits (the same image in train and test inflates test accuracy) or
-carry different labels.
+its keeper; no chaining). Each group flags groups that span splits (the same image in train and
+test inflates test accuracy) or carry different labels.
 """
 
 from __future__ import annotations
@@ -17,8 +17,11 @@ from typing import Any
 
 import numpy as np
 
+from ._io import write_text
 from .errors import StoreError
-from .search import VectorIndex, l2_normalize, open_store_index, row_record
+from .gallery import dedup_html
+from .index import VectorIndex, l2_normalize
+from .search import open_store_index, row_record
 
 __all__ = ["DEFAULT_THRESHOLD", "find_duplicates", "write_dedup_report"]
 
@@ -150,11 +153,7 @@ def write_dedup_report(
     report: dict[str, Any], out_dir: str | os.PathLike[str], html_limit: int = 500
 ) -> dict[str, str]:
     """``duplicates.json`` (every group) and ``duplicates.html`` (thumbnails) in ``out_dir``."""
-    from .gallery import dedup_html
-
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    js = out / "duplicates.json"
-    js.write_text(json.dumps(report, indent=1), encoding="utf-8")
+    js = write_text(out / "duplicates.json", json.dumps(report, indent=1))
     page = dedup_html(report, out / "duplicates.html", limit=html_limit)
     return {"json": str(js), "html": str(page)}

@@ -21,7 +21,8 @@ class WeightsNotFoundError(BackboneError):
 
 
 class DataError(EmbedTLError):
-    """The image folder cannot be used as asked (missing, empty, unlabelled where labels are needed)."""
+    """The image folder cannot be used as asked (missing, empty, unlabelled where labels are
+    needed)."""
 
 
 class ImageDecodeError(DataError):
@@ -51,3 +52,11 @@ class HeadError(EmbedTLError):
 
 class FineTuneError(EmbedTLError):
     """A fine-tune that cannot run as asked (head kind, classes, settings, a foreign checkpoint)."""
+
+
+class ExportError(EmbedTLError):
+    """A model could not be exported, or its export does not match PyTorch."""
+
+
+class StaleIndexError(EmbedTLError):
+    """A saved index does not describe its store any more (and may not be updated)."""

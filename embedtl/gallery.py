@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ._io import atomic_file, write_text
+
 __all__ = ["thumbnail", "search_html", "search_grid", "dedup_html"]
 
 THUMB = 160
@@ -55,22 +57,27 @@ figure.keep img{border:3px solid #26a}
 
 def _page(title: str, body: list[str], size: int) -> str:
     css = _CSS % (size, size, size)
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{css}</style></head><body><h1>{html.escape(title)}</h1>{''.join(body)}</body></html>"
+    t = html.escape(title)
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{t}</title>"
+        f"<style>{css}</style></head><body><h1>{t}</h1>{''.join(body)}</body></html>"
+    )
 
 
 def _figure(path: str, caption: str, cls: str = "", size: int = THUMB) -> str:
+    href = html.escape(Path(path).as_uri() if Path(path).is_absolute() else path)
     return (
-        f"<figure class='{cls}'><a href='{html.escape(Path(path).as_uri() if Path(path).is_absolute() else path)}'>"
+        f"<figure class='{cls}'><a href='{href}'>"
         f"<img src='{_data_uri(path, size)}' alt='{html.escape(Path(path).name)}'></a>"
         f"<figcaption>{caption}</figcaption></figure>"
     )
 
 
-def _write(out: str | os.PathLike[str], text: str) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text, encoding="utf-8")
-    return out
+def _caption(head: str, record: dict[str, Any]) -> str:
+    """``head``, then a result row's label, split and file name."""
+    label = html.escape(str(record["label"] or "-"))
+    name = html.escape(Path(record["path"]).name)
+    return f"{head}<br>{label} <span class='meta'>{record['split']}</span><br>{name}"
 
 
 def search_html(
@@ -85,14 +92,10 @@ def search_html(
         q = r["query"]
         figs = [_figure(q, f"<b>query</b><br>{html.escape(Path(q).name)}", "q", size)]
         for nb in r["neighbors"]:
-            cap = (
-                f"#{nb['rank']} "
-                f"<b>{nb['score']:.3f}</b><br>{html.escape(str(nb['label'] or '-'))} "
-                f"<span class='meta'>{nb['split']}</span><br>{html.escape(Path(nb['path']).name)}"
-            )
+            cap = _caption(f"#{nb['rank']} <b>{nb['score']:.3f}</b>", nb)
             figs.append(_figure(nb["path"], cap, "", size))
         body.append(f"<h2>{html.escape(q)}</h2><div class='row'>{''.join(figs)}</div>")
-    return _write(out, _page(title, body, size))
+    return write_text(out, _page(title, body, size))
 
 
 def search_grid(
@@ -117,10 +120,9 @@ def search_grid(
             if j == 0:
                 draw.rectangle((x, y, x + size - 1, y + size - 1), outline=(34, 170, 102), width=3)
             draw.text((x + 2, y + size + 2), text[:22], fill=(0, 0, 0))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(out)
-    return out
+    with atomic_file(out) as tmp:
+        grid.save(tmp, format="PNG")
+    return Path(out)
 
 
 def dedup_html(
@@ -149,13 +151,14 @@ def dedup_html(
         for m in g["members"]:
             keep = m["path"] == g["keep"]
             head = "<b>keep</b>" if keep else f"<b>{m['similarity']:.3f}</b>"
-            cap = f"{head}<br>{html.escape(str(m['label'] or '-'))} <span class='meta'>{m['split']}</span><br>{html.escape(Path(m['path']).name)}"
+            cap = _caption(head, m)
             figs.append(_figure(m["path"], cap, "keep" if keep else "", size))
         body.append(
             f"<h2>group {gi + 1}: {len(g['members'])} images, min "
             "similarity "
-            f"{g['min_similarity']:.3f}{' — ' + ', '.join(flags) if flags else ''}</h2><div class='row'>{''.join(figs)}</div>"
+            f"{g['min_similarity']:.3f}{' — ' + ', '.join(flags) if flags else ''}</h2><div "
+            f"class='row'>{''.join(figs)}</div>"
         )
     if len(groups) > limit:
         body.append(f"<p>{len(groups) - limit} more groups in the JSON report.</p>")
-    return _write(out, _page("embedtl dedup", body, size))
+    return write_text(out, _page("embedtl dedup", body, size))

@@ -1,8 +1,8 @@
-"""The one k-nearest-neighbour vote, and kNN evaluation of a store.
+"""The one k-nearest-neighbour classifier, and kNN evaluation of a store.
 
-Neighbours come from :class:`embedtl.search.VectorIndex` (cosine: unit vectors, inner product);
-each votes for its class with weight exp(s / T). The kNN head (:mod:`embedtl.heads`), kNN
-evaluation and image search all use this code.
+Neighbours come from :class:`embedtl.index.VectorIndex` (cosine: unit vectors, inner product);
+each votes for its class with weight exp(s / T). The kNN head (:mod:`embedtl.heads`),
+bench-heads' kNN variants and kNN evaluation all predict with :func:`knn_predict`.
 """
 
 from __future__ import annotations
@@ -14,9 +14,16 @@ from typing import Any
 import numpy as np
 
 from .errors import DataError
-from .search import VectorIndex, l2_normalize
+from .index import VectorIndex, l2_normalize
 
-__all__ = ["KNN_TEMPERATURE", "KNN_EVAL_K", "l2_normalize", "weighted_vote", "knn_evaluate"]
+__all__ = [
+    "KNN_TEMPERATURE",
+    "KNN_EVAL_K",
+    "l2_normalize",
+    "weighted_vote",
+    "knn_predict",
+    "knn_evaluate",
+]
 
 #: Temperature of the weighted vote, the value of the self-supervised literature's kNN protocol
 #: (Wu et al. 2018; DINO): a neighbour with similarity s votes with weight exp(s / T).
@@ -42,6 +49,23 @@ def weighted_vote(
     return (votes / votes.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
+def knn_predict(
+    index: VectorIndex,
+    bank_labels: np.ndarray,
+    queries: np.ndarray,
+    n_classes: int,
+    variants: Sequence[tuple[int, float]],
+) -> list[np.ndarray]:
+    """Class probabilities (Q, C) of ``queries`` for each (k, temperature) of ``variants``, by
+    the weighted vote of their k nearest vectors in ``index`` (whose vector i has the label
+    ``bank_labels[i]``), all from one search for the largest k."""
+    k_max = max(k for k, _ in variants)
+    scores, ids = index.search(queries, k_max)
+    return [
+        weighted_vote(scores[:, :k], bank_labels[ids[:, :k]], n_classes, t) for k, t in variants
+    ]
+
+
 def knn_evaluate(
     store,
     ks: Sequence[int] = KNN_EVAL_K,
@@ -60,7 +84,7 @@ def knn_evaluate(
     if not ks or ks[0] < 1:
         raise DataError("kNN evaluation needs k >= 1")
     labels, n_classes = store.labels, len(store.classes)
-    bank_rows = np.flatnonzero(store.mask("train") & (labels >= 0))
+    bank_rows = store.labelled_rows("train")
     if not len(bank_rows) or n_classes < 2:
         raise DataError(
             f"{store.path} has no labelled train rows in two or more "
@@ -68,20 +92,17 @@ def knn_evaluate(
         )
     bank = VectorIndex.from_vectors(store.features(rows=bank_rows))
     bank_labels = labels[bank_rows]
-    k_max = min(ks[-1], len(bank_rows))
+    variants = [(min(k, len(bank_rows)), temperature) for k in ks]
     results = []
     for split in splits:
-        rows = np.flatnonzero(store.mask(split) & (labels >= 0))
+        rows = store.labelled_rows(split)
         if not len(rows):
             continue
         top1 = np.zeros(len(ks))
         top5 = np.zeros(len(ks))
         for got, x in store.iter_chunks(chunk_rows, rows=rows):
-            scores, ids = bank.search(x, k_max)
             y = labels[got]
-            for j, k in enumerate(ks):
-                kk = min(k, k_max)
-                p = weighted_vote(scores[:, :kk], bank_labels[ids[:, :kk]], n_classes, temperature)
+            for j, p in enumerate(knn_predict(bank, bank_labels, x, n_classes, variants)):
                 order = np.argsort(-p, axis=1)[:, :5]
                 top1[j] += (order[:, 0] == y).sum()
                 top5[j] += (order == y[:, None]).any(axis=1).sum()

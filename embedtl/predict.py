@@ -2,7 +2,8 @@
 
 The backbone is rebuilt from the spec the head artifact records and must have the fingerprint the
 head was trained on (same architecture, weights file, preprocessing); anything else is refused.
-Images run through the extraction engine's runtimes (:func:`embedtl.extract.embed_files`).
+Images run through the extraction engine's runtimes (:func:`embedtl.engine.embed_files`), on
+the same :class:`~embedtl.engine.EngineOptions` as extraction.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from .backbones import BackboneSpec, get_backbone
+from ._io import atomic_file
+from .backbones import BackboneSpec
 from .data import image_files
+from .engine import EngineOptions, embed_files
 from .errors import DataError
-from .extract import embed_files
 from .heads import Head
 
 __all__ = ["UNSURE", "Predictions", "head_backbone", "predict_images"]
@@ -37,9 +39,9 @@ class Predictions:
     seconds: float = 0.0
 
     def write_csv(self, path: str | os.PathLike[str]) -> None:
-        """path,label,confidence,top1..topk columns (label:p)."""
+        """path,label,confidence,top1..topk columns (label:p), written atomically."""
         k = max((len(r["topk"]) for r in self.records), default=0)
-        with open(path, "w", newline="") as fh:
+        with atomic_file(path) as tmp, open(tmp, "w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(["path", "label", "confidence", *(f"top{i + 1}" for i in range(k))])
             for r in self.records:
@@ -53,17 +55,8 @@ class Predictions:
                 )
 
 
-def head_backbone(
-    head: Head, backbone: str | BackboneSpec | None = None, image_size: int | None = None
-) -> BackboneSpec:
-    """The backbone to run under ``head``: its own recorded spec unless one is named; refused
-    unless its fingerprint (weights, preprocessing, image size) is the head's."""
-    if backbone is None:
-        spec = head.backbone_spec.with_image_size(image_size)
-    else:
-        spec = get_backbone(backbone, image_size=image_size)
-    head.check_fingerprint(spec.fingerprint(), f"backbone {spec.name!r} as it is on this machine")
-    return spec
+#: The backbone to run under a head (:meth:`Head.backbone_for`).
+head_backbone = Head.backbone_for
 
 
 def label_records(
@@ -90,35 +83,26 @@ def label_records(
 def predict_images(
     head: Head,
     inputs: Sequence[str | os.PathLike[str]],
+    options: EngineOptions | None = None,
     *,
     backbone: str | BackboneSpec | None = None,
-    image_size: int | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    device: str = "auto",
-    runtime: str = "auto",
-    batch_size: int | None = None,
     topk: int = 5,
     unsure: float | None = None,
     progress: bool = False,
-    allow_download: bool | None = None,
+    **settings: Any,
 ) -> Predictions:
-    """Classify image files and folders (searched recursively) with backbone + ``head``."""
+    """Classify image files and folders (searched recursively) with backbone + ``head``: the
+    head's own backbone unless ``backbone`` names one with the same fingerprint, run on the
+    engine ``options`` (fields given as ``settings`` replace the record's, as for
+    :func:`embedtl.extract`; ``image_size`` must be the head's)."""
     if unsure is not None and not 0 <= unsure <= 1:
         raise DataError(f"--unsure must be a probability in [0, 1], got {unsure}")
-    spec = head_backbone(head, backbone, image_size)
+    opts = EngineOptions.of(options, **settings)
+    spec = head.backbone_for(backbone, opts.image_size)
     files = image_files(inputs)
     if not files:
         raise DataError(f"no image files in {', '.join(map(str, inputs))}")
-    emb = embed_files(
-        files,
-        spec,
-        cache_dir=cache_dir,
-        device=device,
-        runtime=runtime,
-        batch_size=batch_size,
-        progress=progress,
-        allow_download=allow_download,
-    )
+    emb = embed_files(files, spec, opts, progress=progress)
     proba = head.predict_proba(emb.features)
     return Predictions(
         records=label_records(head, emb.paths, proba, topk, unsure),

@@ -17,11 +17,15 @@ from typing import Any
 
 import numpy as np
 
+from ._io import atomic_file, write_text
+
 __all__ = [
     "Evaluation",
     "calibration",
     "coverage_curve",
+    "new_figure",
     "plot_training_curve",
+    "save_figure",
 ]
 
 ECE_BINS = 15
@@ -123,7 +127,6 @@ class Evaluation:
     def write(self, out: str | os.PathLike[str]) -> dict[str, str]:
         """metrics.json, confusion.json/.png, reliability.png, coverage.png in ``out``."""
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
         m = self.metrics()
         files = {
             "metrics": out / "metrics.json",
@@ -132,9 +135,10 @@ class Evaluation:
             "reliability_png": out / "reliability.png",
             "coverage_png": out / "coverage.png",
         }
-        files["metrics"].write_text(json.dumps(m, indent=2))
+        write_text(files["metrics"], json.dumps(m, indent=2))
         cm = self.confusion()
-        files["confusion_json"].write_text(
+        write_text(
+            files["confusion_json"],
             json.dumps(
                 {
                     "classes": self.classes,
@@ -143,7 +147,7 @@ class Evaluation:
                     "matrix": cm.tolist(),
                 },
                 indent=2,
-            )
+            ),
         )
         _plot_confusion(
             cm, self.classes, files["confusion_png"], f"{self.split}: accuracy {m['accuracy']:.3f}"
@@ -153,20 +157,26 @@ class Evaluation:
         return {k: str(v) for k, v in files.items()}
 
 
-def _pyplot():
-    import matplotlib
+def new_figure(figsize: tuple[float, float]):
+    """A matplotlib ``Figure`` of its own: no pyplot, no global backend or state, so drawing a
+    report changes nothing in a notebook or another program."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    return Figure(figsize=figsize)
 
-    return plt
+
+def save_figure(fig, path: str | os.PathLike[str], dpi: int = 110) -> Path:
+    """``fig`` as a PNG at ``path``, written atomically."""
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    return Path(path)
 
 
 def _plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str) -> None:
-    plt = _pyplot()
     c = len(classes)
     size = min(4 + 0.45 * c, 24)
-    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    fig = new_figure((size, size * 0.9))
+    ax = fig.subplots()
     rows = cm.sum(1, keepdims=True)
     norm = cm / np.maximum(rows, 1)  # share of each true class
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
@@ -189,13 +199,12 @@ def _plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str) 
                         color="white" if norm[i, j] > 0.5 else "black",
                     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _plot_reliability(cal: dict[str, Any], path: Path) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig = new_figure((4.5, 4.5))
+    ax = fig.subplots()
     for b in cal["bins"]:
         ax.bar(
             b["low"],
@@ -212,13 +221,12 @@ def _plot_reliability(cal: dict[str, Any], path: Path) -> None:
     ax.set_title(f"reliability: ECE {cal['ece']:.3f}")
     ax.legend(loc="upper left")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _plot_coverage(curve: list[dict[str, float]], path: Path) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig = new_figure((5, 4))
+    ax = fig.subplots()
     cov = [p["coverage"] for p in curve]
     acc = [p["accuracy"] for p in curve]
     ax.plot(cov, acc, "o-")
@@ -229,8 +237,7 @@ def _plot_coverage(curve: list[dict[str, float]], path: Path) -> None:
     ax.set_ylabel("accuracy of the answers")
     ax.set_title("unsure threshold: accuracy vs coverage")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_training_curve(
@@ -241,9 +248,9 @@ def plot_training_curve(
 ) -> None:
     """Train/val loss and val accuracy per epoch (``start_accuracy``: val before the first
     step, drawn as a dotted line)."""
-    plt = _pyplot()
     ep = [p["epoch"] for p in curve]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig = new_figure((9, 3.5))
+    a, b = fig.subplots(1, 2)
     a.plot(ep, [p["train_loss"] for p in curve], label="train loss")
     if curve and "val_loss" in curve[0]:
         a.plot(ep, [p["val_loss"] for p in curve], label="val loss")
@@ -264,5 +271,4 @@ def plot_training_curve(
     b.set_ylabel("val accuracy")
     b.set_title("best epoch (dashed) is kept")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -2,7 +2,7 @@
 
 A runtime takes a uint8 batch (B, 3, H, W) and returns float32 features (B, D) as numpy. The
 ONNX model is the backbone's :class:`~embedtl._model.FeatureModel` exported once per fingerprint
-by :func:`embedtl.export.export_onnx` (which refuses an export that does not match PyTorch), and
+by :func:`embedtl._onnx.export_onnx` (which refuses an export that does not match PyTorch), and
 cached beside the feature stores. The runtime is recorded in store metadata; the cache key stays
 the backbone fingerprint.
 """
@@ -16,8 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .backbones import BackboneSpec, build_feature_model
-from .errors import DeviceError, EmbedTLError
+from ._builder import build_feature_model
+from ._io import write_text
+from .backbones import BackboneSpec
+from .errors import DeviceError, EmbedTLError, ExportError
 
 __all__ = [
     "RUNTIMES",
@@ -149,7 +151,8 @@ def _is_oom(e: BaseException) -> bool:
 
 
 class Finished:
-    """A batch whose features are ready: ``result()`` -> (features (B, D) float32, stage seconds)."""
+    """A batch whose features are ready: ``result()`` -> (features (B, D) float32, stage
+    seconds)."""
 
     def __init__(self, feats: np.ndarray, times: dict[str, float]) -> None:
         self.feats, self.times = feats, times
@@ -344,8 +347,9 @@ def autotune_batch(
 ) -> tuple[int, dict[int, float]]:
     """The batch size to run at: doubles from ``start`` while throughput (images/s of a timed
     pass after a warm-up pass) still grows by ``min_gain``, up to ``limit``; a batch that runs
-    out of memory ends the search, and the last batch that gained is kept. Returns (batch, {batch: images/s}). ``forward`` must raise
-    on out-of-memory (not back off): :meth:`TorchRuntime.forward`."""
+    out of memory ends the search, and the last batch that gained is kept. Returns (batch,
+    {batch: images/s}). ``forward`` must raise on out-of-memory (not back off):
+    :meth:`TorchRuntime.forward`."""
     import time
 
     clock = clock or time.perf_counter
@@ -381,23 +385,12 @@ class OnnxRuntime:
     name = "onnxruntime"
 
     def __init__(self, spec: BackboneSpec, path: Path, allow_download: bool | None) -> None:
-        import onnxruntime as ort
-
-        from .export import export_onnx
+        from ._onnx import export_onnx  # looked up on use: tests replace it
 
         self.notes: list[str] = []
-        opts = ort.SessionOptions()
-        import torch
-
-        # as many threads as PyTorch uses: OMP_NUM_THREADS when set (torchrun sets 1 per rank)
-        opts.intra_op_num_threads = torch.get_num_threads()
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if path.is_file():
             try:
-                self.session = ort.InferenceSession(
-                    str(path), sess_options=opts, providers=["CPUExecutionProvider"]
-                )
+                self.session = _session(path)
             except Exception as e:  # a damaged cache file: it is derived data, make it again
                 log.warning(
                     "the cached ONNX export %s is unreadable (%s): exporting again",
@@ -410,9 +403,7 @@ class OnnxRuntime:
             model = build_feature_model(spec, allow_download=allow_download)
             crop = spec.preprocess.crop
             export_onnx(model, path, (2, 3, crop, crop), metadata={"backbone": spec.to_dict()})
-            self.session = ort.InferenceSession(
-                str(path), sess_options=opts, providers=["CPUExecutionProvider"]
-            )
+            self.session = _session(path)
         self.input_name = self.session.get_inputs()[0].name
         #: the export's check against PyTorch on a seeded batch (max_abs_diff, min_cosine, batch)
         self.parity = _read_parity(path)
@@ -440,6 +431,19 @@ class OnnxRuntime:
         pass
 
 
+def _session(path: Path):
+    """An ONNX Runtime CPU session of the model at ``path``, with as many threads as PyTorch
+    uses (OMP_NUM_THREADS when set; torchrun sets 1 per rank)."""
+    import onnxruntime as ort
+    import torch
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
 def _read_parity(path: Path) -> dict | None:
     import json
 
@@ -463,8 +467,6 @@ def load_runtime(
     instead, with a warning (and the failure is remembered, so ``auto`` does not retry it)."""
     import json
 
-    from .export import ExportError
-
     if name == "onnxruntime":
         try:
             return OnnxRuntime(spec, onnx_path, allow_download), None
@@ -473,10 +475,8 @@ def load_runtime(
             log.warning(
                 "ONNX Runtime cannot run %s, extracting with PyTorch instead: %s", spec.name, why
             )
-            marker = _failure_marker(onnx_path)
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text(json.dumps({"error": why[:500], "backbone": spec.to_dict()}))
-            return TorchRuntime(
-                spec, device, allow_download, precision, compile
-            ), f"ONNX Runtime unavailable ({why[:200]}): PyTorch eager instead"
+            marker = {"error": why[:500], "backbone": spec.to_dict()}
+            write_text(_failure_marker(onnx_path), json.dumps(marker))
+            instead = f"ONNX Runtime unavailable ({why[:200]}): PyTorch eager instead"
+            return TorchRuntime(spec, device, allow_download, precision, compile), instead
     return TorchRuntime(spec, device, allow_download, precision, compile), None

@@ -136,7 +136,7 @@ def synthetic_store(
 #: `embedtl` in a fresh interpreter (``python -c EMBEDTL_WITH_SMALL_JOURNAL ARGS...``) that
 #: writes a journal segment every 4 rows, so a process stopped early has left some behind
 EMBEDTL_WITH_SMALL_JOURNAL = (
-    "import importlib, sys; importlib.import_module('embedtl.extract')._FLUSH_ROWS = 4; "
+    "import importlib, sys; importlib.import_module('embedtl.engine._stream')._FLUSH_ROWS = 4; "
     "from embedtl.cli import main; sys.argv[0] = 'embedtl'; main()"
 )
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import embedtl
+from embedtl._builder import build_feature_model
 from embedtl.backbones import (
     BackboneSpec,
     Preprocess,
-    build_feature_model,
     get_backbone,
     list_backbones,
     register_backbone,

@@ -13,13 +13,13 @@ import torch
 from click.testing import CliRunner
 from conftest import TINY_BACKBONE, TINY_SIZE, make_class_folder, synthetic_store
 
-import embedtl.bench as bench
+import embedtl.bench._bench as bench  # ranking, folds, the test split read once
+import embedtl.bench._sweep as passes  # variants trained in batched passes
 from embedtl.bench import PRESETS, bench_heads, expand_grid, load_grid, sweep
 from embedtl.cli import main
 from embedtl.errors import HeadError
-from embedtl.heads import HeadConfig
+from embedtl.heads import HeadConfig, fit_modules
 from embedtl.heads._data import StoreFeatures
-from embedtl.heads._head import _split_rows, fit_modules
 from embedtl.heads._train import StackedNet, train
 
 
@@ -31,7 +31,7 @@ def store(tmp_path):
 
 def _splits(store):
     data = StoreFeatures(store)
-    tr, va = _split_rows(store, "train"), _split_rows(store, "val")
+    tr, va = store.labelled_rows("train"), store.labelled_rows("val")
     return data.split(tr, store.labels[tr]), data.split(va, store.labels[va])
 
 
@@ -161,8 +161,8 @@ def test_a_pass_too_big_for_memory_is_split_and_gives_the_same_heads(store, monk
     configs = GROUPS["linear"][:4]
     tr, va = _splits(store)
     whole = sweep(configs, tr, va, 3)
-    monkeypatch.setattr(bench, "_PASS_BYTES", 1)  # one variant per pass
-    assert len(bench._pass_chunks(configs, 24, 3, 32)) == 4
+    monkeypatch.setattr(passes, "_PASS_BYTES", 1)  # one variant per pass
+    assert len(passes._pass_chunks(configs, 24, 3, 32)) == 4
     parts = sweep(configs, tr, va, 3)
     for a, b in zip(whole, parts, strict=True):
         _same((a.module, a.result), (b.module, b.result))
@@ -175,7 +175,7 @@ def test_knn_variants_share_one_search_and_match_the_knn_head(store):
     tr, va = _splits(store)
     fits = sweep(configs, tr, va, 3)
     assert len({id(f.module.net.bank) for f in fits}) == 1  # one memory bank for all
-    y = store.labels[_split_rows(store, "val")]
+    y = store.labels[store.labelled_rows("val")]
     for cfg, f in zip(configs, fits, strict=True):
         head = fit_head(store, cfg)
         assert (f.val_pred == y).mean() == pytest.approx(head.info["metrics"]["val_accuracy"])
@@ -221,9 +221,9 @@ def test_selection_never_reads_the_test_split(tmp_path, monkeypatch):
     poisoned = synthetic_store(tmp_path / "poisoned.h5", separation=0.8, poison_test=True)
     configs = expand_grid(SMALL)
     # every split handed to training or selection holds only train/val rows; test is read by
-    # _evaluation, once per chosen variant, after the ranking
+    # evaluate_split, once per chosen variant, after the ranking
     seen, evaluated = [], []
-    real_split, real_eval = StoreFeatures.split, bench._evaluation
+    real_split, real_eval = StoreFeatures.split, bench.evaluate_split
     monkeypatch.setattr(
         StoreFeatures,
         "split",
@@ -234,7 +234,7 @@ def test_selection_never_reads_the_test_split(tmp_path, monkeypatch):
     )
     monkeypatch.setattr(
         bench,
-        "_evaluation",
+        "evaluate_split",
         lambda head, data, split, cmap: (
             evaluated.append((split, head.kind)),
             real_eval(head, data, split, cmap),
@@ -360,7 +360,7 @@ def test_macro_f1_equals_scikit_learns():
         c, n = rng.integers(2, 8), rng.integers(1, 60)
         y, p = rng.integers(0, c, n), rng.integers(0, c, n)
         want = f1_score(y, p, labels=np.unique(y), average="macro", zero_division=0)
-        assert bench._macro_f1(y, p) == pytest.approx(want, abs=1e-12)
+        assert passes.macro_f1(y, p) == pytest.approx(want, abs=1e-12)
 
 
 def test_cli_refuses_backbones_with_a_store(tmp_path):

@@ -193,7 +193,7 @@ def test_decoding_path_is_feature_equivalent_to_torchvision(tmp_path):
     photo (DCT downscale to >= 4x the target, then the exact bicubic)."""
     from skimage import data as skdata
 
-    from embedtl.backbones import build_feature_model
+    from embedtl._builder import build_feature_model
 
     spec = get_backbone("efficientnet_lite0")
     model = build_feature_model(spec)

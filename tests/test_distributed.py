@@ -16,7 +16,7 @@ import pytest
 from conftest import EMBEDTL_WITH_SMALL_JOURNAL, TINY_BACKBONE, TINY_SIZE, Paused, make_class_folder
 
 import embedtl
-from embedtl.extract import shard_bounds
+from embedtl._dist import shard_bounds
 
 TINY = ["--backbone", TINY_BACKBONE, "--image-size", str(TINY_SIZE), "--workers", "0"]
 

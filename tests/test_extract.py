@@ -11,7 +11,9 @@ from conftest import TINY_BACKBONE, TINY_SIZE, make_class_folder, write_image
 import embedtl
 from embedtl.errors import DeviceError, ImageDecodeError
 
-ex = importlib.import_module("embedtl.extract")  # the module; embedtl.extract is the function
+loader = importlib.import_module("embedtl.engine._loader")  # reads and decodes image files
+plan = importlib.import_module("embedtl.engine._plan")  # writes the store
+stream = importlib.import_module("embedtl.engine._stream")  # journals what the model computed
 rt = importlib.import_module("embedtl.runtime")
 
 
@@ -48,9 +50,9 @@ def test_rerun_is_a_cache_hit_that_builds_no_model_and_decodes_no_image(
         raise AssertionError("must not be called on a cache hit")
 
     monkeypatch.setattr(rt, "build_feature_model", boom)
-    monkeypatch.setattr(ex, "read_file", boom)
-    monkeypatch.setattr(ex, "decode_image", boom)
-    monkeypatch.setattr(ex, "write_store", boom)
+    monkeypatch.setattr(loader, "read_file", boom)
+    monkeypatch.setattr(loader, "decode_image", boom)
+    monkeypatch.setattr(plan, "write_store", boom)
     again = embedtl.extract(class_folder, cache_dir=cache_dir, **tiny)
     st = again.last_extraction
     assert not st.model_built and st.cached == 24 and st.extracted == 0
@@ -68,13 +70,13 @@ def test_incremental_add_change_remove(class_folder, cache_dir, tiny, monkeypatc
     (class_folder / "fox" / "fox_002.png").unlink()  # removed
 
     decoded: list[str] = []
-    real = ex.read_file
+    real = loader.read_file
 
     def spy(path, *a, **k):
         decoded.append(os.path.basename(path))
         return real(path, *a, **k)
 
-    monkeypatch.setattr(ex, "read_file", spy)
+    monkeypatch.setattr(loader, "read_file", spy)
     second = embedtl.extract(class_folder, cache_dir=cache_dir, dtype="float32", **tiny)
     st = second.last_extraction
     assert sorted(decoded) == ["cat_001.png", "dog_new.png"]
@@ -108,7 +110,7 @@ def tmp_cache(cache_dir):
 
 def test_interrupted_run_resumes_where_it_stopped(tmp_path, cache_dir, tiny, monkeypatch):
     root = make_class_folder(tmp_path / "d", n_per_class=10)
-    monkeypatch.setattr(ex, "_FLUSH_ROWS", 8)  # a journal segment per batch
+    monkeypatch.setattr(stream, "_FLUSH_ROWS", 8)  # a journal segment per batch
     calls = {"n": 0}
     real_build = rt.build_feature_model
 

@@ -15,7 +15,8 @@ from click.testing import CliRunner
 from conftest import TINY_BACKBONE, TINY_SIZE, make_class_folder
 
 import embedtl
-from embedtl.backbones import build_feature_model, get_backbone, read_backbone_file
+from embedtl._builder import build_feature_model
+from embedtl.backbones import get_backbone, read_backbone_file
 from embedtl.cli import main
 from embedtl.errors import BackboneError, FineTuneError
 from embedtl.finetune import CHECKPOINT, FineTuneConfig, amp_dtype, fine_tune, save_backbone
@@ -212,7 +213,9 @@ def test_unfreeze_values_are_checked(setup, tmp_path, bad):
 )
 def test_blocks_partition_every_parameter_in_order(name):
     from embedtl._model import FeatureModel
-    from embedtl.backbones import _classifier_name, _create_arch, _split_classifier
+    from embedtl.backbones import classifier_name as _classifier_name
+    from embedtl.backbones import create_arch as _create_arch
+    from embedtl.backbones import split_classifier as _split_classifier
 
     spec = get_backbone(name)
     with torch.device("meta"):  # names and shapes only

@@ -25,7 +25,7 @@ from embedtl.data import ImageTransform, decode_image
 from embedtl.errors import DeviceError, StoreError
 from embedtl.tensor_decode import TensorDecoder, fallback_reason
 
-ex = importlib.import_module("embedtl.extract")
+ex = importlib.import_module("embedtl.engine._stream")
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -136,7 +136,7 @@ def test_a_jpeg_the_tensor_decoder_fails_on_goes_to_pil(tmp_path, tiny, monkeypa
 
     monkeypatch.setattr(TensorDecoder, "decode", flaky)
     kw = {**tiny, "dtype": "float32", "device": "cpu", "runtime": "torch"}
-    with caplog.at_level(logging.INFO, logger="embedtl.extract"):
+    with caplog.at_level(logging.INFO, logger="embedtl.engine"):
         tv = embedtl.extract(root, cache_dir=tmp_path / "tv", decoder="torchvision", **kw)
     n_batches = -(-9 // tiny["batch_size"])
     assert tv.last_extraction.decode_fallback == {"tensor decoder failed": n_batches}

@@ -36,6 +36,8 @@ from PIL import Image
 
 import embedtl
 import embedtl.data as data_mod
+import embedtl.data._decode as decode_mod  # opens image files
+import embedtl.data._walk as walk_mod  # lists folders
 from embedtl.cli import main as cli_main
 from embedtl.errors import ImageDecodeError, StoreError
 
@@ -196,8 +198,8 @@ def test_unreadable_file_and_folder_are_recorded_not_fatal(
             raise PermissionError(13, "Permission denied", str(path))
         return real_scandir(path)
 
-    monkeypatch.setattr(data_mod, "open", deny_open, raising=False)
-    monkeypatch.setattr(data_mod.os, "scandir", deny_scandir)
+    monkeypatch.setattr(decode_mod, "open", deny_open, raising=False)
+    monkeypatch.setattr(walk_mod.os, "scandir", deny_scandir)
     store = embedtl.extract(class_folder, cache_dir=cache_dir, **tiny)
     assert store.failed == [
         ("cat/cat_002.png", "unreadable file: PermissionError: Permission denied")

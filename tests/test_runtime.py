@@ -15,7 +15,7 @@ from embedtl.errors import DeviceError
 from embedtl.export import ExportError, ParityReport, export_onnx
 from embedtl.runtime import AUTO_ONNX_MIN_IMAGES, resolve_runtime
 
-export_mod = importlib.import_module("embedtl.export")
+export_mod = importlib.import_module("embedtl._onnx")
 
 
 def test_auto_picks_onnxruntime_on_cpu_only_when_it_pays_off(tmp_path):

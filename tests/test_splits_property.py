@@ -5,7 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from embedtl.data import SPLITS, _assign_splits, _cut
+from embedtl.data._splits import SPLITS, _cut
+from embedtl.data._splits import assign_splits as _assign_splits
 
 fractions = st.sampled_from([(0.7, 0.15, 0.15), (0.8, 0.1, 0.1), (0.5, 0.5, 0.0), (1.0, 0.0, 0.0)])
 

@@ -42,7 +42,8 @@ def store_path(
 
 
 def onnx_model_path(cache_dir: Path, backbone_name: str, fingerprint: str) -> Path:
-    """``<cache>/onnx/<backbone>-<fingerprint[:16]>.onnx``: one export per fingerprint, any folder."""
+    """``<cache>/onnx/<backbone>-<fingerprint[:16]>.onnx``: one export per fingerprint, any
+    folder."""
     return cache_dir / "onnx" / f"{_safe(backbone_name)}-{fingerprint[:16]}.onnx"
 
 

@@ -1,10 +1,10 @@
-"""The HDF5 feature store, format_version 1 (schema in ARCHITECTURE.md / README.md).
+"""Reading the HDF5 feature store: :class:`FeatureStore`.
 
-Writes are atomic: a new version of a store is written to a temporary file beside it, flushed,
-fsynced and moved over the old one with ``os.replace``. Readers therefore see either the old
-file or the new one, never half-written rows. A :class:`FeatureStore` holds its file open from
-the moment it reads the rows, so its features always belong to those rows, even after a writer
-has replaced the file. Work in progress lives in a journal (``_journal.py``) until a run completes.
+A new version of a store is written to a temporary file beside it and moved over the old one
+(:mod:`._write`), so readers see either the old file or the new one, never half-written rows. A
+:class:`FeatureStore` holds its file open from the moment it reads the rows, so its features
+always belong to those rows, even after a writer has replaced the file. Work in progress lives in
+a journal (:mod:`._journal`) until a run completes.
 
 Paths are text; a file name that is not valid UTF-8 is stored as its raw bytes (read it with
 h5py's ``.asstr(errors="surrogateescape")``), so every file can be found again.
@@ -14,98 +14,18 @@ from __future__ import annotations
 
 import json
 import os
-import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .._io import atomic_file, pause_point
+from .._h5 import h5_reason, read_strings
 from ..backbones import FORMAT_VERSION, BackboneSpec
 from ..errors import StoreError
+from ._schema import FORMAT_NAME, JSON_ATTRS, REBUILD, StoreRows
 
-__all__ = [
-    "FORMAT_NAME",
-    "FeatureStore",
-    "StoreRows",
-    "write_store",
-    "library_versions",
-    "write_strings",
-    "read_strings",
-]
-
-FORMAT_NAME = "embedtl.features"
-_STR = None  # h5py string dtype, created lazily
-
-
-def _str_dtype():
-    global _STR
-    if _STR is None:
-        import h5py
-
-        _STR = h5py.string_dtype("utf-8")
-    return _STR
-
-
-def write_strings(group, name: str, values) -> None:
-    """A UTF-8 string dataset; names that are not valid UTF-8 keep their bytes (surrogateescape)."""
-    data = np.asarray([str(v).encode("utf-8", "surrogateescape") for v in values], dtype=object)
-    group.create_dataset(name, data=data, dtype=_str_dtype())
-
-
-def read_strings(ds) -> np.ndarray:
-    """The inverse of :func:`write_strings`: an object array of str."""
-    if len(ds) == 0:
-        return np.empty(0, dtype=object)
-    return np.asarray(ds.asstr(errors="surrogateescape")[()], dtype=object)
-
-
-def library_versions() -> dict[str, str]:
-    """Installed versions of the libraries that shape the features (read without importing them)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for dist in (
-        "embedtl",
-        "torch",
-        "torchvision",
-        "timm",
-        "h5py",
-        "numpy",
-        "pillow",
-        "onnxruntime",
-    ):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            continue
-    return out
-
-
-@dataclass
-class StoreRows:
-    """Row metadata of a store, in sorted-path order (features are read separately)."""
-
-    paths: np.ndarray  # (N,) object array of str
-    labels: np.ndarray  # (N,) int32
-    splits: np.ndarray  # (N,) object array of str
-    sizes: np.ndarray  # (N,) int64
-    mtimes_ns: np.ndarray  # (N,) int64
-    failed_paths: list[str]
-    failed_errors: list[str]
-    failed_sizes: np.ndarray  # (F,) int64
-    failed_mtimes_ns: np.ndarray  # (F,) int64
-    hashes: np.ndarray | None = None  # (N,) str: blake2b-128 hex of each file; "" where unknown
-
-    def content_hashes(self) -> np.ndarray:
-        return (
-            self.hashes if self.hashes is not None else np.full(len(self.paths), "", dtype=object)
-        )
-
-
-_REBUILD = "delete it and run `embedtl extract` again to rebuild it"
+__all__ = ["FeatureStore"]
 
 
 class FeatureStore:
@@ -131,7 +51,7 @@ class FeatureStore:
             f = h5py.File(self.path, "r")
         except OSError as e:
             raise StoreError(
-                f"{self.path} is not a readable HDF5 file ({_h5_reason(e)}): {_REBUILD}"
+                f"{self.path} is not a readable HDF5 file ({h5_reason(e)}): {REBUILD}"
             ) from None
         try:
             self._attrs = _read_attrs(f, self.path)
@@ -140,7 +60,7 @@ class FeatureStore:
             self._shape = tuple(feats.shape)
             self._h5dtype = feats.dtype
             if len(self._shape) != 2:
-                raise StoreError(f"{self.path}: /features is not a 2-D array: {_REBUILD}")
+                raise StoreError(f"{self.path}: /features is not a 2-D array: {REBUILD}")
             if feats.is_virtual:
                 for vs in feats.virtual_sources():
                     src = self.path.parent / vs.file_name
@@ -153,7 +73,7 @@ class FeatureStore:
             if self._shape[0] != len(self._rows.paths):
                 raise StoreError(
                     f"{self.path}: /features has {self._shape[0]} rows but /paths "
-                    f"has {len(self._rows.paths)}: {_REBUILD}"
+                    f"has {len(self._rows.paths)}: {REBUILD}"
                 )
         except StoreError:
             f.close()
@@ -169,7 +89,7 @@ class FeatureStore:
         ) as e:
             f.close()
             raise StoreError(
-                f"{self.path} is a damaged feature store ({_h5_reason(e)}): {_REBUILD}"
+                f"{self.path} is a damaged feature store ({h5_reason(e)}): {REBUILD}"
             ) from None
         self._file = f
         #: Set by :func:`embedtl.extract` on the store it returns: what that run did.
@@ -198,7 +118,7 @@ class FeatureStore:
             return self._h5()["features"][np.asarray(rows)]
         except (OSError, RuntimeError, ValueError) as e:  # HDF5 on damaged bytes
             raise StoreError(
-                f"cannot read the features of {self.path} ({_h5_reason(e)}): {_REBUILD}"
+                f"cannot read the features of {self.path} ({h5_reason(e)}): {REBUILD}"
             ) from None
 
     # -- metadata ---------------------------------------------------------------------------
@@ -293,6 +213,10 @@ class FeatureStore:
     def indices(self, split: str | Sequence[str] | None = None) -> np.ndarray:
         return np.flatnonzero(self.mask(split))
 
+    def labelled_rows(self, split: str | Sequence[str] | None = None) -> np.ndarray:
+        """Indices of the rows of ``split`` (all for None) that have a label."""
+        return np.flatnonzero(self.mask(split) & (self.labels >= 0))
+
     # -- features ---------------------------------------------------------------------------
     def _select(self, split: str | Sequence[str] | None, rows: np.ndarray | None) -> np.ndarray:
         """Boolean row mask of ``split``, or of the given row indices (not both)."""
@@ -359,7 +283,7 @@ class FeatureStore:
                 block = ds[start : start + len(sel)]  # (<= chunk_rows, D), one contiguous read
             except (OSError, RuntimeError, ValueError) as e:  # HDF5 on damaged bytes
                 raise StoreError(
-                    f"cannot read the features of {self.path} ({_h5_reason(e)}): {_REBUILD}"
+                    f"cannot read the features of {self.path} ({h5_reason(e)}): {REBUILD}"
                 ) from None
             rows = np.flatnonzero(sel) + start
             yield rows, _convert(block[sel] if not sel.all() else block, dtype)
@@ -398,9 +322,6 @@ def _convert(x: np.ndarray, dtype: Any) -> np.ndarray:
     return x.astype(dtype, copy=False)
 
 
-_JSON_ATTRS = ("backbone", "versions", "split_config", "stages", "extraction")
-
-
 def _read_attrs(f, path: Path) -> dict[str, Any]:
     attrs: dict[str, Any] = {}
     for k, v in f.attrs.items():
@@ -410,7 +331,7 @@ def _read_attrs(f, path: Path) -> dict[str, Any]:
             v = [x.decode() if isinstance(x, bytes) else x for x in v.tolist()]
         elif isinstance(v, np.generic):
             v = v.item()
-        if k in _JSON_ATTRS and isinstance(v, str):
+        if k in JSON_ATTRS and isinstance(v, str):
             v = json.loads(v)
         attrs[k] = v
     fmt = attrs.get("format")
@@ -430,17 +351,11 @@ def _read_attrs(f, path: Path) -> dict[str, Any]:
     return attrs
 
 
-def _h5_reason(e: BaseException) -> str:
-    """HDF5's error text, first clause only ("Unable to synchronously open file (...)")."""
-    msg = " ".join(str(e).split()) or type(e).__name__
-    return msg if len(msg) <= 160 else msg[:157] + "..."
-
-
 def _read_str(f, key: str, path: Path) -> np.ndarray:
     try:
         ds = f[key]
     except KeyError:
-        raise StoreError(f"{path}: missing dataset /{key}: {_REBUILD}") from None
+        raise StoreError(f"{path}: missing dataset /{key}: {REBUILD}") from None
     return read_strings(ds)
 
 
@@ -448,7 +363,7 @@ def _read_num(f, key: str, path: Path, dtype) -> np.ndarray:
     try:
         return np.asarray(f[key][()], dtype=dtype)
     except KeyError:
-        raise StoreError(f"{path}: missing dataset /{key}: {_REBUILD}") from None
+        raise StoreError(f"{path}: missing dataset /{key}: {REBUILD}") from None
 
 
 def _read_rows(f, path: Path) -> StoreRows:
@@ -469,95 +384,3 @@ def _read_rows(f, path: Path) -> StoreRows:
         else np.zeros(0, np.int64),
         hashes=np.asarray(f["hashes"][()].astype(str), dtype=object) if "hashes" in f else None,
     )
-
-
-def write_store(
-    path: str | os.PathLike[str],
-    rows: StoreRows,
-    dim: int,
-    dtype: str,
-    fill_features: Callable[[Any], None],
-    attrs: dict[str, Any],
-    virtual_layout: Any = None,
-) -> None:
-    """Write a complete store atomically.
-
-    ``fill_features(ds)`` writes the (N, dim) rows into the HDF5 dataset ``ds`` (in chunks, so
-    that no more than a chunk needs to be in memory). Everything is written to a temporary
-    file that replaces ``path`` only once it is complete and on disk.
-    """
-    import h5py
-
-    n = len(rows.paths)
-    if not (len(rows.labels) == len(rows.splits) == len(rows.sizes) == len(rows.mtimes_ns) == n):
-        raise StoreError("internal error: row arrays of different lengths")
-    try:
-        with (
-            atomic_file(path, reserve=_size_estimate(rows, n, dim, dtype)) as tmp,
-            h5py.File(tmp, "w") as f,
-        ):
-            _write(f, rows, n, dim, dtype, fill_features, attrs, virtual_layout)
-            pause_point("store-write")
-    except OSError as e:
-        raise StoreError(
-            f"cannot write {path} ({_h5_reason(e)}); the previous store, if any, is unchanged: "
-            "free disk space or choose another --cache-dir"
-        ) from None
-
-
-def _size_estimate(rows: StoreRows, n: int, dim: int, dtype: str) -> int:
-    """A generous upper bound on the bytes of a store file, for :func:`atomic_file`'s reserve."""
-    strings = sum(len(str(p).encode("utf-8", "surrogateescape")) + 48 for p in rows.paths)
-    strings += sum(
-        len(p) + len(e) + 96 for p, e in zip(rows.failed_paths, rows.failed_errors, strict=True)
-    )
-    return int(n * dim * np.dtype(dtype).itemsize * 1.02) + strings + 80 * n + (1 << 20)
-
-
-def _write(
-    f, rows: StoreRows, n: int, dim: int, dtype: str, fill_features, attrs, virtual_layout=None
-) -> None:
-    if virtual_layout is not None:  # features read from other files (a virtual merge of shards)
-        f.create_virtual_dataset("features", virtual_layout, fillvalue=np.nan)
-    else:
-        f.create_dataset(
-            "features",
-            shape=(n, dim),
-            dtype=np.dtype(dtype),
-            chunks=(max(1, min(n, max(1, (1 << 20) // (dim * np.dtype(dtype).itemsize)))), dim)
-            if n
-            else None,
-            maxshape=(None, dim),
-        )
-        if n:
-            fill_features(f["features"])
-    write_strings(f, "paths", rows.paths)
-    f.create_dataset("labels", data=np.asarray(rows.labels, dtype=np.int32))
-    write_strings(f, "splits", rows.splits)
-    f.create_dataset("sizes", data=np.asarray(rows.sizes, dtype=np.int64))
-    f.create_dataset("mtimes_ns", data=np.asarray(rows.mtimes_ns, dtype=np.int64))
-    f.create_dataset("hashes", data=np.asarray(rows.content_hashes(), dtype="S32"))
-    g = f.create_group("failed")
-    write_strings(g, "paths", rows.failed_paths)
-    write_strings(g, "errors", rows.failed_errors)
-    g.create_dataset("sizes", data=np.asarray(rows.failed_sizes, dtype=np.int64))
-    g.create_dataset("mtimes_ns", data=np.asarray(rows.failed_mtimes_ns, dtype=np.int64))
-    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    full = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "dim": dim,
-        "dtype": dtype,
-    }
-    full.update(attrs)
-    full.setdefault("created", now)
-    full["updated"] = now
-    sd = _str_dtype()
-    for k, v in full.items():
-        if k in _JSON_ATTRS:
-            v = json.dumps(v, sort_keys=True)
-        if k == "classes":
-            f.attrs.create(k, np.asarray(list(v), dtype=object), dtype=sd)
-        elif v is not None:
-            f.attrs[k] = v
-    f.flush()

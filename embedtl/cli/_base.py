@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import click
@@ -46,7 +47,9 @@ class EmbedTLGroup(click.Group):
             where = f": {e.filename}" if getattr(e, "filename", None) else ""
             raise click.ClickException(_one_line(f"{e.strerror or e}{where}")) from e
 
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
+    def main(  # type: ignore[override]
+        self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra
+    ):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         _terminate_as_interrupt()
@@ -256,126 +259,138 @@ def split_options(f: Callable) -> Callable:
     )
 
 
+_BATCH_SIZE = click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Images per forward pass [default: 256 on CUDA; on CPU sized "
+    "to the cache, e.g. 4 at 224 px].",
+)
+_WORKERS = click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Decoding worker processes [default: 0 on a 2-core CPU, more with spare cores or a GPU].",
+)
+_PRECISION = click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
+    default="auto",
+    show_default=True,
+    help="PyTorch autocast: auto = fp16 on CUDA, fp32 elsewhere; "
+    "checked against fp32 on the first batch (float32 when a "
+    "row's cosine < 0.999).",
+)
+_DECODER = click.option(
+    "--decoder",
+    type=click.Choice(["auto", "pil", "torchvision"]),
+    default="auto",
+    show_default=True,
+    help="JPEG decoding: auto = torchvision (nvJPEG) on the GPU when "
+    "there is one, else PIL in the workers.",
+)
+_COMPILE = click.option(
+    "--compile",
+    "compile_model",
+    is_flag=True,
+    help="Run the backbone through torch.compile (PyTorch runtime; "
+    "pays a compile once per process).",
+)
+_STORE_WRITE = [
+    click.option(
+        "--strict",
+        is_flag=True,
+        help="Stop at the first unreadable image instead of recording and skipping it.",
+    ),
+    click.option(
+        "--dtype",
+        type=click.Choice(["float16", "float32"]),
+        default="float16",
+        show_default=True,
+        help="Stored feature precision.",
+    ),
+    click.option(
+        "--follow-links",
+        type=click.Choice(["inside", "all", "none"]),
+        default="inside",
+        show_default=True,
+        help="Symbolic links followed: those resolving inside DATA_DIR, "
+        "all, or none (loops are never followed).",
+    ),
+    click.option(
+        "--check-content",
+        is_flag=True,
+        help="Re-hash every file (reads them all) and re-extract those "
+        "whose bytes changed even where size and mtime did not.",
+    ),
+    click.option(
+        "--lock-timeout",
+        type=float,
+        default=-1,
+        metavar="SECONDS",
+        help="How long to wait while another process writes the same "
+        "store; 0 fails at once [default: wait].",
+    ),
+]
+
+
+def engine_options(f: Callable) -> Callable:
+    """--batch-size, --workers, --precision, --decoder, --compile: how the backbone runs, for
+    commands that embed images (beside backbone_options' --device and --runtime)."""
+    return _apply(f, [_BATCH_SIZE, _WORKERS, _PRECISION, _DECODER, _COMPILE])
+
+
 def extract_options(f: Callable) -> Callable:
-    """How extraction runs, and split_options."""
-    opts = [
-        click.option(
-            "--batch-size",
-            type=click.IntRange(min=1),
-            default=None,
-            help="Images per forward pass [default: 256 on CUDA; on CPU sized "
-            "to the cache, e.g. 4 at 224 px].",
-        ),
-        click.option(
-            "--workers",
-            type=click.IntRange(min=0),
-            default=None,
-            help="Decoding worker processes [default: 0 on a 2-core CPU, more "
-            "with spare cores or a GPU].",
-        ),
-        click.option(
-            "--strict",
-            is_flag=True,
-            help="Stop at the first unreadable image instead of recording and skipping it.",
-        ),
-        click.option(
-            "--dtype",
-            type=click.Choice(["float16", "float32"]),
-            default="float16",
-            show_default=True,
-            help="Stored feature precision.",
-        ),
-        click.option(
-            "--follow-links",
-            type=click.Choice(["inside", "all", "none"]),
-            default="inside",
-            show_default=True,
-            help="Symbolic links followed: those resolving inside DATA_DIR, "
-            "all, or none (loops are never followed).",
-        ),
-        click.option(
-            "--check-content",
-            is_flag=True,
-            help="Re-hash every file (reads them all) and re-extract those "
-            "whose bytes changed even where size and mtime did not.",
-        ),
-        click.option(
-            "--lock-timeout",
-            type=float,
-            default=-1,
-            metavar="SECONDS",
-            help="How long to wait while another process writes the same "
-            "store; 0 fails at once [default: wait].",
-        ),
-        click.option(
-            "--precision",
-            type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
-            default="auto",
-            show_default=True,
-            help="PyTorch autocast: auto = fp16 on CUDA, fp32 elsewhere; "
-            "checked against fp32 on the first batch (float32 when a "
-            "row's cosine < 0.999).",
-        ),
-        click.option(
-            "--decoder",
-            type=click.Choice(["auto", "pil", "torchvision"]),
-            default="auto",
-            show_default=True,
-            help="JPEG decoding: auto = torchvision (nvJPEG) on the GPU when "
-            "there is one, else PIL in the workers.",
-        ),
-        click.option(
-            "--compile",
-            "compile_model",
-            is_flag=True,
-            help="Run the backbone through torch.compile (PyTorch runtime; "
-            "pays a compile once per process).",
-        ),
-    ]
+    """How extraction runs and writes the store, and split_options."""
+    opts = [_BATCH_SIZE, _WORKERS, *_STORE_WRITE, _PRECISION, _DECODER, _COMPILE]
     return split_options(_apply(f, opts))
 
 
-def extract_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
-    """Pop the backbone/extract options out of a command's kwargs into embedtl.extract() kwargs
-    (options a command does not have are left to extract's defaults)."""
+#: command option name -> EngineOptions field
+_ENGINE_FIELDS = {
+    "device": "device",
+    "runtime": "runtime",
+    "batch_size": "batch_size",
+    "workers": "workers",
+    "precision": "precision",
+    "decoder": "decoder",
+    "compile_model": "compile",
+    "image_size": "image_size",
+    "cache_dir": "cache_dir",
+}
+_EXTRACT_ONLY = ("strict", "dtype", "follow_links", "check_content", "lock_timeout")
+
+
+@dataclass(frozen=True)
+class SourceArgs:
+    """A command's backbone and engine options, built once from its command line, and the
+    arguments of an extraction on a cache miss (split, labels, ...)."""
+
+    backbone: Any  # a name, a spec, or None (the command's default)
+    options: Any  # EngineOptions
+    extract: dict[str, Any]
+
+    def with_backbone(self, backbone: Any) -> SourceArgs:
+        return SourceArgs(backbone, self.options, self.extract)
+
+
+def source_args(kw: dict[str, Any]) -> SourceArgs:
+    """Pop the backbone, engine and extraction options out of a command's keyword arguments
+    (options a command does not have keep the engine's defaults)."""
     from ..data import SplitConfig
+    from ..engine import EngineOptions
 
-    out = {k: kw.pop(k) for k in ("backbone", "cache_dir", "image_size", "device", "runtime")}
-    for k in (
-        "batch_size",
-        "workers",
-        "strict",
-        "dtype",
-        "follow_links",
-        "check_content",
-        "lock_timeout",
-        "precision",
-        "decoder",
-    ):
-        if k in kw:
-            out[k] = kw.pop(k)
-    if "compile_model" in kw:
-        out["compile"] = kw.pop("compile_model")
+    settings = {field: kw.pop(opt) for opt, field in _ENGINE_FIELDS.items() if opt in kw}
+    extract = {k: kw.pop(k) for k in _EXTRACT_ONLY if k in kw}
     if "seed" in kw:
-        out["split"] = SplitConfig(seed=kw.pop("seed"), val_fraction=kw.pop("val_fraction"))
-        out["labels"] = kw.pop("labels_csv")
-    return out
+        extract["split"] = SplitConfig(seed=kw.pop("seed"), val_fraction=kw.pop("val_fraction"))
+        extract["labels"] = kw.pop("labels_csv")
+    return SourceArgs(kw.pop("backbone", None), EngineOptions(**settings), extract)
 
 
-def open_source(source: str, kwargs: dict[str, Any], progress: bool):
-    """DATA_DIR|STORE -> FeatureStore: a store file as it is; a folder through extract (a cache
-    hit is a scan; new or changed images are extracted first)."""
-    from pathlib import Path
+def open_source(source: str, args: SourceArgs, progress: bool):
+    """DATA_DIR|STORE -> FeatureStore (:func:`embedtl.engine.open_source`)."""
+    from ..engine import open_source as open_or_extract
 
-    from ..cache import FeatureStore
-    from ..extract import extract
-
-    if Path(source).is_file():
-        return FeatureStore(source)
-    store = extract(source, progress=progress, **kwargs)
-    st = store.last_extraction
-    if st is not None and st.model_built:
-        logging.getLogger("embedtl").info(
-            "extracted %d images into %s (%.1f s)", st.extracted, st.store, st.seconds
-        )
-    return store
+    backbone = DEFAULT_BACKBONE if args.backbone is None else args.backbone
+    return open_or_extract(source, backbone, args.options, progress=progress, **args.extract)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..backbones import describe_backbone, get_backbone, list_backbones
-from ..errors import EmbedTLError
+from ..backbones import backbone_table
 from ._base import emit, json_option
 
 
@@ -17,22 +16,7 @@ def backbones_cmd(as_json: bool) -> None:
     Any other torchvision model works as tv:NAME, any timm model as timm:NAME, and a local
     checkpoint as ARCH@PATH.
     """
-    rows = []
-    for name in list_backbones():
-        try:
-            spec = get_backbone(name)
-            rows.append(
-                {
-                    "name": name,
-                    "dim": spec.dim,
-                    "image_size": spec.preprocess.crop,
-                    "weights_available": spec.weights_available(),
-                    "source": spec.source,
-                    "description": describe_backbone(name),
-                }
-            )
-        except EmbedTLError as e:
-            rows.append({"name": name, "error": str(e)})
+    rows = backbone_table()
 
     def human() -> None:
         click.echo(f"{'name':<22}{'dim':>6}{'px':>6}  weights  description")

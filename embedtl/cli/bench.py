@@ -10,10 +10,10 @@ from ..backbones import DEFAULT_BACKBONE
 from ._base import (
     backbones_options,
     emit,
-    extract_kwargs,
     json_option,
     open_source,
     progress_option,
+    source_args,
     split_options,
     want_progress,
 )
@@ -118,17 +118,17 @@ def bench_heads_cmd(
         raise click.UsageError(
             "a STORE holds the features of its own backbone: give a DATA_DIR with --backbone"
         )
-    backbones = given or [DEFAULT_BACKBONE]
-    ekw = extract_kwargs({**kw, "backbone": None})
+    args = source_args(kw)
     stores = [
-        open_source(source, {**ekw, "backbone": b}, want_progress(progress)) for b in backbones
+        open_source(source, args.with_backbone(b), want_progress(progress))
+        for b in given or [DEFAULT_BACKBONE]
     ]
     result = bench_heads(
         stores,
         configs,
         folds=folds,
         test_top=test_top,
-        device=ekw["device"],
+        device=args.options.device,
         memory_budget=memory_budget * 2**20 if memory_budget else None,
         progress=want_progress(progress),
     )
@@ -150,10 +150,9 @@ def bench_heads_cmd(
         for r in rows[:show]:
             val = _fmt(r["val_accuracy"]) + (f"±{100 * r['val_accuracy_std']:.1f}" if std else "")
             line = f"{r['rank']:>3}  " + (f"{r['backbone']:<{bw}}" if many else "")
-            line += (
-                f"{r['kind']:<7}{val:>13}{_fmt(r['test_accuracy']):>8}{_fmt(r['test_macro_f1']):>7}{r['fit_seconds']:>8.3g}{r['parameters']:>10} "
-                f" {r['config']}"
-            )
+            test, f1 = _fmt(r["test_accuracy"]), _fmt(r["test_macro_f1"])
+            line += f"{r['kind']:<7}{val:>13}{test:>8}{f1:>7}{r['fit_seconds']:>8.3g}"
+            line += f"{r['parameters']:>10}  {r['config']}"
             click.echo(line)
         if len(rows) > show:
             click.echo(f"... {len(rows) - show} more in {files['csv']}")

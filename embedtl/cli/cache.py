@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import time
-
 import click
 
-from ..cache import (
-    export_store,
-    gc_cache,
-    list_stores,
-    merge_stores,
-    open_store,
-    remove_shards,
-    verify_store,
-)
+from ..cache import export_store, gc_cache, list_stores, merge_shards, open_store, verify_store
 from ._base import EmbedTLGroup, emit, json_option, store_options
 
 
 @click.group("cache", cls=EmbedTLGroup)
 def cache_group() -> None:
-    """Inspect and manage the feature cache. STORE is a .h5 file or an image folder (+ --backbone)."""
+    """Inspect and manage the feature cache. STORE is a .h5 file or an image folder (+
+    --backbone)."""
 
 
 @cache_group.command("ls")
@@ -206,19 +197,7 @@ def merge_cmd(
 
     The features are copied into one file (the shards are then removed, unless --keep), so the
     merged store takes incremental updates like any other; --virtual maps them instead."""
-    t0 = time.perf_counter()
-    merged = merge_stores(shards, out, virtual=virtual)
-    seconds = time.perf_counter() - t0
-    if not (keep or virtual):
-        remove_shards(shards, keep=merged.path)
-    r = {
-        "store": str(merged.path),
-        "rows": len(merged),
-        "shards": len(shards),
-        "failed": len(merged.failed),
-        "virtual": virtual,
-        "seconds": round(seconds, 3),
-    }
+    r = merge_shards(shards, out, virtual=virtual, keep=keep).to_dict()
     emit(
         as_json,
         r,

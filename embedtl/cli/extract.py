@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import click
 
-from ..extract import extract as run_extract
-from ..extract import extract_distributed, torchrun_rank
+from .._dist import torchrun_rank
 from ._base import (
     EXIT_FAILED_FILES,
     backbone_options,
     emit,
-    extract_kwargs,
     extract_options,
     json_option,
     progress_option,
+    source_args,
     want_progress,
 )
 
@@ -99,17 +98,25 @@ def extract_cmd(
     0 every image is stored; 3 the store is complete but some files could not be read (listed
     by `embedtl cache info STORE --failed`); 1 an error (--strict: the first unreadable image).
     """
-    kwargs = extract_kwargs(kw)
+    from ..engine import extract, extract_distributed
+
+    args = source_args(kw)
     rank = torchrun_rank()
     if rank is not None and shard is None:
+        show = want_progress(progress) and rank[0] == 0
         store = extract_distributed(
-            data_dir, progress=want_progress(progress) and rank[0] == 0, **kwargs
+            data_dir, args.backbone, args.options, progress=show, **args.extract
         )
         if store is None:
             return  # only rank 0 prints
     else:
-        store = run_extract(
-            data_dir, progress=want_progress(progress), shard=_parse_shard(shard), **kwargs
+        store = extract(
+            data_dir,
+            args.backbone,
+            args.options,
+            progress=want_progress(progress),
+            shard=_parse_shard(shard),
+            **args.extract,
         )
     stats = store.last_extraction
     payload = stats.to_dict()

@@ -157,6 +157,7 @@ def fine_tune_cmd(
     accuracy are printed. Ctrl-C keeps a checkpoint; the same command resumes.
     """
     from ..data import SplitConfig
+    from ..engine import EngineOptions
     from ..finetune import FineTuneConfig, fine_tune
 
     cfg = FineTuneConfig(
@@ -171,15 +172,13 @@ def fine_tune_cmd(
         augment=augment,
         seed=train_seed,
     )
+    options = EngineOptions(device=device, runtime=runtime, workers=workers, cache_dir=cache_dir)
     r = fine_tune(
         data_dir,
         head_path,
         cfg,
+        options,
         out=out,
-        cache_dir=cache_dir,
-        device=device,
-        runtime=runtime,
-        workers=workers,
         split=SplitConfig(seed=seed, val_fraction=val_fraction),
         labels=labels_csv,
         restart=restart,

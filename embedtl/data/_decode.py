@@ -1,0 +1,158 @@
+"""Reading and decoding image files robustly: any failure is an :class:`ImageDecodeError` with
+a one-line reason, decompression bombs are refused before decoding, and each file's bytes get
+a content hash."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from struct import error as struct_error
+
+import numpy as np
+
+from ..errors import DataError, ImageDecodeError
+
+__all__ = [
+    "DECODER",
+    "MAX_IMAGE_PIXELS_ENV",
+    "UNREADABLE",
+    "content_hash",
+    "decode_image",
+    "load_image",
+    "max_image_pixels",
+    "read_file",
+]
+
+log = logging.getLogger(__name__)
+
+
+#: Images declaring more pixels than this are refused before decoding (a "decompression bomb":
+#: a small file that would expand to gigabytes). Pillow's own hard limit, 2 x its MAX_IMAGE_PIXELS
+#: (~179 Mpx, e.g. 13,000 x 13,000); ``$EMBEDTL_MAX_IMAGE_PIXELS`` sets another.
+MAX_IMAGE_PIXELS_ENV = "EMBEDTL_MAX_IMAGE_PIXELS"
+
+
+def max_image_pixels() -> int:
+    from PIL import Image
+
+    env = os.environ.get(MAX_IMAGE_PIXELS_ENV)
+    if env:
+        try:
+            return int(float(env))
+        except ValueError:
+            raise DataError(
+                f"${MAX_IMAGE_PIXELS_ENV} must be a number of pixels, got {env!r}"
+            ) from None
+    return 2 * int(Image.MAX_IMAGE_PIXELS or 89_478_485)
+
+
+#: The reason of a file that could not be read (as opposed to decoded) starts with this: the
+#: cause is outside the file (permissions, a vanished file, I/O), so the next run tries again.
+UNREADABLE = "unreadable file"
+
+
+def read_file(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of an image file; a missing or unreadable file is an :class:`ImageDecodeError`."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ImageDecodeError(f"{UNREADABLE}: {type(e).__name__}: {e.strerror or e}") from e
+
+
+def content_hash(data: bytes) -> str:
+    """The content key of a file: blake2b-128 of its bytes, hex (stored per row in ``/hashes``)."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def load_image(path: str | os.PathLike[str], draft_size: int | None = None):
+    """Open an image file as 8-bit RGB; see :func:`decode_image`."""
+    return decode_image(read_file(path), draft_size)
+
+
+def decode_image(data: bytes, draft_size: int | None = None):
+    """Decode image bytes as 8-bit RGB: EXIF orientation applied, alpha composited on white.
+
+    Handles grayscale, palette (with transparency), RGBA/LA, CMYK and 16-/32-bit images; a JPEG
+    is DCT-downscaled to no less than ``draft_size`` on load. Raises :class:`ImageDecodeError`,
+    with a one-line reason, for anything unreadable: empty, truncated or foreign bytes, formats
+    Pillow cannot read, images over :func:`max_image_pixels`. Damaged EXIF is ignored (the
+    image is kept, unrotated), as are Pillow's warnings about it.
+    """
+    import io
+    import warnings
+
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not data:
+        raise ImageDecodeError("empty file (0 bytes)")
+    limit = max_image_pixels()
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # bomb warnings (checked below), corrupt-EXIF notes
+            Image.MAX_IMAGE_PIXELS = None  # checked here, with the size in the message
+            with Image.open(io.BytesIO(data)) as im:
+                if im.width * im.height > limit:
+                    raise ImageDecodeError(_bomb_message(im.width, im.height, limit))
+                if draft_size is not None and im.format == "JPEG":
+                    im.draft(None, (draft_size, draft_size))  # DCT-domain downscale, >= size
+                im.load()
+                if "exif" in im.info or im.format not in ("PNG", "BMP", "GIF", "PPM"):
+                    try:  # (skipped where no EXIF can be: 0.1 ms/image)
+                        im = ImageOps.exif_transpose(im)
+                    except Exception as e:  # damaged EXIF: keep the pixels as stored
+                        log.debug("ignoring unreadable EXIF: %s", e)
+                return _to_rgb(im)
+    except ImageDecodeError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageDecodeError(
+            f"not an image Pillow can read (starts with {data[:12]!r})"
+        ) from None
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, struct_error) as e:
+        raise ImageDecodeError(f"{type(e).__name__}: {e}") from e
+    except MemoryError:
+        raise ImageDecodeError("out of memory while decoding") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = pil_limit
+
+
+def _bomb_message(w: int, h: int, limit: int) -> str:
+    return (
+        f"declares {w} x {h} = {w * h / 1e6:,.0f} Mpx, over the "
+        f"decompression-bomb limit of {limit / 1e6:,.0f} Mpx "
+        f"(set ${MAX_IMAGE_PIXELS_ENV} to allow larger images)"
+    )
+
+
+def _to_rgb(im):
+    from PIL import Image
+
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        hi = 65535.0 if mode != "F" and arr.max(initial=0) > 255 else 255.0
+        if mode == "F":
+            hi = max(1.0, float(arr.max(initial=1.0)))
+        arr8 = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, mode="L").convert("RGB")
+    if mode == "P":
+        im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
+        mode = im.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        out = Image.new("RGB", rgba.size, (255, 255, 255))
+        out.paste(rgba, mask=rgba.getchannel("A"))  # = alpha_composite on white, 2x faster
+        return out
+    if mode in ("L", "1") and "transparency" in im.info:
+        return _to_rgb(im.convert("RGBA"))
+    return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+#: How images are decoded and resized; recorded in store metadata. Not part of the fingerprint:
+#: tests/test_data.py shows it matches torchvision's Resize + CenterCrop at cosine >= 0.9999.
+DECODER = "pil-box-resize+jpeg-draft4x"

@@ -1,0 +1,196 @@
+"""Scanning an image folder into a deterministic, sorted :class:`Manifest`: which files are
+images, their labels (class folders or a CSV) and their splits.
+
+Layouts (ARCHITECTURE.md, "Splits and labels"):
+
+* ``train/ val/ test/`` split folders, each holding class folders; any subset is honoured and a
+  missing ``val`` is carved from ``train`` (stratified, seeded, ``val_fraction``);
+* a folder of class folders: a seeded stratified split (70/15/15 by default);
+* a flat folder of images: unlabelled (label -1, split ``train``);
+* labels from a CSV (``path,label``) override folder names.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import DataError
+from ._splits import SPLITS, SplitConfig, assign_splits
+from ._walk import IMAGE_EXTENSIONS, is_image_name, walk_files
+
+__all__ = ["ImageEntry", "Manifest", "read_labels_csv", "scan"]
+
+log = logging.getLogger(__name__)
+
+_SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    path: str  # POSIX, relative to the root, split folder included
+    size: int
+    mtime_ns: int
+    label: int  # index into Manifest.classes; -1 for unlabelled
+    split: str  # "train" | "val" | "test"
+
+
+@dataclass
+class Manifest:
+    root: Path
+    entries: list[ImageEntry]
+    classes: list[str]
+    layout: str  # "splits" | "classes" | "flat" | "csv"
+    n_skipped: int = 0  # files left out: not images by extension, hidden, links leading out
+    skipped_examples: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def labelled(self) -> bool:
+        return any(e.label >= 0 for e in self.entries)
+
+    def counts(self) -> dict[str, int]:
+        out = dict.fromkeys(SPLITS, 0)
+        for e in self.entries:
+            out[e.split] += 1
+        return out
+
+
+def read_labels_csv(path: str | os.PathLike[str]) -> dict[str, str]:
+    """``path,label`` rows (a header row is allowed) -> {relative POSIX path: label}."""
+    out: dict[str, str] = {}
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            for i, row in enumerate(csv.reader(f)):
+                if not row or row[0].startswith("#"):
+                    continue
+                if len(row) < 2:
+                    raise DataError(f"{path}:{i + 1}: expected 'path,label', got {row!r}")
+                p, lab = row[0].strip(), row[1].strip()
+                if i == 0 and p.lower() == "path" and lab.lower() == "label":
+                    continue
+                out[Path(p).as_posix()] = lab  # Path() drops a leading "./"
+    except OSError as e:
+        raise DataError(f"cannot read labels file {path}: {e.strerror}") from e
+    if not out:
+        raise DataError(f"labels file {path} holds no rows")
+    return out
+
+
+def scan(
+    root: str | os.PathLike[str],
+    split: SplitConfig | None = None,
+    labels_csv: str | os.PathLike[str] | None = None,
+    follow_links: str = "inside",
+) -> Manifest:
+    """Scan an image folder into a deterministic, sorted :class:`Manifest`.
+
+    Files are images by extension (:data:`IMAGE_EXTENSIONS`); other files, hidden files and
+    folders (``.name``, ``__name``) and symbolic links that are not followed (see
+    ``follow_links`` in :func:`_walk_files`) are counted in ``n_skipped``. Whether an image
+    decodes is the extraction's business: unreadable ones are recorded there as failed.
+    """
+    split = split or SplitConfig()
+    root = Path(root).expanduser().resolve()
+    if not root.exists():
+        raise DataError(f"image folder not found: {root}")
+    if not root.is_dir():
+        raise DataError(f"not a folder: {root}")
+
+    files, walk = walk_files(root, follow_links)
+    images: list[tuple[str, os.stat_result]] = []
+    skipped: list[str] = walk.skipped + walk.external_links
+    for rp, st in files:
+        if is_image_name(rp):
+            images.append((rp, st))
+        else:
+            skipped.append(rp)
+    if not images:
+        raise DataError(
+            f"no images found in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
+
+    top_dirs = {rp.split("/", 1)[0] for rp, _ in images if "/" in rp}
+    split_dirs = {d: _SPLIT_DIRS[d.lower()] for d in top_dirs if d.lower() in _SPLIT_DIRS}
+
+    # (path, split from the folder or None, class name from the folder or None)
+    rows: list[tuple[str, os.stat_result, str | None, str | None]] = []
+    if split_dirs:
+        layout = "splits"
+        for rp, st in images:
+            parts = rp.split("/")
+            sp = split_dirs.get(parts[0])
+            if sp is None:
+                rows.append((rp, st, None, parts[0] if len(parts) > 1 else None))
+            else:
+                rows.append((rp, st, sp, parts[1] if len(parts) > 2 else None))
+    else:
+        has_class_dirs = any("/" in rp for rp, _ in images)
+        layout = "classes" if has_class_dirs else "flat"
+        for rp, st in images:
+            parts = rp.split("/")
+            rows.append((rp, st, None, parts[0] if len(parts) > 1 else None))
+
+    if labels_csv is not None:
+        layout = "csv"
+        csv_labels = read_labels_csv(labels_csv)
+        known = {rp for rp, *_ in rows}
+        missing = [p for p in csv_labels if p not in known]
+        if len(missing) == len(csv_labels):
+            raise DataError(
+                f"none of the paths in {labels_csv} are images under {root} "
+                f"(paths must be relative to the folder, e.g. {rows[0][0]})"
+            )
+        if missing:
+            log.warning(
+                "%d paths in %s match no image under %s and are ignored (e.g. %s)",
+                len(missing),
+                labels_csv,
+                root,
+                ", ".join(missing[:3]),
+            )
+        rows = [(rp, st, sp, csv_labels.get(rp)) for rp, st, sp, _ in rows]
+        n_unlabelled = sum(1 for *_, c in rows if c is None)
+        if n_unlabelled:
+            log.info("%d images have no row in %s: unlabelled (-1)", n_unlabelled, labels_csv)
+
+    classes = sorted({c for *_, c in rows if c is not None})
+    class_index = {c: i for i, c in enumerate(classes)}
+    labelled = [(rp, class_index[c] if c is not None else -1, sp) for rp, _, sp, c in rows]
+
+    assigned: dict[str, str] = {}
+    if split_dirs:
+        # honour folders; carve val from train when there is no val folder
+        if "val" not in split_dirs.values() and split.val_fraction > 0:
+            train_items = [(rp, lab) for rp, lab, sp in labelled if sp == "train" and lab >= 0]
+            assigned.update(
+                assign_splits(
+                    train_items,
+                    ("train", "val"),
+                    (1 - split.val_fraction, split.val_fraction),
+                    split.seed,
+                )
+            )
+        for rp, _, sp in labelled:
+            assigned.setdefault(rp, sp or "train")
+    else:
+        items = [(rp, lab) for rp, lab, _ in labelled if lab >= 0]
+        assigned.update(assign_splits(items, SPLITS, split.fractions, split.seed))
+
+    entries = [
+        ImageEntry(rp, int(st.st_size), int(st.st_mtime_ns), lab, assigned.get(rp, "train"))
+        for (rp, st, _, _), (_, lab, _) in zip(rows, labelled, strict=True)
+    ]
+    return Manifest(
+        root=root,
+        entries=entries,
+        classes=classes,
+        layout=layout,
+        n_skipped=len(skipped),
+        skipped_examples=[str(s) for s in skipped[:5]],
+    )

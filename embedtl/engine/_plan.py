@@ -1,0 +1,294 @@
+"""What one extraction does before and after the model runs: which store it writes (a shard
+or the folder's), which rows it can reuse from the old store or an interrupted run's journal,
+and the new store folded from them, sorted by path."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._dist import shard_bounds
+from .._version import library_versions
+from ..backbones import BackboneSpec
+from ..cache import FeatureStore, StoreRows, store_path, write_store
+from ..data import UNREADABLE, Manifest, SplitConfig, scan
+from ..errors import EmbedTLError, StoreError
+from ._loader import ContentHasher
+
+__all__ = ["Plan", "Target", "fold", "plan_rows", "reusable_store", "strict_message", "target"]
+
+log = logging.getLogger("embedtl.engine")
+
+
+@dataclass
+class Target:
+    """The store one extraction writes, and what it is made from."""
+
+    spec: BackboneSpec
+    fingerprint: str
+    manifest: Manifest  # the folder's images, or a shard's slice of them
+    all_paths: set[str]  # every image of the folder (a row of another shard is not removed)
+    path: Path  # the store written
+    full_path: Path  # the folder's store (``path`` unless this is a shard)
+    attrs: dict[str, Any]  # the store's metadata
+
+
+def target(
+    root: str | os.PathLike[str],
+    spec: BackboneSpec,
+    cache_root: Path,
+    split: SplitConfig,
+    labels: str | os.PathLike[str] | None,
+    follow_links: str,
+    shard: tuple[int, int] | None,
+) -> Target:
+    """Scan ``root`` (hashes the weights file for the fingerprint; builds nothing) and name the
+    store: the folder's, or with ``shard=(i, n)`` the i-th of n contiguous slices of it."""
+    fingerprint = spec.fingerprint()
+    manifest = scan(root, split, labels, follow_links)
+    if manifest.n_skipped:
+        log.info(
+            "%d files are not images (by extension), hidden or links not "
+            "followed: skipped (e.g. %s)",
+            manifest.n_skipped,
+            ", ".join(manifest.skipped_examples),
+        )
+    path = full_path = store_path(cache_root, manifest.root, spec.name, fingerprint)
+    all_paths = {e.path for e in manifest.entries}
+    if shard is not None:
+        manifest, path = _shard(manifest, path, shard)
+    attrs = {
+        "backbone": spec.to_dict(),
+        "fingerprint": fingerprint,
+        "root": str(manifest.root),
+        "classes": manifest.classes,
+        "layout": manifest.layout,
+        "split_config": split.to_dict(),
+        "versions": library_versions(),
+        "shard": f"{shard[0]}/{shard[1]}" if shard is not None else None,
+    }
+    return Target(spec, fingerprint, manifest, all_paths, path, full_path, attrs)
+
+
+def reusable_store(t: Target, dtype: str) -> FeatureStore | None:
+    """The store whose rows this run may reuse: the one at ``t.path``, or for a shard that has
+    none the folder's merged store."""
+    old = _open_existing(t.path, t.fingerprint, dtype)
+    if old is None and t.path != t.full_path:
+        old = _open_existing(t.full_path, t.fingerprint, dtype)  # a shard reuses merged rows
+    return old
+
+
+def _shard(manifest: Manifest, path: Path, shard: tuple[int, int]) -> tuple[Manifest, Path]:
+    i, n = shard
+    if n < 1 or not 0 <= i < n:
+        raise EmbedTLError(f"--shard must be I/N with 0 <= I < N, got {i}/{n}")
+    lo, hi = shard_bounds(len(manifest.entries), i, n)
+    part = Manifest(
+        root=manifest.root,
+        entries=manifest.entries[lo:hi],
+        classes=manifest.classes,
+        layout=manifest.layout,
+        n_skipped=manifest.n_skipped if i == 0 else 0,
+    )
+    return part, path.with_name(f"{path.stem}.shard-{i}-of-{n}.h5")
+
+
+def _open_existing(path: Path, fingerprint: str, dtype: str) -> FeatureStore | None:
+    """The current store, if it can be reused; anything else is rebuilt (with a warning)."""
+    if not path.exists():
+        return None
+    try:
+        old = FeatureStore(path)
+    except StoreError as e:
+        log.warning("rebuilding %s: %s", path, e)
+        return None
+    if old.fingerprint != fingerprint:
+        log.warning("rebuilding %s: it holds features of another backbone fingerprint", path)
+        return None
+    if old.dtype != dtype:
+        log.warning("rebuilding %s: stored as %s, %s asked for", path, old.dtype, dtype)
+        return None
+    return old
+
+
+@dataclass
+class Plan:
+    """How each manifest entry is served: from the old store, the journal, or the model."""
+
+    from_store: dict[int, int]  # manifest position -> old store row
+    from_journal: dict[int, int]  # manifest position -> journal row
+    failed_known: dict[int, str]  # manifest position -> recorded error (file unchanged)
+    todo: list[int]  # manifest positions to compute
+    removed: int  # rows of the old store whose file is gone from the folder
+    hashes: dict[int, str] = field(default_factory=dict)  # manifest position -> content hash
+    touched: int = 0  # reused rows whose file has a new mtime but the same bytes
+
+
+def plan_rows(
+    manifest: Manifest,
+    old: FeatureStore | None,
+    journal_rows,
+    all_paths: set[str],
+    hasher: ContentHasher,
+    check_content: bool = False,
+    progress: bool = False,
+    retry_unreadable: bool = True,
+) -> Plan:
+    """Which rows can be reused. A row is reused when its file has the size and mtime it had
+    when extracted; with ``check_content`` also the same content hash. A file with the same
+    size but a new mtime is re-hashed, and reused when its bytes are unchanged (``touch``, a
+    copy that did not keep times). A recorded failure is kept while its file is unchanged,
+    unless the file could not be read at all (``retry_unreadable``: try again)."""
+    from tqdm.auto import tqdm
+
+    old_index: dict[str, int] = {}
+    old_failed: dict[str, tuple[str, int, int]] = {}
+    old_hashes = old.hashes if old is not None else None
+    if old is not None:
+        old_index = {p: i for i, p in enumerate(old.paths.tolist())}
+        r = old.rows()
+        old_failed = {
+            p: (e, int(s), int(m))
+            for p, e, s, m in zip(
+                r.failed_paths, r.failed_errors, r.failed_sizes, r.failed_mtimes_ns, strict=False
+            )
+        }
+    plan = Plan({}, {}, {}, [], 0)
+
+    def same(path: str, size: int, mtime: int, stored_hash: str, e, pos: int) -> bool:
+        if size != e.size:
+            return False
+        if mtime == e.mtime_ns and not check_content:
+            plan.hashes[pos] = stored_hash
+            return True
+        if not stored_hash or hasher(path) != stored_hash:
+            return False
+        plan.hashes[pos] = stored_hash
+        plan.touched += mtime != e.mtime_ns
+        return True
+
+    entries = tqdm(
+        manifest.entries,
+        desc="check content",
+        unit="file",
+        disable=not (progress and check_content),
+        leave=False,
+    )
+    for pos, e in enumerate(entries):
+        i = old_index.get(e.path)
+        if i is not None and same(
+            e.path, int(old.sizes[i]), int(old.mtimes_ns[i]), old_hashes[i], e, pos
+        ):  # type: ignore[union-attr, index]
+            plan.from_store[pos] = i
+            continue
+        j = journal_rows.index.get(e.path)
+        if j is not None and same(
+            e.path,
+            journal_rows.sizes[e.path],
+            journal_rows.mtimes_ns[e.path],
+            journal_rows.hashes[e.path],
+            e,
+            pos,
+        ):
+            plan.from_journal[pos] = j
+            continue
+        for failed in (journal_rows.failed, old_failed):
+            rec = failed.get(e.path)
+            if (
+                rec is not None
+                and rec[1] == e.size
+                and rec[2] == e.mtime_ns
+                and not (retry_unreadable and rec[0].startswith(UNREADABLE))
+            ):
+                plan.failed_known[pos] = rec[0]
+                break
+        else:
+            plan.todo.append(pos)
+    plan.removed = sum(1 for p in old_index if p not in all_paths)  # gone from the folder
+    return plan
+
+
+def unchanged(old: FeatureStore, manifest: Manifest, plan: Plan, attrs: dict[str, Any]) -> bool:
+    """True when rewriting the store would produce the same rows and labels."""
+    if plan.todo or plan.from_journal or plan.removed or plan.touched:
+        return False
+    if old.classes != manifest.classes or len(plan.failed_known) != len(old.failed):
+        return False
+    if old.metadata.get("split_config") != attrs["split_config"]:
+        return False
+    ok = [e for pos, e in enumerate(manifest.entries) if pos in plan.from_store]
+    if len(ok) != len(old):
+        return False
+    labels = np.fromiter((e.label for e in ok), dtype=np.int32, count=len(ok))
+    splits = np.asarray([e.split for e in ok], dtype=object)
+    return bool(np.array_equal(labels, old.labels) and np.array_equal(splits, old.splits))
+
+
+def strict_message(manifest: Manifest, pos: int, err: str, n: int) -> str:
+    more = f" (and {n - 1} more)" if n > 1 else ""
+    return (
+        "cannot read "
+        f"{manifest.root / manifest.entries[pos].path}{more}: {err} "
+        "(--strict; without it unreadable images are recorded and skipped)"
+    )
+
+
+def fold(
+    manifest: Manifest,
+    plan: Plan,
+    old: FeatureStore | None,
+    journal_rows,
+    path: Path,
+    dim: int,
+    dtype: str,
+    attrs: dict[str, Any],
+) -> StoreRows:
+    """Write the new store: reused + new rows in sorted-path order, failures recorded."""
+    ok_pos = sorted(set(plan.from_store) | set(plan.from_journal))
+    es = [manifest.entries[p] for p in ok_pos]
+    failed_pos = sorted(plan.failed_known)
+    fes = [manifest.entries[p] for p in failed_pos]
+    rows = StoreRows(
+        paths=np.asarray([e.path for e in es], dtype=object),
+        labels=np.asarray([e.label for e in es], dtype=np.int32),
+        splits=np.asarray([e.split for e in es], dtype=object),
+        sizes=np.asarray([e.size for e in es], dtype=np.int64),
+        mtimes_ns=np.asarray([e.mtime_ns for e in es], dtype=np.int64),
+        failed_paths=[e.path for e in fes],
+        failed_errors=[plan.failed_known[p] for p in failed_pos],
+        failed_sizes=np.asarray([e.size for e in fes], dtype=np.int64),
+        failed_mtimes_ns=np.asarray([e.mtime_ns for e in fes], dtype=np.int64),
+        hashes=np.asarray(
+            [
+                plan.hashes.get(p) or journal_rows.hashes.get(e.path, "")
+                for p, e in zip(ok_pos, es, strict=True)
+            ],
+            dtype=object,
+        ),
+    )
+
+    def fill(ds) -> None:
+        chunk = 8192
+        for start in range(0, len(ok_pos), chunk):
+            part = ok_pos[start : start + chunk]
+            block = np.empty((len(part), dim), dtype=dtype)
+            in_store = [k for k, p in enumerate(part) if p in plan.from_store]
+            if in_store:
+                # both orders are sorted by path, so the rows increase: one h5py selection
+                rows_in_store = [plan.from_store[part[k]] for k in in_store]
+                block[in_store] = old.read_rows(rows_in_store)  # type: ignore[union-attr]
+            in_journal = [k for k, p in enumerate(part) if p in plan.from_journal]
+            if in_journal:
+                block[in_journal] = journal_rows.features[
+                    [plan.from_journal[part[k]] for k in in_journal]
+                ]
+            ds[start : start + len(part)] = block
+
+    write_store(path, rows, dim, dtype, fill, attrs)
+    return rows

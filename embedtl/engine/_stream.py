@@ -1,0 +1,440 @@
+"""The engine's inner loop: a runtime chosen and built for the job, images streamed through it
+in batches (decoded by loader workers, or JPEGs on the model's device), and finished rows
+written to the journal on a background thread."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .._device import resolve_device
+from .._io import pause_point
+from ..backbones import BackboneSpec
+from ..cache import Journal, onnx_model_path
+from ..data import DECODER, ImageTransform, Manifest, decode_image
+from ..errors import EmbedTLError, ImageDecodeError
+from ..runtime import Finished, TorchRuntime, autotune_batch, load_runtime, resolve_runtime
+from ..tensor_decode import DECODERS, TensorDecoder, probe
+from ._loader import Batch, ImageDataset, make_loader
+from ._options import EngineOptions, default_batch_size, default_workers
+from ._plan import strict_message
+
+__all__ = ["Computed", "idle_warning"]
+
+log = logging.getLogger(__name__)
+
+#: The journal takes a segment every this many computed rows, or this many seconds.
+_FLUSH_ROWS = 4096
+_FLUSH_SECONDS = 30.0
+
+
+class Computed(NamedTuple):
+    """One batch through the model."""
+
+    positions: list[int]  # of the images that decoded, in the order of ``features``
+    features: np.ndarray | None  # (B, D) float32, None when no image of the batch decoded
+    failed: list[tuple[int, str]]  # (position, error)
+    hashes: list[str]  # content hashes of ``positions``
+
+
+@dataclass
+class _Engine:
+    model: Any  # a runtime from embedtl.runtime
+    device: str
+    runtime: str
+    reason: str
+    batch_size: int
+    workers: int
+    decoder: TensorDecoder | None  # JPEGs decoded on the model's device; None: PIL in the workers
+    decoder_reason: str
+    autotune: dict[int, float] | None = None  # batch size -> images/s, when it was tuned
+    decode_fallback: Counter = field(default_factory=Counter)  # why images went to PIL instead
+
+    @property
+    def decoder_name(self) -> str:
+        return self.decoder.name if self.decoder is not None else DECODER
+
+    @property
+    def parity(self) -> dict | None:
+        """The runtime's check against float32 PyTorch (ONNX export, autocast, compile)."""
+        return self.model.parity
+
+    def final_reason(self) -> str:
+        """The runtime reason, with what changed while running (precision fallback, backoff)."""
+        return "; ".join([self.reason, *self.model.notes])
+
+    def summary(self) -> dict[str, Any]:
+        """What the store's ``extraction`` metadata and ``--json`` record of how the model ran."""
+        return {
+            "runtime": self.runtime,
+            "device": self.device,
+            "precision": self.model.precision,
+            "compiled": self.model.compiled,
+            "batch_size": min(self.batch_size, self.model.max_batch or self.batch_size),
+            "autotune": self.autotune,
+            "decoder": self.decoder_name,
+            "decoder_reason": self.decoder_reason,
+            "decode_fallback": dict(self.decode_fallback),
+            "parity": self.parity,
+        }
+
+
+#: The CUDA batch size is tuned (:func:`embedtl.runtime.autotune_batch`) for jobs larger than
+#: this many images; smaller ones run at :data:`~embedtl.engine.CUDA_BATCH`.
+_AUTOTUNE_MIN_IMAGES = 2048
+
+
+def _pick_decoder(
+    decoder: str, device: str, spec: BackboneSpec
+) -> tuple[TensorDecoder | None, str]:
+    """The tensor decoder for ``--decoder`` (None: PIL in the workers) and why."""
+    if decoder not in DECODERS:
+        raise EmbedTLError(f"unknown decoder {decoder!r}: use {', '.join(DECODERS)}")
+    cuda = device.startswith("cuda")
+    on = device if cuda else "cpu"  # torchvision decodes on CUDA or the CPU (not MPS)
+    if decoder == "pil" or (decoder == "auto" and not cuda):
+        return None, "PIL in the loader workers" + (" (asked for)" if decoder == "pil" else "")
+    err = probe(on)
+    if err is not None:
+        if decoder == "torchvision":
+            raise EmbedTLError(f"--decoder torchvision does not work on {on}: {err}")
+        log.warning(
+            "JPEG decoding on the GPU is unavailable (%s): decoding with PIL on the CPU", err
+        )
+        return None, f"PIL in the loader workers (nvJPEG unavailable: {err})"
+    return TensorDecoder(spec.preprocess, on), "JPEGs on " + (
+        "the GPU (nvJPEG)" if cuda else "the CPU (libjpeg-turbo, asked for)"
+    )
+
+
+def _engine(spec: BackboneSpec, options: EngineOptions, n_images: int) -> _Engine:
+    """Device, runtime (and why), decoder, batch size and workers for ``n_images``; the model
+    built. On CUDA without a batch size the batch is tuned for large jobs."""
+    o = options
+    run_device = resolve_device(o.device)
+    onnx_path = onnx_model_path(o.cache_root, spec.name, spec.fingerprint())
+    run_runtime, reason = resolve_runtime(
+        o.runtime, run_device, n_images, onnx_path, o.precision, o.compile
+    )
+    tensor_decoder, decoder_reason = _pick_decoder(o.decoder, run_device, spec)
+    model, fallback = load_runtime(
+        run_runtime, spec, run_device, onnx_path, o.allow_download, o.precision, o.compile
+    )
+    if fallback is not None:
+        run_runtime, reason = model.name, fallback
+    batch_size, tuned = o.batch_size, None
+    if (
+        batch_size is None
+        and run_device.startswith("cuda")
+        and isinstance(model, TorchRuntime)
+        and n_images >= _AUTOTUNE_MIN_IMAGES
+    ):
+        batch_size, tuned = _autotune(model, spec, n_images)
+    batch = batch_size or default_batch_size(run_device, spec.preprocess.crop, run_runtime)
+    if model.compiled:
+        model.pad_to = batch
+    return _Engine(
+        model=model,
+        device=run_device,
+        runtime=run_runtime,
+        reason=reason,
+        batch_size=batch,
+        workers=default_workers(run_device) if o.workers is None else o.workers,
+        decoder=tensor_decoder,
+        decoder_reason=decoder_reason,
+        autotune=tuned,
+    )
+
+
+def _autotune(
+    model: TorchRuntime, spec: BackboneSpec, n_images: int
+) -> tuple[int, dict[int, float]]:
+    """The batch size to run the model at on its device (:func:`autotune_batch`; eager, seeded
+    uint8 input)."""
+    import torch
+
+    c = spec.preprocess.crop
+    g = torch.Generator(device=model.device).manual_seed(0)
+
+    def make(b: int):
+        return model.prepare(
+            torch.randint(0, 256, (b, 3, c, c), dtype=torch.uint8, device=model.device, generator=g)
+        )
+
+    t = time.perf_counter()
+    batch, rates = autotune_batch(
+        lambda x: model.forward(x, eager=True),
+        make,
+        limit=min(1024, n_images),
+        sync=model.synchronize,
+    )
+    if model.cuda:
+        torch.cuda.empty_cache()  # what the largest tries held goes back to the pool
+    log.info(
+        "batch size %d (tuned in %.1f s; images/s by batch: %s)",
+        batch,
+        time.perf_counter() - t,
+        {b: round(r) for b, r in rates.items()},
+    )
+    return batch, {b: round(r, 1) for b, r in rates.items()}
+
+
+#: The GPU counts as starved when it is idle for more than this share of the streaming time.
+_IDLE_WARNING = 0.3
+
+
+def idle_warning(wall: float, busy: float, workers: int, decoder: str) -> str | None:
+    """The warning when the GPU spent more than :data:`_IDLE_WARNING` of ``wall`` seconds
+    waiting on the loader (``busy``: seconds it computed), with what to change."""
+    if wall < 1.0 or busy >= (1 - _IDLE_WARNING) * wall:
+        return None
+    hint = (
+        "use --decoder torchvision (JPEGs decoded on the GPU) or more --workers"
+        if decoder == DECODER
+        else "use more --workers (files are read and non-JPEGs decoded there)"
+    )
+    return (
+        f"the GPU was idle {100 * (1 - busy / wall):.0f}% of the "
+        f"extraction, waiting for images from {workers} loader "
+        f"workers: {hint}"
+    )
+
+
+def _stream(
+    eng: _Engine,
+    spec: BackboneSpec,
+    root: Path,
+    paths: Sequence[str],
+    progress: bool,
+    stages: dict[str, float],
+    desc: str,
+) -> Iterator[Computed]:
+    """The engine's inner loop: decode ``paths`` (under ``root``) in batches and run the model.
+
+    Yields a :class:`Computed` per batch, in order. On CUDA a batch's result is collected after
+    the next batch is launched, so the GPU has work queued while the CPU fetches; ``stages``
+    accumulates decode, h2d and model seconds (CUDA: from events) and, on CUDA, idle seconds:
+    the streaming time not spent in h2d, model or on-device decoding.
+    """
+    from tqdm.auto import tqdm
+
+    model = eng.model
+    transform = ImageTransform(spec.preprocess)
+    dataset = ImageDataset(root, paths, transform, tensor_jpeg=eng.decoder is not None)
+    loader = make_loader(
+        dataset, eng.workers, eng.device.startswith("cuda"), batch_size=eng.batch_size
+    )
+    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False)
+    busy = 0.0
+
+    def collect(b: Batch, job) -> Computed:
+        nonlocal busy
+        feats = None
+        if job is not None:
+            feats, times = job.result()
+            for k, v in times.items():
+                stages[k] += v
+                busy += v
+        bar.update(len(b.positions) + len(b.failed))
+        return Computed(b.positions, feats, b.failed, b.hashes)
+
+    t_start = time.perf_counter()
+    in_flight = None
+    try:
+        it = iter(loader)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                b: Batch = next(it)
+            except StopIteration:
+                break
+            eng.decode_fallback.update(b.decoded_here)
+            x = b.images
+            if b.jpegs:
+                t1 = time.perf_counter()
+                x = _decode_on_device(eng, transform, b)
+                busy += time.perf_counter() - t1  # the GPU decodes (nvJPEG returns when done)
+            stages["decode"] += time.perf_counter() - t0
+            job = model.submit(x) if x is not None else None
+            if in_flight is not None:
+                yield collect(*in_flight)
+                in_flight = None
+            if job is None or isinstance(job, Finished):
+                yield collect(b, job)
+            else:
+                in_flight = (b, job)
+        if in_flight is not None:
+            yield collect(*in_flight)
+    finally:
+        bar.close()
+    if eng.device.startswith("cuda"):
+        wall = time.perf_counter() - t_start
+        stages["idle"] = stages.get("idle", 0.0) + max(0.0, wall - busy)
+        warning = idle_warning(wall, busy, eng.workers, eng.decoder_name)
+        if warning:
+            log.warning("%s", warning)
+
+
+def _decode_on_device(eng: _Engine, transform: ImageTransform, b: Batch):
+    """The batch's images with its JPEGs decoded by the tensor decoder appended (``positions``,
+    ``hashes`` and ``failed`` of ``b`` are extended in place); a JPEG the tensor decoder fails
+    on is decoded with PIL."""
+    import torch
+
+    assert eng.decoder is not None
+    out, errors = eng.decoder(b.jpegs)
+    keep = []
+    for pos, t, err, h, raw in zip(
+        b.jpeg_positions, out, errors, b.jpeg_hashes, b.jpegs, strict=True
+    ):
+        if t is None:
+            eng.decode_fallback["tensor decoder failed"] += 1
+            log.info(
+                "%s could not decode image %d (%s): decoding it with PIL",
+                eng.decoder.name,
+                pos,
+                err,
+            )
+            try:
+                t = transform(decode_image(raw.numpy().tobytes(), transform.draft_size))
+            except ImageDecodeError as e:
+                b.failed.append((pos, str(e)))
+                continue
+            t = t.to(eng.decoder.device)
+        keep.append((pos, t, h))
+    if not keep:
+        return b.images
+    b.positions.extend(p for p, _, _ in keep)
+    b.hashes.extend(h for _, _, h in keep)
+    on_device = torch.stack([t for _, t, _ in keep])
+    if b.images is None:
+        return on_device
+    return torch.cat([b.images.to(on_device.device, non_blocking=True), on_device])
+
+
+class _Writer:
+    """Journal appends on a background thread, so that the model never waits on the disk.
+    At most ``depth`` appends wait in the queue (bounded memory); a write error is raised in the
+    caller at its next :meth:`put`, :meth:`check` or :meth:`close`."""
+
+    def __init__(self, journal: Journal, stages: dict[str, float], depth: int = 2) -> None:
+        import queue
+        import threading
+
+        self.journal, self.stages = journal, stages
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="embedtl-writer", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                t = time.perf_counter()
+                try:
+                    self.journal.append(*item)
+                except BaseException as e:  # handed to the caller
+                    self.error = e
+                self.stages["write"] += time.perf_counter() - t
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def put(self, item: tuple) -> None:
+        self.check()
+        self.queue.put(item)
+
+    def close(self) -> None:
+        """Wait for every queued append; raise the first write error."""
+        self.queue.put(None)
+        self.thread.join()
+        self.check()
+
+
+def _run_model(
+    eng: _Engine,
+    spec: BackboneSpec,
+    manifest: Manifest,
+    todo: list[int],
+    journal: Journal,
+    strict: bool,
+    progress: bool,
+    stages: dict[str, float],
+) -> None:
+    """Compute features of the ``todo`` manifest positions; every finished row goes to the
+    journal, written on a background thread."""
+    entries = [manifest.entries[i] for i in todo]
+    pending_feats: list[np.ndarray] = []
+    pending_rows: list[int] = []
+    pending_hashes: list[str] = []
+    pending_failed: list[tuple[str, str, int, int]] = []
+    last_flush = time.perf_counter()
+    writer = _Writer(journal, stages)
+
+    def flush() -> None:
+        nonlocal last_flush
+        if pending_rows or pending_failed:
+            feats = (
+                np.concatenate(pending_feats)
+                if pending_feats
+                else np.zeros((0, journal.dim), np.float32)
+            )
+            es = [entries[i] for i in pending_rows]
+            writer.put(
+                (
+                    feats,
+                    [e.path for e in es],
+                    [e.size for e in es],
+                    [e.mtime_ns for e in es],
+                    list(pending_hashes),
+                    list(pending_failed),
+                )
+            )
+            pending_feats.clear()
+            pending_rows.clear()
+            pending_hashes.clear()
+            pending_failed.clear()
+        last_flush = time.perf_counter()
+
+    batches = _stream(
+        eng,
+        spec,
+        manifest.root,
+        [e.path for e in entries],
+        progress,
+        stages,
+        f"extract {spec.name}",
+    )
+    try:
+        for idx, feats, failed, hashes in batches:
+            for i, err in failed:
+                e = entries[i]
+                if strict:
+                    raise ImageDecodeError(strict_message(manifest, todo[i], err, 1))
+                log.info("failed: %s: %s", e.path, err)
+                pending_failed.append((e.path, err, e.size, e.mtime_ns))
+            if feats is not None:
+                pending_feats.append(feats)
+                pending_rows.extend(idx)
+                pending_hashes.extend(hashes)
+            writer.check()
+            pause_point("batch")
+            if (
+                len(pending_rows) >= _FLUSH_ROWS
+                or time.perf_counter() - last_flush > _FLUSH_SECONDS
+            ):
+                flush()
+    finally:
+        batches.close()
+        try:
+            flush()  # keep what was computed, even on Ctrl-C or an error
+        finally:
+            writer.close()
