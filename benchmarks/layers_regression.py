@@ -6,9 +6,9 @@ Each measurement runs in a fresh Python process on one version of the code (``PY
 that version's ``embedtl`` first), so imports count as they do for a user, and reports both the
 wall time of the process and the seconds of the library call itself:
 
-- ``extract torch`` / ``extract onnxruntime``: ``embedtl.extract`` of ``--images`` Tux Paint
-  photos at 224 px into an empty cache (the ONNX export made once beforehand and copied in, so
-  the ONNX Runtime arm times extraction, not the one-off export);
+- ``extract torch`` / ``extract onnxruntime``: ``embedtl.extract`` of the first ``--images``
+  Tux Paint photos (sorted by path) at 224 px into an empty cache (the ONNX export made once
+  beforehand and copied in, so the ONNX Runtime arm times extraction, not the one-off export);
 - ``fit-head linear``: ``fit_head`` of the default linear head on a Fashion-MNIST store;
 - ``sweep lr-wd``: ``bench_heads`` of the 32 variants of the ``lr-wd`` grid on that store, in one
   batched pass (``folds=0``).
@@ -78,6 +78,7 @@ def run(code: Path, task: str, args: dict) -> dict:
     t = _now()
     p = subprocess.run(
         [sys.executable, "-c", CHILD, task, json.dumps(args)],
+        cwd=code.parent,  # not a folder holding another embedtl: -c puts the cwd first on sys.path
         env=env,
         capture_output=True,
         text=True,
@@ -110,9 +111,7 @@ def prepare(tmp: Path, n_images: int, fm_per_class: int) -> dict:
     import embedtl
 
     tux = tmp / "tux-all"
-    embedtl.export_dataset(
-        "tuxpaint-stamps", tux, classes=("animals", "food", "plants", "vehicles")
-    )
+    embedtl.export_dataset("tuxpaint-stamps", tux)  # every category: 677 photos
     root = tmp / "tux"
     files = sorted(p for p in tux.rglob("*") if p.is_file())[:n_images]
     for f in files:

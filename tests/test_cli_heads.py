@@ -209,3 +209,19 @@ def test_demo_runs_end_to_end(runner, tmp_path):
         ft["after"]["test_accuracy"] > 0.6
         and (tmp_path / "demo" / "finetuned" / "backbone.safetensors").is_file()
     )
+
+
+def test_predict_takes_the_runtime_options_of_extract(fitted, runner):
+    root, cache, head, _ = fitted
+    imgs = [str(p) for p in sorted((root / "cat").iterdir())[:2]]
+    base = ["predict", str(head), *imgs, "--cache-dir", str(cache), "--runtime", "torch"]
+    ref = run_json(runner, base)
+    out = run_json(
+        runner,
+        [*base, "--precision", "fp32", "--decoder", "pil", "--workers", "0", "--batch-size", "1"],
+    )
+    assert [p["label"] for p in out["predictions"]] == [p["label"] for p in ref["predictions"]]
+    for a, b in zip(out["predictions"], ref["predictions"], strict=True):
+        assert a["confidence"] == pytest.approx(b["confidence"], abs=1e-4)
+    r = runner.invoke(main, [*base, "--precision", "fp8"])
+    assert r.exit_code == 2 and "fp8" in r.stderr

@@ -258,3 +258,34 @@ def test_metadata_only_rewrite_keeps_how_the_features_were_made(class_folder, ca
     assert not second.last_extraction.model_built and second.last_extraction.removed == 1
     for key in ("runtime", "device", "amp", "decoder"):
         assert second.metadata[key] == first.metadata[key], key
+
+
+def test_engine_options_are_one_validated_record_and_keywords_replace_its_fields(
+    class_folder, cache_dir, tiny
+):
+    from embedtl import EngineOptions
+
+    opts = EngineOptions(device="cpu", runtime="torch", workers=0, batch_size=8)
+    with pytest.raises(AttributeError):
+        opts.device = "cuda"  # frozen: an identity of how the engine runs
+    assert EngineOptions.of(opts, batch_size=4).batch_size == 4 and opts.batch_size == 8
+    assert EngineOptions.of(None) == EngineOptions()
+    with pytest.raises(TypeError, match="bach_size"):
+        EngineOptions.of(opts, bach_size=4)
+    for bad, match in (
+        ({"batch_size": 0}, "--batch-size"),
+        ({"workers": -1}, "--workers"),
+        ({"runtime": "tensorrt"}, "unknown runtime"),
+        ({"precision": "int8"}, "unknown precision"),
+        ({"decoder": "nvdec"}, "unknown decoder"),
+    ):
+        with pytest.raises(embedtl.EmbedTLError, match=match):
+            EngineOptions(**bad)
+    store = embedtl.extract(
+        class_folder, TINY_BACKBONE, opts, cache_dir=cache_dir, image_size=TINY_SIZE
+    )
+    st = store.last_extraction
+    assert (st.runtime, st.batch_size, st.workers, st.device) == ("torch", 8, 0, "cpu")
+    one = [class_folder / store.paths[0]]
+    emb = embedtl.embed_files(one, TINY_BACKBONE, opts, image_size=TINY_SIZE, cache_dir=cache_dir)
+    np.testing.assert_allclose(emb.features[0], store.features()[0], atol=2e-3)

@@ -412,3 +412,16 @@ def test_gc_removes_the_index_of_a_removed_store(tmp_path):
     shutil.rmtree(root)
     rep = gc_cache(cache)
     assert out["index"] in rep["removed"] and not Path(out["index"]).exists()
+
+
+def test_search_cli_takes_the_runtime_options_of_extract(tmp_path):
+    root = tmp_path / "flat"
+    for i in range(6):
+        write_image(root / f"img_{i:02d}.png", (40 + 30 * i, 200 - 20 * i, 90), seed=i)
+    outside = write_image(tmp_path / "query.png", (40, 200, 90), seed=99)
+    args = ["search", str(root), *TINY, "--cache-dir", str(tmp_path / "c"), "-q", str(outside)]
+    ref = run_json(args)
+    out = run_json([*args, "--precision", "fp32", "--decoder", "pil", "--batch-size", "2"])
+    assert [n["path"] for n in out["results"][0]["neighbors"]] == [
+        n["path"] for n in ref["results"][0]["neighbors"]
+    ]

@@ -1,10 +1,7 @@
-"""Head-variant sweeps: a grid of head configs trained on one or more stores, ranked on val.
-
-``bench_heads(stores, configs)`` trains every config of the grid on each store's features
-(:func:`sweep`: one batched pass per group of variants, one neighbour search for every kNN
-variant); selection reads the validation split only (or, for small data, k-fold
-cross-validation over train + val); the test split is read once, at the end, for the chosen
-variants only (the ``test_top`` best of each backbone and kind).
+"""bench-heads over stores: every config of a grid trained on each store (:func:`sweep`),
+ranked on the validation split (or k-fold cross-validation over train + val for small data),
+the test split read once, at the end, for the chosen variants only (the ``test_top`` best of
+each backbone and kind).
 
 ``fit_seconds`` of a variant is its share of the pass that trained it: each epoch's time split
 among the variants still training in it, plus an even share of the pass's set-up.

@@ -22,7 +22,7 @@ from ._loader import ContentHasher
 
 __all__ = ["Plan", "Target", "fold", "plan_rows", "reusable_store", "strict_message", "target"]
 
-log = logging.getLogger("embedtl.engine")
+log = logging.getLogger(__name__)
 
 
 @dataclass
