@@ -60,7 +60,7 @@ class EngineOptions:
     def of(cls, options: EngineOptions | None = None, **settings: Any) -> EngineOptions:
         """``options`` (default: all defaults) with ``settings`` replacing its fields; a name
         that is not a field is a TypeError, as a wrong keyword argument is."""
-        unknown = set(settings) - {f.name for f in dataclasses.fields(cls)}
+        unknown = set(settings) - cls._fields()
         if unknown:
             raise TypeError(f"unknown engine settings: {', '.join(sorted(unknown))}")
         base = options if options is not None else cls()
@@ -69,8 +69,12 @@ class EngineOptions:
     @classmethod
     def settings_in(cls, kw: dict[str, Any]) -> dict[str, Any]:
         """The engine settings among keyword arguments ``kw``, taken out of it."""
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = cls._fields()
         return {k: kw.pop(k) for k in [k for k in kw if k in names]}
+
+    @classmethod
+    def _fields(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
 
     @property
     def cache_root(self) -> Path:

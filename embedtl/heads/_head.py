@@ -16,7 +16,6 @@ whole, then swapped in (:func:`embedtl._io.atomic_dir`).
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -34,8 +33,6 @@ from ._config import HeadConfig
 from ._modules import HeadModule, KNNVote, build_module
 
 __all__ = ["Head", "knn_bank", "load_head", "HEAD_FORMAT", "HEAD_FORMAT_VERSION"]
-
-log = logging.getLogger(__name__)
 
 HEAD_FORMAT = "embedtl.head"
 HEAD_FORMAT_VERSION = 1
