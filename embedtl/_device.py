@@ -3,15 +3,31 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from .errors import DeviceError
 
 __all__ = ["resolve_device", "default_memory_budget"]
 
 
+def _no_cuda_here() -> bool:
+    """True when this machine certainly has no CUDA device, known without importing torch:
+    CUDA hidden by ``CUDA_VISIBLE_DEVICES``, macOS, or Linux without the NVIDIA driver. Once
+    torch is imported it is asked instead."""
+    if "torch" in sys.modules:
+        return False
+    if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return True
+    if sys.platform == "darwin":
+        return True
+    return sys.platform.startswith("linux") and not os.path.exists("/proc/driver/nvidia/version")
+
+
 def resolve_device(device: str) -> str:
     """``auto`` -> ``cuda`` when there is one, else ``cpu``. Asking for a missing GPU is an
-    error."""
+    error. ``auto`` and ``cpu`` on a machine without an NVIDIA driver import no torch."""
+    if device == "cpu" or (device == "auto" and _no_cuda_here()):
+        return "cpu"
     import torch
 
     if device == "auto":

@@ -1,4 +1,5 @@
-"""Writing files so that readers see the old file or the new one, never half of one."""
+"""Writing files so that readers see the old file or the new one, never half of one; where
+embedtl's cache folder is."""
 
 from __future__ import annotations
 
@@ -16,7 +17,22 @@ __all__ = [
     "remove_stale_temporaries",
     "pause_point",
     "PAUSE_ENV",
+    "CACHE_ENV",
+    "default_cache_dir",
 ]
+
+CACHE_ENV = "EMBEDTL_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """``$EMBEDTL_CACHE``, else the platform's user cache folder (``~/.cache/embedtl`` on Linux)."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("embedtl", appauthor=False))
+
 
 #: Test hook: ``EMBEDTL_TEST_PAUSE=point`` (or ``point@N``, the N-th time, counting from 1) makes
 #: this process stop at :func:`pause_point` ``point``: it creates ``point.<pid>.paused`` in the

@@ -141,7 +141,17 @@ def _find_spec(module: str):
 
 
 def _importable(module: str) -> bool:
-    return _find_spec(module) is not None
+    """Whether ``module`` is installed, found without importing it (``find_spec`` of a dotted
+    name imports its parent package: scikit-learn's takes seconds)."""
+    top, _, rest = module.partition(".")
+    spec = _find_spec(top)
+    if spec is None or not rest:
+        return spec is not None
+    for loc in spec.submodule_search_locations or ():
+        base = os.path.join(loc, *rest.split("."))
+        if os.path.isdir(base) or os.path.isfile(base + ".py"):
+            return True
+    return False
 
 
 # -- foolbox: 20 ImageNet photos ------------------------------------------------------------------

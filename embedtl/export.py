@@ -1,18 +1,14 @@
 """`embedtl export`: backbone + head as one model (ONNX or TorchScript), checked against PyTorch.
 
-The exporter itself, shared with the ONNX Runtime extraction path, is :mod:`embedtl._onnx`; its
-names are importable from here too.
+The combined model is :func:`embedtl.heads.export_head`'s; the exporter itself, shared with the
+ONNX Runtime extraction path, is :mod:`embedtl._onnx`. Their names are importable from here.
 """
 
 from __future__ import annotations
 
-import os
-
-from ._builder import build_feature_model
 from ._onnx import ParityReport, export_onnx, export_torchscript, onnx_parity
-from .backbones import BackboneSpec
 from .errors import ExportError
-from .heads import Head, ImageClassifier
+from .heads import export_head
 
 __all__ = [
     "ExportError",
@@ -22,49 +18,3 @@ __all__ = [
     "export_torchscript",
     "onnx_parity",
 ]
-
-
-def export_head(
-    head: Head,
-    out: str | os.PathLike[str],
-    fmt: str = "onnx",
-    *,
-    backbone: str | BackboneSpec | None = None,
-    image_size: int | None = None,
-    allow_download: bool | None = None,
-) -> ParityReport:
-    """Backbone + ``head`` as one model (uint8 images (B, 3, crop, crop) in, probabilities
-    (B, C) out) in ``fmt`` (``onnx`` or ``torchscript``), checked against PyTorch on a seeded
-    batch. A JSON sidecar holds the classes and the preprocessing (resize, crop, interpolation)
-    a caller must apply before the model."""
-    if fmt not in ("onnx", "torchscript"):
-        raise ExportError(f"unknown export format {fmt!r}: use onnx or torchscript")
-    spec = head.backbone_for(backbone, image_size)
-    model = ImageClassifier(
-        build_feature_model(spec, allow_download=allow_download), head.module
-    ).eval()
-    crop = spec.preprocess.crop
-    meta = {
-        "classes": head.classes,
-        "input": {
-            "name": "images",
-            "dtype": "uint8",
-            "shape": ["batch", 3, crop, crop],
-            "layout": "RGB, NCHW",
-        },
-        "output": {"name": "probabilities", "shape": ["batch", len(head.classes)]},
-        "preprocess": spec.preprocess.to_dict(),
-        "backbone": spec.to_dict(),
-        "fingerprint": head.fingerprint,
-        "head_kind": head.kind,
-    }
-    if fmt == "onnx":
-        return export_onnx(
-            model,
-            out,
-            (2, 3, crop, crop),
-            output_name="probabilities",
-            metadata=meta,
-            hint="try --format torchscript",
-        )
-    return export_torchscript(model, out, (2, 3, crop, crop), metadata=meta)

@@ -8,9 +8,11 @@ matrix, calibration (ECE with a reliability diagram) and the accuracy-vs-coverag
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,13 +24,39 @@ from ._io import atomic_file, write_text
 __all__ = [
     "Evaluation",
     "calibration",
+    "class_scores",
+    "macro_f1",
     "coverage_curve",
+    "draw",
     "new_figure",
     "plot_training_curve",
+    "plot_worker",
+    "wait_drawn",
     "save_figure",
 ]
 
 ECE_BINS = 15
+
+
+def class_scores(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-class precision, recall, F1 and support of a confusion matrix (rows true, columns
+    predicted); 0 where a ratio has no denominator (scikit-learn's ``zero_division=0``)."""
+    tp, support, predicted = np.diag(cm).astype(float), cm.sum(1), cm.sum(0)
+
+    def ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.divide(a, b, out=np.zeros(len(a)), where=b > 0)
+
+    return ratio(tp, predicted), ratio(tp, support), ratio(2 * tp, support + predicted), support
+
+
+def macro_f1(y: np.ndarray, pred: np.ndarray) -> float:
+    """Macro-F1 over the classes ``y`` holds, from one confusion count (cheap enough for every
+    variant of every fold of a sweep)."""
+    if not len(y):
+        return float("nan")
+    c = int(max(y.max(), pred.max())) + 1
+    _, _, f1, support = class_scores(np.bincount(y * c + pred, minlength=c * c).reshape(c, c))
+    return float(f1[support > 0].mean())
 
 
 def calibration(
@@ -93,24 +121,20 @@ class Evaluation:
         return np.bincount(self.y_true * c + self.y_pred, minlength=c * c).reshape(c, c)
 
     def metrics(self) -> dict[str, Any]:
-        from sklearn.metrics import f1_score, precision_recall_fscore_support
-
         c = len(self.classes)
         y, pred = self.y_true, self.y_pred
         k = min(5, c)
         topk = np.argsort(-self.proba, axis=1)[:, :k]
         conf = self.proba.max(1)
         correct = pred == y
-        labels = list(range(c))
-        p, r, f, s = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
-        present = np.unique(y)  # macro-F1 over the classes this split has
+        p, r, f, s = class_scores(self.confusion())
         return {
             "split": self.split,
             "n": len(y),
             "accuracy": self.accuracy,
             "top5_accuracy": float((topk == y[:, None]).any(1).mean()) if len(y) else float("nan"),
             "top_k": k,
-            "macro_f1": float(f1_score(y, pred, labels=present, average="macro", zero_division=0)),
+            "macro_f1": macro_f1(y, pred),  # over the classes this split has
             "per_class": {
                 name: {
                     "precision": float(p[i]),
@@ -149,11 +173,11 @@ class Evaluation:
                 indent=2,
             ),
         )
-        _plot_confusion(
-            cm, self.classes, files["confusion_png"], f"{self.split}: accuracy {m['accuracy']:.3f}"
-        )
-        _plot_reliability(m["calibration"], files["reliability_png"])
-        _plot_coverage(m["coverage"], files["coverage_png"])
+        title = f"{self.split}: accuracy {m['accuracy']:.3f}"
+        draw("confusion", files["confusion_png"], cm.tolist(), self.classes, title)
+        draw("reliability", files["reliability_png"], m["calibration"])
+        draw("coverage", files["coverage_png"], m["coverage"])
+        wait_drawn()
         return {k: str(v) for k, v in files.items()}
 
 
@@ -172,7 +196,8 @@ def save_figure(fig, path: str | os.PathLike[str], dpi: int = 110) -> Path:
     return Path(path)
 
 
-def _plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str) -> None:
+def _plot_confusion(path: Path, cm: Any, classes: list[str], title: str) -> None:
+    cm = np.asarray(cm)
     c = len(classes)
     size = min(4 + 0.45 * c, 24)
     fig = new_figure((size, size * 0.9))
@@ -202,7 +227,7 @@ def _plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str) 
     save_figure(fig, path)
 
 
-def _plot_reliability(cal: dict[str, Any], path: Path) -> None:
+def _plot_reliability(path: Path, cal: dict[str, Any]) -> None:
     fig = new_figure((4.5, 4.5))
     ax = fig.subplots()
     for b in cal["bins"]:
@@ -224,7 +249,7 @@ def _plot_reliability(cal: dict[str, Any], path: Path) -> None:
     save_figure(fig, path)
 
 
-def _plot_coverage(curve: list[dict[str, float]], path: Path) -> None:
+def _plot_coverage(path: Path, curve: list[dict[str, float]]) -> None:
     fig = new_figure((5, 4))
     ax = fig.subplots()
     cov = [p["coverage"] for p in curve]
@@ -247,7 +272,17 @@ def plot_training_curve(
     start_accuracy: float | None = None,
 ) -> None:
     """Train/val loss and val accuracy per epoch (``start_accuracy``: val before the first
-    step, drawn as a dotted line)."""
+    step, drawn as a dotted line), drawn by the :func:`plot_worker` when one runs."""
+    draw("curve", path, curve, best_epoch, start_accuracy)
+    wait_drawn()
+
+
+def _plot_curve(
+    path: str | os.PathLike[str],
+    curve: list[dict[str, float]],
+    best_epoch: int | None,
+    start_accuracy: float | None,
+) -> None:
     ep = [p["epoch"] for p in curve]
     fig = new_figure((9, 3.5))
     a, b = fig.subplots(1, 2)
@@ -272,3 +307,120 @@ def plot_training_curve(
     b.set_title("best epoch (dashed) is kept")
     fig.tight_layout()
     save_figure(fig, path)
+
+
+# -- drawing in a worker process -------------------------------------------------------------
+#: The figures by name, each ``f(path, *args)`` with JSON-able args.
+_DRAWERS = {
+    "confusion": _plot_confusion,
+    "reliability": _plot_reliability,
+    "coverage": _plot_coverage,
+    "curve": _plot_curve,
+}
+_WORKER: contextvars.ContextVar[_PlotWorker | None] = contextvars.ContextVar(
+    "embedtl_plot_worker", default=None
+)
+
+
+class _PlotWorker:
+    """A Python process that imports matplotlib at once and then draws the figures it is sent
+    (one JSON line each; it answers one line each), on another core."""
+
+    def __init__(self) -> None:
+        import subprocess
+        import sys
+
+        here = str(Path(__file__).resolve().parent.parent)
+        code = (
+            f"import sys; sys.path.insert(0, {here!r}); from embedtl.report import _serve; _serve()"
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        self.pending: list[tuple[str, Path, tuple]] = []
+
+    def send(self, name: str, path: Path, args: tuple) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps([name, str(path), list(args)]) + "\n")
+        self.proc.stdin.flush()
+        self.pending.append((name, path, args))
+
+    def wait(self) -> None:
+        """Wait for every figure sent; one the worker could not draw is drawn here."""
+        assert self.proc.stdout is not None
+        pending, self.pending = self.pending, []
+        for i, (name, path, args) in enumerate(pending):
+            if self.proc.stdout.readline().strip() != "ok":
+                for name, path, args in pending[i:]:
+                    _DRAWERS[name](path, *args)
+                self.close()
+                return
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()  # type: ignore[union-attr]
+                self.proc.wait(timeout=5)
+            except Exception:  # pragma: no cover - never leave it behind
+                self.proc.kill()
+
+
+def draw(name: str, path: str | os.PathLike[str], *args: Any) -> None:
+    """Draw figure ``name`` at ``path``: sent to the :func:`plot_worker` when one runs (finished
+    by :func:`wait_drawn`), else drawn here."""
+    worker = _WORKER.get()
+    if worker is not None and worker.proc.poll() is None:
+        try:
+            worker.send(name, Path(path), args)
+            return
+        except (OSError, ValueError):  # the worker is gone: draw here
+            pass
+    _DRAWERS[name](Path(path), *args)
+
+
+def wait_drawn() -> None:
+    """Block until every figure sent to the worker is written."""
+    worker = _WORKER.get()
+    if worker is not None:
+        worker.wait()
+
+
+@contextlib.contextmanager
+def plot_worker() -> Iterator[None]:
+    """Draw this block's figures in a worker process started now: it imports matplotlib (about
+    a second here) while this process imports torch and trains, on the other core. The command
+    line's fit-head uses it; figures are the same as drawn in-process."""
+    try:
+        worker = _PlotWorker()
+    except OSError:  # no way to start a process: draw in this one
+        yield
+        return
+    token = _WORKER.set(worker)
+    try:
+        yield
+        worker.wait()
+    finally:
+        _WORKER.reset(token)
+        worker.close()
+
+
+def _serve() -> None:
+    """The worker's loop: import matplotlib, then draw each figure read from stdin."""
+    import sys
+
+    import matplotlib.backends.backend_agg  # noqa: F401 - the import is what overlaps
+    import matplotlib.figure  # noqa: F401
+
+    for line in sys.stdin:
+        try:
+            name, path, args = json.loads(line)
+            _DRAWERS[name](Path(path), *args)
+            answer = "ok"
+        except Exception as e:  # the parent draws it itself
+            answer = " ".join(f"error {type(e).__name__}: {e}".split())
+        sys.stdout.write(answer + "\n")
+        sys.stdout.flush()

@@ -18,17 +18,21 @@ import numpy as np
 
 from ._builder import build_feature_model
 from ._io import write_text
+from ._ort import Finished, OnnxModel, OnnxRuntime
 from .backbones import BackboneSpec
 from .errors import DeviceError, EmbedTLError, ExportError
 
 __all__ = [
+    "Finished",
     "RUNTIMES",
     "PRECISIONS",
     "MIN_COSINE",
     "resolve_precision",
     "autotune_batch",
     "TorchRuntime",
+    "OnnxModel",
     "OnnxRuntime",
+    "backbone_onnx",
     "ONNX_BATCH",
     "AUTO_ONNX_MIN_IMAGES",
     "resolve_runtime",
@@ -150,17 +154,6 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError)
 
 
-class Finished:
-    """A batch whose features are ready: ``result()`` -> (features (B, D) float32, stage
-    seconds)."""
-
-    def __init__(self, feats: np.ndarray, times: dict[str, float]) -> None:
-        self.feats, self.times = feats, times
-
-    def result(self) -> tuple[np.ndarray, dict[str, float]]:
-        return self.feats, self.times
-
-
 class _InFlight:
     """A CUDA batch still running: its features are copied into pinned host memory behind the
     model on the same stream; ``result()`` waits for that copy only. Stage seconds come from
@@ -224,6 +217,8 @@ class TorchRuntime:
         """Host -> device (``non_blocking`` from the loader's pinned memory), channels_last."""
         import torch
 
+        if isinstance(x, np.ndarray):
+            x = torch.from_numpy(x)
         return x.to(self.device, non_blocking=self.cuda).contiguous(
             memory_format=torch.channels_last
         )
@@ -381,95 +376,44 @@ def autotune_batch(
     return best, rates
 
 
-class OnnxRuntime:
-    name = "onnxruntime"
+def backbone_onnx(spec: BackboneSpec, path: Path, allow_download: bool | None) -> OnnxModel:
+    """The backbone's feature output as ONNX, exported once per fingerprint at ``path``."""
 
-    def __init__(self, spec: BackboneSpec, path: Path, allow_download: bool | None) -> None:
+    def export(out: Path) -> None:
         from ._onnx import export_onnx  # looked up on use: tests replace it
 
-        self.notes: list[str] = []
-        if path.is_file():
-            try:
-                self.session = _session(path)
-            except Exception as e:  # a damaged cache file: it is derived data, make it again
-                log.warning(
-                    "the cached ONNX export %s is unreadable (%s): exporting again",
-                    path,
-                    " ".join(str(e).split())[:120],
-                )
-                path.unlink(missing_ok=True)
-        if not path.is_file():
-            log.info("exporting %s to ONNX (once per fingerprint): %s", spec.name, path)
-            model = build_feature_model(spec, allow_download=allow_download)
-            crop = spec.preprocess.crop
-            export_onnx(model, path, (2, 3, crop, crop), metadata={"backbone": spec.to_dict()})
-            self.session = _session(path)
-        self.input_name = self.session.get_inputs()[0].name
-        #: the export's check against PyTorch on a seeded batch (max_abs_diff, min_cosine, batch)
-        self.parity = _read_parity(path)
+        log.info("exporting %s to ONNX (once per fingerprint): %s", spec.name, out)
+        model = build_feature_model(spec, allow_download=allow_download)
+        crop = spec.preprocess.crop
+        export_onnx(model, out, (2, 3, crop, crop), metadata={"backbone": spec.to_dict()})
 
-    precision = "fp32"
-    compiled = False
-    max_batch = None
-
-    def prepare(self, x):
-        return x.numpy()
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: x})[0]
-
-    def submit(self, x) -> Finished:
-        import time
-
-        t0 = time.perf_counter()
-        x = self.prepare(x)
-        t1 = time.perf_counter()
-        f = self(x)
-        return Finished(f, {"h2d": t1 - t0, "model": time.perf_counter() - t1})
-
-    def synchronize(self) -> None:
-        pass
-
-
-def _session(path: Path):
-    """An ONNX Runtime CPU session of the model at ``path``, with as many threads as PyTorch
-    uses (OMP_NUM_THREADS when set; torchrun sets 1 per rank)."""
-    import onnxruntime as ort
-    import torch
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = torch.get_num_threads()
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-
-
-def _read_parity(path: Path) -> dict | None:
-    import json
-
-    try:
-        return dict(json.loads(path.with_suffix(".json").read_text())["parity"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    return OnnxModel(path, export)
 
 
 def load_runtime(
     name: str,
     spec: BackboneSpec,
     device: str,
-    onnx_path: Path,
+    onnx_path: Path | OnnxModel,
     allow_download: bool | None,
     precision: str = "auto",
     compile: bool = False,
 ) -> tuple[TorchRuntime | OnnxRuntime, str | None]:
     """The runtime ``name`` for ``spec``, and why it is not ``name`` when it is not: a backbone
     that cannot be exported to ONNX, or whose export does not match PyTorch, runs in PyTorch
-    instead, with a warning (and the failure is remembered, so ``auto`` does not retry it)."""
+    instead, with a warning (and the failure is remembered, so ``auto`` does not retry it).
+    ``onnx_path``: where the backbone's export is cached, or the :class:`OnnxModel` to run."""
     import json
 
+    onnx = (
+        onnx_path
+        if isinstance(onnx_path, OnnxModel)
+        else backbone_onnx(spec, onnx_path, allow_download)
+    )
+    onnx_path = onnx.path
     if name == "onnxruntime":
         try:
-            return OnnxRuntime(spec, onnx_path, allow_download), None
+            return OnnxRuntime(onnx), None
         except ExportError as e:
             why = " ".join(str(e).split())
             log.warning(

@@ -71,6 +71,7 @@ def read_backbone_file(path: str | os.PathLike[str]) -> BackboneSpec:
             layer=str(d["layer"]),
             pooling=str(d["pooling"]),
             parent=d.get("parent"),
+            feature_dim=int(d["feature_dim"]) if d.get("feature_dim") else None,
         )
     except (KeyError, TypeError, ValueError) as e:
         raise BackboneError(f"{path}: unreadable backbone spec in its header ({e})") from e
@@ -85,6 +86,7 @@ def backbone_file_metadata(
         for k, v in spec.to_dict().items()
         if k in ("name", "source", "arch", "layer", "pooling", "preprocess", "parent")
     }
+    d["feature_dim"] = spec.dim  # read back by read_backbone_file: no network built to know it
     meta = {"format": BACKBONE_FILE_FORMAT, "format_version": "1", "spec": json.dumps(d)}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (extra or {}).items()})
     return meta

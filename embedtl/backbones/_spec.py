@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._io import atomic_file, default_cache_dir
 from ..errors import BackboneError, WeightsNotFoundError
 from ._arch import feature_dim
 
@@ -105,6 +106,9 @@ class BackboneSpec:
     #: the backbone this one was fine-tuned from: {"name", "fingerprint"}; the weights' hash
     #: already makes the fingerprint differ, so this is a record, not part of the identity
     parent: dict[str, str] | None = field(default=None, compare=False)
+    #: the pooled feature size when it is known without building the network (recorded in the
+    #: registry or in a backbone file's header); a record, not part of the identity
+    feature_dim: int | None = field(default=None, compare=False)
 
     # -- identity -------------------------------------------------------------------------
     def fingerprint(self) -> str:
@@ -162,8 +166,10 @@ class BackboneSpec:
 
     @property
     def dim(self) -> int:
-        """Feature dimension, found by a forward pass on the meta device (no weights, no
-        data)."""
+        """Feature dimension: recorded (registered backbones, embedtl's backbone files), else
+        found by a forward pass on the meta device (no weights, no data)."""
+        if self.feature_dim is not None:
+            return self.feature_dim
         return feature_dim(self.source, self.arch, self.preprocess.crop)
 
     # -- (de)serialisation ------------------------------------------------------------------
@@ -197,16 +203,54 @@ def _timm_weights_cached(hub_id: str) -> bool:
     return False
 
 
+#: Content digests of weights files, kept across processes in the cache folder, keyed by
+#: (path, size, mtime): the rule that tells an unchanged image file from a changed one.
+DIGESTS_FILE = "digests.json"
+_DIGESTS_KEPT = 256
+
+
 @functools.lru_cache(maxsize=64)
 def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    key = [size, mtime_ns]
+    known = _load_digests()
+    hit = known.get(path)
+    if isinstance(hit, list) and hit[:2] == key and len(hit) == 3:
+        return str(hit[2])
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    return h.hexdigest()
+    digest = h.hexdigest()
+    known.pop(path, None)
+    known[path] = [*key, digest]
+    _save_digests(dict(list(known.items())[-_DIGESTS_KEPT:]))
+    return digest
+
+
+def _digests_path() -> str:
+    return os.path.join(default_cache_dir(), DIGESTS_FILE)
+
+
+def _load_digests() -> dict[str, Any]:
+    try:
+        with open(_digests_path()) as f:
+            d = json.load(f)
+        return d if isinstance(d, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_digests(d: dict[str, Any]) -> None:
+    try:
+        with atomic_file(_digests_path(), durable=False) as tmp:  # derived data: no fsync
+            tmp.write_text(json.dumps(d))
+    except OSError:  # a read-only cache folder: the digest is computed again next time
+        pass
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Content hash of a file, memoised on (path, size, mtime) for this process."""
+    """Content hash of a file, memoised on (path, size, mtime) for this process and in the
+    cache folder's ``digests.json`` for the next ones."""
+    path = os.path.realpath(path)
     st = os.stat(path)
-    return _sha256_cached(os.fspath(path), st.st_size, st.st_mtime_ns)
+    return _sha256_cached(path, st.st_size, st.st_mtime_ns)

@@ -22,9 +22,10 @@ from .._device import resolve_device
 from ..cache import FeatureStore
 from ..errors import DataError, HeadError
 from ..heads import Head, HeadConfig, HeadModule, Split, StoreFeatures, evaluate_split, train_rows
+from ..report import macro_f1
 from ._grid import load_grid
 from ._result import BenchResult
-from ._sweep import VariantFit, macro_f1, sweep
+from ._sweep import VariantFit, sweep
 
 __all__ = ["CV_MAX_ROWS", "bench_heads"]
 

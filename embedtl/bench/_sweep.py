@@ -18,7 +18,7 @@ import torch
 from ..heads import HeadConfig, HeadModule, Split, TrainResult, fit_modules, knn_bank
 from ..neighbors import knn_predict
 
-__all__ = ["VariantFit", "macro_f1", "sweep"]
+__all__ = ["VariantFit", "sweep"]
 
 #: Bytes of parameters, optimizer state and activations one batched pass may hold.
 _PASS_BYTES = 2 << 30
@@ -46,19 +46,6 @@ def _pass_chunks(
     per_variant = 4 * (5 * params + 3 * batch * sum(widths))  # params, grad, 2 moments, best
     n = max(1, _PASS_BYTES // per_variant)
     return [group[i : i + n] for i in range(0, len(group), n)]
-
-
-def macro_f1(y: np.ndarray, pred: np.ndarray) -> float:
-    """Macro-F1 over the classes ``y`` holds (as report.Evaluation computes it with
-    scikit-learn), from one confusion count: cheap enough for every variant of every fold."""
-    if not len(y):
-        return float("nan")
-    c = int(max(y.max(), pred.max())) + 1
-    cm = np.bincount(y * c + pred, minlength=c * c).reshape(c, c)
-    tp, support, predicted = np.diag(cm), cm.sum(1), cm.sum(0)
-    denom = support + predicted  # F1 = 2 tp / (support + predicted); 0 when both are 0
-    f1 = np.divide(2 * tp, denom, out=np.zeros(c), where=denom > 0)
-    return float(f1[support > 0].mean())
 
 
 def sweep(

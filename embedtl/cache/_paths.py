@@ -9,22 +9,12 @@ import re
 from contextlib import contextmanager
 from pathlib import Path
 
+from .._io import default_cache_dir
 from ..errors import StoreError, StoreLockedError
 
 __all__ = ["default_cache_dir", "store_path", "onnx_model_path", "store_lock"]
 
-CACHE_ENV = "EMBEDTL_CACHE"
 log = logging.getLogger(__name__)
-
-
-def default_cache_dir() -> Path:
-    """``$EMBEDTL_CACHE``, else the platform's user cache folder (``~/.cache/embedtl`` on Linux)."""
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("embedtl", appauthor=False))
 
 
 def _safe(name: str) -> str:

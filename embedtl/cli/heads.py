@@ -213,19 +213,22 @@ def fit_head_cmd(
     is evaluated once at the end. Writes the head (safetensors + JSON), its training curve and
     the test confusion matrix, calibration and coverage plots into the artifact folder.
     """
-    from ..heads import fit_head
+    from ..report import plot_worker
 
-    cfg = _head_config(kw)
-    args = source_args(kw)
-    store = open_source(source, args, want_progress(progress))
-    head = fit_head(
-        store,
-        cfg,
-        device=args.options.device,
-        memory_budget=memory_budget * 2**20 if memory_budget else None,
-        progress=want_progress(progress),
-    )
-    path = head.save(out or default_head_dir(store, cfg.kind))
+    with plot_worker():  # matplotlib loads in another process while this one loads torch
+        from ..heads import fit_head
+
+        cfg = _head_config(kw)
+        args = source_args(kw)
+        store = open_source(source, args, want_progress(progress))
+        head = fit_head(
+            store,
+            cfg,
+            device=args.options.device,
+            memory_budget=memory_budget * 2**20 if memory_budget else None,
+            progress=want_progress(progress),
+        )
+        path = head.save(out or default_head_dir(store, cfg.kind))
     m, fit = head.info["metrics"], head.info["fit"]
     payload = {
         "head": str(path),
@@ -401,10 +404,9 @@ def predict_cmd(
     """
     from ..predict import predict_images
 
-    head = _load(head_path)
     args = source_args(kw)
     preds = predict_images(
-        head,
+        head_path,  # read without torch: ONNX Runtime with the head's export cached needs none
         inputs,
         args.options,
         backbone=args.backbone,

@@ -12,12 +12,14 @@ __all__ = ["AugmentTransform", "ImageTransform"]
 
 
 class ImageTransform:
-    """PIL RGB image -> uint8 tensor (3, crop, crop): shorter side to ``resize``, centre crop.
+    """PIL RGB image -> uint8 array (3, crop, crop): shorter side to ``resize``, centre crop.
 
     Resize and crop are one PIL call: only the crop's preimage is resampled (``box=``), with
     the sampling grid of torchvision's ``Resize(resize) + CenterCrop(crop)``, which it matches
     up to float rounding at a fraction of the cost. Normalisation happens on the model's device
-    (:class:`embedtl._model.FeatureModel`), so workers ship uint8, 4x less than float.
+    (:class:`embedtl._model.FeatureModel`), so workers ship uint8, 4x less than float. The
+    output is a numpy array, so that the ONNX Runtime path runs without torch; the PyTorch path
+    wraps batches with ``torch.from_numpy`` (no copy).
     """
 
     def __init__(self, pre: Preprocess) -> None:
@@ -36,9 +38,7 @@ class ImageTransform:
         cosine >= 0.999 parity test on a real photo; 4x passes at >= 0.9997)."""
         return 4 * self.pre.resize
 
-    def __call__(self, im):
-        import torch
-
+    def __call__(self, im) -> np.ndarray:
         w, h = im.size
         r, c = self.pre.resize, self.pre.crop
         # torchvision Resize(int): short side -> r, long side -> int(r * long / short)
@@ -48,8 +48,7 @@ class ImageTransform:
         sx, sy = w / nw, h / nh
         box = (left * sx, top * sy, (left + c) * sx, (top + c) * sy)
         out = im.resize((c, c), self.resample, box=box)
-        arr = np.array(out, dtype=np.uint8)  # (crop, crop, 3), one writable copy
-        return torch.from_numpy(arr).permute(2, 0, 1)  # (3, crop, crop) uint8
+        return _chw(out)
 
 
 class AugmentTransform(ImageTransform):
@@ -98,8 +97,7 @@ class AugmentTransform(ImageTransform):
             cw, ch = w, h
         return (w - cw) // 2, (h - ch) // 2, cw, ch
 
-    def __call__(self, im, rng: np.random.Generator | None = None):  # type: ignore[override]
-        import torch
+    def __call__(self, im, rng: np.random.Generator | None = None) -> np.ndarray:  # type: ignore[override]
         from PIL import Image
 
         rng = rng if rng is not None else np.random.default_rng()
@@ -108,5 +106,9 @@ class AugmentTransform(ImageTransform):
         out = im.resize((c, c), self.resample, box=(left, top, left + cw, top + ch))
         if self.flip and rng.random() < 0.5:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        arr = np.array(out, dtype=np.uint8)  # (crop, crop, 3)
-        return torch.from_numpy(arr).permute(2, 0, 1)  # (3, crop, crop) uint8
+        return _chw(out)
+
+
+def _chw(im) -> np.ndarray:
+    """A PIL RGB image as a C-contiguous uint8 array (3, H, W)."""
+    return np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))

@@ -18,9 +18,19 @@ from ..backbones import DEFAULT_BACKBONE, BackboneSpec, get_backbone
 from ..cache import FeatureStore, Journal, store_lock
 from ..data import SplitConfig
 from ..errors import EmbedTLError, ImageDecodeError, StoreError
+from ..runtime import OnnxModel
 from ._loader import ContentHasher
 from ._options import EngineOptions
-from ._plan import Target, fold, plan_rows, reusable_store, strict_message, target, unchanged
+from ._plan import (
+    Stages,
+    Target,
+    fold,
+    plan_rows,
+    reusable_store,
+    strict_message,
+    target,
+    unchanged,
+)
 from ._stream import _Engine, _engine, _run_model, _stream
 
 __all__ = ["Embedded", "ExtractStats", "embed_files", "extract", "open_source"]
@@ -124,57 +134,62 @@ def extract(
     if dtype not in _DTYPES:
         raise EmbedTLError(f"unknown feature dtype {dtype!r}: use float16 or float32")
     split = split or SplitConfig()
+    stages = Stages()
     spec = get_backbone(backbone, image_size=opts.image_size)
-    t = target(root, spec, opts.cache_root, split, labels, follow_links, shard)
+    t = target(root, spec, opts.cache_root, split, labels, follow_links, shard, stages)
     manifest = t.manifest
     with store_lock(t.path, timeout=lock_timeout):
-        remove_stale_temporaries(t.path)
-        old = reusable_store(t, dtype)
-        if old is not None:
-            t.attrs["created"] = old.metadata.get("created")
-        dim = old.dim if old is not None else spec.dim  # spec.dim builds a meta-device model
-        journal = Journal(t.path, t.fingerprint, dim, dtype)
-        hasher = ContentHasher(manifest.root)
-        journal_rows = journal.load()
-        plan = plan_rows(manifest, old, journal_rows, t.all_paths, hasher, check_content, progress)
+        with stages("plan"):
+            remove_stale_temporaries(t.path)
+            old = reusable_store(t, dtype)
+            if old is not None:
+                t.attrs["created"] = old.metadata.get("created")
+            dim = old.dim if old is not None else spec.dim
+            journal = Journal(t.path, t.fingerprint, dim, dtype)
+            hasher = ContentHasher(manifest.root)
+            journal_rows = journal.load()
+            plan = plan_rows(
+                manifest, old, journal_rows, t.all_paths, hasher, check_content, progress
+            )
         if strict and plan.failed_known:
             pos = min(plan.failed_known)
             n = len(plan.failed_known)
             raise ImageDecodeError(strict_message(manifest, pos, plan.failed_known[pos], n))
         if old is not None and unchanged(old, manifest, plan, t.attrs):
             journal.clear()  # left by a run killed after it replaced the store
-            old.last_extraction = _cache_hit(t, old, time.perf_counter() - t_start, check_content)
+            seconds = time.perf_counter() - t_start
+            old.last_extraction = _cache_hit(t, old, seconds, check_content, stages)
             return old
 
-        stages = {"decode": 0.0, "h2d": 0.0, "model": 0.0, "write": 0.0}
+        stages.update(decode=0.0, h2d=0.0, model=0.0, write=0.0)
         n_resumed = len(plan.from_journal)
         ran = None
         if plan.todo:
             t0 = time.perf_counter()
-            eng = _engine(spec, opts, len(plan.todo))
+            eng = _engine(spec, opts, len(plan.todo), stages=stages)
             _run_model(eng, spec, manifest, plan.todo, journal, strict, progress, stages)
             ran = _Ran(eng, time.perf_counter() - t0, eng.final_reason(), eng.summary())
-            journal_rows = journal.load()
-            plan = plan_rows(
-                manifest,
-                old,
-                journal_rows,
-                t.all_paths,
-                hasher,
-                check_content,
-                retry_unreadable=False,
-            )
+            with stages("plan"):
+                journal_rows = journal.load()
+                plan = plan_rows(
+                    manifest,
+                    old,
+                    journal_rows,
+                    t.all_paths,
+                    hasher,
+                    check_content,
+                    retry_unreadable=False,
+                )
             if plan.todo:
                 raise StoreError(
                     f"internal error: {len(plan.todo)} files neither extracted nor failed"
                 )
-        t_w = time.perf_counter()
-        n_extracted = len(plan.from_journal) - n_resumed
-        _record_run(t.attrs, ran, old, n_extracted)
-        rows = fold(manifest, plan, old, journal_rows, t.path, dim, dtype, t.attrs)
-        pause_point("store-replaced")
-        journal.clear()
-        stages["write"] += time.perf_counter() - t_w
+        with stages("fold"):
+            n_extracted = len(plan.from_journal) - n_resumed
+            _record_run(t.attrs, ran, old, n_extracted)
+            rows = fold(manifest, plan, old, journal_rows, t.path, dim, dtype, t.attrs)
+            pause_point("store-replaced")
+            journal.clear()
 
     store = FeatureStore(t.path)
     run = ran.summary if ran is not None else {}
@@ -201,7 +216,7 @@ def extract(
         model_built=ran is not None,
         batch_size=run.get("batch_size"),
         workers=ran.engine.workers if ran is not None else None,
-        stages={k: round(v, 4) for k, v in stages.items()},
+        stages=stages.rounded(),
         failed=[
             {"path": p, "error": e}
             for p, e in zip(rows.failed_paths, rows.failed_errors, strict=True)
@@ -216,7 +231,9 @@ def extract(
     return store
 
 
-def _cache_hit(t: Target, old: FeatureStore, seconds: float, check_content: bool) -> ExtractStats:
+def _cache_hit(
+    t: Target, old: FeatureStore, seconds: float, check_content: bool, stages: Stages
+) -> ExtractStats:
     return ExtractStats(
         store=str(t.path),
         n_images=len(old),
@@ -234,6 +251,7 @@ def _cache_hit(t: Target, old: FeatureStore, seconds: float, check_content: bool
         runtime_reason="cache hit: every file unchanged, no model built",
         device=None,
         model_built=False,
+        stages=stages.rounded(),
         failed=[{"path": p, "error": e} for p, e in old.failed],
         content_checked=check_content,
     )
@@ -274,6 +292,7 @@ class Embedded:
     runtime: str
     runtime_reason: str
     seconds: float
+    stages: dict[str, float] = field(default_factory=dict)
 
 
 def embed_files(
@@ -282,17 +301,20 @@ def embed_files(
     options: EngineOptions | None = None,
     *,
     progress: bool = False,
+    onnx: OnnxModel | None = None,
     **settings: Any,
 ) -> Embedded:
     """Features of image files through the same engine and runtimes as :func:`extract`, without
     writing a store (for predicting and querying new images). Unreadable files are returned in
-    ``failed``, not raised. ``options`` and ``settings`` as for :func:`extract`."""
+    ``failed``, not raised. ``options`` and ``settings`` as for :func:`extract`. ``onnx``: the
+    model ONNX Runtime runs instead of the backbone's export (its outputs are then returned as
+    ``features`` when ``runtime`` is onnxruntime)."""
     t0 = time.perf_counter()
     opts = EngineOptions.of(options, **settings)
     spec = get_backbone(backbone, image_size=opts.image_size)
     paths = [str(Path(f).expanduser().resolve()) for f in files]
-    eng = _engine(spec, opts, len(paths))
-    stages = {"decode": 0.0, "h2d": 0.0, "model": 0.0}
+    stages = Stages(decode=0.0, h2d=0.0, model=0.0)
+    eng = _engine(spec, opts, len(paths), onnx, stages)
     feats: list[np.ndarray] = []
     ok: list[int] = []
     failed: list[tuple[str, str]] = []
@@ -309,6 +331,7 @@ def embed_files(
         runtime=eng.runtime,
         runtime_reason=eng.final_reason(),
         seconds=time.perf_counter() - t0,
+        stages=stages.rounded(),
     )
 
 

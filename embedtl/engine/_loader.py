@@ -5,7 +5,8 @@ and decoded from memory)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,7 +24,7 @@ class Item(NamedTuple):
     exception (``error`` says why)."""
 
     position: int  # index into the dataset's paths
-    image: Any  # uint8 tensor (3, crop, crop), or None
+    image: np.ndarray | None  # uint8 (3, crop, crop), or None
     error: str | None
     hash: str | None  # content hash of the file's bytes, when it was read
     jpeg: Any  # the JPEG's bytes as a 1-D uint8 tensor, for the tensor decoder; or None
@@ -35,7 +36,8 @@ class Batch(NamedTuple):
     (for the tensor decoder) apart."""
 
     positions: list[int]  # of the decoded images, in the order of ``images``
-    images: Any  # uint8 (B, 3, crop, crop), or None when no image of the batch decoded here
+    images: Any  # uint8 (B, 3, crop, crop) (a torch tensor from a DataLoader, else numpy), or
+    # None when no image of the batch decoded here
     failed: list[tuple[int, str]]  # (position, error)
     hashes: list[str]  # content hashes of ``positions``
     jpeg_positions: list[int]
@@ -91,14 +93,12 @@ class ImageDataset:
 
 
 def collate(items: list[Item]) -> Batch:
-    """The DataLoader's ``collate_fn``: :class:`Item` records -> one :class:`Batch`."""
-    import torch
-
+    """:class:`Item` records -> one :class:`Batch` whose images are one numpy array."""
     ok = [it for it in items if it.image is not None]
     jpegs = [it for it in items if it.jpeg is not None]
     return Batch(
         positions=[it.position for it in ok],
-        images=torch.stack([it.image for it in ok]) if ok else None,
+        images=np.stack([it.image for it in ok]) if ok else None,
         failed=[(it.position, it.error) for it in items if it.error is not None],
         hashes=[it.hash for it in ok],
         jpeg_positions=[it.position for it in jpegs],
@@ -108,28 +108,80 @@ def collate(items: list[Item]) -> Batch:
     )
 
 
+def _collate_tensors(items: list[Item]) -> Batch:
+    """The DataLoader's ``collate_fn``: :func:`collate`, the images as a torch tensor (so that
+    the loader can pin them)."""
+    import torch
+
+    b = collate(items)
+    return b if b.images is None else b._replace(images=torch.from_numpy(b.images))
+
+
 def make_loader(
     dataset: ImageDataset,
     workers: int,
     pin_memory: bool,
     batch_size: int | None = None,
     batches: list[list[int]] | None = None,
+    tensors: bool = True,
 ):
-    """A DataLoader of :class:`Batch` records over ``dataset``: in order, ``batch_size`` at a
-    time, or the given ``batches`` of positions."""
+    """An iterable of :class:`Batch` records over ``dataset``: in order, ``batch_size`` at a
+    time, or the given ``batches`` of positions.
+
+    ``tensors``: a torch DataLoader (``workers`` processes; images as torch tensors, pinned when
+    asked). Otherwise torch is not imported: images are numpy arrays, decoded in ``workers``
+    threads (PIL releases the GIL while it decodes and resizes), for the ONNX Runtime path."""
+    if batches is None:
+        n, step = len(dataset), max(1, batch_size or 1)
+        batches = [list(range(i, min(i + step, n))) for i in range(0, n, step)]
+    if not tensors:
+        return _ThreadLoader(dataset, batches, workers)
     from torch.utils.data import DataLoader
 
     return DataLoader(
         dataset,
-        batch_size=batch_size if batches is None else 1,
-        shuffle=False,
         batch_sampler=batches,
         num_workers=workers,
-        collate_fn=collate,
+        collate_fn=_collate_tensors,
         pin_memory=pin_memory,
         prefetch_factor=4 if workers > 0 else None,
         persistent_workers=False,
     )
+
+
+class _ThreadLoader:
+    """Batches decoded in this process: in order, by ``workers`` threads (0: inline), at most
+    ``2 * workers + 1`` batches ahead of the consumer."""
+
+    def __init__(self, dataset: ImageDataset, batches: list[list[int]], workers: int) -> None:
+        self.dataset, self.batches, self.workers = dataset, batches, workers
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def _batch(self, positions: list[int]) -> Batch:
+        return collate([self.dataset[i] for i in positions])
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.workers <= 0:
+            for b in self.batches:
+                yield self._batch(b)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="embedtl-decode") as pool:
+            ahead: deque = deque()
+            todo = iter(self.batches)
+            try:
+                for b in todo:
+                    ahead.append(pool.submit(self._batch, b))
+                    if len(ahead) > 2 * self.workers:
+                        yield ahead.popleft().result()
+                while ahead:
+                    yield ahead.popleft().result()
+            finally:
+                for f in ahead:
+                    f.cancel()
 
 
 class ContentHasher:

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,9 +23,34 @@ from ..data import UNREADABLE, Manifest, SplitConfig, scan
 from ..errors import EmbedTLError, StoreError
 from ._loader import ContentHasher
 
-__all__ = ["Plan", "Target", "fold", "plan_rows", "reusable_store", "strict_message", "target"]
+__all__ = [
+    "Plan",
+    "Stages",
+    "Target",
+    "fold",
+    "plan_rows",
+    "reusable_store",
+    "strict_message",
+    "target",
+]
 
 log = logging.getLogger(__name__)
+
+
+class Stages(dict):
+    """Seconds per stage of one run (``--json``'s ``stages``): ``with stages("scan"): ...``
+    adds the block's wall time to its stage."""
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[stage] = self.get(stage, 0.0) + time.perf_counter() - t
+
+    def rounded(self) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in self.items()}
 
 
 @dataclass
@@ -46,11 +74,16 @@ def target(
     labels: str | os.PathLike[str] | None,
     follow_links: str,
     shard: tuple[int, int] | None,
+    stages: Stages | None = None,
 ) -> Target:
     """Scan ``root`` (hashes the weights file for the fingerprint; builds nothing) and name the
-    store: the folder's, or with ``shard=(i, n)`` the i-th of n contiguous slices of it."""
-    fingerprint = spec.fingerprint()
-    manifest = scan(root, split, labels, follow_links)
+    store: the folder's, or with ``shard=(i, n)`` the i-th of n contiguous slices of it.
+    ``stages`` gets the seconds of the ``fingerprint`` and of the ``scan``."""
+    stages = stages if stages is not None else Stages()
+    with stages("fingerprint"):
+        fingerprint = spec.fingerprint()
+    with stages("scan"):
+        manifest = scan(root, split, labels, follow_links)
     if manifest.n_skipped:
         log.info(
             "%d files are not images (by extension), hidden or links not "

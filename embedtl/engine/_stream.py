@@ -20,7 +20,15 @@ from ..backbones import BackboneSpec
 from ..cache import Journal, onnx_model_path
 from ..data import DECODER, ImageTransform, Manifest, decode_image
 from ..errors import EmbedTLError, ImageDecodeError
-from ..runtime import Finished, TorchRuntime, autotune_batch, load_runtime, resolve_runtime
+from ..runtime import (
+    Finished,
+    OnnxModel,
+    TorchRuntime,
+    autotune_batch,
+    backbone_onnx,
+    load_runtime,
+    resolve_runtime,
+)
 from ..tensor_decode import DECODERS, TensorDecoder, probe
 from ._loader import Batch, ImageDataset, make_loader
 from ._options import EngineOptions, default_batch_size, default_workers
@@ -114,19 +122,36 @@ def _pick_decoder(
     )
 
 
-def _engine(spec: BackboneSpec, options: EngineOptions, n_images: int) -> _Engine:
+def _engine(
+    spec: BackboneSpec,
+    options: EngineOptions,
+    n_images: int,
+    onnx: OnnxModel | None = None,
+    stages: dict[str, float] | None = None,
+) -> _Engine:
     """Device, runtime (and why), decoder, batch size and workers for ``n_images``; the model
-    built. On CUDA without a batch size the batch is tuned for large jobs."""
+    built. On CUDA without a batch size the batch is tuned for large jobs. ``onnx``: the model
+    ONNX Runtime runs (default: the backbone's export, cached per fingerprint). ``stages`` gets
+    the seconds of building the runtime (``startup``) and of exporting the ONNX model
+    (``export``, on a cache miss)."""
     o = options
+    t0 = time.perf_counter()
     run_device = resolve_device(o.device)
-    onnx_path = onnx_model_path(o.cache_root, spec.name, spec.fingerprint())
+    if onnx is None:
+        path = onnx_model_path(o.cache_root, spec.name, spec.fingerprint())
+        onnx = backbone_onnx(spec, path, o.allow_download)
     run_runtime, reason = resolve_runtime(
-        o.runtime, run_device, n_images, onnx_path, o.precision, o.compile
+        o.runtime, run_device, n_images, onnx.path, o.precision, o.compile
     )
     tensor_decoder, decoder_reason = _pick_decoder(o.decoder, run_device, spec)
     model, fallback = load_runtime(
-        run_runtime, spec, run_device, onnx_path, o.allow_download, o.precision, o.compile
+        run_runtime, spec, run_device, onnx, o.allow_download, o.precision, o.compile
     )
+    if stages is not None:
+        export = getattr(model, "export_seconds", 0.0)
+        stages["startup"] = stages.get("startup", 0.0) + time.perf_counter() - t0 - export
+        if export:
+            stages["export"] = stages.get("export", 0.0) + export
     if fallback is not None:
         run_runtime, reason = model.name, fallback
     batch_size, tuned = o.batch_size, None
@@ -229,7 +254,11 @@ def _stream(
     transform = ImageTransform(spec.preprocess)
     dataset = ImageDataset(root, paths, transform, tensor_jpeg=eng.decoder is not None)
     loader = make_loader(
-        dataset, eng.workers, eng.device.startswith("cuda"), batch_size=eng.batch_size
+        dataset,
+        eng.workers,
+        eng.device.startswith("cuda"),
+        batch_size=eng.batch_size,
+        tensors=eng.runtime != "onnxruntime",  # ONNX Runtime takes numpy: no torch on its path
     )
     bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False)
     busy = 0.0
@@ -307,7 +336,7 @@ def _decode_on_device(eng: _Engine, transform: ImageTransform, b: Batch):
             except ImageDecodeError as e:
                 b.failed.append((pos, str(e)))
                 continue
-            t = t.to(eng.decoder.device)
+            t = torch.from_numpy(t).to(eng.decoder.device)
         keep.append((pos, t, h))
     if not keep:
         return b.images

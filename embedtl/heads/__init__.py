@@ -3,21 +3,46 @@
 One training loop (:mod:`._train`), variants as data (:class:`HeadConfig`), one artifact format
 (:class:`Head`: safetensors + JSON). Fitting on a store: :func:`fit_head` (val selects, test is
 read once); several variants in one pass: :func:`fit_modules`.
+
+Importing this package imports no torch: the configuration (:class:`HeadConfig`, the kinds)
+and the artifact's description (:func:`read_head_info`) are torch-free, so the command line
+and the ONNX Runtime path can use them; every other name loads its module (and torch) on first
+use.
 """
 
+from ._artifact import HEAD_FORMAT, HEAD_FORMAT_VERSION, HeadInfo, read_head_info
 from ._config import ACTIVATIONS, HEAD_KINDS, NORMALIZATIONS, HeadConfig
-from ._data import InMemory, Split, StoreFeatures, Streamed
-from ._fit import evaluate_head, evaluate_split, fit_head, fit_module, fit_modules, train_rows
-from ._head import HEAD_FORMAT, HEAD_FORMAT_VERSION, Head, knn_bank, load_head
-from ._modules import HeadModule, ImageClassifier
-from ._train import TrainResult, class_weights, warmup_cosine
+
+#: name -> the module that defines it; these modules import torch (scikit-learn for the
+#: EmbeddingClassifier), so they are imported when a name is first used.
+_LAZY = {
+    **dict.fromkeys(("InMemory", "Split", "StoreFeatures", "Streamed"), "._data"),
+    **dict.fromkeys(
+        (
+            "evaluate_head",
+            "evaluate_split",
+            "fit_head",
+            "fit_module",
+            "fit_modules",
+            "train_rows",
+        ),
+        "._fit",
+    ),
+    **dict.fromkeys(("Head", "knn_bank", "load_head"), "._head"),
+    **dict.fromkeys(("HeadModule", "ImageClassifier"), "._modules"),
+    **dict.fromkeys(("TrainResult", "class_weights", "warmup_cosine"), "._train"),
+    "export_head": "._export",
+    "EmbeddingClassifier": "._sklearn",
+}
 
 
 def __getattr__(name: str):
-    if name == "EmbeddingClassifier":  # imports scikit-learn: on use only
-        from ._sklearn import EmbeddingClassifier
+    if name in _LAZY:
+        import importlib
 
-        return EmbeddingClassifier
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'embedtl.heads' has no attribute {name!r}")
 
 
@@ -27,6 +52,7 @@ __all__ = [
     "HEAD_FORMAT_VERSION",
     "HEAD_KINDS",
     "EmbeddingClassifier",
+    "HeadInfo",
     "HeadModule",
     "ImageClassifier",
     "InMemory",
@@ -40,11 +66,13 @@ __all__ = [
     "class_weights",
     "evaluate_head",
     "evaluate_split",
+    "export_head",
     "fit_head",
     "fit_module",
     "fit_modules",
     "knn_bank",
     "load_head",
+    "read_head_info",
     "train_rows",
     "warmup_cosine",
 ]

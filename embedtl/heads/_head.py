@@ -24,20 +24,27 @@ import numpy as np
 import torch
 
 from .._io import atomic_dir
-from ..backbones import BackboneSpec, get_backbone
+from ..backbones import BackboneSpec
 from ..errors import HeadError
 from ..index import VectorIndex
 from ..neighbors import knn_predict
 from ..report import Evaluation
+from ._artifact import (
+    HEAD_FORMAT,
+    HEAD_FORMAT_VERSION,
+    HEAD_META,
+    HEAD_WEIGHTS,
+    backbone_for,
+    check_fingerprint,
+    head_digest,
+    read_head_info,
+)
 from ._config import HeadConfig
 from ._modules import HeadModule, KNNVote, build_module
 
 __all__ = ["Head", "knn_bank", "load_head", "HEAD_FORMAT", "HEAD_FORMAT_VERSION"]
 
-HEAD_FORMAT = "embedtl.head"
-HEAD_FORMAT_VERSION = 1
-_META = "head.json"
-_WEIGHTS = "weights.safetensors"
+_META, _WEIGHTS = HEAD_META, HEAD_WEIGHTS
 _INFO_KEYS = ("metrics", "fit", "curve", "store", "created", "versions")
 
 
@@ -63,6 +70,7 @@ class Head:
         self.evaluations: dict[str, Evaluation] = {}
         self._index: VectorIndex | None = None
         self._bank_labels: np.ndarray | None = None
+        self._digest: str | None = None  # see digest()
 
     def __getstate__(self) -> dict[str, Any]:  # the faiss index is rebuilt on use, not pickled
         return {**self.__dict__, "_index": None}
@@ -90,24 +98,30 @@ class Head:
     ) -> BackboneSpec:
         """The backbone to run under this head: its own recorded spec unless one is named;
         refused unless its fingerprint (weights, preprocessing, image size) is the head's."""
-        if backbone is None:
-            spec = self.backbone_spec.with_image_size(image_size)
-        else:
-            spec = get_backbone(backbone, image_size=image_size)
-        self.check_fingerprint(
-            spec.fingerprint(), f"backbone {spec.name!r} as it is on this machine"
-        )
-        return spec
+        return backbone_for(self.backbone, self.fingerprint, backbone, image_size)
 
     def check_fingerprint(self, fingerprint: str, what: str) -> None:
         """Refuse features of another backbone (or other weights, or other preprocessing)."""
-        if fingerprint != self.fingerprint:
-            raise HeadError(
-                f"this head was trained on features of backbone {self.backbone.get('name')!r} "
-                f"(fingerprint {self.fingerprint[:16]}), but {what} has fingerprint "
-                f"{fingerprint[:16]}: use the same backbone, weights and --image-size, or fit a "
-                "new head on these features"
-            )
+        check_fingerprint(self.backbone, self.fingerprint, fingerprint, what)
+
+    def digest(self) -> str:
+        """The key its ONNX export is cached under: the artifact's (:meth:`HeadInfo.digest`)
+        once it was saved or loaded, else one of its tensors."""
+        if self._digest is None:
+            import hashlib
+
+            h = hashlib.sha256()
+            for k, v in sorted(self._state().items()):
+                h.update(f"{k}:{v.dtype}:{tuple(v.shape)}".encode())
+                h.update(v.numpy().tobytes())
+            self._digest = head_digest(h.hexdigest(), self.classes, self.fingerprint)
+        return self._digest
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
+
+    def _weights_metadata(self) -> dict[str, str]:
+        return {"format": HEAD_FORMAT, "kind": self.kind}
 
     # -- inference ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -157,12 +171,10 @@ class Head:
         if foreign and (not path.is_dir() or any(path.iterdir())):
             raise HeadError(f"{path} exists and is not a head artifact; choose another --out")
         with atomic_dir(path) as tmp:
-            state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
-            save_file(
-                state, str(tmp / _WEIGHTS), metadata={"format": HEAD_FORMAT, "kind": self.kind}
-            )
+            save_file(self._state(), str(tmp / _WEIGHTS), metadata=self._weights_metadata())
             (tmp / _META).write_text(json.dumps(self.metadata(), indent=2, default=_json_default))
             self.write_reports(tmp)
+        self._digest = read_head_info(path).digest()
         return path
 
     def write_reports(self, path: str | os.PathLike[str]) -> dict[str, str]:
@@ -201,46 +213,23 @@ def load_head(path: str | os.PathLike[str]) -> Head:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    p = Path(path).expanduser()
-    folder = p.parent if p.name == _META else p
-    meta_path, weights_path = folder / _META, folder / _WEIGHTS
-    if not meta_path.is_file():
-        raise HeadError(
-            f"{folder} is not a head artifact (no {_META}); fit one with `embedtl fit-head`"
-        )
+    info = read_head_info(path)
     try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise HeadError(f"cannot read {meta_path}: {e}") from e
-    fmt = meta.get("format") if isinstance(meta, dict) else None
-    if fmt != HEAD_FORMAT:
-        raise HeadError(f"{meta_path} is not an embedtl head (format {fmt!r})")
-    if meta.get("format_version") != HEAD_FORMAT_VERSION:
-        raise HeadError(
-            f"{meta_path} has head format_version "
-            f"{meta.get('format_version')}; this embedtl reads "
-            f"{HEAD_FORMAT_VERSION}: fit the head again"
-        )
-    try:
-        config = HeadConfig.from_dict(meta["config"])
-        classes, dim = list(meta["classes"]), int(meta["dim"])
-        state = load_file(str(weights_path))
-    except KeyError as e:
-        raise HeadError(f"{meta_path} lacks the field {e}") from e
+        state = load_file(str(info.weights_path))
     except (OSError, SafetensorError) as e:
-        raise HeadError(f"cannot read {weights_path}: {e}") from e
+        raise HeadError(f"cannot read {info.weights_path}: {e}") from e
     bank = labels = None
-    if config.kind == "knn":
+    if info.kind == "knn":
         bank, labels = state["net.bank"].float(), state["net.onehot"].argmax(1)
-    module = build_module(config, dim, len(classes), bank, labels)
+    module = build_module(info.config, info.dim, len(info.classes), bank, labels)
     try:
         module.load_state_dict(state)
     except RuntimeError as e:
         raise HeadError(
-            f"{weights_path} does not fit its {meta_path.name}: {' '.join(str(e).split())[:300]}"
+            f"{info.weights_path} does not fit its {_META}: {' '.join(str(e).split())[:300]}"
         ) from e
-    info = {k: meta[k] for k in _INFO_KEYS if k in meta}
-    return Head(module, config, classes, meta["backbone"], meta["fingerprint"], info)
-
-
-# -- fitting ------------------------------------------------------------------------------------
+    meta = info.meta
+    extra = {k: meta[k] for k in _INFO_KEYS if k in meta}
+    head = Head(module, info.config, info.classes, info.backbone, info.fingerprint, extra)
+    head._digest = info.digest()
+    return head
