@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from _common import machine, median, tutorial_setup, write_result  # noqa: E402
 
@@ -47,7 +48,7 @@ def premade_batches(data: Path, spec, batch_size: int) -> list[torch.Tensor]:
     """The images exactly as extraction feeds them (uint8), pre-decoded, in batches."""
     m = embedtl.scan(data)
     tr = embedtl.ImageTransform(spec.preprocess)
-    x = torch.stack([tr(embedtl.load_image(data / e.path)) for e in m.entries])
+    x = torch.from_numpy(np.stack([tr(embedtl.load_image(data / e.path)) for e in m.entries]))
     return [x[i : i + batch_size] for i in range(0, len(x), batch_size)]
 
 

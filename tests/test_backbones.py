@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -27,7 +28,7 @@ def test_default_backbone_classifies_foolbox_imagenet_photos():
     files = foolbox_imagenet_files()
     assert len(files) == 20
     tr = ImageTransform(spec.preprocess)
-    x = torch.stack([tr(load_image(f)) for f, _ in files])
+    x = torch.from_numpy(np.stack([tr(load_image(f)) for f, _ in files]))
     y = torch.tensor([label for _, label in files])
     with torch.inference_mode():
         feats = model(x)

@@ -46,7 +46,17 @@ def test_extract_json_contract(runner, class_folder, cache_dir):
     ):
         assert key in out, key
     assert out["n_images"] == 24 and out["cached"] == 0 and out["runtime"] == "torch"
-    assert set(out["stages"]) == {"decode", "h2d", "model", "write"}
+    assert set(out["stages"]) == {
+        "fingerprint",
+        "scan",
+        "plan",
+        "startup",
+        "decode",
+        "h2d",
+        "model",
+        "write",
+        "fold",
+    }
     again = run_json(runner, ["extract", str(class_folder), "--cache-dir", str(cache_dir), *TINY])
     assert again["cached"] == 24 and again["model_built"] is False
 

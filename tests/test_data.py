@@ -178,7 +178,7 @@ def test_transform_matches_torchvision_resize_and_crop(tmp_path, size):
     """One-call box resize == the weights' Resize + CenterCrop, up to rounding at the edges."""
     pre = get_backbone("efficientnet_lite0").preprocess
     im = load_image(write_image(tmp_path / "x.png", (120, 80, 40), size=size))
-    ours = ImageTransform(pre)(im)
+    ours = torch.from_numpy(ImageTransform(pre)(im))  # numpy uint8 (3, crop, crop)
     ref = _torchvision_reference(im, pre)
     assert ours.dtype == torch.uint8 and ours.shape == ref.shape == (3, 224, 224)
     diff = (ours.int() - ref.int()).abs()
@@ -213,7 +213,7 @@ def test_decoding_path_is_feature_equivalent_to_torchvision(tmp_path):
             ref.append(_torchvision_reference(raw.convert("RGB"), spec.preprocess))
         drafted = load_image(path, draft_size=tr.draft_size)
         assert max(drafted.size) < max(big.size)  # the draft path was taken
-        ours.append(tr(drafted))
+        ours.append(torch.from_numpy(tr(drafted)))
     with torch.inference_mode():
         a, b = model(torch.stack(ours)), model(torch.stack(ref))
     cos = torch.nn.functional.cosine_similarity(a, b)

@@ -22,7 +22,17 @@ def test_extract_writes_every_image_in_sorted_order(class_folder, cache_dir, tin
     st = store.last_extraction
     assert (st.n_images, st.extracted, st.cached, st.n_failed, st.dim) == (24, 24, 0, 0, 1280)
     assert st.model_built and st.runtime == "torch" and st.device == "cpu"
-    assert set(st.stages) == {"decode", "h2d", "model", "write"}
+    assert set(st.stages) == {
+        "fingerprint",
+        "scan",
+        "plan",
+        "startup",
+        "decode",
+        "h2d",
+        "model",
+        "write",
+        "fold",
+    }
     assert list(store.paths) == sorted(store.paths)
     assert store.features().shape == (24, 1280)
     assert np.isfinite(store.features()).all()
@@ -34,7 +44,9 @@ def test_features_equal_a_direct_forward_pass(class_folder, cache_dir, tiny):
     spec = embedtl.get_backbone(TINY_BACKBONE, image_size=TINY_SIZE)
     model = embedtl.build_feature_model(spec)
     tr = embedtl.ImageTransform(spec.preprocess)
-    x = torch.stack([tr(embedtl.load_image(class_folder / p)) for p in store.paths[:5]])
+    x = torch.from_numpy(
+        np.stack([tr(embedtl.load_image(class_folder / p)) for p in store.paths[:5]])
+    )
     with torch.inference_mode():
         ref = model(x).numpy()
     np.testing.assert_allclose(store.features()[:5], ref, rtol=1e-4, atol=1e-5)

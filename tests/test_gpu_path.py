@@ -67,7 +67,7 @@ def test_tensor_decoder_gives_the_pil_path_pixels(photos):
     out, errors = dec([torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas])
     assert errors == [None] * len(datas)
     for d, t in zip(datas, out, strict=True):
-        ref = tf(decode_image(d, tf.draft_size))
+        ref = torch.from_numpy(tf(decode_image(d, tf.draft_size)))
         assert t.shape == ref.shape == (3, 224, 224) and t.dtype == torch.uint8
         diff = (t.float() - ref.float()).abs()
         assert diff.mean() < 1.5, diff.mean()
@@ -393,7 +393,8 @@ def test_in_flight_batches_are_collected_after_the_next_is_launched(tmp_path):
     tf = ImageTransform(spec.preprocess)
     for idx, feats, _, _ in got:  # rows stay aligned with their features
         for i, f in zip(idx, feats, strict=True):
-            x = tf(decode_image((root / paths[i]).read_bytes(), tf.draft_size)).float()
+            x = torch.from_numpy(tf(decode_image((root / paths[i]).read_bytes(), tf.draft_size)))
+            x = x.float()
             np.testing.assert_allclose(f, x.mean(dim=(1, 2)).numpy(), rtol=1e-6)
     assert stages["model"] == pytest.approx(0.006) and stages["h2d"] == pytest.approx(0.003)
 
@@ -464,7 +465,7 @@ def test_cli_reports_precision_decoder_and_fallbacks(tmp_path):
     assert out["decoder"].startswith("torchvision.io.decode_jpeg") and out["decode_fallback"] == {
         "not a JPEG": 1
     }
-    assert set(out["stages"]) == {"decode", "h2d", "model", "write"}
+    assert {"decode", "h2d", "model", "write", "startup", "fold"} <= set(out["stages"])
     r = CliRunner().invoke(
         main,
         [*args[:2], "--cache-dir", str(tmp_path / "c2"), *args[4:], "--decoder", "torchvision"],

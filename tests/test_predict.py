@@ -81,7 +81,7 @@ def test_a_backbone_with_another_fingerprint_is_refused(fitted):
 
 def _batch(files, head):
     tr = ImageTransform(head.backbone_spec.preprocess)
-    return torch.stack([tr(load_image(f)) for f in files]).numpy()  # (B, 3, 32, 32) uint8
+    return np.stack([tr(load_image(f)) for f in files])  # (B, 3, 32, 32) uint8
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -314,10 +315,10 @@ class FeatureStore:
 
 
 def _convert(x: np.ndarray, dtype: Any) -> np.ndarray:
-    """float16 -> float32 through torch, whose vectorised cast is ~2x numpy's; else numpy."""
-    if x.dtype == np.float16 and np.dtype(dtype) == np.float32:
-        import torch
-
+    """float16 -> float32 through torch when it is loaded (its vectorised cast is ~2x numpy's);
+    else numpy: reading a store never imports torch for this."""
+    torch = sys.modules.get("torch")
+    if torch is not None and x.dtype == np.float16 and np.dtype(dtype) == np.float32:
         return torch.from_numpy(x).float().numpy()
     return x.astype(dtype, copy=False)
 

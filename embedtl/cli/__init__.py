@@ -1,23 +1,51 @@
-"""The `embedtl` command line: thin commands over the library, one module per verb group."""
+"""The `embedtl` command line: thin commands over the library, one module per verb group.
+
+A command's module is imported when the command runs (``--help`` imports them all, to list
+them): `embedtl extract` loads the extraction command only, not the others' options."""
 
 from __future__ import annotations
+
+import importlib
 
 import click
 
 from .._version import __version__
 from ._base import EmbedTLGroup, setup_logging
-from .backbones import backbones_cmd
-from .bench import bench_heads_cmd
-from .cache import cache_group
-from .datasets import datasets_group
-from .demo import demo_cmd
-from .extract import extract_cmd
-from .finetune import fine_tune_cmd
-from .heads import evaluate_cmd, export_cmd, fit_head_cmd, predict_cmd
-from .search import dedup_cmd, index_cmd, knn_eval_cmd, search_cmd
+
+#: command -> (module, attribute) of its click command
+_COMMANDS = {
+    "extract": (".extract", "extract_cmd"),
+    "fit-head": (".heads", "fit_head_cmd"),
+    "bench-heads": (".bench", "bench_heads_cmd"),
+    "fine-tune": (".finetune", "fine_tune_cmd"),
+    "evaluate": (".heads", "evaluate_cmd"),
+    "predict": (".heads", "predict_cmd"),
+    "export": (".heads", "export_cmd"),
+    "index": (".search", "index_cmd"),
+    "search": (".search", "search_cmd"),
+    "dedup": (".search", "dedup_cmd"),
+    "knn-eval": (".search", "knn_eval_cmd"),
+    "backbones": (".backbones", "backbones_cmd"),
+    "datasets": (".datasets", "datasets_group"),
+    "cache": (".cache", "cache_group"),
+    "demo": (".demo", "demo_cmd"),
+}
 
 
-@click.group(cls=EmbedTLGroup, context_settings={"help_option_names": ["-h", "--help"]})
+class _LazyGroup(EmbedTLGroup):
+    """The top-level group: each command's module is imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(_COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in _COMMANDS:
+            return None
+        module, attr = _COMMANDS[cmd_name]
+        return getattr(importlib.import_module(module, __name__), attr)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="embedtl")
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
 def main(verbose: int) -> None:
@@ -36,24 +64,5 @@ def main(verbose: int) -> None:
     """
     click.get_current_context().call_on_close(setup_logging(verbose))
 
-
-for _cmd in (
-    extract_cmd,
-    fit_head_cmd,
-    bench_heads_cmd,
-    fine_tune_cmd,
-    evaluate_cmd,
-    predict_cmd,
-    export_cmd,
-    index_cmd,
-    search_cmd,
-    dedup_cmd,
-    knn_eval_cmd,
-    backbones_cmd,
-    datasets_group,
-    cache_group,
-    demo_cmd,
-):
-    main.add_command(_cmd)
 
 __all__ = ["main"]

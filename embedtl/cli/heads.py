@@ -310,18 +310,21 @@ def evaluate_cmd(
     """Evaluate HEAD on a split of DATA_DIR or STORE: accuracy, top-5, macro-F1, per-class
     precision/recall, confusion matrix, calibration (ECE, reliability plot) and the
     accuracy-vs-coverage curve of an "unsure" threshold, as JSON and PNG files."""
-    from ..heads import evaluate_head
+    from ..report import plot_worker
 
-    head = _load(head_path)
-    args = source_args(kw)
-    if args.backbone is None:
-        args = args.with_backbone(head.backbone_spec)
-    store = open_source(source, args, want_progress(progress))
-    ev = evaluate_head(head, store, split)
-    if not len(ev.y_true):
-        raise click.ClickException(f"the {split} split of {store.root} has no labelled rows")
-    report_dir = Path(out) if out else Path(head_path) / f"eval-{store.root.name}-{split}"
-    files = ev.write(report_dir)
+    with plot_worker():  # matplotlib loads in another process while this one loads torch
+        from ..heads import evaluate_head
+
+        head = _load(head_path)
+        args = source_args(kw)
+        if args.backbone is None:
+            args = args.with_backbone(head.backbone_spec)
+        store = open_source(source, args, want_progress(progress))
+        ev = evaluate_head(head, store, split)
+        if not len(ev.y_true):
+            raise click.ClickException(f"the {split} split of {store.root} has no labelled rows")
+        report_dir = Path(out) if out else Path(head_path) / f"eval-{store.root.name}-{split}"
+        files = ev.write(report_dir)
     m = ev.metrics()
     payload = {
         "head": str(head_path),
