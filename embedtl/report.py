@@ -196,8 +196,19 @@ def save_figure(fig, path: str | os.PathLike[str], dpi: int = 110) -> Path:
     return Path(path)
 
 
+def drawable(texts: Sequence[str]) -> list[str]:
+    """``texts`` with the characters matplotlib's font cannot draw replaced by "?" (class names
+    in any script; without this matplotlib warns "Glyph ... missing" and draws boxes)."""
+    from matplotlib import font_manager
+
+    font = font_manager.get_font(font_manager.findfont(font_manager.FontProperties()))
+    have = set(font.get_charmap())
+    return ["".join(ch if ch.isspace() or ord(ch) in have else "?" for ch in t) for t in texts]
+
+
 def _plot_confusion(path: Path, cm: Any, classes: list[str], title: str) -> None:
     cm = np.asarray(cm)
+    classes = drawable(classes)
     c = len(classes)
     size = min(4 + 0.45 * c, 24)
     fig = new_figure((size, size * 0.9))

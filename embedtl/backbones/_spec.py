@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._device import ACTIVATION_BYTES_PER_PIXEL
 from .._io import atomic_file, default_cache_dir
 from ..errors import BackboneError, WeightsNotFoundError
 from ._arch import feature_dim
@@ -23,6 +24,10 @@ __all__ = [
     "downloads_allowed",
     "file_sha256",
 ]
+
+#: Crop sizes a backbone runs at: ImageNet backbones are trained at 224-600 px; 4096 px already
+#: takes GiBs per image.
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 4096
 
 #: Version of the feature-store format; part of every fingerprint.
 FORMAT_VERSION = 1
@@ -63,8 +68,15 @@ class Preprocess:
 
     def with_image_size(self, size: int) -> Preprocess:
         """The same recipe at another crop size, keeping the crop fraction (timm's rule)."""
-        if size < 8:
-            raise BackboneError(f"--image-size must be at least 8, got {size}")
+        if size < MIN_IMAGE_SIZE:
+            raise BackboneError(f"--image-size must be at least {MIN_IMAGE_SIZE}, got {size}")
+        if size > MAX_IMAGE_SIZE:
+            need = size * size * ACTIVATION_BYTES_PER_PIXEL
+            raise BackboneError(
+                f"--image-size {size} is over the {MAX_IMAGE_SIZE} px maximum: one image would "
+                f"need about {need / 2**30:,.0f} GiB of activations ({size}^2 px x "
+                f"~{ACTIVATION_BYTES_PER_PIXEL} bytes)"
+            )
         return dataclasses.replace(self, crop=size, resize=math.floor(size / self.crop_pct))
 
     def to_dict(self) -> dict[str, Any]:

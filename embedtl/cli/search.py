@@ -7,6 +7,8 @@ from pathlib import Path
 import click
 
 from ._base import (
+    EXIT_ERROR,
+    EXIT_PARTIAL,
     _apply,
     backbone_options,
     emit,
@@ -261,8 +263,8 @@ def search_cmd(
             click.echo(f"{name:<9} {path}")
 
     emit(as_json, payload, human)
-    if q.failed:
-        click.get_current_context().exit(1)
+    if q.failed:  # 3: some queries answered, some images unreadable; 1: none answered
+        click.get_current_context().exit(EXIT_PARTIAL if results else EXIT_ERROR)
 
 
 @click.command("dedup")
