@@ -283,9 +283,9 @@ def plot_training_curve(
     start_accuracy: float | None = None,
 ) -> None:
     """Train/val loss and val accuracy per epoch (``start_accuracy``: val before the first
-    step, drawn as a dotted line), drawn by the :func:`plot_worker` when one runs."""
+    step, drawn as a dotted line), drawn by a :func:`plot_worker` when one runs (finished by
+    :func:`wait_drawn`)."""
     draw("curve", path, curve, best_epoch, start_accuracy)
-    wait_drawn()
 
 
 def _plot_curve(
@@ -328,8 +328,8 @@ _DRAWERS = {
     "coverage": _plot_coverage,
     "curve": _plot_curve,
 }
-_WORKER: contextvars.ContextVar[_PlotWorker | None] = contextvars.ContextVar(
-    "embedtl_plot_worker", default=None
+_WORKERS: contextvars.ContextVar[list[_PlotWorker] | None] = contextvars.ContextVar(
+    "embedtl_plot_workers", default=None
 )
 
 
@@ -354,6 +354,10 @@ class _PlotWorker:
         )
         self.pending: list[tuple[str, Path, tuple]] = []
 
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
     def send(self, name: str, path: Path, args: tuple) -> None:
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps([name, str(path), list(args)]) + "\n")
@@ -372,19 +376,25 @@ class _PlotWorker:
                 return
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.close()  # type: ignore[union-attr]
-                self.proc.wait(timeout=5)
-            except Exception:  # pragma: no cover - never leave it behind
-                self.proc.kill()
+        """End the process now: every answer is in (waiting for its interpreter to tear down
+        matplotlib would cost a quarter second)."""
+        if self.alive:
+            self.proc.kill()
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            if f is not None:
+                try:
+                    f.close()
+                except OSError:  # its pipe is broken: nothing more to flush
+                    pass
 
 
 def draw(name: str, path: str | os.PathLike[str], *args: Any) -> None:
-    """Draw figure ``name`` at ``path``: sent to the :func:`plot_worker` when one runs (finished
-    by :func:`wait_drawn`), else drawn here."""
-    worker = _WORKER.get()
-    if worker is not None and worker.proc.poll() is None:
+    """Draw figure ``name`` at ``path``: sent to the least busy :func:`plot_worker` process
+    when there is one (finished by :func:`wait_drawn`), else drawn here."""
+    workers = [w for w in _WORKERS.get() or [] if w.alive]
+    if workers:
+        worker = min(workers, key=lambda w: len(w.pending))
         try:
             worker.send(name, Path(path), args)
             return
@@ -394,29 +404,33 @@ def draw(name: str, path: str | os.PathLike[str], *args: Any) -> None:
 
 
 def wait_drawn() -> None:
-    """Block until every figure sent to the worker is written."""
-    worker = _WORKER.get()
-    if worker is not None:
-        worker.wait()
+    """Block until every figure sent to the workers is written."""
+    for w in _WORKERS.get() or []:
+        w.wait()
 
 
 @contextlib.contextmanager
-def plot_worker() -> Iterator[None]:
-    """Draw this block's figures in a worker process started now: it imports matplotlib (about
-    a second here) while this process imports torch and trains, on the other core. The command
-    line's fit-head uses it; figures are the same as drawn in-process."""
+def plot_worker(processes: int = 1) -> Iterator[None]:
+    """Draw this block's figures in ``processes`` worker processes started now: they import
+    matplotlib (about a second here) while this process imports torch and trains, then draw
+    (side by side, with more than one) while this one waits. The command line's fit-head and
+    evaluate use one: on 2 cores a second one slowed fit-head (5.67 s -> 6.02 s, medians of 4
+    interleaved runs), its import competing with torch's. The figures are those drawn
+    in-process."""
+    workers = []
     try:
-        worker = _PlotWorker()
-    except OSError:  # no way to start a process: draw in this one
-        yield
-        return
-    token = _WORKER.set(worker)
+        for _ in range(processes):
+            workers.append(_PlotWorker())
+    except OSError:  # no more processes can start: draw in these (or in this one)
+        pass
+    token = _WORKERS.set(workers)
     try:
         yield
-        worker.wait()
+        wait_drawn()
     finally:
-        _WORKER.reset(token)
-        worker.close()
+        _WORKERS.reset(token)
+        for w in workers:
+            w.close()
 
 
 def _serve() -> None:

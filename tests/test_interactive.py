@@ -269,13 +269,18 @@ def test_plot_worker_draws_the_same_files_and_survives_its_own_death(tmp_path):
         {"epoch": i, "train_loss": 1 / i, "val_loss": 1 / i, "val_accuracy": i / 4}
         for i in range(1, 4)
     ]
-    with report.plot_worker():
-        report.plot_training_curve(curve, tmp_path / "a.png", 2)
-        worker = report._WORKER.get()
-        assert worker is not None and worker.proc.poll() is None
-    assert (tmp_path / "a.png").stat().st_size > 1000 and worker.proc.poll() is not None
-    with report.plot_worker():
-        report._WORKER.get().proc.kill()
-        report._WORKER.get().proc.wait()
+    with report.plot_worker(processes=2):
+        workers = report._WORKERS.get()
+        assert len(workers) == 2 and all(w.alive for w in workers)
+        for i in range(4):
+            report.plot_training_curve(curve, tmp_path / f"{i}.png", 2)
+        assert [len(w.pending) for w in workers] == [2, 2]  # side by side
+        report.wait_drawn()
+        assert all((tmp_path / f"{i}.png").stat().st_size > 1000 for i in range(4))
+    assert not any(w.alive for w in workers)
+    with report.plot_worker(processes=1):
+        (w,) = report._WORKERS.get()
+        w.proc.kill()
+        w.proc.wait()
         report.plot_training_curve(curve, tmp_path / "b.png", 2)  # drawn here instead
     assert (tmp_path / "b.png").stat().st_size > 1000

@@ -179,7 +179,7 @@ class Head:
 
     def write_reports(self, path: str | os.PathLike[str]) -> dict[str, str]:
         """Training curve and the reports of the evaluations made while fitting."""
-        from ..report import plot_training_curve
+        from ..report import plot_training_curve, wait_drawn
 
         path = Path(path)
         files: dict[str, str] = {}
@@ -192,6 +192,7 @@ class Head:
         ev = self.evaluations.get("test")
         if ev is not None and len(ev.y_true):
             files.update({f"test_{k}": v for k, v in ev.write(path / "test").items()})
+        wait_drawn()  # every figure is in ``path`` before it is swapped into place
         return files
 
 
