@@ -18,15 +18,21 @@ __all__ = [
 
 def _no_cuda_here() -> bool:
     """True when this machine certainly has no CUDA device, known without importing torch:
-    CUDA hidden by ``CUDA_VISIBLE_DEVICES``, macOS, or Linux without the NVIDIA driver. Once
-    torch is imported it is asked instead."""
+    CUDA hidden by ``CUDA_VISIBLE_DEVICES``, macOS, or Linux with no GPU device node (NVIDIA's
+    driver, WSL2's ``/dev/dxg``, ROCm's ``/dev/kfd``). Once torch is imported it is asked
+    instead."""
     if "torch" in sys.modules:
         return False
     if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
         return True
     if sys.platform == "darwin":
         return True
-    return sys.platform.startswith("linux") and not os.path.exists("/proc/driver/nvidia/version")
+    if not sys.platform.startswith("linux"):
+        return False
+    import glob
+
+    gpu_nodes = ("/proc/driver/nvidia/version", "/dev/dxg", "/dev/kfd")  # NVIDIA, WSL2, ROCm
+    return not any(os.path.exists(p) for p in gpu_nodes) and not glob.glob("/dev/nvidia[0-9]*")
 
 
 def resolve_device(device: str) -> str:

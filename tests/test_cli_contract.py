@@ -105,7 +105,7 @@ def test_success_is_one_json_line_with_the_documented_code(world):
 
 @pytest.mark.parametrize("command", sorted(_COMMANDS))
 def test_a_usage_error_is_one_json_line_and_exit_2(command):
-    args = [command, "list"] if command in ("cache", "datasets") else [command]
+    args = {"cache": ["cache", "ls"], "datasets": ["datasets", "list"]}.get(command, [command])
     out = call([*args, "--no-such-option"], 2)
     assert out["type"] == "UsageError" and "--no-such-option" in out["error"]
 
@@ -134,7 +134,7 @@ def errors(w: dict) -> list[tuple[list[str], str]]:
         (["cache", "info", str(garbage)], "StoreError"),
         (["cache", "verify", str(garbage)], "StoreError"),
         (["cache", "merge", str(garbage), str(garbage)], "StoreError"),
-        (["datasets", "export", "no-such-dataset", str(empty)], "DatasetUnavailableError"),
+        (["datasets", "export", "no-such-dataset", str(empty)], "DataError"),
         (["demo", "--device", "cuda:7", "--workdir", str(w["base"] / "demo")], "DeviceError"),
     ]
 

@@ -215,19 +215,19 @@ def _timm_weights_cached(hub_id: str) -> bool:
     return False
 
 
-#: Content digests of weights files, kept across processes in the cache folder, keyed by
-#: (path, size, mtime): the rule that tells an unchanged image file from a changed one.
+#: Content digests of weights files, kept across processes in the default cache folder, keyed
+#: by (path, size, mtime, inode, ctime).
 DIGESTS_FILE = "digests.json"
 _DIGESTS_KEPT = 256
 
 
 @functools.lru_cache(maxsize=64)
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    key = [size, mtime_ns]
+def _sha256_cached(path: str, size: int, mtime_ns: int, ino: int, ctime_ns: int) -> str:
+    key = [size, mtime_ns, ino, ctime_ns]
     known = _load_digests()
     hit = known.get(path)
-    if isinstance(hit, list) and hit[:2] == key and len(hit) == 3:
-        return str(hit[2])
+    if isinstance(hit, list) and hit[:4] == key and len(hit) == 5:
+        return str(hit[4])
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -261,8 +261,9 @@ def _save_digests(d: dict[str, Any]) -> None:
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Content hash of a file, memoised on (path, size, mtime) for this process and in the
-    cache folder's ``digests.json`` for the next ones."""
+    """Content hash of a file, memoised on (path, size, mtime, inode, ctime) for this process and
+    in the cache folder's ``digests.json`` for the next ones: a file replaced (a new inode) or
+    touched in any way (ctime, which no tool can set back) is hashed again."""
     path = os.path.realpath(path)
     st = os.stat(path)
-    return _sha256_cached(path, st.st_size, st.st_mtime_ns)
+    return _sha256_cached(path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)

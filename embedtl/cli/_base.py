@@ -350,7 +350,8 @@ _WORKERS = click.option(
     "--workers",
     type=click.IntRange(min=0),
     default=None,
-    help="Decoding worker processes [default: 0 on a 2-core CPU, more with spare cores or a GPU].",
+    help="Decoding workers: processes on PyTorch, threads on ONNX Runtime [default: 0 on a "
+    "2-core CPU, more with spare cores or a GPU].",
 )
 _PRECISION = click.option(
     "--precision",

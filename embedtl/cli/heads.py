@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from ..errors import DataError
 from ._base import (
     _apply,
     backbone_options,
@@ -321,7 +322,7 @@ def evaluate_cmd(
         store = open_source(source, args, want_progress(progress))
         ev = evaluate_head(head, store, split)
         if not len(ev.y_true):
-            raise click.ClickException(f"the {split} split of {store.root} has no labelled rows")
+            raise DataError(f"the {split} split of {store.root} has no labelled rows")
         report_dir = Path(out) if out else Path(head_path) / f"eval-{store.root.name}-{split}"
         files = ev.write(report_dir)
     m = ev.metrics()

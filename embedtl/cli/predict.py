@@ -75,6 +75,7 @@ def predict_cmd(
         "predictions": preds.records,
         "failed": preds.failed,
         "runtime": preds.runtime,
+        "stages": preds.stages,
         "csv": out,
     }
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..errors import DataError
 from ._base import (
     EXIT_ERROR,
     EXIT_PARTIAL,
@@ -218,7 +219,7 @@ def search_cmd(
     store, ix, args = _open(source, kw, want_progress(progress))
     q = query_vectors(store, queries, args.options, progress=want_progress(progress))
     if not len(q.names):
-        raise click.ClickException(
+        raise DataError(
             "no query image could be read: " + "; ".join(f"{p}: {e}" for p, e in q.failed)
         )
     nb = search_store(

@@ -261,7 +261,8 @@ def _stream(
         eng.workers,
         eng.device.startswith("cuda"),
         batch_size=eng.batch_size,
-        tensors=eng.runtime != "onnxruntime",  # ONNX Runtime takes numpy: no torch on its path
+        # ONNX Runtime takes numpy: no torch on its path, unless a tensor decoder is asked for
+        tensors=eng.runtime != "onnxruntime" or eng.decoder is not None,
     )
     bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False)
     busy = 0.0
