@@ -32,8 +32,10 @@ def build_feature_model(spec: BackboneSpec, *, allow_download: bool | None = Non
     if allow_download is None:
         allow_download = downloads_allowed()
     pretrained_timm = spec.weights.startswith("timm:")
-    if pretrained_timm and not spec.weights_available() and not allow_download:
-        raise WeightsNotFoundError(spec.missing_weights_message())
+    if pretrained_timm and not spec.weights_available():
+        if not allow_download:
+            raise WeightsNotFoundError(spec.missing_weights_message())
+        _reachable(os.environ.get("HF_ENDPOINT") or "https://huggingface.co", spec)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # "random" weights are explicit and reproducible
@@ -54,6 +56,25 @@ def build_feature_model(spec: BackboneSpec, *, allow_download: bool | None = Non
     return FeatureModel(spec, body, classifier, name)
 
 
+def _reachable(url: str, spec: BackboneSpec, timeout: float = 3.0) -> None:
+    """Fail at once, in one line, when the host of a download is unreachable (offline, or a
+    firewall), instead of the hub clients' minute of retries."""
+    import socket
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    if not u.hostname:
+        return
+    port = u.port or (443 if u.scheme == "https" else 80)
+    try:
+        socket.create_connection((u.hostname, port), timeout=timeout).close()
+    except OSError as e:
+        raise WeightsNotFoundError(
+            f"{spec.missing_weights_message()} (offline? {u.hostname}:{port} is unreachable: "
+            f"{e.strerror or e})"
+        ) from None
+
+
 def _load_weights(net, spec: BackboneSpec, allow_download: bool) -> None:
     """``spec``'s weights file into ``net`` (a torchvision enum's file downloaded first when
     it is not in the hub cache and downloads are allowed)."""
@@ -63,6 +84,7 @@ def _load_weights(net, spec: BackboneSpec, allow_download: bool) -> None:
         if not spec.weights_available():
             if not allow_download:
                 raise WeightsNotFoundError(spec.missing_weights_message())
+            _reachable(spec.weights_url or "", spec)
             try:
                 torch.hub.load_state_dict_from_url(spec.weights_url, progress=False)
             except Exception as e:

@@ -7,20 +7,32 @@ import sys
 
 from .errors import DeviceError
 
-__all__ = ["resolve_device", "default_memory_budget"]
+__all__ = [
+    "ACTIVATION_BYTES_PER_PIXEL",
+    "check_batch_memory",
+    "default_memory_budget",
+    "memory_available",
+    "resolve_device",
+]
 
 
 def _no_cuda_here() -> bool:
     """True when this machine certainly has no CUDA device, known without importing torch:
-    CUDA hidden by ``CUDA_VISIBLE_DEVICES``, macOS, or Linux without the NVIDIA driver. Once
-    torch is imported it is asked instead."""
+    CUDA hidden by ``CUDA_VISIBLE_DEVICES``, macOS, or Linux with no GPU device node (NVIDIA's
+    driver, WSL2's ``/dev/dxg``, ROCm's ``/dev/kfd``). Once torch is imported it is asked
+    instead."""
     if "torch" in sys.modules:
         return False
     if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
         return True
     if sys.platform == "darwin":
         return True
-    return sys.platform.startswith("linux") and not os.path.exists("/proc/driver/nvidia/version")
+    if not sys.platform.startswith("linux"):
+        return False
+    import glob
+
+    gpu_nodes = ("/proc/driver/nvidia/version", "/dev/dxg", "/dev/kfd")  # NVIDIA, WSL2, ROCm
+    return not any(os.path.exists(p) for p in gpu_nodes) and not glob.glob("/dev/nvidia[0-9]*")
 
 
 def resolve_device(device: str) -> str:
@@ -45,6 +57,50 @@ def resolve_device(device: str) -> str:
     if device != "cpu":
         raise DeviceError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
     return device
+
+
+#: Bytes a forward pass holds per input pixel: the widest activations of the convnets embedtl
+#: registers (EfficientNet-Lite's 96-channel expansion at half resolution is 24 floats per
+#: pixel; ResNet-50's 256 channels at a quarter, 16), a few of them alive at once, plus the
+#: decoded uint8 images; a deliberate over-estimate, used only to refuse what cannot fit.
+ACTIVATION_BYTES_PER_PIXEL = 384
+
+
+def memory_available(device: str) -> int | None:
+    """Bytes free for a job on ``device`` (RAM's MemAvailable, the GPU's free memory), or None
+    when it cannot be told."""
+    if device.startswith("cuda"):
+        import torch
+
+        try:
+            return int(torch.cuda.mem_get_info(torch.device(device))[0])
+        except Exception:  # noqa: BLE001 - no figure: no check
+            return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_batch_memory(device: str, image_size: int, batch_size: int) -> None:
+    """Refuse, before anything is allocated, a batch that cannot fit in ``device``'s memory:
+    one line naming --image-size, --batch-size and the estimate."""
+    need = batch_size * image_size * image_size * ACTIVATION_BYTES_PER_PIXEL
+    have = memory_available(device)
+    if have is not None and need > 0.8 * have:
+        raise DeviceError(
+            f"--image-size {image_size} at --batch-size {batch_size} needs about "
+            f"{need / 2**30:.1f} GiB on {device} ({batch_size} x {image_size}^2 px x "
+            f"~{ACTIVATION_BYTES_PER_PIXEL} bytes of activations), {have / 2**30:.1f} GiB are "
+            "free: use a smaller --image-size or --batch-size"
+        )
 
 
 def default_memory_budget() -> int:

@@ -51,7 +51,6 @@ class OnnxRuntime:
     def __init__(self, model: OnnxModel) -> None:
         self.notes: list[str] = []
         path = model.path
-        t = time.perf_counter()
         if path.is_file():
             try:
                 self.session = _session(path)
@@ -62,14 +61,13 @@ class OnnxRuntime:
                     " ".join(str(e).split())[:120],
                 )
                 path.unlink(missing_ok=True)
-        #: seconds spent exporting the model (a cache miss), and opening its session
+        #: seconds spent exporting the model (a cache miss)
         self.export_seconds = 0.0
         if not path.is_file():
             t_export = time.perf_counter()
             model.export(path)
             self.export_seconds = time.perf_counter() - t_export
             self.session = _session(path)
-        self.session_seconds = time.perf_counter() - t - self.export_seconds
         self.input_name = self.session.get_inputs()[0].name
         #: the export's check against PyTorch on a seeded batch (max_abs_diff, min_cosine, batch)
         self.parity = _read_parity(path)

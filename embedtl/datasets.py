@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ._io import atomic_file
-from .errors import DatasetUnavailableError, EmbedTLError
+from .errors import DataError, DatasetUnavailableError, EmbedTLError
 
 __all__ = ["DatasetInfo", "list_datasets", "get_dataset", "export_dataset"]
 
@@ -79,7 +79,7 @@ def get_dataset(name: str) -> DatasetInfo:
     try:
         return _DATASETS[name]
     except KeyError:
-        raise EmbedTLError(f"unknown dataset {name!r}; known: {', '.join(_DATASETS)}") from None
+        raise DataError(f"unknown dataset {name!r}; known: {', '.join(_DATASETS)}") from None
 
 
 def export_dataset(

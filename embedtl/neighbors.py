@@ -7,6 +7,7 @@ bench-heads' kNN variants and kNN evaluation all predict with :func:`knn_predict
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -24,6 +25,8 @@ __all__ = [
     "knn_predict",
     "knn_evaluate",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Temperature of the weighted vote, the value of the self-supervised literature's kNN protocol
 #: (Wu et al. 2018; DINO): a neighbour with similarity s votes with weight exp(s / T).
@@ -92,6 +95,13 @@ def knn_evaluate(
         )
     bank = VectorIndex.from_vectors(store.features(rows=bank_rows))
     bank_labels = labels[bank_rows]
+    if ks[-1] > len(bank_rows):
+        log.warning(
+            "-k %d is more than the %d labelled train rows: k is capped at %d",
+            ks[-1],
+            len(bank_rows),
+            len(bank_rows),
+        )
     variants = [(min(k, len(bank_rows)), temperature) for k in ks]
     results = []
     for split in splits:

@@ -48,6 +48,7 @@ class Predictions:
     failed: list[dict[str, str]] = field(default_factory=list)
     runtime: str = ""
     seconds: float = 0.0
+    stages: dict[str, float] = field(default_factory=dict)  # the engine's (startup, decode, ...)
 
     def write_csv(self, path: str | os.PathLike[str]) -> None:
         """path,label,confidence,top1..topk columns (label:p), written atomically."""
@@ -133,6 +134,7 @@ def predict_images(
         failed=[{"path": p, "error": e} for p, e in emb.failed],
         runtime=emb.runtime,
         seconds=emb.seconds,
+        stages=emb.stages,
     )
 
 

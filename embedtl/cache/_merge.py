@@ -54,6 +54,12 @@ def merge_stores(
     """
     if not shards:
         raise StoreError("no stores to merge")
+    seen: dict[Path, str] = {}
+    for p in shards:
+        key = Path(p).resolve()
+        if key in seen:
+            raise StoreError(f"{p} is given twice (as {seen[key]}): name each shard once")
+        seen[key] = str(p)
     stores = [FeatureStore(p) for p in shards]
     ref = stores[0]
     for s in stores[1:]:
@@ -71,8 +77,8 @@ def merge_stores(
         m = _SHARD_NAME.match(ref.path.name)
         if m is None:
             raise StoreError(
-                f"{ref.path.name} is not named as a shard "
-                "(name.shard-I-of-N.h5): say where to write"
+                f"{ref.path.name} is not named as a shard (name.shard-I-of-N.h5), so "
+                "the merged store's name cannot be derived from it: give it with --out OUT.h5"
             )
         out = ref.path.with_name(m.group("stem") + ".h5")
     out = Path(out)

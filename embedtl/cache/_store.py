@@ -24,7 +24,7 @@ import numpy as np
 from .._h5 import h5_reason, read_strings
 from ..backbones import FORMAT_VERSION, BackboneSpec
 from ..errors import StoreError
-from ._schema import FORMAT_NAME, JSON_ATTRS, REBUILD, StoreRows
+from ._schema import FORMAT_NAME, JSON_ATTRS, StoreRows, rebuild_advice
 
 __all__ = ["FeatureStore"]
 
@@ -46,13 +46,14 @@ class FeatureStore:
 
         self.path = Path(path)
         self._file = None
+        self._advice = rebuild_advice(self.path)  # what a message about damage advises
         if not self.path.is_file():
             raise StoreError(f"feature store not found: {self.path}")
         try:
             f = h5py.File(self.path, "r")
         except OSError as e:
             raise StoreError(
-                f"{self.path} is not a readable HDF5 file ({h5_reason(e)}): {REBUILD}"
+                f"{self.path} is not a readable HDF5 file ({h5_reason(e)}): {self._advice}"
             ) from None
         try:
             self._attrs = _read_attrs(f, self.path)
@@ -61,7 +62,7 @@ class FeatureStore:
             self._shape = tuple(feats.shape)
             self._h5dtype = feats.dtype
             if len(self._shape) != 2:
-                raise StoreError(f"{self.path}: /features is not a 2-D array: {REBUILD}")
+                raise StoreError(f"{self.path}: /features is not a 2-D array: {self._advice}")
             if feats.is_virtual:
                 for vs in feats.virtual_sources():
                     src = self.path.parent / vs.file_name
@@ -74,7 +75,7 @@ class FeatureStore:
             if self._shape[0] != len(self._rows.paths):
                 raise StoreError(
                     f"{self.path}: /features has {self._shape[0]} rows but /paths "
-                    f"has {len(self._rows.paths)}: {REBUILD}"
+                    f"has {len(self._rows.paths)}: {self._advice}"
                 )
         except StoreError:
             f.close()
@@ -90,7 +91,7 @@ class FeatureStore:
         ) as e:
             f.close()
             raise StoreError(
-                f"{self.path} is a damaged feature store ({h5_reason(e)}): {REBUILD}"
+                f"{self.path} is a damaged feature store ({h5_reason(e)}): {self._advice}"
             ) from None
         self._file = f
         #: Set by :func:`embedtl.extract` on the store it returns: what that run did.
@@ -119,7 +120,7 @@ class FeatureStore:
             return self._h5()["features"][np.asarray(rows)]
         except (OSError, RuntimeError, ValueError) as e:  # HDF5 on damaged bytes
             raise StoreError(
-                f"cannot read the features of {self.path} ({h5_reason(e)}): {REBUILD}"
+                f"cannot read the features of {self.path} ({h5_reason(e)}): {self._advice}"
             ) from None
 
     # -- metadata ---------------------------------------------------------------------------
@@ -284,7 +285,7 @@ class FeatureStore:
                 block = ds[start : start + len(sel)]  # (<= chunk_rows, D), one contiguous read
             except (OSError, RuntimeError, ValueError) as e:  # HDF5 on damaged bytes
                 raise StoreError(
-                    f"cannot read the features of {self.path} ({h5_reason(e)}): {REBUILD}"
+                    f"cannot read the features of {self.path} ({h5_reason(e)}): {self._advice}"
                 ) from None
             rows = np.flatnonzero(sel) + start
             yield rows, _convert(block[sel] if not sel.all() else block, dtype)
@@ -356,7 +357,7 @@ def _read_str(f, key: str, path: Path) -> np.ndarray:
     try:
         ds = f[key]
     except KeyError:
-        raise StoreError(f"{path}: missing dataset /{key}: {REBUILD}") from None
+        raise StoreError(f"{path}: missing dataset /{key}: {rebuild_advice(path)}") from None
     return read_strings(ds)
 
 
@@ -364,7 +365,7 @@ def _read_num(f, key: str, path: Path, dtype) -> np.ndarray:
     try:
         return np.asarray(f[key][()], dtype=dtype)
     except KeyError:
-        raise StoreError(f"{path}: missing dataset /{key}: {REBUILD}") from None
+        raise StoreError(f"{path}: missing dataset /{key}: {rebuild_advice(path)}") from None
 
 
 def _read_rows(f, path: Path) -> StoreRows:

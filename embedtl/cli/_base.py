@@ -2,30 +2,56 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import click
 
-from ..backbones import DEFAULT_BACKBONE
+from ..backbones import DEFAULT_BACKBONE, MIN_IMAGE_SIZE
 from ..errors import EmbedTLError
 
 _DEBUG_ENV = "EMBEDTL_DEBUG"
+#: Exit statuses (ARCHITECTURE.md, "CLI surface"; README, "Exit codes"): 0 success, 1 an error,
+#: 2 a usage error, 3 partial success (the work is done but some inputs failed: unreadable
+#: images in a store, images predict or search could not read), 130 interrupted, 141 stdout
+#: closed early (a pipe).
+EXIT_ERROR, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED, EXIT_PIPE = 1, 2, 3, 130, 141
 #: `embedtl extract` exit status when the store is complete but some files could not be read.
-EXIT_FAILED_FILES = 3
+EXIT_FAILED_FILES = EXIT_PARTIAL
+
+#: Where ``--json`` output goes: the process's stdout as it was when the command started (while
+#: the command runs, anything else written to stdout, a library's print included, goes to
+#: stderr, so that stdout holds exactly one JSON line).
+_STDOUT: contextvars.ContextVar[Any] = contextvars.ContextVar("embedtl_stdout", default=None)
 
 
 def _one_line(msg: str) -> str:
     return " ".join(str(msg).split())
 
 
+class _Failed(click.ClickException):
+    """An error of the run, with the name of the error class it came from."""
+
+    def __init__(self, message: str, type_name: str) -> None:
+        super().__init__(message)
+        self.type_name = type_name
+
+
+def _wants_json(args: Sequence[str] | None) -> bool:
+    argv = sys.argv[1:] if args is None else list(args)
+    return "--json" in argv[: argv.index("--") if "--" in argv else len(argv)]
+
+
 class EmbedTLGroup(click.Group):
-    """A click group whose errors are one line on stderr, never a traceback."""
+    """A click group whose errors are one line on stderr, never a traceback; under ``--json``
+    stdout is one JSON line, the error's too: ``{"error": ..., "type": ...}``."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -35,17 +61,34 @@ class EmbedTLGroup(click.Group):
             click.exceptions.Exit,
             click.exceptions.Abort,
             BrokenPipeError,
+            KeyboardInterrupt,
         ):
             raise
         except EmbedTLError as e:
             if os.environ.get(_DEBUG_ENV):
                 raise
-            raise click.ClickException(_one_line(str(e))) from e
+            raise _Failed(_one_line(str(e)), type(e).__name__) from e
         except OSError as e:
             if os.environ.get(_DEBUG_ENV):
                 raise
             where = f": {e.filename}" if getattr(e, "filename", None) else ""
-            raise click.ClickException(_one_line(f"{e.strerror or e}{where}")) from e
+            raise _Failed(_one_line(f"{e.strerror or e}{where}"), type(e).__name__) from e
+        except MemoryError as e:
+            if os.environ.get(_DEBUG_ENV):
+                raise
+            raise _Failed(
+                "out of memory: use a smaller --batch-size or --image-size", "MemoryError"
+            ) from e
+        except Exception as e:  # a bug: still one line (EMBEDTL_DEBUG=1 shows the traceback)
+            if os.environ.get(_DEBUG_ENV):
+                raise
+            raise _Failed(
+                _one_line(
+                    f"internal error: {type(e).__name__}: {e} (EMBEDTL_DEBUG=1 shows the "
+                    "traceback; please report it)"
+                ),
+                type(e).__name__,
+            ) from e
 
     def main(  # type: ignore[override]
         self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra
@@ -53,21 +96,42 @@ class EmbedTLGroup(click.Group):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         _terminate_as_interrupt()
+        as_json = _wants_json(args)
+        out = sys.stdout
+        token = _STDOUT.set(out)
+        try:
+            with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+                code = self._run(args, prog_name, complete_var, extra, as_json, out)
+        finally:
+            _STDOUT.reset(token)
+        sys.exit(code)
+
+    def _run(self, args, prog_name, complete_var, extra, as_json: bool, out) -> int:
+        def fail(message: str, type_name: str, code: int) -> int:
+            click.echo(f"Error: {message}", err=True)
+            if as_json:
+                line = json.dumps({"error": message, "type": type_name}, separators=(",", ":"))
+                click.echo(line, file=out)
+            return code
+
         try:
             rv = super().main(
                 args, prog_name or "embedtl", complete_var, standalone_mode=False, **extra
             )
+        except click.UsageError as e:
+            return fail(_one_line(e.format_message()), "UsageError", EXIT_USAGE)
+        except _Failed as e:
+            return fail(_one_line(e.format_message()), e.type_name, e.exit_code)
         except click.ClickException as e:
-            click.echo(f"Error: {_one_line(e.format_message())}", err=True)
-            sys.exit(e.exit_code)
+            return fail(_one_line(e.format_message()), "EmbedTLError", e.exit_code)
         except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
-            click.echo("Error: interrupted (an extraction resumes where it stopped)", err=True)
-            sys.exit(130)
+            msg = "interrupted (an extraction resumes where it stopped)"
+            return fail(msg, "KeyboardInterrupt", EXIT_INTERRUPTED)
         except BrokenPipeError:
             # stdout was closed early (`embedtl ... | head`): exit quietly, as Unix tools do
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            sys.exit(141)
-        sys.exit(rv if isinstance(rv, int) else 0)
+            return EXIT_PIPE
+        return rv if isinstance(rv, int) else 0
 
 
 def _terminate_as_interrupt() -> None:
@@ -93,16 +157,31 @@ class _ClickHandler(logging.Handler):
 
 
 def setup_logging(verbose: int) -> Callable[[], None]:
-    """Send embedtl's log records to stderr for one command; returns the undo."""
+    """Send embedtl's log records to stderr for one command; returns the undo. Libraries'
+    Python warnings (deprecations, hints about their internals: nothing a user of the command
+    can act on) are hidden, and shown with -v as log records."""
+    import warnings
+
     logger = logging.getLogger("embedtl")
     handler = _ClickHandler()
     old_level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    caught = warnings.catch_warnings()
+    caught.__enter__()
+    if verbose:
+        warnings.simplefilter("default")
+        logging.captureWarnings(True)
+        logging.getLogger("py.warnings").addHandler(handler)
+    else:
+        warnings.simplefilter("ignore")
 
     def undo() -> None:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
+        logging.getLogger("py.warnings").removeHandler(handler)
+        logging.captureWarnings(False)
+        caught.__exit__(None, None, None)
 
     return undo
 
@@ -110,7 +189,8 @@ def setup_logging(verbose: int) -> Callable[[], None]:
 def emit(as_json: bool, payload: dict[str, Any], human: Callable[[], None] | None = None) -> None:
     """--json: exactly one line of JSON on stdout. Otherwise the human rendering."""
     if as_json:
-        click.echo(json.dumps(payload, default=str, separators=(",", ":")))
+        line = json.dumps(payload, default=str, separators=(",", ":"))
+        click.echo(line, file=_STDOUT.get() or sys.stdout)
     elif human is not None:
         human()
     else:
@@ -167,7 +247,7 @@ def _store_options(
                 ),
                 click.option(
                     "--image-size",
-                    type=click.IntRange(min=8),
+                    type=click.IntRange(min=MIN_IMAGE_SIZE),  # the maximum: with its estimate
                     default=None,
                     help="Crop size in pixels (default: the weights' own).",
                 ),
@@ -270,7 +350,8 @@ _WORKERS = click.option(
     "--workers",
     type=click.IntRange(min=0),
     default=None,
-    help="Decoding worker processes [default: 0 on a 2-core CPU, more with spare cores or a GPU].",
+    help="Decoding workers: processes on PyTorch, threads on ONNX Runtime [default: 0 on a "
+    "2-core CPU, more with spare cores or a GPU].",
 )
 _PRECISION = click.option(
     "--precision",

@@ -6,7 +6,10 @@ from pathlib import Path
 
 import click
 
+from ..errors import DataError
 from ._base import (
+    EXIT_ERROR,
+    EXIT_PARTIAL,
     _apply,
     backbone_options,
     emit,
@@ -216,7 +219,7 @@ def search_cmd(
     store, ix, args = _open(source, kw, want_progress(progress))
     q = query_vectors(store, queries, args.options, progress=want_progress(progress))
     if not len(q.names):
-        raise click.ClickException(
+        raise DataError(
             "no query image could be read: " + "; ".join(f"{p}: {e}" for p, e in q.failed)
         )
     nb = search_store(
@@ -261,8 +264,8 @@ def search_cmd(
             click.echo(f"{name:<9} {path}")
 
     emit(as_json, payload, human)
-    if q.failed:
-        click.get_current_context().exit(1)
+    if q.failed:  # 3: some queries answered, some images unreadable; 1: none answered
+        click.get_current_context().exit(EXIT_PARTIAL if results else EXIT_ERROR)
 
 
 @click.command("dedup")

@@ -62,21 +62,45 @@ class Manifest:
 
 
 def read_labels_csv(path: str | os.PathLike[str]) -> dict[str, str]:
-    """``path,label`` rows (a header row is allowed) -> {relative POSIX path: label}."""
+    """``path,label`` rows (a header row is allowed) -> {relative POSIX path: label}. Two rows
+    giving one file different labels are refused (naming both lines); a repeated row is warned
+    about."""
     out: dict[str, str] = {}
+    line_of: dict[str, int] = {}
+    repeated: list[str] = []
     try:
         with open(path, newline="", encoding="utf-8") as f:
-            for i, row in enumerate(csv.reader(f)):
+            reader = csv.reader(f)
+            for row in reader:
+                n = reader.line_num
                 if not row or row[0].startswith("#"):
                     continue
                 if len(row) < 2:
-                    raise DataError(f"{path}:{i + 1}: expected 'path,label', got {row!r}")
+                    raise DataError(f"{path}:{n}: expected 'path,label', got {row!r}")
                 p, lab = row[0].strip(), row[1].strip()
-                if i == 0 and p.lower() == "path" and lab.lower() == "label":
+                if not out and not repeated and p.lower() == "path" and lab.lower() == "label":
                     continue
-                out[Path(p).as_posix()] = lab  # Path() drops a leading "./"
+                key = Path(p).as_posix()  # Path() drops a leading "./"
+                if key in out:
+                    if out[key] != lab:
+                        raise DataError(
+                            f"{path}: {key} is labelled {out[key]!r} on line {line_of[key]} "
+                            f"and {lab!r} on line {n}: keep one"
+                        )
+                    repeated.append(f"{key} (lines {line_of[key]} and {n})")
+                    continue
+                out[key], line_of[key] = lab, n
     except OSError as e:
         raise DataError(f"cannot read labels file {path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise DataError(f"labels file {path} is not UTF-8 text ({e.reason})") from None
+    if repeated:
+        log.warning(
+            "%d rows of %s repeat an earlier row (same path and label): %s",
+            len(repeated),
+            path,
+            ", ".join(repeated[:3]),
+        )
     if not out:
         raise DataError(f"labels file {path} holds no rows")
     return out

@@ -49,6 +49,8 @@ class Walk:
     skipped: list[str] = field(default_factory=list)  # hidden entries, special files
     external_links: list[str] = field(default_factory=list)  # symlinks leading out of the root
     loops: list[str] = field(default_factory=list)  # directory symlinks to one of their ancestors
+    #: (left-out path, kept path): one file reached twice, the second time through a symlink
+    duplicates: list[tuple[str, str]] = field(default_factory=list)
 
 
 def _inside(target: str, root_real: str) -> bool:
@@ -70,14 +72,14 @@ def walk_files(
     if follow_links not in ("inside", "all", "none"):
         raise DataError(f"unknown symlink policy {follow_links!r}: use inside, all or none")
     root_real = os.path.realpath(root)
-    out: list[tuple[str, os.stat_result]] = []
+    out: list[tuple[str, os.stat_result, bool]] = []  # (path, stat, reached through a link)
     walk = Walk()
     st = os.stat(root)
-    stack: list[tuple[str, str, tuple[tuple[int, int], ...]]] = [
-        (str(root), "", ((st.st_dev, st.st_ino),))
+    stack: list[tuple[str, str, tuple[tuple[int, int], ...], bool]] = [
+        (str(root), "", ((st.st_dev, st.st_ino),), False)
     ]
     while stack:
-        d, rel, chain = stack.pop()
+        d, rel, chain, via = stack.pop()
         try:
             entries = list(os.scandir(d))
         except OSError as e:
@@ -106,17 +108,27 @@ def walk_files(
                     if key in chain:
                         walk.loops.append(name)
                     else:
-                        stack.append((de.path, name + "/", (*chain, key)))
+                        stack.append((de.path, name + "/", (*chain, key), via or link))
                 elif de.is_file(follow_symlinks=True):
-                    out.append((name, de.stat(follow_symlinks=True)))
+                    out.append((name, de.stat(follow_symlinks=True), via or link))
                 elif link:  # dangling: kept, so that it is recorded as failed
-                    out.append((name, de.stat(follow_symlinks=False)))
+                    out.append((name, de.stat(follow_symlinks=False), True))
                 else:  # a FIFO, socket or device: opening one could block forever
                     walk.skipped.append(name)
             except OSError as e:  # vanished or unreadable while listing
                 log.warning("cannot stat %s (%s): left out", de.path, e.strerror)
                 walk.skipped.append(name)
     out.sort(key=lambda t: t[0])
+    files = _once(out, walk)
+    if walk.duplicates:
+        left, kept = walk.duplicates[0]
+        log.warning(
+            "%d files are reached twice, the second time through a symbolic link (e.g. %s is %s):"
+            " each is stored once, under the path without the link",
+            len(walk.duplicates),
+            left,
+            kept,
+        )
     if walk.loops:
         log.warning(
             "%d symbolic links loop back to a folder above them and were not followed (e.g. %s)",
@@ -131,7 +143,29 @@ def walk_files(
             ", ".join(walk.external_links[:3]),
             "" if follow_links == "none" else "; --follow-links all follows them",
         )
-    return out, walk
+    return files, walk
+
+
+def _once(
+    found: list[tuple[str, os.stat_result, bool]], walk: Walk
+) -> list[tuple[str, os.stat_result]]:
+    """Each file once: a file reached by several paths keeps the path without a symbolic link
+    (else the first, sorted); the others go to ``walk.duplicates``."""
+    by_file: dict[tuple[int, int], list[tuple[str, bool]]] = {}
+    for name, s, via in found:
+        if s.st_ino:
+            by_file.setdefault((s.st_dev, s.st_ino), []).append((name, via))
+    drop: set[str] = set()
+    for paths in by_file.values():
+        if len(paths) < 2 or all(not via for _, via in paths):
+            continue  # hard links, or one path: not the walk's doing
+        kept = next((n for n, via in paths if not via), paths[0][0])
+        for n, via in paths:
+            if n != kept and via:
+                drop.add(n)
+                walk.duplicates.append((n, kept))
+    walk.duplicates.sort()
+    return [(name, s) for name, s, _ in found if name not in drop]
 
 
 def image_files(

@@ -88,7 +88,8 @@ class ImageDataset:
             return Item(i, x, None, content_hash(data), None, why)
         except ImageDecodeError as e:
             return Item(i, None, str(e), None, None, None)
-        except (OSError, ValueError, MemoryError) as e:  # anything else one image can raise
+        except (OSError, ValueError) as e:  # anything else one image can raise (running out of
+            # memory is not the image's failure but the run's: it propagates)
             return Item(i, None, f"{type(e).__name__}: {e}", None, None, None)
 
 

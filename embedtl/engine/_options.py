@@ -102,7 +102,7 @@ def default_batch_size(device: str, image_size: int, runtime: str = "torch") -> 
 
 
 def default_workers(device: str = "cpu") -> int:
-    """Decoding worker processes.
+    """Decoding workers: processes (a torch DataLoader's) on PyTorch, threads on ONNX Runtime.
 
     With a GPU the CPU only decodes: use most cores. On CPU the forward pass already uses every
     core, and a worker preempting its threads costs more than the decoding it overlaps: on 2

@@ -20,7 +20,7 @@ from .._version import library_versions
 from ..backbones import BackboneSpec
 from ..cache import FeatureStore, StoreRows, store_path, write_store
 from ..data import UNREADABLE, Manifest, SplitConfig, scan
-from ..errors import EmbedTLError, StoreError
+from ..errors import DataError, EmbedTLError, StoreError
 from ._loader import ContentHasher
 
 __all__ = [
@@ -83,6 +83,8 @@ def target(
     with stages("fingerprint"):
         fingerprint = spec.fingerprint()
     with stages("scan"):
+        where = store_path(cache_root, Path(root).expanduser().resolve(), spec.name, fingerprint)
+        labels = labels if labels is not None else recorded_labels(where)
         manifest = scan(root, split, labels, follow_links)
     if manifest.n_skipped:
         log.info(
@@ -105,7 +107,43 @@ def target(
         "versions": library_versions(),
         "shard": f"{shard[0]}/{shard[1]}" if shard is not None else None,
     }
+    if labels is not None:
+        attrs["labels_csv"] = labels_record(labels)
     return Target(spec, fingerprint, manifest, all_paths, path, full_path, attrs)
+
+
+def labels_record(labels: str | os.PathLike[str]) -> dict[str, str]:
+    """What a store records of the labels CSV it was made with: its path and digest."""
+    import hashlib
+
+    p = Path(labels).expanduser().resolve()
+    return {"path": str(p), "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+
+
+def recorded_labels(store: Path) -> str | None:
+    """The labels CSV a store at ``store`` was made with, to make it again with the same labels
+    when a command names none: labels given once stay with the store (and it says so)."""
+    if not store.is_file():
+        return None
+    try:
+        s = FeatureStore(store)
+    except StoreError:
+        return None
+    rec = s.metadata.get("labels_csv")
+    s.close()
+    if not isinstance(rec, dict) or not rec.get("path"):
+        return None
+    p = Path(rec["path"])
+    if not p.is_file():
+        raise DataError(
+            f"the store's labels came from {p}, which is gone: pass --labels CSV again "
+            "(or --labels of another file)"
+        )
+    if labels_record(p)["sha256"] != rec.get("sha256"):
+        log.warning("using the labels of %s, recorded with the store; it changed since", p)
+    else:
+        log.info("using the labels of %s, recorded with the store (--labels to change)", p)
+    return str(p)
 
 
 def reusable_store(t: Target, dtype: str) -> FeatureStore | None:
@@ -253,8 +291,9 @@ def unchanged(old: FeatureStore, manifest: Manifest, plan: Plan, attrs: dict[str
         return False
     if old.classes != manifest.classes or len(plan.failed_known) != len(old.failed):
         return False
-    if old.metadata.get("split_config") != attrs["split_config"]:
-        return False
+    for key in ("split_config", "labels_csv"):
+        if old.metadata.get(key) != attrs.get(key):
+            return False
     ok = [e for pos, e in enumerate(manifest.entries) if pos in plan.from_store]
     if len(ok) != len(old):
         return False

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .._device import resolve_device
+from .._device import check_batch_memory, resolve_device
 from .._io import pause_point
 from ..backbones import BackboneSpec
 from ..cache import Journal, onnx_model_path
@@ -144,6 +144,9 @@ def _engine(
         o.runtime, run_device, n_images, onnx.path, o.precision, o.compile
     )
     tensor_decoder, decoder_reason = _pick_decoder(o.decoder, run_device, spec)
+    crop = spec.preprocess.crop
+    batch0 = min(o.batch_size or default_batch_size(run_device, crop, run_runtime), n_images)
+    check_batch_memory(run_device, crop, max(1, batch0))  # before the model or a batch is allocated
     model, fallback = load_runtime(
         run_runtime, spec, run_device, onnx, o.allow_download, o.precision, o.compile
     )
@@ -258,7 +261,8 @@ def _stream(
         eng.workers,
         eng.device.startswith("cuda"),
         batch_size=eng.batch_size,
-        tensors=eng.runtime != "onnxruntime",  # ONNX Runtime takes numpy: no torch on its path
+        # ONNX Runtime takes numpy: no torch on its path, unless a tensor decoder is asked for
+        tensors=eng.runtime != "onnxruntime" or eng.decoder is not None,
     )
     bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False)
     busy = 0.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -47,6 +48,7 @@ class HeadConfig:
     max_iter: int = 1000
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.kind not in HEAD_KINDS:
             raise HeadError(f"unknown head kind {self.kind!r}: use {', '.join(HEAD_KINDS)}")
         if self.normalize is not None and self.normalize not in NORMALIZATIONS:
@@ -75,6 +77,26 @@ class HeadConfig:
             if not ok:
                 raise HeadError(msg)
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+
+    def _check_types(self) -> None:
+        """Each setting of the type it must have (a grid file is JSON or TOML a person wrote):
+        the message names the setting, the value and the type."""
+        for f in fields(self):
+            v = getattr(self, f.name)
+            want = _TYPES[f.name]
+            if v is None and f.name in _OPTIONAL:
+                continue
+            if f.name == "hidden":
+                ok = isinstance(v, (tuple, list)) and all(_is_int(h) for h in v)
+            elif want is int:
+                ok = _is_int(v)
+            elif want is float:
+                ok = isinstance(v, numbers.Real) and not isinstance(v, bool)
+            else:
+                ok = isinstance(v, str)
+            if not ok:
+                what = _TYPE_NAMES[f.name] + (" or null" if f.name in _OPTIONAL else "")
+                raise HeadError(f"head setting {f.name} = {v!r}: expected {what}")
 
     @property
     def normalization(self) -> str:
@@ -154,3 +176,23 @@ class HeadConfig:
         if self.kind == "mlp":
             out.update(hidden=list(self.hidden), dropout=self.dropout, activation=self.activation)
         return out
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+_OPTIONAL = {"batch_size", "class_weight", "normalize"}
+_TYPES = {
+    **dict.fromkeys(("kind", "activation", "class_weight", "normalize"), str),
+    **dict.fromkeys(("epochs", "batch_size", "patience", "seed", "k", "max_iter"), int),
+    **dict.fromkeys(
+        ("dropout", "lr", "weight_decay", "warmup_epochs", "label_smoothing", "temperature", "C"),
+        float,
+    ),
+    "hidden": tuple,
+}
+_TYPE_NAMES = {
+    k: {str: "a string", int: "an integer", float: "a number", tuple: "a list of integers"}[t]
+    for k, t in _TYPES.items()
+}

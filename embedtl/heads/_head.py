@@ -44,7 +44,6 @@ from ._modules import HeadModule, KNNVote, build_module
 
 __all__ = ["Head", "knn_bank", "load_head", "HEAD_FORMAT", "HEAD_FORMAT_VERSION"]
 
-_META, _WEIGHTS = HEAD_META, HEAD_WEIGHTS
 _INFO_KEYS = ("metrics", "fit", "curve", "store", "created", "versions")
 
 
@@ -167,12 +166,14 @@ class Head:
         from safetensors.torch import save_file
 
         path = Path(path).expanduser()
-        foreign = path.exists() and not (path / _META).is_file()
+        foreign = path.exists() and not (path / HEAD_META).is_file()
         if foreign and (not path.is_dir() or any(path.iterdir())):
             raise HeadError(f"{path} exists and is not a head artifact; choose another --out")
         with atomic_dir(path) as tmp:
-            save_file(self._state(), str(tmp / _WEIGHTS), metadata=self._weights_metadata())
-            (tmp / _META).write_text(json.dumps(self.metadata(), indent=2, default=_json_default))
+            save_file(self._state(), str(tmp / HEAD_WEIGHTS), metadata=self._weights_metadata())
+            (tmp / HEAD_META).write_text(
+                json.dumps(self.metadata(), indent=2, default=_json_default)
+            )
             self.write_reports(tmp)
         self._digest = read_head_info(path).digest()
         return path
@@ -227,7 +228,7 @@ def load_head(path: str | os.PathLike[str]) -> Head:
         module.load_state_dict(state)
     except RuntimeError as e:
         raise HeadError(
-            f"{info.weights_path} does not fit its {_META}: {' '.join(str(e).split())[:300]}"
+            f"{info.weights_path} does not fit its {HEAD_META}: {' '.join(str(e).split())[:300]}"
         ) from e
     meta = info.meta
     extra = {k: meta[k] for k in _INFO_KEYS if k in meta}

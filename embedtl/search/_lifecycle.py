@@ -295,7 +295,14 @@ def open_store_index(
         return build("was asked to be rebuilt")
     if not path.exists():
         return build("does not exist yet")
-    ix, meta = VectorIndex.load(path)
+    try:
+        ix, meta = VectorIndex.load(path)
+    except (StoreError, StaleIndexError) as e:
+        if path != index_path(store):  # a file the user named: never overwritten unasked
+            raise StoreError(f"{e}; delete it, or give another --index path") from None
+        # the store's own index is a cache: made again from the store
+        log.warning("the index %s is unreadable (%s): rebuilding it", path, e)
+        return build(f"was unreadable ({e})")
     if kind != "auto" and ix.kind != kind:
         return build(f"is of type {ix.kind}, {kind} was asked for")
     if ix.metric != metric:
