@@ -231,37 +231,32 @@ def test_file_names_that_are_not_utf8_are_stored_and_found_again(tmp_path, cache
 
 
 def test_symlink_policy(tmp_path, cache_dir, tiny, caplog):
-    """Links resolving inside the root are followed; links leading out are skipped (counted);
-    a folder link to an ancestor is a loop, not followed; a dangling link is a failed file."""
+    """Links resolving inside the root are followed, and a file they reach a second time is
+    stored once, under its path without a link; links leading out are skipped (counted); a
+    folder link to an ancestor is a loop, not followed; a dangling link is a failed file."""
     root = make_class_folder(tmp_path / "links", n_per_class=2, classes=("a", "b"))
     outside = make_class_folder(tmp_path / "elsewhere", n_per_class=2, classes=("z",))
-    os.symlink(root / "a" / "a_000.png", root / "b" / "alias.png")  # file inside: followed
-    os.symlink(root / "a", root / "c")  # folder inside: followed (a class "c")
+    os.symlink(root / "a" / "a_000.png", root / "b" / "alias.png")  # a second path to a file
+    os.symlink(root / "a", root / "c")  # a second path to a folder
+    os.symlink(root / "a" / "a_001.png", tmp_path / "only-link.png")
+    os.symlink(tmp_path / "only-link.png", root / "b" / "via.png")  # outside, then back in
     os.symlink("..", root / "a" / "loop")  # loop
     os.symlink(outside / "z", root / "external")  # folder outside: not followed
     os.symlink(outside / "z" / "z_000.png", root / "b" / "ext.png")  # file outside
     os.symlink(root / "a" / "gone.png", root / "b" / "dangling.png")  # inside, target missing
     with caplog.at_level("WARNING", logger="embedtl"):
         store = embedtl.extract(root, cache_dir=cache_dir, **tiny)
-    assert set(store.paths) == {
-        "a/a_000.png",
-        "a/a_001.png",
-        "b/b_000.png",
-        "b/b_001.png",
-        "b/alias.png",
-        "c/a_000.png",
-        "c/a_001.png",
-    }
+    assert set(store.paths) == {"a/a_000.png", "a/a_001.png", "b/b_000.png", "b/b_001.png"}
     assert [p for p, _ in store.failed] == ["b/dangling.png"]
     assert store.last_extraction.n_skipped == 2  # external, b/ext.png
     text = caplog.text
     assert "loop back" in text and "a/loop" in text and "lead outside" in text
-    i = list(store.paths).index("b/alias.png")
-    j = list(store.paths).index("a/a_000.png")
-    np.testing.assert_array_equal(store.features()[i], store.features()[j])
+    assert "4 files are reached twice" in text  # b/alias.png, b/via.png, c/a_000, c/a_001
 
     everything = embedtl.extract(root, cache_dir=tmp_path / "c2", follow_links="all", **tiny)
-    assert {"external/z_000.png", "external/z_001.png", "b/ext.png"} <= set(everything.paths)
+    # b/ext.png and external/z_000.png are one file, both paths through links: the first kept
+    assert {"external/z_001.png", "b/ext.png"} <= set(everything.paths)
+    assert "external/z_000.png" not in everything.paths
     nothing = embedtl.extract(root, cache_dir=tmp_path / "c3", follow_links="none", **tiny)
     assert set(nothing.paths) == {"a/a_000.png", "a/a_001.png", "b/b_000.png", "b/b_001.png"}
 
