@@ -19,6 +19,11 @@ from embedtl.errors import BackboneError, DataError, DeviceError, HeadError, Wei
 TINY = ["--backbone", TINY_BACKBONE, "--image-size", str(TINY_SIZE)]
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # commands write their default outputs (dedup-*/, ...) here
+
+
 def run(args, code):
     r = CliRunner().invoke(main, args)
     assert "Traceback" not in r.stderr, r.stderr

@@ -7,6 +7,7 @@ test_robustness.py)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -64,8 +65,9 @@ def world(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _world_env(world, monkeypatch):
+def _world_env(world, monkeypatch, tmp_path):
     monkeypatch.setenv("EMBEDTL_CACHE", str(world["base"] / "cache"))
+    monkeypatch.chdir(tmp_path)  # commands write their default outputs (dedup-*/, ...) here
 
 
 def successes(w: dict) -> list[tuple[list[str], int]]:
@@ -178,7 +180,7 @@ def test_nothing_a_library_prints_reaches_stdout_under_json(world, tmp_path):
     """A real process: a library's print (torch.hub's "Downloading: ..." is one) goes to stderr
     under --json; stdout is the one line."""
     code = (
-        "import builtins, sys\n"
+        "import sys\n"
         "import embedtl.engine._extract as ex\n"
         "real = ex.target\n"
         "def noisy(*a, **k):\n"
@@ -192,7 +194,7 @@ def test_nothing_a_library_prints_reaches_stdout_under_json(world, tmp_path):
         [sys.executable, "-c", code, "extract", world["root"], *TINY, "--json"],
         capture_output=True,
         text=True,
-        env={**__import__("os").environ, "EMBEDTL_CACHE": str(world["base"] / "cache")},
+        env={**os.environ, "EMBEDTL_CACHE": str(world["base"] / "cache")},
     )
     assert p.returncode == 0, p.stderr
     assert len(p.stdout.splitlines()) == 1 and json.loads(p.stdout)["n_images"] == 24

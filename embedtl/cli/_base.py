@@ -23,8 +23,6 @@ _DEBUG_ENV = "EMBEDTL_DEBUG"
 #: images in a store, images predict or search could not read), 130 interrupted, 141 stdout
 #: closed early (a pipe).
 EXIT_ERROR, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED, EXIT_PIPE = 1, 2, 3, 130, 141
-#: `embedtl extract` exit status when the store is complete but some files could not be read.
-EXIT_FAILED_FILES = EXIT_PARTIAL
 
 #: Where ``--json`` output goes: the process's stdout as it was when the command started (while
 #: the command runs, anything else written to stdout, a library's print included, goes to

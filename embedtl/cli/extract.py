@@ -6,7 +6,7 @@ import click
 
 from .._dist import torchrun_rank
 from ._base import (
-    EXIT_FAILED_FILES,
+    EXIT_PARTIAL,
     backbone_options,
     emit,
     extract_options,
@@ -125,4 +125,4 @@ def extract_cmd(
     emit(as_json, payload, lambda: print_extract_summary(stats))
     print_failed_summary(stats.store, stats.failed)  # stderr, with --json too
     if stats.n_failed:
-        raise click.exceptions.Exit(EXIT_FAILED_FILES)
+        raise click.exceptions.Exit(EXIT_PARTIAL)
