@@ -115,9 +115,19 @@ class FeatureStore:
         return self._file
 
     def read_rows(self, rows: np.ndarray) -> np.ndarray:
-        """Features of the increasing row indices ``rows``, in the stored dtype (one selection)."""
+        """Features of the increasing row indices ``rows``, in the stored dtype: one slice per
+        run of consecutive rows when the rows come in runs (8 rows or more on average), else
+        one point selection."""
+        rows = np.asarray(rows, dtype=np.int64)
         try:
-            return self._h5()["features"][np.asarray(rows)]
+            ds = self._h5()["features"]
+            starts = np.flatnonzero(np.diff(rows, prepend=-2) != 1)  # where each run begins
+            if len(rows) == 0 or len(starts) * 8 > len(rows):
+                return ds[rows]
+            out = np.empty((len(rows), self.dim), dtype=ds.dtype)
+            for a, b in zip(starts, [*starts[1:], len(rows)], strict=True):
+                out[a:b] = ds[int(rows[a]) : int(rows[b - 1]) + 1]
+            return out
         except (OSError, RuntimeError, ValueError) as e:  # HDF5 on damaged bytes
             raise StoreError(
                 f"cannot read the features of {self.path} ({h5_reason(e)}): {self._advice}"

@@ -1,8 +1,8 @@
 """Where a head's features come from: one split of a store, in memory or streamed in chunks.
 
 Training works on an in-memory float32 tensor (on the GPU when there is one) whenever the split
-fits in the memory budget; otherwise the same loop reads it from the store in blocks of rows,
-blocks in a random order and rows shuffled inside each block.
+fits in the memory budget; otherwise the same loop reads it from the store in blocks, each
+gathered from random runs of rows across the whole split and shuffled (:class:`Streamed`).
 """
 
 from __future__ import annotations
@@ -90,8 +90,20 @@ class _Mapped(Split):
             yield self.fn(x), y
 
 
+#: Streaming reads the store in runs of at most this many consecutive rows of a split (one
+#: contiguous read each), and at least this many runs per block (so that a block mixes them).
+RUN_ROWS, RUNS_PER_BLOCK = 256, 64
+
+
 class Streamed(Split):
-    """Store rows read ``block_rows`` at a time; memory bounded by one block."""
+    """Store rows read a block (``block_rows``) at a time; memory bounded by one block.
+
+    Rows are stored sorted by path, so consecutive rows are mostly one class: shuffled for
+    training, a block is ``block_rows / RUN_ROWS`` runs of :data:`RUN_ROWS` consecutive rows
+    drawn at random from the whole split (read in store order, one contiguous read per run),
+    then shuffled row by row, so every batch mixes the classes as the split does (shuffling
+    whole blocks of sorted rows gave batches of one or two classes and a poor head). Runs are
+    shorter for small blocks: a block always gathers :data:`RUNS_PER_BLOCK` runs or more."""
 
     def __init__(
         self,
@@ -102,19 +114,28 @@ class Streamed(Split):
         block_rows: int,
     ) -> None:
         self.store, self.rows, self.device, self.block_rows = store, rows, device, block_rows
-        self.label_of_row = np.full(len(store), -1, dtype=np.int64)
-        self.label_of_row[rows] = labels
+        self.run_rows = max(1, min(RUN_ROWS, block_rows // RUNS_PER_BLOCK))
+        self.row_labels = np.asarray(labels, dtype=np.int64)
         self.n, self.dim = len(rows), store.dim
-        self.labels = torch.as_tensor(labels, dtype=torch.long, device=device)
+        self.labels = torch.as_tensor(self.row_labels, dtype=torch.long, device=device)
+
+    def blocks(self, generator: torch.Generator | None) -> Iterator[np.ndarray]:
+        """Positions into ``rows`` of each block: in order without a ``generator``, else runs
+        drawn at random (each block's positions increasing, so its read is in store order)."""
+        run = self.run_rows
+        n_runs = -(-self.n // run)
+        order = np.arange(n_runs)
+        if generator is not None:
+            order = torch.randperm(n_runs, generator=generator).numpy()
+        per_block = max(1, self.block_rows // run)
+        for b in range(0, n_runs, per_block):
+            runs = np.sort(order[b : b + per_block])
+            yield np.concatenate([np.arange(r * run, min((r + 1) * run, self.n)) for r in runs])
 
     def batches(self, batch_size, generator):
-        n_blocks = -(-len(self.store) // self.block_rows)
-        order = None
-        if generator is not None:
-            order = torch.randperm(n_blocks, generator=generator).tolist()
-        for r, x in self.store.iter_chunks(self.block_rows, order=order, rows=self.rows):
-            x = torch.from_numpy(x)
-            y = torch.from_numpy(self.label_of_row[r])
+        for pos in self.blocks(generator):
+            x = torch.from_numpy(self.store.read_rows(self.rows[pos])).float()
+            y = torch.from_numpy(self.row_labels[pos])
             if generator is not None:
                 p = torch.randperm(len(x), generator=generator)
                 x, y = x[p], y[p]
