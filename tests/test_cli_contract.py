@@ -162,7 +162,12 @@ def test_an_interrupt_is_one_json_line_and_exit_130(world, monkeypatch):
 
     monkeypatch.setattr(ex, "target", interrupted)
     out = call(["extract", world["root"], *TINY], 130)
-    assert out["type"] == "KeyboardInterrupt"
+    assert out["type"] == "KeyboardInterrupt" and "extraction resumes" in out["error"]
+    import embedtl.dedup
+
+    monkeypatch.setattr(embedtl.dedup, "find_duplicates", interrupted)
+    out = call(["dedup", world["root"], *TINY], 130)  # says what is true of that command
+    assert "extraction" not in out["error"] and "nothing was left half-written" in out["error"]
 
 
 def test_a_bug_is_one_line_too(world, monkeypatch):

@@ -378,7 +378,7 @@ def test_ctrl_c_saves_the_journal_and_the_next_run_resumes(folder40, tmp_path):
     rc = p.finish(signal.SIGINT)
     assert rc == 130
     err = p.stderr().strip().splitlines()
-    assert err[-1] == "Error: interrupted (an extraction resumes where it stopped)"
+    assert err[-1] == "Error: interrupted (an extraction resumes where it stopped: run it again)"
     r = CliRunner().invoke(
         cli_main, ["extract", str(root), "--cache-dir", str(cache), *TINY, "--json"]
     )

@@ -42,6 +42,21 @@ class _Failed(click.ClickException):
         self.type_name = type_name
 
 
+#: What a user can do after interrupting a command (every output is written whole or not at all).
+_NOTHING_WRITTEN = "nothing was left half-written: run it again"
+_AFTER_INTERRUPT = {
+    "extract": "an extraction resumes where it stopped: run it again",
+    "demo": "its extraction resumes where it stopped: run it again",
+    "fine-tune": "run it again: it resumes from its last epoch's checkpoint",
+}
+
+
+def _command_of(args: Sequence[str] | None) -> str | None:
+    """The command named in a command line (its first word that is not an option)."""
+    argv = sys.argv[1:] if args is None else list(args)
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def _wants_json(args: Sequence[str] | None) -> bool:
     argv = sys.argv[1:] if args is None else list(args)
     return "--json" in argv[: argv.index("--") if "--" in argv else len(argv)]
@@ -123,7 +138,7 @@ class EmbedTLGroup(click.Group):
         except click.ClickException as e:
             return fail(_one_line(e.format_message()), "EmbedTLError", e.exit_code)
         except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
-            msg = "interrupted (an extraction resumes where it stopped)"
+            msg = f"interrupted ({_AFTER_INTERRUPT.get(_command_of(args), _NOTHING_WRITTEN)})"
             return fail(msg, "KeyboardInterrupt", EXIT_INTERRUPTED)
         except BrokenPipeError:
             # stdout was closed early (`embedtl ... | head`): exit quietly, as Unix tools do
