@@ -75,13 +75,17 @@ def knn_evaluate(
     temperature: float = KNN_TEMPERATURE,
     splits: Sequence[str] = ("val", "test"),
     chunk_rows: int = 8192,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Weighted kNN accuracy of a store's embeddings: the labelled train rows are the memory bank
-    (exact cosine search), each labelled row of ``splits`` is classified by its k nearest.
+    (exact cosine search), each labelled row of ``splits`` is classified by its k nearest
+    (``progress``: a bar over the rows classified).
 
     The protocol of the self-supervised literature (InstDisc, DINO: k in {10, 20, 50}, T = 0.07),
     a training-free measure of how well the embeddings separate the classes.
     """
+    from tqdm.auto import tqdm
+
     t0 = time.perf_counter()
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
@@ -104,13 +108,17 @@ def knn_evaluate(
         )
     variants = [(min(k, len(bank_rows)), temperature) for k in ks]
     results = []
-    for split in splits:
-        rows = store.labelled_rows(split)
+    todo = {s: store.labelled_rows(s) for s in splits}
+    bar = tqdm(
+        total=sum(len(r) for r in todo.values()), desc="knn-eval", unit="row", disable=not progress
+    )
+    for split, rows in todo.items():
         if not len(rows):
             continue
         top1 = np.zeros(len(ks))
         top5 = np.zeros(len(ks))
         for got, x in store.iter_chunks(chunk_rows, rows=rows):
+            bar.update(len(got))
             y = labels[got]
             for j, p in enumerate(knn_predict(bank, bank_labels, x, n_classes, variants)):
                 order = np.argsort(-p, axis=1)[:, :5]
@@ -126,6 +134,7 @@ def knn_evaluate(
                     "top5_accuracy": float(top5[j] / len(rows)),
                 }
             )
+    bar.close()
     if not results:
         raise DataError(f"{store.path} has no labelled rows in {' or '.join(splits)} to evaluate")
     return {

@@ -234,3 +234,12 @@ def test_store_reads_features_by_row_indices(store):
     assert np.array_equal(np.concatenate(got), rows)
     with pytest.raises(StoreError, match="not both"):
         store.features("train", rows=rows)
+
+
+def test_loading_and_knn_eval_show_progress(store, capsys):
+    from embedtl.neighbors import knn_evaluate
+
+    fit_head(store, HeadConfig(kind="linear", **FAST), progress=True)
+    assert "load features" in capsys.readouterr().err
+    knn_evaluate(store, (5,), progress=True)
+    assert "knn-eval" in capsys.readouterr().err

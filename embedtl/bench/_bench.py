@@ -149,7 +149,7 @@ def _bench_store(
 
     tr, va = train_rows(store), store.labelled_rows("val")
     name, n_classes, labels = store.backbone.get("name"), len(store.classes), store.labels
-    data = StoreFeatures(store, memory_budget)
+    data = StoreFeatures(store, memory_budget, progress)
     pool = np.sort(np.concatenate([tr, va]))
     k = _resolve_folds(folds, len(pool), len(va))
 

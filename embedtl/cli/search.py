@@ -357,7 +357,7 @@ def knn_eval_cmd(
     except ValueError:
         raise click.BadParameter(f"expected k values such as 10,20,50, got {ks!r}") from None
     store = open_source(source, source_args(kw), want_progress(progress))
-    rep = knn_evaluate(store, k_values, temperature)
+    rep = knn_evaluate(store, k_values, temperature, progress=want_progress(progress))
 
     def human() -> None:
         click.echo(

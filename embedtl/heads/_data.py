@@ -149,12 +149,14 @@ class StoreFeatures:
     when the store fits ``memory_budget`` bytes (default: a quarter of RAM); otherwise each use
     reads what it needs, and a training split larger than the budget streams in blocks."""
 
-    def __init__(self, store: FeatureStore, memory_budget: int | None = None) -> None:
+    def __init__(
+        self, store: FeatureStore, memory_budget: int | None = None, progress: bool = False
+    ) -> None:
         self.store = store
         self.budget = default_memory_budget() if memory_budget is None else memory_budget
         self.block_rows = max(256, self.budget // max(1, 4 * store.dim))
         fits = len(store) * store.dim * 4 <= self.budget
-        self._all = store.features(None) if fits else None  # (N, D) float32
+        self._all = _load(store, progress) if fits else None  # (N, D) float32
 
     @property
     def in_memory(self) -> bool:
@@ -179,3 +181,15 @@ class StoreFeatures:
             x = torch.from_numpy(self.read(rows)).to(device)
             return InMemory(x, torch.as_tensor(labels, dtype=torch.long, device=device))
         return Streamed(self.store, rows, labels, device, self.block_rows)
+
+
+def _load(store: FeatureStore, progress: bool) -> np.ndarray:
+    """Every row of ``store`` as float32, with a bar (a million rows take a minute to read)."""
+    from tqdm.auto import tqdm
+
+    out = np.empty((len(store), store.dim), np.float32)
+    with tqdm(total=len(store), desc="load features", unit="row", disable=not progress) as bar:
+        for rows, x in store.iter_chunks():
+            out[rows] = x
+            bar.update(len(rows))
+    return out

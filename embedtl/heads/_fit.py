@@ -92,7 +92,7 @@ def fit_head(
             "%s has no validation rows: no early stopping, the last epoch is kept", store.root
         )
 
-    data = StoreFeatures(store, memory_budget)
+    data = StoreFeatures(store, memory_budget, progress)
     train_split = data.split(tr, store.labels[tr], dev)
     val_split = data.split(va, store.labels[va], dev) if len(va) and cfg.trained else None
     module, result = fit_module(cfg, train_split, val_split, n_classes, progress)
