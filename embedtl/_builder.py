@@ -63,8 +63,9 @@ def _reachable(url: str, spec: BackboneSpec, timeout: float = 3.0) -> None:
     from urllib.parse import urlsplit
 
     u = urlsplit(url)
-    if not u.hostname:
-        return
+    proxies = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "all_proxy")
+    if not u.hostname or any(os.environ.get(k) for k in proxies):
+        return  # behind a proxy a direct connection proves nothing: the download will tell
     port = u.port or (443 if u.scheme == "https" else 80)
     try:
         socket.create_connection((u.hostname, port), timeout=timeout).close()

@@ -350,9 +350,10 @@ class _PlotWorker:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
-            text=True,
+            bufsize=0,  # answers are read with select(): no buffer may hide one
         )
         self.pending: list[tuple[str, Path, tuple]] = []
+        self._answers = b""
 
     @property
     def alive(self) -> bool:
@@ -360,21 +361,19 @@ class _PlotWorker:
 
     def send(self, name: str, path: Path, args: tuple) -> None:
         assert self.proc.stdin is not None
-        line = json.dumps([name, str(path), list(args)], default=_plain)
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
+        data = memoryview(
+            json.dumps([name, str(path), list(args)], default=_plain).encode() + b"\n"
+        )
+        while data:  # an unbuffered pipe may take a large figure's data in parts
+            data = data[self.proc.stdin.write(data) :]
         self.pending.append((name, path, args))
 
     def wait(self, timeout: float = 120.0) -> None:
         """Wait for every figure sent; one the worker could not draw is drawn here, and when
         the worker is gone or silent for ``timeout`` seconds, every one it still owes."""
-        import select
-
-        assert self.proc.stdout is not None
         pending, self.pending = self.pending, []
         for i, (name, path, args) in enumerate(pending):
-            ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-            answer = self.proc.stdout.readline().strip() if ready else ""
+            answer = self._answer(timeout)
             if answer == "ok":
                 continue
             if answer:  # it could not draw this one (it goes on with the next)
@@ -384,6 +383,25 @@ class _PlotWorker:
             for name, path, args in pending[i:]:
                 _DRAWERS[name](path, *args)
             return
+
+    def _answer(self, timeout: float) -> str:
+        """The worker's next answer line; "" when it is gone or silent for ``timeout`` s."""
+        import os
+        import select
+        import time
+
+        assert self.proc.stdout is not None
+        fd, end = self.proc.stdout.fileno(), time.monotonic() + timeout
+        while b"\n" not in self._answers:
+            left = end - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return ""
+            chunk = os.read(fd, 4096)
+            if not chunk:  # the worker is gone
+                return ""
+            self._answers += chunk
+        line, _, self._answers = self._answers.partition(b"\n")
+        return line.decode(errors="replace").strip()
 
     def close(self) -> None:
         """End the process now: every answer is in (waiting for its interpreter to tear down

@@ -6,7 +6,7 @@ import shutil
 import h5py
 import numpy as np
 import pytest
-from conftest import TINY_BACKBONE, TINY_SIZE
+from conftest import TINY_BACKBONE, TINY_SIZE, synthetic_store
 
 import embedtl
 from embedtl.cache import FeatureStore, store_lock
@@ -139,3 +139,13 @@ def test_one_writer_at_a_time(class_folder, cache_dir, tiny):
     path = embedtl.find_store(class_folder, TINY_BACKBONE, cache_dir, TINY_SIZE)
     with store_lock(path), pytest.raises(StoreLockedError, match="another embedtl process"):
         embedtl.extract(class_folder, cache_dir=cache_dir, lock_timeout=0, **tiny)
+
+
+def test_read_rows_gives_the_rows_asked_for_however_they_are_spread(tmp_path):
+    s = synthetic_store(tmp_path / "s.h5", n_per_class=(200, 200, 200))
+    rng = np.random.default_rng(0)
+    every = s.read_rows(np.arange(len(s)))
+    for density in (0.01, 0.2, 0.7, 1.0):  # scattered points ... runs with gaps ... all rows
+        rows = np.flatnonzero(rng.random(len(s)) < density)
+        np.testing.assert_array_equal(s.read_rows(rows), every[rows])
+    np.testing.assert_array_equal(s.read_rows(s.indices("train")), every[s.indices("train")])

@@ -127,7 +127,7 @@ def errors(w: dict) -> list[tuple[list[str], str]]:
         (["fine-tune", w["root"], "--head", str(empty)], "HeadError"),
         (["evaluate", str(empty), w["root"]], "HeadError"),
         (["predict", str(empty), w["img"]], "HeadError"),
-        (["predict", w["head"], w["bad"]], None),  # nothing answered: 1, with the result line
+        (["predict", w["head"], w["bad"]], "DataError"),  # nothing could be read
         (["export", str(empty), str(w["base"] / "m.onnx")], "HeadError"),
         (["index", str(garbage)], "StoreError"),
         (["search", str(garbage), "-q", w["img"]], "StoreError"),

@@ -53,7 +53,7 @@ def open_store(
         path = find_store(p, backbone, cache_dir, image_size)
         if not path.is_file():
             size = get_backbone(backbone, image_size=image_size).preprocess.crop
-            others = _stores_of_folder(path.parent)
+            others = _stores_of_folder(path.parent, f"{backbone}@{size}")
             hint = (
                 "; cached for it: " + ", ".join(others)
                 if others
@@ -64,21 +64,30 @@ def open_store(
     raise StoreError(f"no such store or image folder: {p}")
 
 
-def _stores_of_folder(folder: Path) -> list[str]:
-    """The stores the cache holds for one image folder, each with the options that select it."""
+def _stores_of_folder(folder: Path, wanted: str) -> list[str]:
+    """The stores the cache holds for one image folder, each with the options that select it
+    (shards left out: `cache merge` joins them); one of the backbone and size asked for but
+    another fingerprint (other weights, an older embedtl) is named as stale."""
     out = []
     for f in sorted(folder.glob("*.h5")) if folder.is_dir() else []:
+        if ".shard-" in f.name:
+            continue
         try:
             s = FeatureStore(f)
         except StoreError:
             continue
-        name = str(s.backbone.get("name"))
-        crop = int(s.backbone.get("preprocess", {}).get("crop", 0))
-        opts = ([] if name == DEFAULT_BACKBONE else [f"--backbone {name}"]) + [
-            f"--image-size {crop}"
-        ]
-        out.append(f"{name} at {crop} px ({' '.join(opts)})")
-        s.close()
+        try:
+            name = str(s.backbone.get("name"))
+            crop = int(s.backbone.get("preprocess", {}).get("crop", 0))
+            if f"{name}@{crop}" == wanted:
+                out.append(f"{name} at {crop} px, stale: another fingerprint ({f.name})")
+                continue
+            opts = ([] if name == DEFAULT_BACKBONE else [f"--backbone {name}"]) + [
+                f"--image-size {crop}"
+            ]
+            out.append(f"{name} at {crop} px ({' '.join(opts)})")
+        finally:
+            s.close()
     return out
 
 

@@ -114,19 +114,21 @@ class FeatureStore:
             raise StoreError(f"{self.path} was closed")
         return self._file
 
-    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+    def read_rows(self, rows: np.ndarray, max_gap: int = 64) -> np.ndarray:
         """Features of the increasing row indices ``rows``, in the stored dtype: one slice per
-        run of consecutive rows when the rows come in runs (8 rows or more on average), else
-        one point selection."""
+        span of rows no more than ``max_gap`` rows apart (the rows of a split interleave with
+        the other splits' rows), the rows kept from it; a point selection for rows scattered
+        so thinly that spans would hold under 8 of them on average."""
         rows = np.asarray(rows, dtype=np.int64)
         try:
             ds = self._h5()["features"]
-            starts = np.flatnonzero(np.diff(rows, prepend=-2) != 1)  # where each run begins
+            starts = np.flatnonzero(np.diff(rows, prepend=-(max_gap + 2)) > max_gap)
             if len(rows) == 0 or len(starts) * 8 > len(rows):
                 return ds[rows]
             out = np.empty((len(rows), self.dim), dtype=ds.dtype)
             for a, b in zip(starts, [*starts[1:], len(rows)], strict=True):
-                out[a:b] = ds[int(rows[a]) : int(rows[b - 1]) + 1]
+                lo = int(rows[a])
+                out[a:b] = ds[lo : int(rows[b - 1]) + 1][rows[a:b] - lo]
             return out
         except (OSError, RuntimeError, ValueError) as e:  # HDF5 on damaged bytes
             raise StoreError(

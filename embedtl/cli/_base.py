@@ -95,6 +95,12 @@ class EmbedTLGroup(click.Group):
         except Exception as e:  # a bug: still one line (EMBEDTL_DEBUG=1 shows the traceback)
             if os.environ.get(_DEBUG_ENV):
                 raise
+            if type(e).__name__ == "OutOfMemoryError":  # torch's, on a GPU
+                raise _Failed(
+                    f"out of GPU memory ({_one_line(str(e))[:160]}): use a smaller "
+                    "--batch-size or --image-size",
+                    "OutOfMemoryError",
+                ) from e
             raise _Failed(
                 _one_line(
                     f"internal error: {type(e).__name__}: {e} (EMBEDTL_DEBUG=1 shows the "
@@ -142,7 +148,10 @@ class EmbedTLGroup(click.Group):
             return fail(msg, "KeyboardInterrupt", EXIT_INTERRUPTED)
         except BrokenPipeError:
             # stdout was closed early (`embedtl ... | head`): exit quietly, as Unix tools do
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            try:  # ``out``: the real stdout (under --json sys.stdout is stderr here)
+                os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+            except (OSError, ValueError, AttributeError):  # not a file (a test runner's buffer)
+                pass
             return EXIT_PIPE
         return rv if isinstance(rv, int) else 0
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
+from ..errors import DataError
 from ._base import (
-    EXIT_ERROR,
     EXIT_PARTIAL,
     emit,
     engine_options,
@@ -68,6 +68,11 @@ def predict_cmd(
         unsure=unsure,
         progress=want_progress(progress),
     )
+    if not preds.records:
+        raise DataError(
+            "no image could be read: "
+            + "; ".join(f"{f['path']}: {f['error']}" for f in preds.failed)
+        )
     if out:
         preds.write_csv(out)
     payload = {
@@ -92,8 +97,8 @@ def predict_cmd(
             click.echo(f"wrote {out}", err=True)
 
     emit(as_json, payload, human)
-    if preds.failed:  # 3: some images answered, some unreadable; 1: none answered
-        click.get_current_context().exit(EXIT_PARTIAL if preds.records else EXIT_ERROR)
+    if preds.failed:  # some images answered, some unreadable: partial success
+        click.get_current_context().exit(EXIT_PARTIAL)
 
 
 #: OUT's suffix -> the export format, when --format is not given

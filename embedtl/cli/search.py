@@ -8,7 +8,6 @@ import click
 
 from ..errors import DataError
 from ._base import (
-    EXIT_ERROR,
     EXIT_PARTIAL,
     _apply,
     backbone_options,
@@ -264,8 +263,8 @@ def search_cmd(
             click.echo(f"{name:<9} {path}")
 
     emit(as_json, payload, human)
-    if q.failed:  # 3: some queries answered, some images unreadable; 1: none answered
-        click.get_current_context().exit(EXIT_PARTIAL if results else EXIT_ERROR)
+    if q.failed:  # some queries answered, some images unreadable: partial success
+        click.get_current_context().exit(EXIT_PARTIAL)
 
 
 @click.command("dedup")

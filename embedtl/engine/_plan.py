@@ -129,8 +129,10 @@ def recorded_labels(store: Path) -> str | None:
         s = FeatureStore(store)
     except StoreError:
         return None
-    rec = s.metadata.get("labels_csv")
-    s.close()
+    try:
+        rec = s.metadata.get("labels_csv")
+    finally:
+        s.close()
     if not isinstance(rec, dict) or not rec.get("path"):
         return None
     p = Path(rec["path"])

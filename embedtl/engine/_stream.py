@@ -144,9 +144,9 @@ def _engine(
         o.runtime, run_device, n_images, onnx.path, o.precision, o.compile
     )
     tensor_decoder, decoder_reason = _pick_decoder(o.decoder, run_device, spec)
-    crop = spec.preprocess.crop
-    batch0 = min(o.batch_size or default_batch_size(run_device, crop, run_runtime), n_images)
-    check_batch_memory(run_device, crop, max(1, batch0))  # before the model or a batch is allocated
+    # before the model or a batch is allocated: a --batch-size as given; without one, one image
+    # (the default batch is tuned, and halves on out-of-memory, down to one image)
+    check_batch_memory(run_device, spec.preprocess.crop, max(1, min(o.batch_size or 1, n_images)))
     model, fallback = load_runtime(
         run_runtime, spec, run_device, onnx, o.allow_download, o.precision, o.compile
     )

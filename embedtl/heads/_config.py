@@ -79,7 +79,7 @@ class HeadConfig:
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
 
     def _check_types(self) -> None:
-        """Each setting of the type it must have (a grid file is JSON or TOML a person wrote):
+        """Each setting of the type it must have (a grid file is JSON a person wrote):
         the message names the setting, the value and the type."""
         for f in fields(self):
             v = getattr(self, f.name)

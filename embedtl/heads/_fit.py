@@ -174,6 +174,8 @@ def fit_modules(
         ]
     x, y = train_split.numpy()
     if cfg.kind == "knn":
+        for k in sorted({c.k for c in configs if c.k > len(x)}):
+            log.warning("-k %d is more than the %d training rows: using k = %d", k, len(x), len(x))
         bank = torch.from_numpy(x)
         bank = (bank / bank.norm(dim=1, keepdim=True).clamp_min(1e-12)).half()  # shared by all
         labels = torch.from_numpy(y)

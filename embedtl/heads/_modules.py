@@ -8,8 +8,6 @@ exactly (matmul + top-k), which is what faiss's flat inner-product index compute
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -28,9 +26,6 @@ __all__ = [
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 #: The same activations as functions (the batched trainer's stacked networks use these).
 ACTIVATION_FUNCTIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
-
-
-log = logging.getLogger(__name__)
 
 
 class FeatureNorm(nn.Module):
@@ -58,11 +53,7 @@ class KNNVote(nn.Module):
         self, bank: torch.Tensor, labels: torch.Tensor, n_classes: int, k: int, temperature: float
     ) -> None:
         super().__init__()
-        if k > len(bank):
-            log.warning(
-                "-k %d is more than the %d training rows: using k = %d", k, len(bank), len(bank)
-            )
-        self.k = min(k, len(bank))
+        self.k = min(k, len(bank))  # capped (fitting says so)
         self.temperature = temperature
         self.register_buffer("bank", bank.to(torch.float16))  # (N, D), unit rows
         # one-hot labels (N, C): a gather + sum votes, which every exporter handles

@@ -301,8 +301,9 @@ def open_store_index(
         if path != index_path(store):  # a file the user named: never overwritten unasked
             raise StoreError(f"{e}; delete it, or give another --index path") from None
         # the store's own index is a cache: made again from the store
-        log.warning("the index %s is unreadable (%s): rebuilding it", path, e)
-        return build(f"was unreadable ({e})")
+        if update:
+            log.warning("the index %s is unreadable (%s): rebuilding it", path, e)
+        return build(f"is unreadable ({e})")
     if kind != "auto" and ix.kind != kind:
         return build(f"is of type {ix.kind}, {kind} was asked for")
     if ix.metric != metric:
