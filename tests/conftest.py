@@ -14,6 +14,18 @@ from PIL import Image
 #: A real architecture with explicitly random weights, at a resolution that runs in milliseconds.
 TINY_BACKBONE = "efficientnet_lite0@random"
 TINY_SIZE = 32
+#: The stages an extraction that ran the model reports in --json (README, "How extraction works").
+EXTRACT_STAGES = {
+    "fingerprint",
+    "scan",
+    "plan",
+    "startup",
+    "decode",
+    "h2d",
+    "model",
+    "write",
+    "fold",
+}
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-from conftest import TINY_BACKBONE, TINY_SIZE
+from conftest import EXTRACT_STAGES, TINY_BACKBONE, TINY_SIZE
 
 from embedtl.cli import main
 
@@ -46,17 +46,7 @@ def test_extract_json_contract(runner, class_folder, cache_dir):
     ):
         assert key in out, key
     assert out["n_images"] == 24 and out["cached"] == 0 and out["runtime"] == "torch"
-    assert set(out["stages"]) == {
-        "fingerprint",
-        "scan",
-        "plan",
-        "startup",
-        "decode",
-        "h2d",
-        "model",
-        "write",
-        "fold",
-    }
+    assert set(out["stages"]) == EXTRACT_STAGES
     again = run_json(runner, ["extract", str(class_folder), "--cache-dir", str(cache_dir), *TINY])
     assert again["cached"] == 24 and again["model_built"] is False
 

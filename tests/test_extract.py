@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_BACKBONE, TINY_SIZE, make_class_folder, write_image
+from conftest import EXTRACT_STAGES, TINY_BACKBONE, TINY_SIZE, make_class_folder, write_image
 
 import embedtl
 from embedtl.errors import DeviceError, ImageDecodeError
@@ -22,17 +22,7 @@ def test_extract_writes_every_image_in_sorted_order(class_folder, cache_dir, tin
     st = store.last_extraction
     assert (st.n_images, st.extracted, st.cached, st.n_failed, st.dim) == (24, 24, 0, 0, 1280)
     assert st.model_built and st.runtime == "torch" and st.device == "cpu"
-    assert set(st.stages) == {
-        "fingerprint",
-        "scan",
-        "plan",
-        "startup",
-        "decode",
-        "h2d",
-        "model",
-        "write",
-        "fold",
-    }
+    assert set(st.stages) == EXTRACT_STAGES
     assert list(store.paths) == sorted(store.paths)
     assert store.features().shape == (24, 1280)
     assert np.isfinite(store.features()).all()
