@@ -9,6 +9,7 @@ from .errors import DeviceError
 
 __all__ = [
     "ACTIVATION_BYTES_PER_PIXEL",
+    "activation_bytes",
     "check_batch_memory",
     "default_memory_budget",
     "memory_available",
@@ -89,10 +90,16 @@ def memory_available(device: str) -> int | None:
         return None
 
 
+def activation_bytes(image_size: int, batch_size: int = 1) -> int:
+    """The memory a forward pass of ``batch_size`` images at ``image_size`` px is estimated to
+    hold (:data:`ACTIVATION_BYTES_PER_PIXEL`)."""
+    return batch_size * image_size * image_size * ACTIVATION_BYTES_PER_PIXEL
+
+
 def check_batch_memory(device: str, image_size: int, batch_size: int) -> None:
     """Refuse, before anything is allocated, a batch that cannot fit in ``device``'s memory:
     one line naming --image-size, --batch-size and the estimate."""
-    need = batch_size * image_size * image_size * ACTIVATION_BYTES_PER_PIXEL
+    need = activation_bytes(image_size, batch_size)
     have = memory_available(device)
     if have is not None and need > 0.8 * have:
         raise DeviceError(

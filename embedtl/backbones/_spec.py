@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._device import ACTIVATION_BYTES_PER_PIXEL
+from .._device import ACTIVATION_BYTES_PER_PIXEL, activation_bytes
 from .._io import atomic_file, default_cache_dir
 from ..errors import BackboneError, WeightsNotFoundError
 from ._arch import feature_dim
@@ -71,7 +71,7 @@ class Preprocess:
         if size < MIN_IMAGE_SIZE:
             raise BackboneError(f"--image-size must be at least {MIN_IMAGE_SIZE}, got {size}")
         if size > MAX_IMAGE_SIZE:
-            need = size * size * ACTIVATION_BYTES_PER_PIXEL
+            need = activation_bytes(size)
             raise BackboneError(
                 f"--image-size {size} is over the {MAX_IMAGE_SIZE} px maximum: one image would "
                 f"need about {need / 2**30:,.0f} GiB of activations ({size}^2 px x "

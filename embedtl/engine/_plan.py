@@ -83,9 +83,13 @@ def target(
     with stages("fingerprint"):
         fingerprint = spec.fingerprint()
     with stages("scan"):
-        where = store_path(cache_root, Path(root).expanduser().resolve(), spec.name, fingerprint)
-        labels = labels if labels is not None else recorded_labels(where)
-        manifest = scan(root, split, labels, follow_links)
+        path = full_path = store_path(
+            cache_root, Path(root).expanduser().resolve(), spec.name, fingerprint
+        )
+        record = recorded_labels(full_path) if labels is None else None
+        manifest = scan(root, split, record["path"] if record else labels, follow_links)
+        if labels is not None:  # read by the scan first, which says what is wrong with it
+            record = labels_record(labels)
     if manifest.n_skipped:
         log.info(
             "%d files are not images (by extension), hidden or links not "
@@ -93,7 +97,6 @@ def target(
             manifest.n_skipped,
             ", ".join(manifest.skipped_examples),
         )
-    path = full_path = store_path(cache_root, manifest.root, spec.name, fingerprint)
     all_paths = {e.path for e in manifest.entries}
     if shard is not None:
         manifest, path = _shard(manifest, path, shard)
@@ -107,8 +110,8 @@ def target(
         "versions": library_versions(),
         "shard": f"{shard[0]}/{shard[1]}" if shard is not None else None,
     }
-    if labels is not None:
-        attrs["labels_csv"] = labels_record(labels)
+    if record is not None:
+        attrs["labels_csv"] = record
     return Target(spec, fingerprint, manifest, all_paths, path, full_path, attrs)
 
 
@@ -120,9 +123,10 @@ def labels_record(labels: str | os.PathLike[str]) -> dict[str, str]:
     return {"path": str(p), "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
 
 
-def recorded_labels(store: Path) -> str | None:
-    """The labels CSV a store at ``store`` was made with, to make it again with the same labels
-    when a command names none: labels given once stay with the store (and it says so)."""
+def recorded_labels(store: Path) -> dict[str, str] | None:
+    """The record (:func:`labels_record`, as the CSV is now) of the labels CSV a store at
+    ``store`` was made with, to make it again with the same labels when a command names none:
+    labels given once stay with the store (and it says so)."""
     if not store.is_file():
         return None
     try:
@@ -141,11 +145,12 @@ def recorded_labels(store: Path) -> str | None:
             f"the store's labels came from {p}, which is gone: pass --labels CSV again "
             "(or --labels of another file)"
         )
-    if labels_record(p)["sha256"] != rec.get("sha256"):
+    now = labels_record(p)
+    if now["sha256"] != rec.get("sha256"):
         log.warning("using the labels of %s, recorded with the store; it changed since", p)
     else:
         log.info("using the labels of %s, recorded with the store (--labels to change)", p)
-    return str(p)
+    return now
 
 
 def reusable_store(t: Target, dtype: str) -> FeatureStore | None:
