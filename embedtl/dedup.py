@@ -2,6 +2,10 @@
 
 Memory stays bounded: the store is read a chunk of rows at a time and each chunk is searched in
 the store's index (exact ``flat`` up to 50k rows); only the pairs above the threshold are kept.
+Above that the index has inverted lists and the search is approximate: a near-duplicate lies in
+the query's own cell or the next, so :data:`DEDUP_NPROBE` cells are probed (not the nprobe tuned
+for top-10 search), and the recall of the pairs is measured against exact search on a sample.
+Ctrl-C stops it within a chunk, with the groups among the rows searched so far.
 Groups are formed around keepers, largest file first (every member is above the threshold with
 its keeper; no chaining). Each group flags groups that span splits (the same image in train and
 test inflates test accuracy) or carry different labels.
@@ -21,7 +25,7 @@ from ._io import write_text
 from .errors import StoreError
 from .gallery import dedup_html
 from .index import VectorIndex, l2_normalize
-from .search import open_store_index, row_record
+from .search import exact_neighbors, open_store_index, row_record
 
 __all__ = ["DEFAULT_THRESHOLD", "find_duplicates", "write_dedup_report"]
 
@@ -29,6 +33,11 @@ __all__ = ["DEFAULT_THRESHOLD", "find_duplicates", "write_dedup_report"]
 #: same picture. Measured (224 px): a photo's half-size copy or quality-60 JPEG scores 0.90-0.99,
 #: distinct photos at most 0.55, and two distinct Tux Paint cut-outs of round fruit 0.86.
 DEFAULT_THRESHOLD = 0.88
+#: Cells an approximate dedup probes per row. Measured (benchmarks/scale.py): planted copies
+#: (cosine >= 0.95) of 1M rows in 1024 cells are found at 2 probes.
+DEDUP_NPROBE = 2
+#: Rows whose pairs are found by exact search too, for the recall of an approximate dedup.
+RECALL_ROWS = 256
 
 
 def find_duplicates(
@@ -36,10 +45,15 @@ def find_duplicates(
     threshold: float = DEFAULT_THRESHOLD,
     index: VectorIndex | None = None,
     k: int = 16,
-    chunk_rows: int = 4096,
+    chunk_rows: int = 1024,
     progress: bool = False,
+    nprobe: int | None = None,
 ) -> dict[str, Any]:
-    """Groups of near-duplicate rows of ``store`` (cosine similarity >= ``threshold``)."""
+    """Groups of near-duplicate rows of ``store`` (cosine similarity >= ``threshold``).
+
+    ``nprobe``: cells an inverted-list index probes (default :data:`DEDUP_NPROBE`, at most the
+    tuned value). ``pair_recall``: for an approximate index, the share of the pairs above the
+    threshold among :data:`RECALL_ROWS` random rows' exact top-``k`` that were found."""
     from tqdm.auto import tqdm
 
     if not -1.0 <= threshold <= 1.0:
@@ -49,29 +63,41 @@ def find_duplicates(
     ix = index if index is not None else open_store_index(store, metric="cosine", progress=progress)
     if ix.metric != "cosine" or ix.store_rows is None:
         raise StoreError("dedup needs the store's cosine index (open_store_index)")
-    id_of_row = np.empty(n, np.int64)
-    id_of_row[ix.store_rows] = np.arange(len(ix.store_rows))
+    params = {}
+    if "nprobe" in ix.params:
+        params["nprobe"] = nprobe or min(int(ix.params["nprobe"]), DEDUP_NPROBE)
     src, dst, sim = [], [], []
+    searched, complete = 0, True
     bar = tqdm(total=n, desc="dedup", unit="img", disable=not progress, leave=False)
-    for got, x in store.iter_chunks(chunk_rows):
-        kk = min(k, n)
-        todo = np.arange(len(got))
-        while len(todo):
-            scores, ids = ix.search(x[todo], kk)
-            rows = np.where(ids >= 0, ix.store_rows[np.maximum(ids, 0)], -1)
-            hit = (scores >= threshold) & (rows >= 0) & (rows != got[todo][:, None])
-            qi, nj = np.nonzero(hit)
-            src.append(got[todo][qi])
-            dst.append(rows[qi, nj])
-            sim.append(scores[qi, nj])
-            # every neighbour above the threshold: there may be more, look further
-            full = (scores[:, -1] >= threshold) & (kk < n)
-            todo, kk = todo[full], min(kk * 4, n)
-        bar.update(len(got))
+    try:
+        for got, x in store.iter_chunks(chunk_rows):
+            kk = min(k, n)
+            todo = np.arange(len(got))
+            while len(todo):
+                scores, ids = ix.search(x[todo], kk, **params)
+                rows = np.where(ids >= 0, ix.store_rows[np.maximum(ids, 0)], -1)
+                hit = (scores >= threshold) & (rows >= 0) & (rows != got[todo][:, None])
+                qi, nj = np.nonzero(hit)
+                src.append(got[todo][qi])
+                dst.append(rows[qi, nj])
+                sim.append(scores[qi, nj])
+                # every neighbour above the threshold: there may be more, look further
+                full = (scores[:, -1] >= threshold) & (kk < n)
+                todo, kk = todo[full], min(kk * 4, n)
+            searched += len(got)
+            bar.update(len(got))
+    except KeyboardInterrupt:
+        complete = False
     bar.close()
     src_a = np.concatenate(src) if src else np.zeros(0, np.int64)
     dst_a = np.concatenate(dst) if dst else np.zeros(0, np.int64)
     sim_a = np.concatenate(sim) if sim else np.zeros(0, np.float32)
+    approximate = ix.kind != "flat"
+    recall = (
+        _pair_recall(store, src_a, dst_a, threshold, k)
+        if approximate and complete and n > 1
+        else None
+    )
     members = _leader_groups(store, src_a, dst_a, sim_a)
     groups = _describe(store, members)
     groups.sort(key=lambda g: (-len(g["members"]), g["keep"]))
@@ -84,9 +110,37 @@ def find_duplicates(
         "cross_split_groups": int(sum(g["cross_split"] for g in groups)),
         "label_conflicts": int(sum(g["label_conflict"] for g in groups)),
         "index": ix.kind,
+        "approximate": approximate,
+        "search_params": params,
+        "pair_recall": recall,
+        "complete": complete,
+        "rows_searched": searched,
         "seconds": round(time.perf_counter() - t0, 3),
         "groups": groups,
     }
+
+
+def _pair_recall(
+    store, src: np.ndarray, dst: np.ndarray, threshold: float, k: int, seed: int = 0
+) -> float | None:
+    """Share of the exact pairs above ``threshold`` (within each sampled row's exact top-k)
+    that the approximate search found; None when the sample has no such pair."""
+    n = len(store)
+    rows = np.sort(np.random.default_rng(seed).choice(n, min(RECALL_ROWS, n), replace=False))
+    x = l2_normalize(store.read_rows(rows))
+    top = exact_neighbors(store, x, np.arange(n), min(k, n), "cosine")  # positions = rows
+    nb = np.unique(top)
+    sims = np.einsum("qd,qkd->qk", x, l2_normalize(store.read_rows(nb))[np.searchsorted(nb, top)])
+    truth = {
+        (int(a), int(b))
+        for a, b, s_ in zip(np.repeat(rows, top.shape[1]), top.ravel(), sims.ravel(), strict=True)
+        if s_ >= threshold and a != b
+    }
+    if not truth:
+        return None
+    found = {(int(a), int(b)) for a, b in zip(src, dst, strict=True)}
+    found |= {(b, a) for a, b in found}
+    return round(sum(p in found for p in truth) / len(truth), 4)
 
 
 def _leader_groups(

@@ -46,10 +46,11 @@ def weighted_vote(
     Each neighbour votes for its class with weight exp(s / T); votes are normalised to sum to 1.
     """
     s = np.asarray(scores, dtype=np.float64)
-    w = np.exp((s - s.max(axis=1, keepdims=True)) / temperature)  # (Q, k), stable
+    top = s.max(axis=1, keepdims=True)
+    w = np.exp((s - np.where(np.isfinite(top), top, 0.0)) / temperature)  # (Q, k), stable
     votes = np.zeros((len(s), n_classes), dtype=np.float64)
     np.add.at(votes, (np.arange(len(s))[:, None], neighbor_labels), w)
-    return (votes / votes.sum(axis=1, keepdims=True)).astype(np.float32)
+    return (votes / np.maximum(votes.sum(axis=1, keepdims=True), 1e-300)).astype(np.float32)
 
 
 def knn_predict(
@@ -58,12 +59,15 @@ def knn_predict(
     queries: np.ndarray,
     n_classes: int,
     variants: Sequence[tuple[int, float]],
+    allowed: np.ndarray | None = None,
 ) -> list[np.ndarray]:
     """Class probabilities (Q, C) of ``queries`` for each (k, temperature) of ``variants``, by
     the weighted vote of their k nearest vectors in ``index`` (whose vector i has the label
-    ``bank_labels[i]``), all from one search for the largest k."""
+    ``bank_labels[i]``; ``allowed``: the ids that may vote), all from one search for the
+    largest k. An id an approximate search could not fill (-1) gets no weight."""
     k_max = max(k for k, _ in variants)
-    scores, ids = index.search(queries, k_max)
+    scores, ids = index.search(queries, k_max, allowed=allowed)
+    scores = np.where(ids >= 0, scores, -np.inf)
     return [
         weighted_vote(scores[:, :k], bank_labels[ids[:, :k]], n_classes, t) for k, t in variants
     ]
@@ -74,15 +78,19 @@ def knn_evaluate(
     ks: Sequence[int] = KNN_EVAL_K,
     temperature: float = KNN_TEMPERATURE,
     splits: Sequence[str] = ("val", "test"),
-    chunk_rows: int = 8192,
+    chunk_rows: int = 1024,
     progress: bool = False,
+    index: VectorIndex | None = None,
 ) -> dict[str, Any]:
-    """Weighted kNN accuracy of a store's embeddings: the labelled train rows are the memory bank
-    (exact cosine search), each labelled row of ``splits`` is classified by its k nearest
-    (``progress``: a bar over the rows classified).
+    """Weighted kNN accuracy of a store's embeddings: the labelled train rows are the memory bank,
+    each labelled row of ``splits`` is classified by its k nearest (``progress``: a bar over the
+    rows classified). The bank is an exact cosine index of the train rows, or ``index``: the
+    store's own index (its ``store_rows`` set, as :func:`embedtl.search.open_store_index` does),
+    searched among the train rows only, approximate for inverted lists.
 
     The protocol of the self-supervised literature (InstDisc, DINO: k in {10, 20, 50}, T = 0.07),
-    a training-free measure of how well the embeddings separate the classes.
+    a training-free measure of how well the embeddings separate the classes. Ctrl-C stops it
+    within a chunk: the result then covers the rows classified so far (``complete`` False).
     """
     from tqdm.auto import tqdm
 
@@ -97,8 +105,13 @@ def knn_evaluate(
             f"{store.path} has no labelled train rows in two or more "
             "classes: kNN evaluation needs labels (class folders or --labels)"
         )
-    bank = VectorIndex.from_vectors(store.features(rows=bank_rows))
-    bank_labels = labels[bank_rows]
+    if index is None:
+        bank, allowed = VectorIndex.from_vectors(store.features(rows=bank_rows)), None
+        bank_labels = labels[bank_rows]
+    else:
+        in_bank = np.zeros(len(store), dtype=bool)
+        in_bank[bank_rows] = True
+        bank, allowed, bank_labels = index, in_bank[index.store_rows], labels[index.store_rows]
     if ks[-1] > len(bank_rows):
         log.warning(
             "-k %d is more than the %d labelled train rows: k is capped at %d",
@@ -107,35 +120,41 @@ def knn_evaluate(
             len(bank_rows),
         )
     variants = [(min(k, len(bank_rows)), temperature) for k in ks]
-    results = []
     todo = {s: store.labelled_rows(s) for s in splits}
+    top1 = {s: np.zeros(len(ks)) for s in todo}
+    top5 = {s: np.zeros(len(ks)) for s in todo}
+    done = dict.fromkeys(todo, 0)
+    complete = True
     bar = tqdm(
         total=sum(len(r) for r in todo.values()), desc="knn-eval", unit="row", disable=not progress
     )
-    for split, rows in todo.items():
-        if not len(rows):
-            continue
-        top1 = np.zeros(len(ks))
-        top5 = np.zeros(len(ks))
-        for got, x in store.iter_chunks(chunk_rows, rows=rows):
-            bar.update(len(got))
-            y = labels[got]
-            for j, p in enumerate(knn_predict(bank, bank_labels, x, n_classes, variants)):
-                order = np.argsort(-p, axis=1)[:, :5]
-                top1[j] += (order[:, 0] == y).sum()
-                top5[j] += (order == y[:, None]).any(axis=1).sum()
-        for j, k in enumerate(ks):
-            results.append(
-                {
-                    "split": split,
-                    "k": k,
-                    "n": int(len(rows)),
-                    "accuracy": float(top1[j] / len(rows)),
-                    "top5_accuracy": float(top5[j] / len(rows)),
-                }
-            )
+    try:
+        for split, rows in todo.items():
+            for got, x in store.iter_chunks(chunk_rows, rows=rows):
+                y = labels[got]
+                probs = knn_predict(bank, bank_labels, x, n_classes, variants, allowed)
+                for j, p in enumerate(probs):
+                    order = np.argsort(-p, axis=1)[:, :5]
+                    top1[split][j] += (order[:, 0] == y).sum()
+                    top5[split][j] += (order == y[:, None]).any(axis=1).sum()
+                done[split] += len(got)
+                bar.update(len(got))
+    except KeyboardInterrupt:
+        complete = False
     bar.close()
-    if not results:
+    results = [
+        {
+            "split": split,
+            "k": k,
+            "n": done[split],
+            "accuracy": float(top1[split][j] / done[split]),
+            "top5_accuracy": float(top5[split][j] / done[split]),
+        }
+        for split in todo
+        if done[split]
+        for j, k in enumerate(ks)
+    ]
+    if not results and complete:
         raise DataError(f"{store.path} has no labelled rows in {' or '.join(splits)} to evaluate")
     return {
         "store": str(store.path),
@@ -143,6 +162,10 @@ def knn_evaluate(
         "bank": int(len(bank_rows)),
         "temperature": temperature,
         "metric": "cosine",
+        "index": "flat" if index is None else index.kind,
+        "approximate": index is not None and index.kind != "flat",
+        "complete": complete,
+        "rows_evaluated": int(sum(done.values())),
         "results": results,
         "seconds": round(time.perf_counter() - t0, 3),
     }

@@ -91,6 +91,7 @@ def synthetic_store(
     classes=None,
     poison_test=False,
     splits=(0.6, 0.2, 0.2),
+    dtype="float32",
 ):
     """A feature store of seeded Gaussian clusters (one per class), written with the store API.
 
@@ -133,7 +134,8 @@ def synthetic_store(
     )
 
     def fill(ds):
-        ds[:] = x
+        for i in range(0, n, 65536):  # in chunks, as extraction writes
+            ds[i : i + 65536] = x[i : i + 65536]
 
     attrs = {
         "backbone": spec.to_dict(),
@@ -141,7 +143,7 @@ def synthetic_store(
         "root": str(path.parent / "images"),
         "classes": classes,
     }
-    write_store(path, rows, dim, "float32", fill, attrs)
+    write_store(path, rows, dim, dtype, fill, attrs)
     return FeatureStore(path)
 
 

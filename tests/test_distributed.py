@@ -224,7 +224,7 @@ def test_virtual_merge_reads_the_shards_and_an_update_consolidates(folder, tmp_p
     _same_as_single(updated, folder)
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf", "ivfsq8"])
+@pytest.mark.parametrize("kind", ["flat", "ivf", "ivffp16", "ivfsq8"])
 def test_an_index_built_in_parts_and_merged_equals_a_one_part_build(tmp_path, kind):
     from conftest import synthetic_store
 
@@ -236,7 +236,9 @@ def test_an_index_built_in_parts_and_merged_equals_a_one_part_build(tmp_path, ki
     parts, _ = VectorIndex.load(tmp_path / "parts.index")
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "one.index",
+        "one.index.faiss",
         "parts.index",
+        "parts.index.faiss",
         "s.h5",
     ]  # parts merged, removed
     q = s.features()[::37]

@@ -181,6 +181,10 @@ def verify_store(source: str | os.PathLike[str], check_files: bool = True) -> di
     }
 
 
+#: A store's index files beside it: the metadata and rows, the faiss index.
+_INDEX_FILES = (".index", ".index.faiss")
+
+
 def gc_cache(
     cache_dir: str | os.PathLike[str] | None = None,
     older_than_days: float | None = None,
@@ -226,12 +230,13 @@ def gc_cache(
         try:
             with store_lock(f, timeout=0):
                 _remove(f)
-                for extra in (f.with_name(f.name + ".journal"), f.with_name(f.name + ".index")):
+                for extra in [f.with_name(f.name + e) for e in (".journal", *_INDEX_FILES)]:
                     if extra.exists():
                         _remove(extra)
         except StoreError:
             continue  # a writer holds it
-    for tmp in [*cache.glob("*/.*.h5.tmp-*"), *cache.glob("*/.*.h5.index.tmp-*")]:
+    temporaries = [cache.glob(f"*/.*.h5{e}.tmp-*") for e in ("", *_INDEX_FILES)]
+    for tmp in [t for ts in temporaries for t in ts]:
         if is_stale_temporary(tmp):
             _remove(tmp)  # left by a killed writer; the store beside it is intact
     for journal in cache.glob("*/*.h5.journal"):
@@ -243,9 +248,10 @@ def gc_cache(
                 _remove(journal)
         except StoreError:
             continue
-    for index in cache.glob("*/*.h5.index"):
-        if not index.with_suffix("").exists():  # the index of a store that is gone
-            _remove(index)
+    for ext in _INDEX_FILES:  # the index files of a store that is gone
+        for index in cache.glob(f"*/*.h5{ext}"):
+            if not index.with_name(index.name[: -len(ext)]).exists():
+                _remove(index)
     for lock in cache.glob("*/*.lock"):
         if not lock.with_suffix("").exists() and not dry_run:
             lock.unlink(missing_ok=True)

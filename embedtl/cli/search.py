@@ -8,6 +8,7 @@ import click
 
 from ..errors import DataError
 from ._base import (
+    EXIT_INTERRUPTED,
     EXIT_PARTIAL,
     _apply,
     backbone_options,
@@ -330,6 +331,15 @@ def dedup_cmd(
         click.echo(f"report    {files['html']}")
 
     emit(as_json, payload, human)
+    _stopped_early(rep, "dedup", f"{files['json']} holds the groups among the rows searched")
+
+
+def _stopped_early(rep: dict, command: str, what: str) -> None:
+    """After an interrupt that left a partial result (emitted already): say so, exit 130."""
+    if rep.get("complete", True):
+        return
+    click.echo(f"interrupted: {what} (marked incomplete); run {command} again for all", err=True)
+    click.get_current_context().exit(EXIT_INTERRUPTED)
 
 
 @click.command("knn-eval")
@@ -349,14 +359,14 @@ def knn_eval_cmd(
 ) -> None:
     """How well the embeddings separate the classes, with no training: weighted kNN over the train
     rows (cosine, votes exp(s/T)), accuracy on val and test for each k."""
-    from ..neighbors import knn_evaluate
+    from ..search import evaluate_knn
 
     try:
         k_values = [int(v) for v in ks.split(",") if v.strip()]
     except ValueError:
         raise click.BadParameter(f"expected k values such as 10,20,50, got {ks!r}") from None
     store = open_source(source, source_args(kw), want_progress(progress))
-    rep = knn_evaluate(store, k_values, temperature, progress=want_progress(progress))
+    rep = evaluate_knn(store, k_values, temperature, progress=want_progress(progress))
 
     def human() -> None:
         click.echo(
@@ -369,5 +379,11 @@ def knn_eval_cmd(
                 f"{100 * r['accuracy']:.2f}%  top-5 "
                 f"{100 * r['top5_accuracy']:.2f}%  (n={r['n']})"
             )
+        if rep.get("recall_at_k") is not None:
+            click.echo(
+                f"  neighbours from the {rep['index']} index: recall@{rep['recall_k']} "
+                f"{rep['recall_at_k']:.3f} against exact search ({rep['recall_queries']} queries)"
+            )
 
     emit(as_json, rep, human)
+    _stopped_early(rep, "knn-eval", f"accuracy over the {rep['rows_evaluated']} rows classified")

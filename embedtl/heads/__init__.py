@@ -30,7 +30,10 @@ _LAZY = {
     ),
     **dict.fromkeys(("Head", "knn_bank", "load_head"), "._head"),
     **dict.fromkeys(("HeadModule", "ImageClassifier"), "._modules"),
-    **dict.fromkeys(("TrainResult", "class_weights", "warmup_cosine"), "._train"),
+    **dict.fromkeys(
+        ("PATIENCE_ROWS", "TrainResult", "class_weights", "patience_epochs", "warmup_cosine"),
+        "._train",
+    ),
     "export_head": "._export",
     "EmbeddingClassifier": "._sklearn",
 }
@@ -75,4 +78,6 @@ __all__ = [
     "read_head_info",
     "train_rows",
     "warmup_cosine",
+    "patience_epochs",
+    "PATIENCE_ROWS",
 ]

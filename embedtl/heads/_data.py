@@ -53,18 +53,38 @@ class Split:
         return mean.float(), var.sqrt().float()
 
 
+#: A fixed normalisation of an in-memory split up to this size is applied once, up front (a
+#: float32 copy); a larger split is normalised batch by batch instead of being copied.
+_MAP_ONCE_BYTES = 256 << 20
+
+
 class InMemory(Split):
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        self.features = features  # (n, D)
+    """Rows of an in-memory feature matrix, in the stored dtype (float16 stores stay float16:
+    half the memory), batches converted to float32. ``index``: the matrix rows of this split
+    (None: every row), so a split of a loaded store is a view of it, not a copy."""
+
+    def __init__(
+        self, features: torch.Tensor, labels: torch.Tensor, index: torch.Tensor | None = None
+    ) -> None:
+        self.features = features  # (N, D), N >= n
+        self.index = index  # (n,) rows of features, or None
         self.labels = labels  # (n,)
-        self.n, self.dim = features.shape
+        self.n = len(labels) if index is not None else int(features.shape[0])
+        self.dim = int(features.shape[1])
+
+    def _rows(self, pos: torch.Tensor | slice) -> torch.Tensor:
+        x = self.features[pos] if self.index is None else self.features[self.index[pos]]
+        return x.float()
 
     @torch.no_grad()
     def mapped(self, fn) -> Split:
-        """Applied once, up front: a training step then does no per-batch normalisation."""
-        out = torch.empty_like(self.features)
+        """Applied once, up front, when small (a training step then does no per-batch
+        normalisation); per batch when a float32 copy would cost more than the split itself."""
+        if self.n * self.dim * 4 > _MAP_ONCE_BYTES:
+            return _Mapped(self, fn)
+        out = torch.empty((self.n, self.dim), dtype=torch.float32, device=self.features.device)
         for i in range(0, self.n, 65536):
-            out[i : i + 65536] = fn(self.features[i : i + 65536])
+            out[i : i + 65536] = fn(self._rows(slice(i, i + 65536)))
         return InMemory(out, self.labels)
 
     def batches(self, batch_size, generator):
@@ -74,10 +94,10 @@ class InMemory(Split):
             order = torch.randperm(self.n, generator=generator).to(self.features.device)
         for i in range(0, self.n, batch_size):
             if order is None:
-                yield self.features[i : i + batch_size], self.labels[i : i + batch_size]
+                yield self._rows(slice(i, i + batch_size)), self.labels[i : i + batch_size]
             else:
                 j = order[i : i + batch_size]
-                yield self.features[j], self.labels[j]
+                yield self._rows(j), self.labels[j]
 
 
 class _Mapped(Split):
@@ -145,51 +165,62 @@ class Streamed(Split):
 
 
 class StoreFeatures:
-    """A store's features for fitting and scoring heads: every row in memory (float32, one read)
-    when the store fits ``memory_budget`` bytes (default: a quarter of RAM); otherwise each use
-    reads what it needs, and a training split larger than the budget streams in blocks."""
+    """A store's features for fitting and scoring heads: every row in memory, in the stored
+    dtype (one read), when the store fits ``memory_budget`` bytes (default: a quarter of RAM);
+    otherwise each use reads what it needs, and a training split larger than the budget streams
+    in blocks. Splits of a loaded store are views of it (no copies); batches are float32.
+    ``planned_bytes`` is the feature memory this plan holds at its peak."""
 
     def __init__(
         self, store: FeatureStore, memory_budget: int | None = None, progress: bool = False
     ) -> None:
         self.store = store
         self.budget = default_memory_budget() if memory_budget is None else memory_budget
-        self.block_rows = max(256, self.budget // max(1, 4 * store.dim))
-        fits = len(store) * store.dim * 4 <= self.budget
-        self._all = _load(store, progress) if fits else None  # (N, D) float32
-
-    @property
-    def in_memory(self) -> bool:
-        return self._all is not None
+        self.row_bytes = store.dim * np.dtype(store.dtype).itemsize
+        #: a streamed block is read in the stored dtype and converted to float32: 1 + 4/itemsize
+        self.block_rows = max(256, self.budget // max(1, self.row_bytes + 4 * store.dim))
+        self.in_memory = len(store) * self.row_bytes <= self.budget
+        self._all = _load(store, progress) if self.in_memory else None  # (N, D) stored dtype
+        self._tensor = torch.from_numpy(self._all) if self._all is not None else None
+        self.planned_bytes = (
+            len(store) * self.row_bytes if self.in_memory else self.block_rows * 4 * store.dim
+        )
 
     def read(self, rows: np.ndarray) -> np.ndarray:
-        """Features (len(rows), D) of sorted store rows."""
-        return self._all[rows] if self._all is not None else self.store.features(rows=rows)
+        """Features (len(rows), D) of sorted store rows, float32."""
+        if self._all is not None:
+            return self._all[rows].astype(np.float32)
+        return self.store.features(rows=rows)
 
     def iter_read(self, rows: np.ndarray) -> Iterator[np.ndarray]:
-        """Features of sorted ``rows`` in order, at most a block at a time."""
+        """Features of sorted ``rows`` in order, float32, at most a block at a time."""
         if self._all is not None:
             for i in range(0, len(rows), self.block_rows):
-                yield self._all[rows[i : i + self.block_rows]]
+                yield self._all[rows[i : i + self.block_rows]].astype(np.float32)
             return
         for _, x in self.store.iter_chunks(self.block_rows, rows=rows):
             yield x
 
     def split(self, rows: np.ndarray, labels: np.ndarray, device: str = "cpu") -> Split:
         """Sorted store ``rows`` with their ``labels`` as a :class:`Split` on ``device``."""
-        if self._all is not None or len(rows) * self.store.dim * 4 <= self.budget:
-            x = torch.from_numpy(self.read(rows)).to(device)
-            return InMemory(x, torch.as_tensor(labels, dtype=torch.long, device=device))
+        y = torch.as_tensor(labels, dtype=torch.long, device=device)
+        if self._tensor is not None:
+            if torch.device(device).type == "cpu":
+                return InMemory(self._tensor, y, torch.as_tensor(rows, dtype=torch.long))
+            return InMemory(self._tensor[torch.as_tensor(rows, dtype=torch.long)].to(device), y)
+        if len(rows) * self.row_bytes <= self.budget:
+            x = torch.from_numpy(self.store.read_rows(np.asarray(rows))).to(device)
+            return InMemory(x, y)
         return Streamed(self.store, rows, labels, device, self.block_rows)
 
 
 def _load(store: FeatureStore, progress: bool) -> np.ndarray:
-    """Every row of ``store`` as float32, with a bar (a million rows take a minute to read)."""
+    """Every row of ``store`` in its stored dtype, with a bar (a million rows take a while)."""
     from tqdm.auto import tqdm
 
-    out = np.empty((len(store), store.dim), np.float32)
+    out = np.empty((len(store), store.dim), np.dtype(store.dtype))
     with tqdm(total=len(store), desc="load features", unit="row", disable=not progress) as bar:
-        for rows, x in store.iter_chunks():
+        for rows, x in store.iter_chunks(dtype=out.dtype):
             out[rows] = x
             bar.update(len(rows))
     return out

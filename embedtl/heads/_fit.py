@@ -17,10 +17,10 @@ from ..cache import FeatureStore
 from ..errors import DataError, HeadError
 from ..report import Evaluation
 from ._config import HeadConfig
-from ._data import Split, StoreFeatures
+from ._data import Split, StoreFeatures, Streamed
 from ._head import Head
 from ._modules import HeadModule, build_module
-from ._train import TrainResult, train
+from ._train import TrainResult, patience_epochs, train
 
 __all__ = ["evaluate_head", "evaluate_split", "fit_head", "fit_module", "fit_modules", "train_rows"]
 
@@ -119,6 +119,9 @@ def fit_head(
             "epochs": result.epochs if result else 0,
             "best_epoch": result.best_epoch if result else 0,
             "seconds_to_best": result.seconds_to_best if result else fit_seconds,
+            "patience": patience_epochs(cfg.patience, len(tr)) if result else None,
+            "features": "streamed" if isinstance(train_split, Streamed) else "in memory",
+            "planned_feature_bytes": data.planned_bytes,
         },
         "curve": result.curve if result else [],
         "store": {"path": str(store.path), "root": str(store.root), "rows": len(store)},

@@ -10,8 +10,9 @@ Mini-batches are index permutations of an in-memory tensor (or shuffled blocks o
 split), never a per-sample DataLoader. AdamW (per-variant learning rate and weight decay), linear
 warm-up then cosine decay per step, label smoothing, optional class weights. After every epoch
 every variant is scored on the **validation** split only; each keeps its best epoch's weights
-and stops on its own after ``patience`` epochs without a better val accuracy (stopped variants
-leave the batch). The test split never enters this module.
+and stops on its own after ``patience`` epochs without a better val accuracy (at most 500k rows'
+worth: :func:`patience_epochs`; stopped variants leave the batch). The test split never enters
+this module.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ __all__ = [
     "StackedNet",
     "train",
     "auto_batch_size",
+    "patience_epochs",
     "warmup_cosine",
     "class_weights",
 ]
@@ -43,6 +45,15 @@ __all__ = [
 _BETAS = (0.9, 0.999)
 _EPS = 1e-8
 _SCORE_FLOATS = 1 << 24  # activations per scoring chunk (64 MiB of float32)
+#: Patience is counted in epochs but never spans more training rows than this: at a million
+#: rows an epoch is ~800 steps, and 6 epochs without a better val accuracy are 6 wasted passes.
+PATIENCE_ROWS = 500_000
+
+
+def patience_epochs(patience: int, n_train: int) -> int:
+    """Epochs without a better val accuracy before stopping: ``patience``, fewer on large
+    splits (at most :data:`PATIENCE_ROWS` rows' worth, at least one epoch)."""
+    return max(1, min(patience, math.ceil(PATIENCE_ROWS / max(n_train, 1))))
 
 
 @dataclass
@@ -273,6 +284,7 @@ def train(
     steps_per_epoch = -(-train_split.n // batch)
     total = cfg.epochs * steps_per_epoch
     warm = int(cfg.warmup_epochs * steps_per_epoch)
+    patience = patience_epochs(cfg.patience, train_split.n)
 
     def lr_at(step: int) -> float:
         return warmup_cosine(step, warm, total)
@@ -325,7 +337,7 @@ def train(
                     improved.append((j, g))
                 point["seconds"] = now
                 r.curve.append(point)
-                if epoch - r.best_epoch < cfg.patience:
+                if epoch - r.best_epoch < patience:
                     keep.append(j)
             if improved:
                 _copy_variants(stacked, best, improved)

@@ -15,6 +15,7 @@ from ..index import (
     plan_index,
     recall_at_k,
 )
+from ._knn import evaluate_knn
 from ._lifecycle import (
     build_index,
     build_store_index,
@@ -44,6 +45,7 @@ __all__ = [
     "VectorIndex",
     "build_index",
     "build_store_index",
+    "evaluate_knn",
     "exact_neighbors",
     "index_path",
     "l2_normalize",

@@ -1,17 +1,20 @@
 """A store's index: built beside the store (``<store>.h5.index``), tuned to a target recall,
 kept up to date, or rebuilt when stale.
 
-A store's index records the store's backbone fingerprint and its rows (path, size, mtime) in
-index order. :func:`open_store_index` compares them with the store: rows only added are appended
+A store's index records the store's backbone fingerprint, its rows (path, size, mtime) in
+index order and a digest of the store's rows. :func:`open_store_index` reads only that metadata
+to tell an index up to date (the digest matches: the faiss file is then opened memory-mapped,
+not read); otherwise it compares the rows with the store: rows only added are appended
 to the index; rows removed or changed, or another backbone, make it stale, and it is rebuilt (or
 refused with ``update=False``). The index type is chosen from the store's size and memory (exact
-``flat`` for small stores, ``ivf``, ``ivfsq8`` when raw vectors would not fit) or named; the
+``flat`` for small stores, ``ivffp16``, ``ivfsq8`` when float16 vectors would not fit) or named; the
 search parameter (``nprobe`` / ``efSearch``) is tuned at build time on a sample of the store's
 own rows to reach a target recall@10, and the recall reached is recorded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -30,6 +33,7 @@ from ..index import (
     l2_normalize,
     plan_index,
     read_faiss,
+    read_index_meta,
     write_faiss,
 )
 
@@ -48,6 +52,7 @@ _TUNE_QUERIES = 256
 _TUNE_K = 10
 #: k-means for the inverted lists trains on this many points per list (faiss wants >= 39).
 _TRAIN_PER_LIST = 40
+_KMEANS_STEPS = 11  # the iterations of index._vector, and fitting the codes
 
 
 def index_path(store) -> Path:
@@ -56,10 +61,16 @@ def index_path(store) -> Path:
 
 
 def exact_neighbors(
-    store, queries: np.ndarray, rows: np.ndarray, k: int, metric: str, chunk_rows: int = 65536
+    store,
+    queries: np.ndarray,
+    rows: np.ndarray,
+    k: int,
+    metric: str,
+    chunk_rows: int = 65536,
+    bar=None,
 ) -> np.ndarray:
     """Exact top-k of each query among the store ``rows`` (as positions in ``rows``), streaming
-    the store once."""
+    the store once (``bar``: advanced by the rows of each chunk)."""
     import faiss
 
     q = l2_normalize(queries) if metric == "cosine" else np.ascontiguousarray(queries, np.float32)
@@ -76,6 +87,8 @@ def exact_neighbors(
         top = np.argpartition(-cand_s, k - 1, axis=1)[:, :k]
         best_s = np.take_along_axis(cand_s, top, 1)
         best_i = np.take_along_axis(cand_i, top, 1)
+        if bar is not None:
+            bar.update(len(got))
     return np.take_along_axis(best_i, np.argsort(-best_s, axis=1), 1)
 
 
@@ -122,7 +135,14 @@ def build_store_index(
     train_rows = np.sort(rng.choice(n, n_train, replace=False))
     trained = path.with_name(path.name + ".trained")
     if not ix.is_trained and rank in (None, 0):
-        ix.train(store.features(rows=train_rows))
+        with tqdm(
+            total=_KMEANS_STEPS,
+            desc=f"index k-means ({plan.nlist} lists, {n_train} rows)",
+            unit="iter",
+            disable=not progress or not plan.nlist,
+            leave=False,
+        ) as kbar:
+            ix.train(store.read_rows(train_rows), bar=kbar)
     if parts > 1 and rank == 0:
         write_faiss(trained, ix.index)
     t_train = time.perf_counter() - t0
@@ -169,19 +189,22 @@ def build_store_index(
             part_file.unlink()
         trained.unlink(missing_ok=True)
     tune = None
+    bar.close()
     if tuning:
-        queries = store.features(rows=q_rows)
-        truth = exact_neighbors(store, queries, rest, _TUNE_K, metric, chunk_rows)
+        queries = store.read_rows(q_rows).astype(np.float32)
+        with tqdm(
+            total=len(rest), desc="index tune (exact neighbours)", unit="vec", disable=not progress
+        ) as tbar:
+            truth = exact_neighbors(store, queries, rest, _TUNE_K, metric, chunk_rows, tbar)
         tune = ix.tune(queries, truth, target_recall)
         ix.add(queries)
-        bar.update(len(q_rows))
-    bar.close()
     order = np.concatenate([rest, q_rows])
     ix.rows = IndexRows.of_store(store, order)
     ix.store_rows = order
     t_add = time.perf_counter() - t0 - t_train
     ix.info.update(
         {
+            "planned_bytes": _planned_bytes(plan.kind, n, store.dim, n_train, chunk_rows),
             "build_seconds": round(time.perf_counter() - t0, 3),
             "train_seconds": round(t_train, 3),
             "add_seconds": round(t_add, 3),  # with the merge and the tuning
@@ -193,13 +216,36 @@ def build_store_index(
     return ix
 
 
+#: Bytes per vector of each index type's codes (hnsw: float32 plus its graph, 2M ids).
+_CODE_BYTES = {"flat": 4, "ivf": 4, "ivffp16": 2, "ivfsq8": 1}
+
+
+def _planned_bytes(kind: str, n: int, dim: int, n_train: int, chunk_rows: int) -> int:
+    """The memory a build plans for: the index's codes and ids, the training sample and one
+    chunk of rows being added (read, then prepared as float32)."""
+    per_vector = _CODE_BYTES.get(kind, 4) * dim + (8 if kind in _CODE_BYTES else 8 * 2 * 32)
+    sample = n_train * dim * 4 if kind not in ("flat", "hnsw") else 0
+    return int(n * per_vector + sample + 2 * min(chunk_rows, n) * dim * 4)
+
+
 def _part_path(path: Path, i: int, n: int) -> Path:
     return path.with_name(f"{path.name}.part-{i}-of-{n}")
+
+
+def rows_digest(store) -> str:
+    """A digest of the store's rows (paths, sizes, mtimes, in store order): equal digests mean
+    the index saved with it still describes the store's rows."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update("\0".join(store.paths.tolist()).encode("utf-8", "surrogateescape"))
+    h.update(np.ascontiguousarray(store.sizes, np.int64).tobytes())
+    h.update(np.ascontiguousarray(store.mtimes_ns, np.int64).tobytes())
+    return h.hexdigest()
 
 
 def _store_meta(store, target_recall: float) -> dict[str, Any]:
     return {
         "store": str(store.path),
+        "rows_digest": rows_digest(store),
         "fingerprint": store.fingerprint,
         "store_dtype": store.dtype,
         "dim": store.dim,
@@ -295,19 +341,41 @@ def open_store_index(
         return build("was asked to be rebuilt")
     if not path.exists():
         return build("does not exist yet")
-    try:
-        ix, meta = VectorIndex.load(path)
-    except (StoreError, StaleIndexError) as e:
-        if path != index_path(store):  # a file the user named: never overwritten unasked
+    own = path == index_path(store)
+
+    def unreadable(e: Exception) -> VectorIndex:
+        if not own:  # a file the user named: never overwritten unasked
             raise StoreError(f"{e}; delete it, or give another --index path") from None
         # the store's own index is a cache: made again from the store
+        if isinstance(e, StaleIndexError):
+            if update:
+                log.warning("%s: rebuilding it once in the new format", e)
+            return build(f"is in an older format ({e})")
         if update:
             log.warning("the index %s is unreadable (%s): rebuilding it", path, e)
         return build(f"is unreadable ({e})")
-    if kind != "auto" and ix.kind != kind:
-        return build(f"is of type {ix.kind}, {kind} was asked for")
-    if ix.metric != metric:
-        return build(f"uses the {ix.metric} metric, {metric} was asked for")
+
+    try:
+        meta, _, saved_rows = read_index_meta(path, rows=False)
+    except (StoreError, StaleIndexError) as e:
+        return unreadable(e)
+    if kind != "auto" and meta.get("kind") != kind:
+        return build(f"is of type {meta.get('kind')}, {kind} was asked for")
+    if meta.get("metric") != metric:
+        return build(f"uses the {meta.get('metric')} metric, {metric} was asked for")
+    current = (
+        saved_rows is not None
+        and meta.get("fingerprint") == store.fingerprint
+        and (meta.get("store_dtype"), meta.get("dim")) == (store.dtype, store.dim)
+        and meta.get("rows_digest") == rows_digest(store)
+    )
+    try:  # up to date: memory-mapped, nothing read but what a search probes
+        ix, meta = VectorIndex.load(path, mmap=current, rows=not current)
+    except (StoreError, StaleIndexError) as e:
+        return unreadable(e)
+    if current:
+        ix.info["action"] = "up to date"
+        return ix
     d = _diff(ix, meta, store)
     if d.stale:
         return build(f"is stale: {d.stale}")

@@ -1,16 +1,21 @@
-"""The faiss layer: :class:`VectorIndex` wraps every faiss index embedtl uses (the exact bank of
-the kNN head, the index of a whole store), with its metric, its tuned search parameter and
-optionally the store rows it holds; choosing an index for a size (:func:`plan_index`); recall.
+""":class:`VectorIndex` wraps every faiss index embedtl uses (the exact bank of the kNN head, the
+index of a whole store), with its metric, its tuned search parameter and optionally the store
+rows it holds; saving and opening it; recall.
 
 Cosine similarity is the default metric (unit vectors, inner product); ``l2`` searches raw
 vectors. faiss is imported by the functions that use it.
+
+A saved index is two files: the faiss index as faiss writes it (``PATH.faiss``), opened
+memory-mapped for searching (a query reads the lists it probes, not the file), and ``PATH``, a
+small HDF5 file of metadata and the rows the index holds, which is all the up-to-date check
+reads. Format 1 (the faiss bytes inside the HDF5 file, read whole to answer one query) is
+refused as stale, so a store's index in it is rebuilt once.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,23 +23,21 @@ from typing import Any
 
 import numpy as np
 
-from ._device import default_memory_budget
-from ._h5 import read_strings, write_strings
-from ._io import atomic_file
-from ._version import library_versions
-from .errors import StaleIndexError, StoreError
+from .._h5 import h5_reason, read_strings, write_strings
+from .._io import atomic_file
+from .._version import library_versions
+from ..errors import StaleIndexError, StoreError
+from ._plan import CODES, HNSW_M, IndexPlan, kmeans, plan_index
 
 __all__ = [
     "DEFAULT_TARGET_RECALL",
-    "EXACT_MAX_ROWS",
-    "INDEX_KINDS",
     "METRICS",
-    "IndexPlan",
     "IndexRows",
     "VectorIndex",
+    "faiss_path",
     "l2_normalize",
-    "plan_index",
     "read_faiss",
+    "read_index_meta",
     "recall_at_k",
     "write_faiss",
 ]
@@ -42,15 +45,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 INDEX_FORMAT = "embedtl.index"
-INDEX_FORMAT_VERSION = 1
-#: Index types. flat: exact. ivf: inverted lists over k-means cells, exact vectors (float32).
-#: ivfsq8: the same lists with 8-bit scalar-quantised vectors (4x smaller). hnsw: a graph.
-INDEX_KINDS = ("flat", "ivf", "ivfsq8", "hnsw")
+INDEX_FORMAT_VERSION = 2
 METRICS = ("cosine", "l2")
-#: Up to this many vectors the auto choice is exact search (a query scans 50k x 1280 in a few ms).
-EXACT_MAX_ROWS = 50_000
 DEFAULT_TARGET_RECALL = 0.95
-_HNSW_M = 32
 _HNSW_EF_CONSTRUCTION = 40
 #: k-means for the inverted lists: 10 iterations on 40 points per list (faiss wants >= 39); the
 #: tuned nprobe absorbs the difference from faiss's default 25 iterations.
@@ -61,62 +58,6 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     """Rows scaled to unit length (float32, C-contiguous, as faiss wants)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
-
-
-# -- choosing an index ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class IndexPlan:
-    """What to build: the kind, its faiss factory string, and why."""
-
-    kind: str
-    factory: str
-    reason: str
-    nlist: int | None = None
-
-
-def _nlist(n: int) -> int:
-    """Inverted lists: ~2 sqrt(n) as a power of two (faiss guidelines: 1-16 sqrt(n)); each list
-    gets at least 39 training points (faiss's own minimum)."""
-    want = 2 ** round(math.log2(max(2.0 * math.sqrt(max(n, 1)), 1)))
-    return int(max(1, min(want, 65536, n // 39)))
-
-
-def plan_index(n: int, dim: int, kind: str = "auto", memory_budget: int | None = None) -> IndexPlan:
-    """The index for ``n`` vectors of ``dim`` floats: ``kind`` as named, or chosen from the size."""
-    if kind not in ("auto", *INDEX_KINDS):
-        raise StoreError(
-            f"unknown index type {kind!r}; expected auto or one of {', '.join(INDEX_KINDS)}"
-        )
-    raw = n * dim * 4
-    if kind == "auto":
-        budget = memory_budget if memory_budget is not None else default_memory_budget()
-        if n <= EXACT_MAX_ROWS:
-            kind, why = "flat", f"{n} vectors (<= {EXACT_MAX_ROWS}): exact search is fast enough"
-        elif raw <= budget:
-            kind, why = (
-                "ivf",
-                (
-                    f"{n} vectors: inverted lists search a tuned fraction of the data; raw vectors "
-                    f"({raw / 2**30:.1f} GiB) fit the memory budget ({budget / 2**30:.1f} GiB)"
-                ),
-            )
-        else:
-            kind, why = (
-                "ivfsq8",
-                (
-                    f"{n} vectors: raw vectors ({raw / 2**30:.1f} GiB) exceed the memory budget "
-                    f"({budget / 2**30:.1f} GiB); 8-bit scalar quantisation "
-                    "stores them in a quarter"
-                ),
-            )
-    else:
-        why = "named"
-    if kind == "flat":
-        return IndexPlan("flat", "Flat", why)
-    if kind == "hnsw":
-        return IndexPlan("hnsw", f"HNSW{_HNSW_M},Flat", why)
-    nlist = _nlist(n)
-    return IndexPlan(kind, f"IVF{nlist},{'SQ8' if kind == 'ivfsq8' else 'Flat'}", why, nlist)
 
 
 # -- the index ------------------------------------------------------------------------------------
@@ -169,6 +110,9 @@ class VectorIndex:
         self.info: dict[str, Any] = dict(info or {})
         self.rows = rows
         self.path: Path | None = None
+        #: Opened memory-mapped (read-only): searching reads the file's pages as needed, adding
+        #: to it is refused (faiss would abort the process).
+        self.mapped = False
         #: Store row of each index id, set by :func:`open_store_index` for the store it checked.
         self.store_rows: np.ndarray | None = None
 
@@ -185,7 +129,7 @@ class VectorIndex:
             faiss.extract_index_ivf(index).cp.niter = _KMEANS_ITERATIONS
         params = {"nlist": plan.nlist, "nprobe": 1} if plan.nlist else {}
         if plan.kind == "hnsw":
-            params = {"M": _HNSW_M, "efSearch": 16}
+            params = {"M": HNSW_M, "efSearch": 16}
         return cls(
             index, plan.kind, metric, params, {"factory": plan.factory, "reason": plan.reason}
         )
@@ -216,12 +160,24 @@ class VectorIndex:
     def is_trained(self) -> bool:
         return bool(self.index.is_trained)
 
-    def train(self, sample: np.ndarray) -> None:
-        """Train the coarse quantiser / scalar quantiser on a sample (no-op for flat and hnsw)."""
-        if not self.index.is_trained:
-            self.index.train(self.prepare(sample))
+    def train(self, sample: np.ndarray, bar=None) -> None:
+        """Train the coarse quantiser / scalar quantiser on a sample (no-op for flat and hnsw).
+        Inverted lists get their cells from :func:`kmeans` here, one iteration at a time
+        (``bar``: a tqdm bar advanced once per iteration; total ``_KMEANS_ITERATIONS + 1``)."""
+        if self.index.is_trained:
+            return
+        x = self.prepare(sample)
+        if "nlist" in self.params:
+            ivf = _extract_ivf(self.index)
+            centroids = kmeans(x, ivf.nlist, _KMEANS_ITERATIONS, self.metric == "cosine", bar=bar)
+            ivf.quantizer.add(centroids)  # trained quantiser: index.train only fits the codes
+        self.index.train(x)
+        if bar is not None:
+            bar.update(1)
 
     def add(self, vectors: np.ndarray, rows: IndexRows | None = None) -> None:
+        if self.mapped:
+            raise StoreError("internal error: a memory-mapped index is read-only")
         if len(vectors):
             self.index.add(self.prepare(vectors))
         if rows is not None:
@@ -234,9 +190,10 @@ class VectorIndex:
         p = {**self.params, **override}
         sel = None
         if allowed is not None:
-            ids = np.flatnonzero(allowed).astype(np.int64)
-            sel = faiss.IDSelectorBatch(ids)
-        if self.kind in ("ivf", "ivfsq8"):
+            bits = np.packbits(np.asarray(allowed, dtype=bool), bitorder="little")
+            sel = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bits))
+            sel.bits_ref = bits  # the selector reads the array: keep it alive
+        if self.kind in CODES:
             return faiss.SearchParametersIVF(nprobe=int(p["nprobe"]), sel=sel), sel
         if self.kind == "hnsw":
             return faiss.SearchParametersHNSW(efSearch=int(p["efSearch"]), sel=sel), sel
@@ -278,7 +235,7 @@ class VectorIndex:
         k = truth.shape[1]
         if self.kind == "flat":
             return {"recall_at_10": 1.0, "param": None}
-        name = "nprobe" if self.kind in ("ivf", "ivfsq8") else "efSearch"
+        name = "nprobe" if self.kind in CODES else "efSearch"
         top = self.params["nlist"] if name == "nprobe" else 4096
         value = 1 if name == "nprobe" else max(16, k)
         tried = []
@@ -302,12 +259,21 @@ class VectorIndex:
 
     # -- files ------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str], meta: dict[str, Any]) -> Path:
-        """Write atomically: the faiss index as bytes + rows + JSON metadata, in one HDF5 file."""
+        """Write atomically: the faiss index to ``PATH.faiss`` (as faiss writes it), then the rows
+        and JSON metadata, which name the faiss file's size and mtime, to ``PATH`` (HDF5)."""
         import faiss
         import h5py
 
         path = Path(path)
         rows = self.rows or IndexRows.empty()
+        if len(rows.paths) != len(self):
+            raise StoreError(
+                f"internal error: the index holds {len(self)} vectors, its rows {len(rows.paths)}"
+            )
+        fpath = faiss_path(path)
+        with atomic_file(fpath) as tmp:
+            faiss.write_index(self.index, str(tmp))
+        st = fpath.stat()
         attrs = {
             "format": INDEX_FORMAT,
             "format_version": INDEX_FORMAT_VERSION,
@@ -316,52 +282,59 @@ class VectorIndex:
             "params": self.params,
             "info": self.info,
             "versions": {**library_versions(), "faiss": faiss.__version__},
+            "faiss_file": {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "ntotal": len(self)},
             **meta,
         }
-        blob = faiss.serialize_index(self.index)
-        reserve = (
-            blob.nbytes + 64 * len(rows.paths) + sum(len(str(p)) for p in rows.paths) + (1 << 20)
-        )
+        reserve = 64 * len(rows.paths) + sum(len(str(p)) for p in rows.paths) + (1 << 20)
         with atomic_file(path, reserve=reserve) as tmp, h5py.File(tmp, "w") as f:
-            f.create_dataset("faiss", data=blob)
             write_strings(f, "paths", rows.paths)
             f.create_dataset("sizes", data=rows.sizes.astype(np.int64))
             f.create_dataset("mtimes_ns", data=rows.mtimes_ns.astype(np.int64))
+            if self.store_rows is not None:
+                f.create_dataset("store_rows", data=np.asarray(self.store_rows, np.int64))
             f.attrs["meta"] = json.dumps(attrs, default=str)
         self.path = path
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> tuple[VectorIndex, dict[str, Any]]:
-        """The index saved at ``path`` and its metadata; a file that is not one is refused."""
+    def load(
+        cls, path: str | os.PathLike[str], mmap: bool = False, rows: bool = True
+    ) -> tuple[VectorIndex, dict[str, Any]]:
+        """The index saved at ``path`` and its metadata; a file that is not one is refused.
+        ``mmap``: open the faiss file memory-mapped, read-only (a search reads what it probes).
+        ``rows=False``: leave the rows unread (``ix.rows`` None; the index cannot be saved)."""
         import faiss
-        import h5py
 
         path = Path(path)
+        meta, index_rows, store_rows = read_index_meta(path, rows=rows)
+        fpath = faiss_path(path)
+        want = meta.get("faiss_file") or {}
         try:
-            with h5py.File(path, "r") as f:
-                meta = json.loads(f.attrs["meta"])
-                if meta.get("format") != INDEX_FORMAT:
-                    raise StoreError(f"{path} is not an embedtl index")
-                if meta.get("format_version") != INDEX_FORMAT_VERSION:
-                    raise StaleIndexError(
-                        f"{path} has index format version "
-                        f"{meta.get('format_version')}; this embedtl reads {INDEX_FORMAT_VERSION}"
-                    )
-                blob = f["faiss"][()]
-                rows = IndexRows(read_strings(f["paths"]), f["sizes"][()], f["mtimes_ns"][()])
-        except (OSError, KeyError, ValueError) as e:
-            raise StoreError(f"cannot read index {path}: {e}") from e
-        try:
-            index = faiss.deserialize_index(np.asarray(blob, dtype=np.uint8))
-        except RuntimeError as e:
-            raise StoreError(f"cannot read index {path}: {str(e).splitlines()[0]}") from e
-        if index.ntotal != len(rows.paths):
+            st = fpath.stat()
+        except OSError as e:
+            raise StoreError(f"cannot read index {path}: {fpath.name} is missing ({e})") from e
+        if (st.st_size, st.st_mtime_ns) != (want.get("bytes"), want.get("mtime_ns")):
             raise StoreError(
-                f"{path}: the index holds {index.ntotal} vectors but lists {len(rows.paths)} rows"
+                f"cannot read index {path}: {fpath.name} was changed after the index was saved"
             )
-        ix = cls(index, meta["kind"], meta["metric"], meta.get("params"), meta.get("info"), rows)
-        ix.path = path
+        flag = 0
+        if mmap:  # faiss maps inverted lists with one flag, flat codes with the other
+            flag = faiss.IO_FLAG_MMAP if meta["kind"] in CODES else faiss.IO_FLAG_MMAP_IFC
+        try:
+            index = faiss.read_index(str(fpath), flag)
+        except RuntimeError as e:
+            raise StoreError(f"cannot read index {fpath}: {_faiss_reason(e)}") from e
+        if index.ntotal != want.get("ntotal") or (
+            index_rows is not None and index.ntotal != len(index_rows.paths)
+        ):
+            raise StoreError(
+                f"{path}: the index holds {index.ntotal} vectors but lists "
+                f"{want.get('ntotal')} rows"
+            )
+        ix = cls(
+            index, meta["kind"], meta["metric"], meta.get("params"), meta.get("info"), index_rows
+        )
+        ix.path, ix.mapped, ix.store_rows = path, bool(mmap), store_rows
         return ix, meta
 
     def summary(self) -> dict[str, Any]:
@@ -385,6 +358,53 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
         for f, t in zip(found, truth, strict=True)
     ]
     return float(np.mean(hits) / k) if len(hits) else 1.0
+
+
+def faiss_path(path: str | os.PathLike[str]) -> Path:
+    """The faiss file of the index saved at ``path``: ``PATH.faiss``."""
+    path = Path(path)
+    return path.with_name(path.name + ".faiss")
+
+
+def read_index_meta(
+    path: str | os.PathLike[str], rows: bool = True
+) -> tuple[dict[str, Any], IndexRows | None, np.ndarray | None]:
+    """(metadata, rows or None, store row of each index id or None) of the index saved at
+    ``path``, without opening its faiss file: what the up-to-date check needs."""
+    import h5py
+
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            meta = json.loads(f.attrs["meta"])
+            if meta.get("format") != INDEX_FORMAT:
+                raise StoreError(f"{path} is not an embedtl index")
+            if meta.get("format_version") != INDEX_FORMAT_VERSION:
+                raise StaleIndexError(
+                    f"{path} is in index format {meta.get('format_version')}; this embedtl "
+                    f"reads format {INDEX_FORMAT_VERSION}"
+                )
+            got = (
+                IndexRows(read_strings(f["paths"]), f["sizes"][()], f["mtimes_ns"][()])
+                if rows
+                else None
+            )
+            store_rows = f["store_rows"][()] if "store_rows" in f else None
+    except (OSError, KeyError, ValueError) as e:
+        raise StoreError(f"cannot read index {path}: {h5_reason(e)}") from e
+    return meta, got, store_rows
+
+
+def _extract_ivf(index):
+    import faiss
+
+    return faiss.extract_index_ivf(index)
+
+
+def _faiss_reason(e: BaseException) -> str:
+    """faiss's error text without its C++ location: the clause after ``Error:``."""
+    text = " ".join(str(e).split())
+    return text.split("Error: ", 1)[-1][:200]
 
 
 def write_faiss(path: Path, index) -> None:

@@ -1,0 +1,56 @@
+"""kNN evaluation at any size: exact on small stores, through the store's index on large ones,
+with the recall of the approximate neighbours measured against exact search on a sample."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..index import EXACT_MAX_ROWS, recall_at_k
+from ..neighbors import KNN_EVAL_K, KNN_TEMPERATURE, knn_evaluate
+from ._lifecycle import exact_neighbors, open_store_index
+
+__all__ = ["evaluate_knn"]
+
+#: Queries of the recall check: exact neighbours cost one pass over the bank.
+RECALL_QUERIES = 256
+
+
+def evaluate_knn(
+    store,
+    ks: Sequence[int] = KNN_EVAL_K,
+    temperature: float = KNN_TEMPERATURE,
+    exact_max_rows: int = EXACT_MAX_ROWS,
+    progress: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """:func:`embedtl.neighbors.knn_evaluate` of ``store``: exact up to ``exact_max_rows``
+    labelled train rows (the bank), above that through the store's index (built or brought up
+    to date first) among the train rows, with ``recall_at_k`` of its neighbours against exact
+    search for :data:`RECALL_QUERIES` evaluated rows (``recall_k``: the largest k)."""
+    bank_rows = store.labelled_rows("train")
+    if len(bank_rows) <= exact_max_rows:
+        return knn_evaluate(store, ks, temperature, progress=progress)
+    ix = open_store_index(store, metric="cosine", progress=progress)
+    rep = knn_evaluate(store, ks, temperature, progress=progress, index=ix)
+    if not rep["approximate"] or not rep["complete"]:
+        return rep
+    queries = np.concatenate([store.labelled_rows(s) for s in ("val", "test")])
+    if not len(queries):
+        return rep
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(queries, min(RECALL_QUERIES, len(queries)), replace=False))
+    x = store.read_rows(sample).astype(np.float32)
+    k = min(max(int(k) for k in ks), len(bank_rows))
+    truth = exact_neighbors(store, x, bank_rows, k, "cosine")  # positions in bank_rows
+    in_bank = np.zeros(len(store), dtype=bool)
+    in_bank[bank_rows] = True
+    _, ids = ix.search(x, k, allowed=in_bank[ix.store_rows])
+    pos = np.full(len(store), -1, np.int64)
+    pos[bank_rows] = np.arange(len(bank_rows))
+    found = np.where(ids >= 0, pos[ix.store_rows[np.maximum(ids, 0)]], -1)
+    rep.update(recall_at_k=round(recall_at_k(found, truth), 4), recall_k=k)
+    rep["recall_queries"] = len(sample)
+    return rep
