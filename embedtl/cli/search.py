@@ -350,12 +350,25 @@ def _stopped_early(rep: dict, command: str, what: str) -> None:
 @click.option(
     "--temperature", type=click.FloatRange(min=0, min_open=True), default=0.07, show_default=True
 )
+@click.option(
+    "--max-rows",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Classify at most N random rows per split, 0 for all [all up to 50,000 train rows; "
+    "20,000 above, where the neighbours come from the index].",
+)
 @backbone_options
 @split_options
 @progress_option
 @json_option
 def knn_eval_cmd(
-    source: str, ks: str, temperature: float, as_json: bool, progress: bool | None, **kw
+    source: str,
+    ks: str,
+    temperature: float,
+    max_rows: int | None,
+    as_json: bool,
+    progress: bool | None,
+    **kw,
 ) -> None:
     """How well the embeddings separate the classes, with no training: weighted kNN over the train
     rows (cosine, votes exp(s/T)), accuracy on val and test for each k."""
@@ -366,7 +379,9 @@ def knn_eval_cmd(
     except ValueError:
         raise click.BadParameter(f"expected k values such as 10,20,50, got {ks!r}") from None
     store = open_source(source, source_args(kw), want_progress(progress))
-    rep = evaluate_knn(store, k_values, temperature, progress=want_progress(progress))
+    rep = evaluate_knn(
+        store, k_values, temperature, progress=want_progress(progress), max_rows=max_rows
+    )
 
     def human() -> None:
         click.echo(
@@ -377,7 +392,8 @@ def knn_eval_cmd(
             click.echo(
                 f"  {r['split']:<5} k={r['k']:<3} accuracy "
                 f"{100 * r['accuracy']:.2f}%  top-5 "
-                f"{100 * r['top5_accuracy']:.2f}%  (n={r['n']})"
+                f"{100 * r['top5_accuracy']:.2f}%  (n={r['n']}"
+                + (f" of {r['of']}, +-{100 * r['stderr']:.2f} pt)" if r["n"] < r["of"] else ")")
             )
         if rep.get("recall_at_k") is not None:
             click.echo(

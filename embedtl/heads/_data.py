@@ -45,12 +45,17 @@ class Split:
         """Per-feature mean and std (population), accumulated in float64."""
         s = torch.zeros(self.dim, dtype=torch.float64)
         ss = torch.zeros(self.dim, dtype=torch.float64)
-        for x, _ in self.batches(65536, None):
+        for x, _ in self.batches(_pass_rows(self.dim), None):
             s += x.sum(0, dtype=torch.float64).cpu()
             ss += (x * x).sum(0, dtype=torch.float64).cpu()
         mean = s / max(self.n, 1)
         var = (ss / max(self.n, 1) - mean * mean).clamp_min(0)
         return mean.float(), var.sqrt().float()
+
+
+def _pass_rows(dim: int) -> int:
+    """Rows per step of a pass over a split (moments, normalising): 16 MiB of float32."""
+    return max(256, (4 << 20) // max(dim, 1))
 
 
 #: A fixed normalisation of an in-memory split up to this size is applied once, up front (a
@@ -83,8 +88,9 @@ class InMemory(Split):
         if self.n * self.dim * 4 > _MAP_ONCE_BYTES:
             return _Mapped(self, fn)
         out = torch.empty((self.n, self.dim), dtype=torch.float32, device=self.features.device)
-        for i in range(0, self.n, 65536):
-            out[i : i + 65536] = fn(self._rows(slice(i, i + 65536)))
+        step = _pass_rows(self.dim)
+        for i in range(0, self.n, step):
+            out[i : i + step] = fn(self._rows(slice(i, i + step)))
         return InMemory(out, self.labels)
 
     def batches(self, batch_size, generator):
