@@ -3,8 +3,9 @@
 Memory stays bounded: the store is read a chunk of rows at a time and each chunk is searched in
 the store's index (exact ``flat`` up to 50k rows); only the pairs above the threshold are kept.
 Above that the index has inverted lists and the search is approximate: a near-duplicate lies in
-the query's own cell or the next, so :data:`DEDUP_NPROBE` cells are probed (not the nprobe tuned
-for top-10 search), and the recall of the pairs is measured against exact search on a sample.
+the query's own cell or the next, so each row is compared with the members of its
+:data:`DEDUP_NPROBE` nearest cells (not the nprobe tuned for top-10 search), cell by cell with
+matrix products, and the recall of the pairs is measured against exact search on a sample.
 Ctrl-C stops it within a chunk, with the groups among the rows searched so far.
 Groups are formed around keepers, largest file first (every member is above the threshold with
 its keeper; no chaining). Each group flags groups that span splits (the same image in train and
@@ -21,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ._device import default_memory_budget
 from ._io import write_text
 from .errors import StoreError
 from .gallery import dedup_html
@@ -51,11 +53,9 @@ def find_duplicates(
 ) -> dict[str, Any]:
     """Groups of near-duplicate rows of ``store`` (cosine similarity >= ``threshold``).
 
-    ``nprobe``: cells an inverted-list index probes (default :data:`DEDUP_NPROBE`, at most the
-    tuned value). ``pair_recall``: for an approximate index, the share of the pairs above the
-    threshold among :data:`RECALL_ROWS` random rows' exact top-``k`` that were found."""
-    from tqdm.auto import tqdm
-
+    ``nprobe``: cells each row probes in an inverted-list index (default :data:`DEDUP_NPROBE`).
+    ``pair_recall``: for an approximate index, the share of the pairs above the threshold among
+    :data:`RECALL_ROWS` random rows' exact top-``k`` that were found."""
     if not -1.0 <= threshold <= 1.0:
         raise StoreError(f"the threshold is a cosine similarity in [-1, 1], got {threshold}")
     t0 = time.perf_counter()
@@ -63,35 +63,14 @@ def find_duplicates(
     ix = index if index is not None else open_store_index(store, metric="cosine", progress=progress)
     if ix.metric != "cosine" or ix.store_rows is None:
         raise StoreError("dedup needs the store's cosine index (open_store_index)")
-    params = {}
-    if "nprobe" in ix.params:
-        params["nprobe"] = nprobe or min(int(ix.params["nprobe"]), DEDUP_NPROBE)
-    src, dst, sim = [], [], []
-    searched, complete = 0, True
-    bar = tqdm(total=n, desc="dedup", unit="img", disable=not progress, leave=False)
-    try:
-        for got, x in store.iter_chunks(chunk_rows):
-            kk = min(k, n)
-            todo = np.arange(len(got))
-            while len(todo):
-                scores, ids = ix.search(x[todo], kk, **params)
-                rows = np.where(ids >= 0, ix.store_rows[np.maximum(ids, 0)], -1)
-                hit = (scores >= threshold) & (rows >= 0) & (rows != got[todo][:, None])
-                qi, nj = np.nonzero(hit)
-                src.append(got[todo][qi])
-                dst.append(rows[qi, nj])
-                sim.append(scores[qi, nj])
-                # every neighbour above the threshold: there may be more, look further
-                full = (scores[:, -1] >= threshold) & (kk < n)
-                todo, kk = todo[full], min(kk * 4, n)
-            searched += len(got)
-            bar.update(len(got))
-    except KeyboardInterrupt:
-        complete = False
-    bar.close()
-    src_a = np.concatenate(src) if src else np.zeros(0, np.int64)
-    dst_a = np.concatenate(dst) if dst else np.zeros(0, np.int64)
-    sim_a = np.concatenate(sim) if sim else np.zeros(0, np.float32)
+    if "nlist" in ix.params:  # inverted lists: every cell against the rows that probe it
+        probes = min(nprobe or DEDUP_NPROBE, int(ix.params["nlist"]))
+        params = {"cells_probed": probes, "nlist": int(ix.params["nlist"])}
+        found, searched, complete = _cell_pairs(store, ix, threshold, probes, progress)
+    else:
+        params = {}
+        found, searched, complete = _search_pairs(store, ix, threshold, k, chunk_rows, progress)
+    src_a, dst_a, sim_a = found
     approximate = ix.kind != "flat"
     recall = (
         _pair_recall(store, src_a, dst_a, threshold, k)
@@ -118,6 +97,107 @@ def find_duplicates(
         "seconds": round(time.perf_counter() - t0, 3),
         "groups": groups,
     }
+
+
+def _search_pairs(store, ix, threshold: float, k: int, chunk_rows: int, progress: bool):
+    """Pairs above ``threshold`` by searching each row's neighbours in ``ix`` (exact for flat),
+    a chunk at a time: ((src, dst, sim), rows searched, complete)."""
+    from tqdm.auto import tqdm
+
+    n = len(store)
+    src, dst, sim = [], [], []
+    searched, complete = 0, True
+    bar = tqdm(total=n, desc="dedup", unit="img", disable=not progress, leave=False)
+    try:
+        for got, x in store.iter_chunks(chunk_rows):
+            kk = min(k, n)
+            todo = np.arange(len(got))
+            while len(todo):
+                scores, ids = ix.search(x[todo], kk)
+                rows = np.where(ids >= 0, ix.store_rows[np.maximum(ids, 0)], -1)
+                hit = (scores >= threshold) & (rows >= 0) & (rows != got[todo][:, None])
+                qi, nj = np.nonzero(hit)
+                src.append(got[todo][qi])
+                dst.append(rows[qi, nj])
+                sim.append(scores[qi, nj])
+                # every neighbour above the threshold: there may be more, look further
+                full = (scores[:, -1] >= threshold) & (kk < n)
+                todo, kk = todo[full], min(kk * 4, n)
+            searched += len(got)
+            bar.update(len(got))
+    except KeyboardInterrupt:
+        complete = False
+    bar.close()
+    return _pairs(src, dst, sim), searched, complete
+
+
+#: Rows of one side of a similarity block in :func:`_cell_pairs` (4096 x 4096 float32: 64 MiB).
+_BLOCK_ROWS = 4096
+
+
+def _cell_pairs(store, ix, threshold: float, probes: int, progress: bool):
+    """Pairs above ``threshold`` through an inverted-list index's cells: each row probes its
+    ``probes`` nearest cells (one pass of the store against the centroids), and each cell's
+    members are compared with every row probing it by matrix products, in blocks. The pairs a
+    faiss search with nprobe = ``probes`` would find, all of them (no top-k cut), at BLAS speed
+    instead of faiss's code-by-code scan (1M rows: ~8x faster). Vectors come from the store: held
+    in float16 when they fit the memory budget, else read a cell at a time.
+    ((src, dst, sim), rows of the cells searched, complete)."""
+    import faiss
+    from tqdm.auto import tqdm
+
+    n, dim = len(store), store.dim
+    quantizer = faiss.extract_index_ivf(ix.index).quantizer
+    nlist = int(quantizer.ntotal)
+    held = n * dim * 2 <= default_memory_budget()
+    feats = np.empty((n, dim), np.float16) if held else None
+    cells = np.empty((n, probes), np.int64)
+    src, dst, sim = [], [], []
+    searched, complete = 0, True
+    bar = tqdm(total=2 * n, desc="dedup (cells)", unit="img", disable=not progress, leave=False)
+    try:
+        for got, x in store.iter_chunks(65536, dtype=np.float16):
+            if feats is not None:
+                feats[got] = x
+            cells[got] = quantizer.search(l2_normalize(x), probes)[1]
+            bar.update(len(got))
+        own = cells[:, 0]
+        members = np.argsort(own, kind="stable")
+        m_at = np.searchsorted(own[members], np.arange(nlist + 1))
+        flat = cells.ravel()
+        probing = np.argsort(flat, kind="stable")
+        q_at = np.searchsorted(flat[probing], np.arange(nlist + 1))
+        for c in range(nlist):
+            m = members[m_at[c] : m_at[c + 1]]  # increasing: a stable sort of row order
+            q = np.sort(probing[q_at[c] : q_at[c + 1]] // probes)
+            if len(m) and len(q):
+                vq = l2_normalize(feats[q] if feats is not None else store.read_rows(q))
+                vm = vq[np.searchsorted(q, m)]  # every member probes its own cell
+                for i in range(0, len(q), _BLOCK_ROWS):
+                    for j in range(0, len(m), _BLOCK_ROWS):
+                        s = vq[i : i + _BLOCK_ROWS] @ vm[j : j + _BLOCK_ROWS].T
+                        qi, mj = np.nonzero(s >= threshold)
+                        a, b = q[i + qi], m[j + mj]
+                        keep = a != b
+                        src.append(a[keep])
+                        dst.append(b[keep])
+                        sim.append(s[qi, mj][keep])
+            searched += len(m)
+            bar.update(len(m))
+    except KeyboardInterrupt:
+        complete = False
+    bar.close()
+    return _pairs(src, dst, sim), searched, complete
+
+
+def _pairs(src: list, dst: list, sim: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pairs found, each once (the lower row first)."""
+    if not src:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    a, b, s = np.concatenate(src), np.concatenate(dst), np.concatenate(sim)
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    _, first = np.unique(lo * (int(hi.max()) + 1) + hi, return_index=True)
+    return lo[first], hi[first], s[first].astype(np.float32)
 
 
 def _pair_recall(
