@@ -192,7 +192,7 @@ def _cell_pairs(store, ix, threshold: float, probes: int, progress: bool):
 
 def _pairs(src: list, dst: list, sim: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The pairs found, each once (the lower row first)."""
-    if not src:
+    if not sum(len(x) for x in src):
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     a, b, s = np.concatenate(src), np.concatenate(dst), np.concatenate(sim)
     lo, hi = np.minimum(a, b), np.maximum(a, b)

@@ -264,3 +264,17 @@ def test_an_interrupted_knn_eval_keeps_the_rows_classified(tmp_path, monkeypatch
     total = len(store.labelled_rows(["val", "test"]))
     assert not rep["complete"] and 0 < rep["rows_evaluated"] < total
     assert rep["results"][0]["n"] == rep["rows_evaluated"]
+
+
+def test_a_store_and_its_up_to_date_index_open_without_decoding_the_paths(tmp_path):
+    from embedtl.cache import FeatureStore
+
+    store = _store(tmp_path, n_per_class=(500, 500))
+    open_store_index(store)
+    again = FeatureStore(store.path)
+    assert open_store_index(again).info["action"] == "up to date"
+    assert again.rows_of([store.path_at(700), "nope/x.png"]).tolist() == [700, -1]
+    assert again.path_at(700) == store.paths[700] and again.split_at(700) == store.splits[700]
+    assert again._rows._paths is None and again._rows._splits is None  # a bisect in the file
+    assert again.rows_of(list(store.paths[:3])).tolist() == [0, 1, 2]
+    assert len(again.paths) == len(again) and again.mask("val").sum() == len(store.indices("val"))

@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from .._h5 import h5_reason, read_strings
+from .._h5 import h5_reason
 from ..backbones import FORMAT_VERSION, BackboneSpec
 from ..errors import StoreError
+from ._rows import SPLITS, Rows, file_identity
 from ._schema import FORMAT_NAME, JSON_ATTRS, StoreRows, rebuild_advice
 
 __all__ = ["FeatureStore"]
@@ -32,10 +33,12 @@ __all__ = ["FeatureStore"]
 class FeatureStore:
     """Read access to one feature store file. Use :func:`embedtl.open_store` to get one.
 
-    Row metadata (paths, labels, splits) is read once; features are read on demand, whole or in
-    chunks, from the file as it was when the rows were read: the store holds it open (read-only)
-    until :meth:`close`, garbage collection or the end of a ``with`` block, so a writer that
-    replaces the file meanwhile cannot mix its rows into this store's.
+    Row metadata is read once: labels, sizes and mtimes on opening, the string columns (paths,
+    splits, content hashes, failures) when first used (at a million rows each takes ~0.5-1 s to
+    decode, and a search by one image needs none of them whole). Features are read on demand,
+    whole or in chunks. Everything comes from the file as it was when it was opened: the store
+    holds it open (read-only) until :meth:`close`, garbage collection or the end of a ``with``
+    block, so a writer that replaces the file meanwhile cannot mix its rows into this store's.
 
     A file that is not a readable store of this format is refused with a :class:`StoreError`
     naming the file and what to do.
@@ -57,7 +60,7 @@ class FeatureStore:
             ) from None
         try:
             self._attrs = _read_attrs(f, self.path)
-            self._rows = _read_rows(f, self.path)
+            self._rows = Rows(f, self.path)
             feats = f["features"]
             self._shape = tuple(feats.shape)
             self._h5dtype = feats.dtype
@@ -72,11 +75,12 @@ class FeatureStore:
                             "missing: put it back, or run `embedtl extract` on the "
                             "folder to rebuild the store"
                         )
-            if self._shape[0] != len(self._rows.paths):
+            if self._shape[0] != self._rows.n:
                 raise StoreError(
                     f"{self.path}: /features has {self._shape[0]} rows but /paths "
-                    f"has {len(self._rows.paths)}: {self._advice}"
+                    f"has {self._rows.n}: {self._advice}"
                 )
+            self._identity = file_identity(f, self.path)
         except StoreError:
             f.close()
             raise
@@ -216,17 +220,36 @@ class FeatureStore:
         return list(zip(self._rows.failed_paths, self._rows.failed_errors, strict=True))
 
     def rows(self) -> StoreRows:
-        return self._rows
+        return self._rows.whole()
+
+    @property
+    def identity(self) -> dict[str, int]:
+        """The opened file's inode, size and mtime: a store is only ever replaced whole, so an
+        equal identity means the same rows (a cheap up-to-date check for what is built on it)."""
+        return dict(self._identity)
+
+    def path_at(self, row: int) -> str:
+        """The path of one row (read alone while the paths are not loaded)."""
+        return self._rows.path_at(int(row))
+
+    def split_at(self, row: int) -> str:
+        """The split of one row (read alone while the splits are not loaded)."""
+        return self._rows.split_at(int(row))
+
+    def rows_of(self, rel_paths: Sequence[str]) -> np.ndarray:
+        """The row of each relative path, -1 where the store has none: a binary search of the
+        sorted paths (in the file, element by element, while they are not loaded)."""
+        return self._rows.rows_of(list(rel_paths))
 
     def mask(self, split: str | Sequence[str] | None = None) -> np.ndarray:
         """Boolean row mask for one split, several, or all (None)."""
         if split is None:
             return np.ones(len(self), dtype=bool)
         wanted = [split] if isinstance(split, str) else list(split)
-        bad = [s for s in wanted if s not in ("train", "val", "test")]
+        bad = [s for s in wanted if s not in SPLITS]
         if bad:
             raise StoreError(f"unknown split {bad[0]!r}; expected train, val or test")
-        return np.isin(self.splits.astype(str), wanted)
+        return np.isin(self._rows.split_codes(), [SPLITS.index(w) for w in wanted])
 
     def indices(self, split: str | Sequence[str] | None = None) -> np.ndarray:
         return np.flatnonzero(self.mask(split))
@@ -324,7 +347,7 @@ class FeatureStore:
             "splits": per_split,
             "per_class": per_class,
             "unlabelled": int((labs < 0).sum()),
-            "failed": len(self._rows.failed_paths),
+            "failed": self._rows.n_failed,
             "created": self._attrs.get("created"),
             "updated": self._attrs.get("updated"),
             "bytes": self.path.stat().st_size,
@@ -371,38 +394,3 @@ def _read_attrs(f, path: Path) -> dict[str, Any]:
     if "classes" not in attrs:
         attrs["classes"] = []
     return attrs
-
-
-def _read_str(f, key: str, path: Path) -> np.ndarray:
-    try:
-        ds = f[key]
-    except KeyError:
-        raise StoreError(f"{path}: missing dataset /{key}: {rebuild_advice(path)}") from None
-    return read_strings(ds)
-
-
-def _read_num(f, key: str, path: Path, dtype) -> np.ndarray:
-    try:
-        return np.asarray(f[key][()], dtype=dtype)
-    except KeyError:
-        raise StoreError(f"{path}: missing dataset /{key}: {rebuild_advice(path)}") from None
-
-
-def _read_rows(f, path: Path) -> StoreRows:
-    has_failed = "failed" in f
-    return StoreRows(
-        paths=_read_str(f, "paths", path),
-        labels=_read_num(f, "labels", path, np.int32),
-        splits=_read_str(f, "splits", path),
-        sizes=_read_num(f, "sizes", path, np.int64),
-        mtimes_ns=_read_num(f, "mtimes_ns", path, np.int64),
-        failed_paths=list(_read_str(f, "failed/paths", path)) if has_failed else [],
-        failed_errors=list(_read_str(f, "failed/errors", path)) if has_failed else [],
-        failed_sizes=_read_num(f, "failed/sizes", path, np.int64)
-        if has_failed and "sizes" in f["failed"]
-        else np.zeros(0, np.int64),
-        failed_mtimes_ns=_read_num(f, "failed/mtimes_ns", path, np.int64)
-        if has_failed and "mtimes_ns" in f["failed"]
-        else np.zeros(0, np.int64),
-        hashes=np.asarray(f["hashes"][()].astype(str), dtype=object) if "hashes" in f else None,
-    )

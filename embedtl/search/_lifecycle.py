@@ -245,6 +245,7 @@ def rows_digest(store) -> str:
 def _store_meta(store, target_recall: float) -> dict[str, Any]:
     return {
         "store": str(store.path),
+        "store_file": store.identity,
         "rows_digest": rows_digest(store),
         "fingerprint": store.fingerprint,
         "store_dtype": store.dtype,
@@ -365,9 +366,14 @@ def open_store_index(
         return build(f"uses the {meta.get('metric')} metric, {metric} was asked for")
     current = (
         saved_rows is not None
+        and len(saved_rows) == len(store)
         and meta.get("fingerprint") == store.fingerprint
         and (meta.get("store_dtype"), meta.get("dim")) == (store.dtype, store.dim)
-        and meta.get("rows_digest") == rows_digest(store)
+        # the same store file (a store is only ever replaced whole), else the same rows
+        and (
+            meta.get("store_file") == store.identity
+            or meta.get("rows_digest") == rows_digest(store)
+        )
     )
     try:  # up to date: memory-mapped, nothing read but what a search probes
         ix, meta = VectorIndex.load(path, mmap=current, rows=not current)

@@ -15,7 +15,6 @@ from ..data import image_files
 from ..engine import EngineOptions, embed_files
 from ..errors import DataError, StaleIndexError, StoreError
 from ..index import VectorIndex
-from ._lifecycle import rows_by_path
 
 __all__ = [
     "Neighbors",
@@ -31,9 +30,9 @@ def row_record(store, row: int) -> dict[str, Any]:
     """A store row as results show it: absolute path, class name (None if unlabelled), split."""
     lab = int(store.labels[row])
     return {
-        "path": str(store.root / store.paths[row]),
+        "path": str(store.root / store.path_at(row)),
         "label": store.classes[lab] if lab >= 0 else None,
-        "split": str(store.splits[row]),
+        "split": store.split_at(row),
         "row": int(row),
     }
 
@@ -115,15 +114,17 @@ def store_rows_of_files(store, files: Sequence[str | os.PathLike[str]]) -> np.nd
     """The store row of each file when it is an image of the store, unchanged since extraction
     (same path under the store's root, size and mtime); -1 otherwise."""
     root = store.root.resolve()
-    where = rows_by_path(store)
     out = np.full(len(files), -1, np.int64)
+    inside: list[tuple[int, Path, str]] = []
     for i, f in enumerate(files):
         p = Path(f).resolve()
         try:
-            rel = p.relative_to(root).as_posix()
+            inside.append((i, p, p.relative_to(root).as_posix()))
         except ValueError:
             continue
-        r = where.get(rel, -1)
+    if not inside:
+        return out
+    for (i, p, _), r in zip(inside, store.rows_of([rel for *_, rel in inside]), strict=True):
         if r >= 0:
             st = p.stat()
             if st.st_size == store.sizes[r] and st.st_mtime_ns == store.mtimes_ns[r]:
