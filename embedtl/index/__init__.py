@@ -9,6 +9,7 @@ vectors. faiss is imported by the functions that use it.
 from ._plan import EXACT_MAX_ROWS, INDEX_KINDS, IndexPlan, kmeans, plan_index
 from ._vector import (
     DEFAULT_TARGET_RECALL,
+    KMEANS_ITERATIONS,
     METRICS,
     IndexRows,
     VectorIndex,
@@ -24,6 +25,7 @@ __all__ = [
     "DEFAULT_TARGET_RECALL",
     "EXACT_MAX_ROWS",
     "INDEX_KINDS",
+    "KMEANS_ITERATIONS",
     "METRICS",
     "IndexPlan",
     "IndexRows",

@@ -31,6 +31,7 @@ from ._plan import CODES, HNSW_M, IndexPlan, kmeans, plan_index
 
 __all__ = [
     "DEFAULT_TARGET_RECALL",
+    "KMEANS_ITERATIONS",
     "METRICS",
     "IndexRows",
     "VectorIndex",
@@ -51,7 +52,7 @@ DEFAULT_TARGET_RECALL = 0.95
 _HNSW_EF_CONSTRUCTION = 40
 #: k-means for the inverted lists: 10 iterations on 40 points per list (faiss wants >= 39); the
 #: tuned nprobe absorbs the difference from faiss's default 25 iterations.
-_KMEANS_ITERATIONS = 10
+KMEANS_ITERATIONS = 10
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -126,7 +127,7 @@ class VectorIndex:
         if plan.kind == "hnsw":
             faiss.downcast_index(index).hnsw.efConstruction = _HNSW_EF_CONSTRUCTION
         if plan.nlist:
-            faiss.extract_index_ivf(index).cp.niter = _KMEANS_ITERATIONS
+            faiss.extract_index_ivf(index).cp.niter = KMEANS_ITERATIONS
         params = {"nlist": plan.nlist, "nprobe": 1} if plan.nlist else {}
         if plan.kind == "hnsw":
             params = {"M": HNSW_M, "efSearch": 16}
@@ -163,13 +164,13 @@ class VectorIndex:
     def train(self, sample: np.ndarray, bar=None) -> None:
         """Train the coarse quantiser / scalar quantiser on a sample (no-op for flat and hnsw).
         Inverted lists get their cells from :func:`kmeans` here, one iteration at a time
-        (``bar``: a tqdm bar advanced once per iteration; total ``_KMEANS_ITERATIONS + 1``)."""
+        (``bar``: a tqdm bar advanced once per iteration; total ``KMEANS_ITERATIONS + 1``)."""
         if self.index.is_trained:
             return
         x = self.prepare(sample)
         if "nlist" in self.params:
             ivf = _extract_ivf(self.index)
-            centroids = kmeans(x, ivf.nlist, _KMEANS_ITERATIONS, self.metric == "cosine", bar=bar)
+            centroids = kmeans(x, ivf.nlist, KMEANS_ITERATIONS, self.metric == "cosine", bar=bar)
             ivf.quantizer.add(centroids)  # trained quantiser: index.train only fits the codes
         self.index.train(x)
         if bar is not None:

@@ -2,9 +2,10 @@
 kept up to date, or rebuilt when stale.
 
 A store's index records the store's backbone fingerprint, its rows (path, size, mtime) in
-index order and a digest of the store's rows. :func:`open_store_index` reads only that metadata
-to tell an index up to date (the digest matches: the faiss file is then opened memory-mapped,
-not read); otherwise it compares the rows with the store: rows only added are appended
+index order, the store file's identity and a digest of the store's rows. :func:`open_store_index`
+reads only that metadata to tell an index up to date (the same store file, or the same rows: the
+faiss file is then opened memory-mapped, not read); otherwise it compares the rows with the
+store: rows only added are appended
 to the index; rows removed or changed, or another backbone, make it stale, and it is rebuilt (or
 refused with ``update=False``). The index type is chosen from the store's size and memory (exact
 ``flat`` for small stores, ``ivffp16``, ``ivfsq8`` when float16 vectors would not fit) or named; the
@@ -28,6 +29,7 @@ from .._dist import process_group, shard_bounds, torchrun_rank
 from ..errors import StaleIndexError, StoreError
 from ..index import (
     DEFAULT_TARGET_RECALL,
+    KMEANS_ITERATIONS,
     IndexRows,
     VectorIndex,
     l2_normalize,
@@ -52,7 +54,7 @@ _TUNE_QUERIES = 256
 _TUNE_K = 10
 #: k-means for the inverted lists trains on this many points per list (faiss wants >= 39).
 _TRAIN_PER_LIST = 40
-_KMEANS_STEPS = 11  # the iterations of index._vector, and fitting the codes
+_KMEANS_STEPS = KMEANS_ITERATIONS + 1  # and fitting the codes
 
 
 def index_path(store) -> Path:
