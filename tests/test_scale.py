@@ -16,7 +16,7 @@ from conftest import synthetic_store
 from embedtl.cache import gc_cache
 from embedtl.dedup import find_duplicates
 from embedtl.heads import PATIENCE_ROWS, HeadConfig, StoreFeatures, fit_head, patience_epochs
-from embedtl.index import faiss_path, kmeans
+from embedtl.index import VectorIndex, faiss_path, kmeans
 from embedtl.search import build_store_index, evaluate_knn, index_path, open_store_index
 
 
@@ -278,3 +278,41 @@ def test_a_store_and_its_up_to_date_index_open_without_decoding_the_paths(tmp_pa
     assert again._rows._paths is None and again._rows._splits is None  # a bisect in the file
     assert again.rows_of(list(store.paths[:3])).tolist() == [0, 1, 2]
     assert len(again.paths) == len(again) and again.mask("val").sum() == len(store.indices("val"))
+
+
+@pytest.mark.parametrize("command", ["dedup", "knn-eval"])
+def test_an_interrupted_command_emits_its_partial_result_and_exits_130(
+    tmp_path, monkeypatch, command
+):
+    import json
+
+    from click.testing import CliRunner
+
+    import embedtl.neighbors as nb
+    from embedtl.cli import main
+
+    store = _store(tmp_path, n_per_class=(1500, 1500), dim=16)  # dedup: 3 chunks of 1024 rows
+    calls = []
+
+    def interrupt_second(real):
+        def fn(*a, **k):
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return real(*a, **k)
+
+        return fn
+
+    if command == "dedup":
+        monkeypatch.setattr(VectorIndex, "search", interrupt_second(VectorIndex.search))
+        extra = ["--out", str(tmp_path / "dups")]
+    else:
+        monkeypatch.setattr(nb, "knn_predict", interrupt_second(nb.knn_predict))
+        extra = []
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, [command, str(store.path), *extra, "--json"])
+    assert r.exit_code == 130, r.output
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["complete"] is False and "interrupted" in r.stderr
+    if command == "dedup":
+        assert json.loads((tmp_path / "dups" / "duplicates.json").read_text())["complete"] is False
