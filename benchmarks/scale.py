@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -167,9 +168,14 @@ def run(argv: list[str], env: dict[str, str], timeout: float) -> dict:
         # through a small launcher: a child forked from this process would count its copy of
         # this process's memory (the pool, torch) in its own ru_maxrss until it execs
         p = subprocess.Popen(
-            [sys.executable, "-c", _LAUNCH, *argv], stdout=out, stderr=err, env=env, text=True
+            [sys.executable, "-c", _LAUNCH, *argv],
+            stdout=out,
+            stderr=err,
+            env=env,
+            text=True,
+            start_new_session=True,  # a timeout kills the launcher and the command together
         )
-        timer = threading.Timer(timeout, p.kill)
+        timer = threading.Timer(timeout, lambda: os.killpg(p.pid, signal.SIGKILL))
         timer.start()
         p.wait()
         wall = time.perf_counter() - t0

@@ -189,7 +189,9 @@ class StoreFeatures:
         self._all = _load(store, progress) if self.in_memory else None  # (N, D) stored dtype
         self._tensor = torch.from_numpy(self._all) if self._all is not None else None
         self.planned_bytes = (
-            len(store) * self.row_bytes if self.in_memory else self.block_rows * 4 * store.dim
+            len(store) * self.row_bytes
+            if self.in_memory
+            else self.block_rows * (self.row_bytes + 4 * store.dim)
         )
 
     def read(self, rows: np.ndarray) -> np.ndarray:

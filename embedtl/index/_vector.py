@@ -169,7 +169,9 @@ class VectorIndex:
             return
         x = self.prepare(sample)
         if "nlist" in self.params:
-            ivf = _extract_ivf(self.index)
+            import faiss
+
+            ivf = faiss.extract_index_ivf(self.index)
             centroids = kmeans(x, ivf.nlist, KMEANS_ITERATIONS, self.metric == "cosine", bar=bar)
             ivf.quantizer.add(centroids)  # trained quantiser: index.train only fits the codes
         self.index.train(x)
@@ -394,12 +396,6 @@ def read_index_meta(
     except (OSError, KeyError, ValueError) as e:
         raise StoreError(f"cannot read index {path}: {h5_reason(e)}") from e
     return meta, got, store_rows
-
-
-def _extract_ivf(index):
-    import faiss
-
-    return faiss.extract_index_ivf(index)
 
 
 def _faiss_reason(e: BaseException) -> str:
