@@ -48,9 +48,11 @@ from .errors import (
     FineTuneError,
     HeadError,
     ImageDecodeError,
+    NotFoundError,
     StaleIndexError,
     StoreError,
     StoreLockedError,
+    UploadTooLargeError,
     WeightsNotFoundError,
 )
 
@@ -113,9 +115,11 @@ __all__ = [
     "Manifest",
     "Preprocess",
     "SplitConfig",
+    "NotFoundError",
     "StaleIndexError",
     "StoreError",
     "StoreLockedError",
+    "UploadTooLargeError",
     "WeightsNotFoundError",
     "__version__",
     "bench_heads",

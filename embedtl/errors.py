@@ -60,3 +60,11 @@ class ExportError(EmbedTLError):
 
 class StaleIndexError(EmbedTLError):
     """A saved index does not describe its store any more (and may not be updated)."""
+
+
+class NotFoundError(EmbedTLError):
+    """A store, store row, head or page that a request names is not one of those opened."""
+
+
+class UploadTooLargeError(DataError):
+    """A request's body is over the server's upload cap."""

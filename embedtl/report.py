@@ -106,6 +106,7 @@ class Evaluation:
     proba: np.ndarray
     split: str = "test"
     paths: Sequence[str] | None = None
+    rows: np.ndarray | None = None  # the store row of each, when evaluated on a store
 
     @property
     def y_pred(self) -> np.ndarray:

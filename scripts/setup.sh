@@ -8,7 +8,7 @@ dev=0
 [ "${1:-}" = "--dev" ] && dev=1
 
 apt_pkgs=(tuxpaint-stamps-default)            # the demo data
-[ "$dev" = 1 ] && apt_pkgs+=(dataset-fashion-mnist)   # test and benchmark data
+[ "$dev" = 1 ] && apt_pkgs+=(dataset-fashion-mnist chromium)   # test and benchmark data, the browser tests
 
 missing=()
 for p in "${apt_pkgs[@]}"; do

@@ -29,6 +29,7 @@ _COMMANDS = {
     "datasets": (".datasets", "datasets_group"),
     "cache": (".cache", "cache_group"),
     "demo": (".demo", "demo_cmd"),
+    "serve": (".serve", "serve_cmd"),
 }
 
 
@@ -59,6 +60,7 @@ def main(verbose: int) -> None:
       embedtl fine-tune DATA_DIR --head HEAD   unfreeze the last block(s), train, re-extract
       embedtl predict HEAD IMAGE...   backbone + head on new images
       embedtl search DATA_DIR -q IMG  the most similar images (dedup: near-duplicates)
+      embedtl serve DATA_DIR --head HEAD   search and check heads in a browser
       embedtl cache info DATA_DIR     what is cached
       embedtl demo                    the whole pipeline on packaged demo data
     """

@@ -48,6 +48,7 @@ _AFTER_INTERRUPT = {
     "extract": "an extraction resumes where it stopped: run it again",
     "demo": "its extraction resumes where it stopped: run it again",
     "fine-tune": "run it again: it resumes from its last epoch's checkpoint",
+    "serve": "stopped while opening its sources; an extraction resumes: run it again",
 }
 
 

@@ -22,6 +22,7 @@ How the model runs is one frozen :class:`EngineOptions` record.
 from .._device import resolve_device
 from .._dist import torchrun_rank
 from ._distributed import extract_distributed
+from ._embedder import Embedder
 from ._extract import Embedded, ExtractStats, embed_files, extract, open_source
 from ._loader import Batch, ImageDataset, Item, collate, make_loader
 from ._options import CUDA_BATCH, EngineOptions, default_batch_size, default_workers
@@ -30,6 +31,7 @@ __all__ = [
     "CUDA_BATCH",
     "Batch",
     "Embedded",
+    "Embedder",
     "EngineOptions",
     "ExtractStats",
     "ImageDataset",

@@ -64,7 +64,8 @@ def evaluate_split(
     rows, y = rows[y >= 0], y[y >= 0]
     parts = [head.predict_proba(x) for x in data.iter_read(rows)]
     proba = np.concatenate(parts) if parts else np.zeros((0, len(head.classes)), np.float32)
-    return Evaluation(head.classes, y, proba, split=split, paths=store.paths[rows].tolist())
+    paths = store.paths[rows].tolist()
+    return Evaluation(head.classes, y, proba, split=split, paths=paths, rows=rows)
 
 
 def fit_head(

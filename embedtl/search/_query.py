@@ -71,8 +71,10 @@ def search_store(
     query_rows: np.ndarray | None = None,
     exclude_self: bool = False,
     names: Sequence[str] | None = None,
+    label: str | Sequence[str] | None = None,
 ) -> Neighbors:
-    """The ``k`` nearest store rows of each query vector, from ``split`` only if given.
+    """The ``k`` nearest store rows of each query vector, from ``split`` and of class ``label``
+    only if given.
 
     ``query_rows``: the store row each query is (-1: none); with ``exclude_self`` a query's own row
     is never returned. ``index`` must come from :func:`open_store_index` for this store.
@@ -88,6 +90,10 @@ def search_store(
     allowed = None
     if split is not None:
         allowed = store.mask(split)[store_rows]
+    if label is not None:
+        wanted = _class_codes(store, [label] if isinstance(label, str) else list(label))
+        of_label = np.isin(store.labels[store_rows], wanted)
+        allowed = of_label if allowed is None else allowed & of_label
     extra = int(exclude_self and (qr >= 0).any())
     scores, ids = index.search(queries, k + extra, allowed=allowed)
     rows = np.where(ids >= 0, store_rows[np.maximum(ids, 0)], -1)
@@ -108,6 +114,15 @@ def search_store(
         else [f"row {r}" if r >= 0 else f"query {i}" for i, r in enumerate(qr)]
     )
     return Neighbors(names, qr, rows, scores, index.metric)
+
+
+def _class_codes(store, labels: list[str]) -> np.ndarray:
+    pos = {c: i for i, c in enumerate(store.classes)}
+    unknown = [x for x in labels if x not in pos]
+    if unknown:
+        known = ", ".join(store.classes[:20]) or "none: the store is unlabelled"
+        raise DataError(f"no class {unknown[0]!r} in {store.path} (classes: {known})")
+    return np.array([pos[x] for x in labels], np.int64)
 
 
 def store_rows_of_files(store, files: Sequence[str | os.PathLike[str]]) -> np.ndarray:

@@ -1,0 +1,176 @@
+"""`embedtl serve`: open stores and heads once, then answer pages and API requests."""
+
+from __future__ import annotations
+
+import click
+
+from ._base import (
+    _apply,
+    backbone_options,
+    emit,
+    engine_options,
+    json_option,
+    progress_option,
+    source_args,
+    split_options,
+    want_progress,
+)
+from .search import index_options
+
+
+def _serve_options(f):
+    return _apply(
+        f,
+        [
+            click.option(
+                "--head",
+                "heads",
+                multiple=True,
+                type=click.Path(exists=True),
+                help="Head artifact to predict with and to show (repeatable).",
+            ),
+            click.option(
+                "--host", default="127.0.0.1", show_default=True, help="Address to listen on."
+            ),
+            click.option(
+                "--port",
+                type=click.IntRange(0, 65535),
+                default=8765,
+                show_default=True,
+                help="Port (0: a free one, printed).",
+            ),
+            click.option(
+                "--token",
+                envvar="EMBEDTL_TOKEN",
+                default=None,
+                help="Secret every request must carry (header X-Embedtl-Token; the page asks "
+                "for it once) [env: EMBEDTL_TOKEN]; needed beyond loopback.",
+            ),
+            click.option(
+                "--insecure",
+                is_flag=True,
+                help="Listen beyond loopback without a token: anyone who reaches the port can "
+                "search and see the images.",
+            ),
+            click.option(
+                "--allow-host",
+                "allow_hosts",
+                multiple=True,
+                help="Another Host header name to answer (a proxy's, a DNS name); repeatable.",
+            ),
+            click.option(
+                "--max-upload-mb",
+                type=click.FloatRange(min=0.01),
+                default=20.0,
+                show_default=True,
+                help="Largest request body accepted.",
+            ),
+            click.option(
+                "--max-batch",
+                type=click.IntRange(min=1),
+                default=32,
+                show_default=True,
+                help="Most uploads embedded in one forward pass.",
+            ),
+            click.option(
+                "--batch-wait-ms",
+                type=click.FloatRange(min=0),
+                default=2.0,
+                show_default=True,
+                help="How long a forward pass waits for more uploads to join it.",
+            ),
+        ],
+    )
+
+
+@click.command("serve")
+@click.argument("sources", metavar="[DATA_DIR|STORE]...", nargs=-1, type=click.Path(exists=True))
+@_serve_options
+@index_options
+@backbone_options
+@engine_options
+@split_options
+@progress_option
+@json_option
+def serve_cmd(
+    sources: tuple[str, ...],
+    heads: tuple[str, ...],
+    host: str,
+    port: int,
+    token: str | None,
+    insecure: bool,
+    allow_hosts: tuple[str, ...],
+    max_upload_mb: float,
+    max_batch: int,
+    batch_wait_ms: float,
+    as_json: bool,
+    progress: bool | None,
+    **kw,
+) -> None:
+    """Serve DATA_DIRs and STOREs (and --head HEADs) as a local web app and JSON API.
+
+    On start it does what `search` does (a folder is extracted on a miss, its index built or
+    brought up to date), opens the heads and keeps the models warm; then it answers: / (search
+    by an uploaded or clicked image), /stores/ID (classes, failed files, images), /heads/ID
+    (metrics, confusion matrix, mistakes, unsure images), /stores/ID/duplicates, and the API
+    under /api (schema: /openapi.json). It listens on 127.0.0.1 unless told otherwise, and
+    never writes while serving. Ctrl-C or SIGTERM stops it.
+    """
+    from ..serve import ServeConfig, check_exposure, create_app, open_catalog, require, run_server
+
+    require()
+    config = ServeConfig(
+        host=host,
+        port=port,
+        token=token or None,
+        insecure=insecure,
+        max_upload_bytes=int(max_upload_mb * 1e6),
+        allowed_hosts=allow_hosts,
+    )
+    check_exposure(config)  # before minutes of extraction, not after
+    if not sources and not heads:
+        raise click.UsageError("give at least one DATA_DIR, STORE or --head HEAD to serve")
+    index_args = {
+        "kind": kw.pop("index_type"),
+        "target_recall": kw.pop("target_recall"),
+        "path": kw.pop("index_file"),
+        "update": not kw.pop("no_update"),
+    }
+    args = source_args(kw)
+    catalog = open_catalog(
+        sources,
+        heads,
+        backbone=args.backbone,
+        options=args.options,
+        extract_args=args.extract,
+        index_args=index_args,
+        max_batch=max_batch,
+        max_wait=batch_wait_ms / 1000,
+        progress=want_progress(progress),
+    )
+
+    def ready(url: str) -> None:  # the address, once it listens (--json: as one line)
+        def human() -> None:
+            for e in catalog.stores:
+                click.echo(f"store     {e.name}: {len(e.store)} rows, index {e.index.kind}")
+            for h in catalog.heads:
+                click.echo(f"head      {h.name}: {h.info.kind}, on {h.runtime}")
+            click.echo(f"serving   {url}  (Ctrl-C stops)")
+
+        payload = {
+            "url": url,
+            "stores": [
+                {"id": e.id, "name": e.name, "store": str(e.store.path)} for e in catalog.stores
+            ],
+            "heads": [
+                {"id": h.id, "name": h.name, "head": str(h.info.folder)} for h in catalog.heads
+            ],
+        }
+        emit(as_json, payload, human)
+
+    try:
+        stopped = run_server(create_app(catalog, config), config, ready)
+    finally:
+        catalog.close()
+    if not as_json:
+        click.echo(f"stopped{f' ({stopped})' if stopped else ''}: nothing was written", err=True)

@@ -1,0 +1,73 @@
+"""A warm model for images that arrive one at a time (a server's uploads): the engine's runtime,
+built once, and the weights' preprocessing, with images as bytes in and rows out."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..backbones import BackboneSpec, get_backbone
+from ..data import ImageTransform, decode_image
+from ..runtime import AUTO_ONNX_MIN_IMAGES, OnnxModel
+from ._options import EngineOptions
+from ._stream import _engine
+
+__all__ = ["Embedder"]
+
+
+class Embedder:
+    """The backbone ``spec`` (or the ONNX model ``onnx``, e.g. backbone + head) on the engine
+    ``options``, kept warm: :meth:`decode` turns image bytes into the model's uint8 input and
+    calls it a batch at a time. The runtime is chosen as for a large extraction (``auto``:
+    ONNX Runtime on the CPU, PyTorch with autocast on CUDA). Calls are serialised: the
+    runtime runs one batch at a time, with all the cores."""
+
+    def __init__(
+        self,
+        spec: str | BackboneSpec,
+        options: EngineOptions | None = None,
+        *,
+        onnx: OnnxModel | None = None,
+        **settings: Any,
+    ) -> None:
+        opts = EngineOptions.of(options, **settings)
+        self.spec = get_backbone(spec, image_size=opts.image_size)
+        self.stages: dict[str, float] = {}
+        self._engine = _engine(self.spec, opts, AUTO_ONNX_MIN_IMAGES, onnx, self.stages)
+        self.transform = ImageTransform(self.spec.preprocess)
+        self._lock = threading.Lock()
+
+    @property
+    def runtime(self) -> str:
+        return self._engine.runtime
+
+    @property
+    def device(self) -> str:
+        return self._engine.device
+
+    @property
+    def batch_size(self) -> int:
+        """The engine's batch for this device and runtime (a bound for callers that batch)."""
+        return self._engine.batch_size
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """Image bytes -> uint8 (3, crop, crop): decoded, resized and cropped as in extraction.
+        Raises :class:`~embedtl.errors.ImageDecodeError` for anything that is not an image."""
+        return self.transform(decode_image(data, self.transform.draft_size))
+
+    def __call__(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """The model's output (B, D) float32 for decoded images (:meth:`decode`), one pass."""
+        x = np.stack(images)
+        t0 = time.perf_counter()
+        with self._lock:
+            out, _ = self._engine.model.submit(x).result()
+        self.stages["model"] = self.stages.get("model", 0.0) + time.perf_counter() - t0
+        return np.asarray(out, np.float32)
+
+    def summary(self) -> dict[str, Any]:
+        """How the model runs (runtime, device, precision, ...), as extraction records it."""
+        return {**self._engine.summary(), "reason": self._engine.final_reason()}
