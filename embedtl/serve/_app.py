@@ -118,6 +118,8 @@ def create_app(catalog: Catalog, config: ServeConfig | None = None):
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
+        if isinstance(exc.__cause__, EmbedTLError):  # raised while the body was parsed
+            return respond(request, *_error(exc.__cause__))
         msg = exc.detail if isinstance(exc.detail, str) else "error"
         if exc.status_code == 404:
             msg = f"not found: {request.url.path[:200]}"

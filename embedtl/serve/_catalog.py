@@ -239,8 +239,8 @@ class Catalog:
             raise NotFoundError(
                 f"head {head.name!r} has no evaluation: no store of its backbone is open"
             )
-        if split is None:
-            split = "test" if "test" in head.evaluations else next(iter(head.evaluations))
+        if split is None:  # the held-out split: test, else val; train only when alone
+            split = next(s for s in ("test", "val", "train") if s in head.evaluations)
         if split not in head.evaluations:
             raise NotFoundError(f"head {head.name!r} has no labelled {split} rows to show")
         return split, head.evaluations[split]
