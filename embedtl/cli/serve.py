@@ -172,5 +172,4 @@ def serve_cmd(
         stopped = run_server(create_app(catalog, config), config, ready)
     finally:
         catalog.close()
-    if not as_json:
-        click.echo(f"stopped{f' ({stopped})' if stopped else ''}: nothing was written", err=True)
+    click.echo(f"stopped{f' ({stopped})' if stopped else ''}: nothing was written", err=True)
