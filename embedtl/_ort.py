@@ -48,12 +48,12 @@ class OnnxRuntime:
     compiled = False
     max_batch = None
 
-    def __init__(self, model: OnnxModel) -> None:
+    def __init__(self, model: OnnxModel, spinning: bool = True) -> None:
         self.notes: list[str] = []
         path = model.path
         if path.is_file():
             try:
-                self.session = _session(path)
+                self.session = _session(path, spinning)
             except Exception as e:  # a damaged cache file: it is derived data, make it again
                 log.warning(
                     "the cached ONNX export %s is unreadable (%s): exporting again",
@@ -67,7 +67,7 @@ class OnnxRuntime:
             t_export = time.perf_counter()
             model.export(path)
             self.export_seconds = time.perf_counter() - t_export
-            self.session = _session(path)
+            self.session = _session(path, spinning)
         self.input_name = self.session.get_inputs()[0].name
         #: the export's check against PyTorch on a seeded batch (max_abs_diff, min_cosine, batch)
         self.parity = _read_parity(path)
@@ -89,10 +89,11 @@ class OnnxRuntime:
         pass
 
 
-def _session(path: Path):
+def _session(path: Path, spinning: bool = True):
     """An ONNX Runtime CPU session of the model at ``path``. Its threads: OMP_NUM_THREADS when
     set (torchrun sets 1 per rank), else ONNX Runtime's own choice (the physical cores, as
-    PyTorch's)."""
+    PyTorch's). ``spinning=False``: idle threads sleep instead of spinning, for a process
+    whose other threads need the cores between runs (a server decoding uploads)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -101,6 +102,8 @@ def _session(path: Path):
         opts.intra_op_num_threads = int(threads)
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 

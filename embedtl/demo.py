@@ -6,6 +6,7 @@ and fine-tune the backbone's last block with the head (re-extracting into a new 
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ class DemoResult:
     search_html: Path
     search_png: Path
     fine_tune: FineTuneResult | None
+    serve: str = ""  # the `embedtl serve` command line that opens these results in a browser
 
     @property
     def confusion_png(self) -> Path:
@@ -89,6 +91,7 @@ class DemoResult:
             "search_png": str(self.search_png),
             "search": self.search,
             "fine_tune": self.fine_tune.to_dict() if self.fine_tune is not None else None,
+            "serve": self.serve,
         }
 
 
@@ -157,4 +160,8 @@ def run_demo(
         search_html=page,
         search_png=grid,
         fine_tune=ft,
+        serve=shlex.join(
+            ["embedtl", "serve", str(data_dir), "--head", str(head_dir)]
+            + (["--cache-dir", str(opts.cache_dir)] if opts.cache_dir else [])
+        ),
     )

@@ -400,11 +400,13 @@ def load_runtime(
     allow_download: bool | None,
     precision: str = "auto",
     compile: bool = False,
+    spinning: bool = True,
 ) -> tuple[TorchRuntime | OnnxRuntime, str | None]:
     """The runtime ``name`` for ``spec``, and why it is not ``name`` when it is not: a backbone
     that cannot be exported to ONNX, or whose export does not match PyTorch, runs in PyTorch
     instead, with a warning (and the failure is remembered, so ``auto`` does not retry it).
-    ``onnx_path``: where the backbone's export is cached, or the :class:`OnnxModel` to run."""
+    ``onnx_path``: where the backbone's export is cached, or the :class:`OnnxModel` to run;
+    ``spinning``: ONNX Runtime's idle threads spin (see :func:`embedtl._ort._session`)."""
     import json
 
     onnx = (
@@ -415,7 +417,7 @@ def load_runtime(
     onnx_path = onnx.path
     if name == "onnxruntime":
         try:
-            return OnnxRuntime(onnx), None
+            return OnnxRuntime(onnx, spinning), None
         except ExportError as e:
             why = " ".join(str(e).split())
             log.warning(

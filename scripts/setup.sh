@@ -26,4 +26,4 @@ if [ "${#missing[@]}" -gt 0 ]; then
   fi
 fi
 
-python3 -m pip install -q --disable-pip-version-check -e ".$([ "$dev" = 1 ] && echo '[dev]')"
+python3 -m pip install -q --disable-pip-version-check -e ".$([ "$dev" = 1 ] && echo '[dev]' || echo '[serve]')"

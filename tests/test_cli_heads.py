@@ -209,6 +209,10 @@ def test_demo_runs_end_to_end(runner, tmp_path):
         ft["after"]["test_accuracy"] > 0.6
         and (tmp_path / "demo" / "finetuned" / "backbone.safetensors").is_file()
     )
+    # and the line that opens all of it in a browser
+    assert out["serve"] == (
+        f"embedtl serve {out['data_dir']} --head {out['head']} --cache-dir {tmp_path / 'cache'}"
+    )
 
 
 def test_predict_takes_the_runtime_options_of_extract(fitted, runner):

@@ -89,3 +89,4 @@ def _print_demo(r) -> None:
         )
         click.echo(f"          backbone {ft.backbone_path}; new store {ft.store}")
     click.echo(f"next      embedtl predict {r.head_dir} IMAGE...")
+    click.echo(f"browse    {r.serve}")

@@ -24,7 +24,9 @@ class Embedder:
     ``options``, kept warm: :meth:`decode` turns image bytes into the model's uint8 input and
     calls it a batch at a time. The runtime is chosen as for a large extraction (``auto``:
     ONNX Runtime on the CPU, PyTorch with autocast on CUDA). Calls are serialised: the
-    runtime runs one batch at a time, with all the cores."""
+    runtime runs one batch at a time, with all the cores; between batches ONNX Runtime's
+    threads sleep instead of spinning, leaving the cores to the threads that decode the next
+    images (on 2 cores, 16 concurrent uploads: 74-75 -> 77-82 requests/s)."""
 
     def __init__(
         self,
@@ -37,7 +39,9 @@ class Embedder:
         opts = EngineOptions.of(options, **settings)
         self.spec = get_backbone(spec, image_size=opts.image_size)
         self.stages: dict[str, float] = {}
-        self._engine = _engine(self.spec, opts, AUTO_ONNX_MIN_IMAGES, onnx, self.stages)
+        self._engine = _engine(
+            self.spec, opts, AUTO_ONNX_MIN_IMAGES, onnx, self.stages, spinning=False
+        )
         self.transform = ImageTransform(self.spec.preprocess)
         self._lock = threading.Lock()
 

@@ -128,12 +128,13 @@ def _engine(
     n_images: int,
     onnx: OnnxModel | None = None,
     stages: dict[str, float] | None = None,
+    spinning: bool = True,
 ) -> _Engine:
     """Device, runtime (and why), decoder, batch size and workers for ``n_images``; the model
     built. On CUDA without a batch size the batch is tuned for large jobs. ``onnx``: the model
     ONNX Runtime runs (default: the backbone's export, cached per fingerprint). ``stages`` gets
     the seconds of building the runtime (``startup``) and of exporting the ONNX model
-    (``export``, on a cache miss)."""
+    (``export``, on a cache miss). ``spinning``: ONNX Runtime's idle threads spin."""
     o = options
     t0 = time.perf_counter()
     run_device = resolve_device(o.device)
@@ -148,7 +149,7 @@ def _engine(
     # (the default batch is tuned, and halves on out-of-memory, down to one image)
     check_batch_memory(run_device, spec.preprocess.crop, max(1, min(o.batch_size or 1, n_images)))
     model, fallback = load_runtime(
-        run_runtime, spec, run_device, onnx, o.allow_download, o.precision, o.compile
+        run_runtime, spec, run_device, onnx, o.allow_download, o.precision, o.compile, spinning
     )
     if stages is not None:
         export = getattr(model, "export_seconds", 0.0)

@@ -144,7 +144,9 @@ def create_app(catalog: Catalog, config: ServeConfig | None = None):
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket on ``host:port`` (0: a free port); one line when it cannot be had."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named: asyncio sets TCP_NODELAY on accepted sockets only when the protocol
+    # says TCP; without it every keep-alive response waited ~40 ms (Nagle + delayed ACK)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

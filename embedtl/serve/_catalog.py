@@ -25,6 +25,9 @@ __all__ = ["Catalog", "HeadEntry", "StoreEntry", "open_catalog"]
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+#: A store whose features take at most this many bytes is held in memory while serving (a
+#: search by a row then reads no file: 0.02 ms against ~16 ms for one row from HDF5).
+RESIDENT_BYTES = 1 << 30
 
 
 @dataclass
@@ -35,6 +38,7 @@ class StoreEntry:
     name: str
     store: Any  # FeatureStore
     index: Any  # VectorIndex
+    resident: np.ndarray | None = None  # the features, in the store's dtype, when they fit
     _dups: dict[float, dict[str, Any]] = field(default_factory=dict)
     _dups_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -230,8 +234,10 @@ class Catalog:
         return results
 
     def row_vectors(self, entry: StoreEntry, rows: Sequence[int]) -> np.ndarray:
-        rows = [self.check_row(entry, r) for r in rows]
-        return entry.store.features(rows=np.asarray(rows, np.int64))
+        rows = np.asarray([self.check_row(entry, r) for r in rows], np.int64)
+        if entry.resident is not None:
+            return entry.resident[rows].astype(np.float32)
+        return entry.store.features(rows=rows)
 
     def evaluation(self, head: HeadEntry, split: str | None = None) -> tuple[str, Any]:
         """(split, Evaluation) of a head: ``split``'s, else test's, else the first there is."""
@@ -360,7 +366,11 @@ def open_catalog(
     names = _unique_names([s.root for s in stores])
     for i, (store, name) in enumerate(zip(stores, names, strict=True)):
         ix = build_index(store, progress=progress, **(index_args or {}))
-        entries.append(StoreEntry(i, name, store, ix))
+        store.paths, store.splits  # noqa: B018 - decoded once, not per row shown
+        fits = len(store) * store.dim * np.dtype(store.dtype).itemsize <= RESIDENT_BYTES
+        resident = store.features(dtype=store.dtype) if fits else None
+        entries.append(StoreEntry(i, name, store, ix, resident))
+    _one_search_thread()
     models: dict[str, Batcher] = {}
     for e in entries:
         fp = e.store.fingerprint
@@ -374,6 +384,15 @@ def open_catalog(
         )
     ]
     return Catalog(entries, head_entries, models)
+
+
+def _one_search_thread() -> None:
+    """One OpenMP thread per faiss search: requests already run searches side by side, and
+    each request thread would otherwise start a team of spinning threads of its own (on 2
+    cores a flat search of 20,000 rows took 14-29 ms from the server's threads, 7 ms alone)."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
 
 
 def _batched(emb, max_batch: int, max_wait: float, name: str) -> Batcher:
