@@ -373,6 +373,21 @@ def test_search_cli_on_a_flat_unlabelled_folder(tmp_path):
     assert r.exit_code == 1 and "needs labels" in r.stderr and "Traceback" not in r.output
 
 
+def test_search_cli_keeps_neighbours_of_a_class_and_split(tmp_path):
+    root = make_class_folder(tmp_path / "imgs", n_per_class=6, splits=["train", "test"])
+    cache = str(tmp_path / "cache")
+    q = str(root / "test/cat/cat_000.png")
+    args = ["search", str(root), *TINY, "--cache-dir", cache, "-q", q, "-k", "20"]
+    out = run_json([*args, "--label", "dog", "--split", "train"])
+    nb = out["results"][0]["neighbors"]
+    assert 4 <= len(nb) <= 6  # the dog images of train (val is carved out of train/)
+    assert all(n["label"] == "dog" and n["split"] == "train" for n in nb)
+    two = run_json([*args, "--label", "dog", "--label", "fox"])["results"][0]["neighbors"]
+    assert len(two) == 20 and {n["label"] for n in two} == {"dog", "fox"}
+    r = CliRunner().invoke(main, [*args, "--label", "zebra"])
+    assert r.exit_code == 1 and "no class 'zebra'" in r.stderr and "cat, dog, fox" in r.stderr
+
+
 def test_search_cli_updates_an_index_when_images_are_added(tmp_path):
     root = make_class_folder(tmp_path / "imgs", n_per_class=6)
     cache = str(tmp_path / "cache")

@@ -178,6 +178,12 @@ def index_cmd(
     type=click.Choice(["train", "val", "test"]),
     help="Only neighbours from this split (repeatable).",
 )
+@click.option(
+    "--label",
+    "labels",
+    multiple=True,
+    help="Only neighbours of this class (repeatable).",
+)
 @click.option("--exclude-self", is_flag=True, help="Never return the query image itself.")
 @click.option(
     "--html",
@@ -204,6 +210,7 @@ def search_cmd(
     queries: tuple[str, ...],
     k: int,
     splits: tuple[str, ...],
+    labels: tuple[str, ...],
     exclude_self: bool,
     html_out: str | None,
     grid_out: str | None,
@@ -231,6 +238,7 @@ def search_cmd(
         query_rows=q.rows,
         exclude_self=exclude_self,
         names=q.names,
+        label=list(labels) or None,
     )
     results = nb.records(store)
     if html_out and not grid_out:
