@@ -94,7 +94,8 @@ def successes(w: dict) -> list[tuple[list[str], int]]:
 
 def test_every_command_has_a_success_and_an_error_case_here():
     w = {k: "x" for k in ("root", "broken", "head", "img", "bad", "grid")} | {"base": Path("/x")}
-    slow = {"fine-tune", "demo", "export"}  # their successes are tested in their own files
+    # their successes are tested in their own files (serve's: a real process, in the browser)
+    slow = {"fine-tune", "demo", "export", "serve"}
     assert set(_COMMANDS) - slow <= {a[0] for a, _ in successes(w)}
     assert set(_COMMANDS) - {"backbones"} <= {a[0] for a, _ in errors(w)}
 
@@ -133,6 +134,7 @@ def errors(w: dict) -> list[tuple[list[str], str]]:
         (["search", str(garbage), "-q", w["img"]], "StoreError"),
         (["dedup", str(garbage)], "StoreError"),
         (["knn-eval", str(garbage)], "StoreError"),
+        (["serve", str(garbage), "--port", "0"], "StoreError"),
         (["cache", "info", str(garbage)], "StoreError"),
         (["cache", "verify", str(garbage)], "StoreError"),
         (["cache", "merge", str(garbage), str(garbage)], "StoreError"),
