@@ -116,6 +116,18 @@ def test_health_stores_heads_and_schema(client, served):
         assert p in paths, p
 
 
+def test_a_head_alone_opens_the_store_it_was_trained_on(served):
+    opts = EngineOptions(image_size=TINY_SIZE, workers=0, cache_dir=served["cache"])
+    cat = open_catalog([], [served["head"]], options=opts)
+    try:
+        assert [e.root for e in (x.store for x in cat.stores)] == [served["root"]]
+        h = TestClient(create_app(cat), base_url=BASE).get("/api/heads/0").json()
+        assert h["store_id"] == 0 and h["metrics"]["n"] > 0
+        assert h["trained"]["val_accuracy"] is not None
+    finally:
+        cat.close()
+
+
 def test_rows_paging_filters_thumbnail_and_image(client, served):
     page = client.get("/api/stores/0/rows", params={"split": "test", "label": "dog", "limit": 5})
     body = page.json()

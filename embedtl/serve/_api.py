@@ -33,7 +33,7 @@ async def _decoded(model, files: list[UploadFile]) -> tuple[list[str], list[Any]
 
     def decode(data: bytes):
         try:
-            return model.embedder.decode(data)
+            return model.decode(data)
         except ImageDecodeError as e:
             return e
 

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 class Batcher:
     """Runs ``fn(items) -> (len(items), ...) array`` over batches of submitted items on a
-    thread of its own; :meth:`submit` (async) returns an item's row of the output."""
+    thread of its own; :meth:`submit` (async) returns an item's row of the output.
+    ``decode``: how a caller turns its raw input (image bytes) into an item, on its own thread."""
 
     def __init__(
         self,
@@ -34,8 +35,10 @@ class Batcher:
         max_batch: int = 32,
         max_wait: float = 0.002,
         name: str = "batcher",
+        decode: Callable[[bytes], Any] | None = None,
     ) -> None:
         self.fn, self.max_batch, self.max_wait = fn, max(1, max_batch), max_wait
+        self.decode = decode
         self._queue: queue.SimpleQueue[tuple[Any, Future] | None] = queue.SimpleQueue()
         self._stats_lock = threading.Lock()
         self.batches = 0

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..engine import EngineOptions
-from ..errors import DataError, NotFoundError
+from ..errors import DataError, HeadError, NotFoundError
 from ._batcher import Batcher
 
 __all__ = ["Catalog", "HeadEntry", "StoreEntry", "open_catalog"]
@@ -82,8 +82,8 @@ class HeadEntry:
             "fingerprint": self.info.fingerprint,
             "runtime": self.runtime,
             "store_id": self.store_id,
-            "trained": {
-                k: meta.get("info", {}).get(k) for k in ("val_accuracy", "test_accuracy", "epochs")
+            "trained": {  # as fit-head measured them
+                k: meta.get("metrics", {}).get(k) for k in ("val_accuracy", "test_accuracy")
             },
             "evaluated": {s: e.metrics()["accuracy"] for s, e in self.evaluations.items()},
         }
@@ -357,8 +357,8 @@ def open_catalog(
     ]
     have = {s.fingerprint for s in stores}
     for info in infos:
-        trained_on = Path(info.meta.get("info", {}).get("store", {}).get("path", ""))
-        if info.fingerprint not in have and trained_on.is_file():
+        trained_on = info.meta.get("store", {}).get("path")
+        if info.fingerprint not in have and trained_on and Path(trained_on).is_file():
             log.info("opening %s, the store head %s was trained on", trained_on, info.folder)
             stores.append(open_source(trained_on))
             have.add(info.fingerprint)
@@ -376,7 +376,7 @@ def open_catalog(
         fp = e.store.fingerprint
         if fp not in models:
             emb = Embedder(e.store.backbone_spec, opts)
-            models[fp] = _batched(emb, max_batch, max_wait, f"embed-{e.name}")
+            models[fp] = Batcher(emb, max_batch, max_wait, f"embed-{e.name}", emb.decode)
     head_entries = [
         _open_head(i, name, info, entries, opts, max_batch, max_wait)
         for i, (info, name) in enumerate(
@@ -395,10 +395,6 @@ def _one_search_thread() -> None:
     faiss.omp_set_num_threads(1)
 
 
-def _batched(emb, max_batch: int, max_wait: float, name: str) -> Batcher:
-    b = Batcher(emb, max_batch=max_batch, max_wait=max_wait, name=name)
-    b.embedder = emb  # type: ignore[attr-defined]
-    return b
 
 
 def _open_head(
@@ -431,12 +427,15 @@ def _open_head(
     if store is not None:
         for split in SPLITS:
             if len(store.store.labelled_rows(split)):
-                evaluations[split] = evaluate_head(head, store.store, split)
+                try:
+                    evaluations[split] = evaluate_head(head, store.store, split)
+                except HeadError as e:  # classes the head does not know: no page, say why
+                    log.warning("head %s is not evaluated on %s: %s", info.folder, split, e)
     return HeadEntry(
         id=i,
         name=name,
         info=info,
-        model=_batched(fn, max_batch, max_wait, f"head-{name}"),
+        model=Batcher(fn, max_batch, max_wait, f"head-{name}", emb.decode),
         runtime=emb.runtime,
         store_id=None if store is None else store.id,
         evaluations=evaluations,
