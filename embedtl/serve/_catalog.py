@@ -395,8 +395,6 @@ def _one_search_thread() -> None:
     faiss.omp_set_num_threads(1)
 
 
-
-
 def _open_head(
     i: int,
     name: str,
