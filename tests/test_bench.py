@@ -17,6 +17,7 @@ import embedtl.bench._bench as bench  # ranking, folds, the test split read once
 import embedtl.bench._sweep as passes  # variants trained in batched passes
 from embedtl.bench import PRESETS, bench_heads, expand_grid, load_grid, sweep
 from embedtl.cli import main
+from embedtl.data import stratified_folds
 from embedtl.errors import HeadError
 from embedtl.heads import HeadConfig, fit_modules
 from embedtl.heads._data import StoreFeatures
@@ -264,7 +265,7 @@ def test_cross_validation_for_small_data(tmp_path):
     assert (
         sum(v["test_accuracy"] is not None for v in r.variants) == 2 + 2 + 2 + 1
     )  # mlp: 1 variant
-    folds = bench._folds_of(np.repeat([0, 1, 2], [30, 31, 29]), 5)
+    folds = stratified_folds(np.repeat([0, 1, 2], [30, 31, 29]), 5)
     counts = np.bincount(folds)
     assert counts.max() - counts.min() <= 1  # stratified and balanced
     with pytest.raises(HeadError, match="folds must be"):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +19,7 @@ import numpy as np
 
 from .._device import resolve_device
 from ..cache import FeatureStore
+from ..data import stratified_folds
 from ..errors import DataError, HeadError
 from ..heads import Head, HeadConfig, HeadModule, Split, StoreFeatures, evaluate_split, train_rows
 from ..report import macro_f1
@@ -34,27 +34,6 @@ log = logging.getLogger(__name__)
 #: ``folds="auto"`` cross-validates when train + val hold fewer labelled rows than this.
 CV_MAX_ROWS = 1000
 _AUTO_FOLDS = 5
-
-
-def _folds_of(labels: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
-    """A fold in 0..k-1 for each row: scikit-learn's ``StratifiedKFold`` (shuffled, seeded), so
-    every fold holds about 1/k of every class. A class with fewer than k rows is in fewer folds
-    (a warning says so)."""
-    from sklearn.model_selection import StratifiedKFold
-
-    if len(labels) < k:
-        raise DataError(
-            f"{k}-fold cross-validation needs at least {k} labelled rows, got {len(labels)}"
-        )
-    fold = np.empty(len(labels), dtype=np.int64)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UserWarning)
-        splits = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(labels, labels)
-        for f, (_, rows) in enumerate(splits):
-            fold[rows] = f
-    for w in caught:
-        log.warning("%s", w.message)
-    return fold
 
 
 def _resolve_folds(folds: int | str | None, n_pool: int, n_val: int) -> int:
@@ -159,7 +138,7 @@ def _bench_store(
     records: list[dict[str, Any]] = []
     modules: dict[int, HeadModule] = {}  # variant -> fitted on the train split
     if k:
-        fold = _folds_of(labels[pool], k)
+        fold = stratified_folds(labels[pool], k)
         per_fold = []
         for f in tqdm(range(k), desc=f"{name}: {k}-fold CV", disable=not progress, leave=False):
             fit_rows, val_rows = pool[fold != f], pool[fold == f]

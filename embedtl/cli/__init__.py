@@ -30,6 +30,7 @@ _COMMANDS = {
     "cache": (".cache", "cache_group"),
     "demo": (".demo", "demo_cmd"),
     "serve": (".serve", "serve_cmd"),
+    "audit": (".audit", "audit_cmd"),
 }
 
 
@@ -60,6 +61,7 @@ def main(verbose: int) -> None:
       embedtl fine-tune DATA_DIR --head HEAD   unfreeze the last block(s), train, re-extract
       embedtl predict HEAD IMAGE...   backbone + head on new images
       embedtl search DATA_DIR -q IMG  the most similar images (dedup: near-duplicates)
+      embedtl audit DATA_DIR          likely label errors, outliers, train/test leaks
       embedtl serve DATA_DIR --head HEAD   search and check heads in a browser
       embedtl cache info DATA_DIR     what is cached
       embedtl demo                    the whole pipeline on packaged demo data

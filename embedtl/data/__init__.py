@@ -13,7 +13,7 @@ from ._decode import (
     read_file,
 )
 from ._scan import ImageEntry, Manifest, read_labels_csv, scan
-from ._splits import SPLITS, SplitConfig, assign_splits
+from ._splits import SPLITS, SplitConfig, assign_splits, stratified_folds
 from ._transforms import AugmentTransform, ImageTransform
 from ._walk import IMAGE_EXTENSIONS, image_files, is_image_name
 
@@ -38,4 +38,5 @@ __all__ = [
     "read_file",
     "read_labels_csv",
     "scan",
+    "stratified_folds",
 ]

@@ -8,6 +8,8 @@ whole split.
 from __future__ import annotations
 
 import hashlib
+import logging
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,7 +18,9 @@ import numpy as np
 
 from ..errors import DataError
 
-__all__ = ["SPLITS", "SplitConfig", "assign_splits"]
+__all__ = ["SPLITS", "SplitConfig", "assign_splits", "stratified_folds"]
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 
@@ -87,3 +91,24 @@ def assign_splits(
                 out[p] = name
             i += c
     return out
+
+
+def stratified_folds(labels: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """A fold in 0..k-1 for each row: scikit-learn's ``StratifiedKFold`` (shuffled, seeded), so
+    every fold holds about 1/k of every class. A class with fewer than k rows is in fewer folds
+    (a warning says so)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    if len(labels) < k:
+        raise DataError(
+            f"{k}-fold cross-validation needs at least {k} labelled rows, got {len(labels)}"
+        )
+    fold = np.empty(len(labels), dtype=np.int64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        splits = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(labels, labels)
+        for f, (_, rows) in enumerate(splits):
+            fold[rows] = f
+    for w in caught:
+        log.warning("%s", w.message)
+    return fold

@@ -35,6 +35,7 @@ _LAZY = {
         "._train",
     ),
     "export_head": "._export",
+    "out_of_fold_proba": "._oof",
     "EmbeddingClassifier": "._sklearn",
 }
 
@@ -75,6 +76,7 @@ __all__ = [
     "fit_modules",
     "knn_bank",
     "load_head",
+    "out_of_fold_proba",
     "read_head_info",
     "train_rows",
     "warmup_cosine",

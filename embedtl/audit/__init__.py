@@ -1,0 +1,14 @@
+"""`embedtl audit`: likely label errors, outliers and leaks of an image folder, from its cached
+embeddings (:func:`audit_store`), written as ``audit.json``, ``label_issues.csv``,
+``corrected_labels.csv``, ``map.png`` and ``audit.html`` (:func:`write_audit`).
+
+Label errors come from cleanlab's confident learning (``cleanlab.filter.find_label_issues``)
+over out-of-fold probabilities of every labelled row, from the same head loop as `fit-head`
+(:func:`embedtl.heads.out_of_fold_proba`); outliers from the distance to the nearest rows
+through the store's index; leaks and duplicates from `dedup`.
+"""
+
+from ._audit import OUTLIER_K, Audit, audit_store
+from ._write import draw_map, map_png, write_audit
+
+__all__ = ["OUTLIER_K", "Audit", "audit_store", "draw_map", "map_png", "write_audit"]

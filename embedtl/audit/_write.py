@@ -1,0 +1,211 @@
+"""An audit's files: ``audit.json``, ``label_issues.csv``, ``corrected_labels.csv`` (a
+``--labels`` file for `extract`), ``map.png`` and ``audit.html`` (thumbnails inline), each
+written atomically."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .._io import atomic_file, write_text
+from ._audit import Audit
+
+__all__ = ["draw_map", "map_png", "write_audit"]
+
+#: Flagged images shown per kind in audit.html.
+HTML_PER_KIND = 48
+
+
+def draw_map(audit: Audit):
+    """The 2-D map as a matplotlib ``Figure``: rows coloured by class (grey: unlabelled), label
+    issues, outliers and leaked rows marked."""
+    import numpy as np
+
+    from ..report import new_figure
+
+    s = audit.store
+    fig = new_figure((8.0, 6.5))
+    ax = fig.add_subplot(1, 1, 1)
+    xy, rows = audit.map_xy, audit.map_rows
+    if len(rows):
+        import matplotlib
+        from matplotlib.lines import Line2D
+
+        labels = s.labels[rows]
+        palette = np.asarray(
+            matplotlib.colormaps["tab10" if len(s.classes) <= 10 else "tab20"].colors
+        )
+        unl = labels < 0
+        if unl.any():
+            ax.scatter(*xy[unl].T, s=6, c="#bbbbbb", linewidths=0)
+        if (~unl).any():
+            colors = palette[labels[~unl] % len(palette)]
+            ax.scatter(*xy[~unl].T, s=6, c=colors, linewidths=0, alpha=0.7)
+        present = [int(i) for i in np.unique(labels[~unl])]
+        if len(present) <= 20:
+            handles = [
+                Line2D(
+                    [], [], marker="o", ls="", color=palette[i % len(palette)], label=s.classes[i]
+                )
+                for i in present
+            ] + (
+                [Line2D([], [], marker="o", ls="", color="#bbbbbb", label="unlabelled")]
+                if unl.any()
+                else []
+            )
+            ax.add_artist(ax.legend(handles=handles, loc="upper right", fontsize=7))
+        pos = {int(r): i for i, r in enumerate(rows)}
+        marks = [
+            ("label issue", [r["row"] for r in audit.label_issues], "x", "black"),
+            ("outlier", [r["row"] for r in audit.outliers["rows"]], "^", "red"),
+            (
+                "leak",
+                [
+                    m["row"]
+                    for g in audit.duplicates["cross_split"]
+                    for m in g["members"]
+                    if m["split"] != "train"
+                ],
+                "s",
+                "blue",
+            ),
+        ]
+        for name, flagged, marker, color in marks:
+            at = [pos[r] for r in flagged if r in pos]
+            if at:
+                ax.scatter(
+                    *xy[at].T,
+                    s=28,
+                    marker=marker,
+                    facecolors="none" if marker != "x" else color,
+                    edgecolors=color if marker != "x" else None,
+                    label=f"{name} ({len(flagged)})",
+                )
+        ax.legend(loc="lower left", fontsize=7)
+    ev = audit.map_explained
+    ax.set_xlabel(f"PC1 ({100 * ev[0]:.1f}%)" if ev else "PC1")
+    ax.set_ylabel(f"PC2 ({100 * ev[1]:.1f}%)" if len(ev) > 1 else "PC2")
+    ax.set_title(f"{s.root.name}: {len(s)} images, PCA of the features")
+    fig.tight_layout()
+    return fig
+
+
+def map_png(audit: Audit, dpi: int = 100) -> bytes:
+    """The map as PNG bytes (for the server, which writes no file)."""
+    buf = io.BytesIO()
+    draw_map(audit).savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def _thumb(path: Path, size: int = 120) -> str:
+    from ..gallery import thumbnail
+
+    buf = io.BytesIO()
+    thumbnail(path, size).save(buf, "JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _tiles(audit: Audit, recs: list[dict[str, Any]], caption) -> str:
+    root = audit.store.root
+    out = []
+    for r in recs[:HTML_PER_KIND]:
+        cap = html.escape(caption(r))
+        name = html.escape(r["path"])
+        out.append(
+            f'<figure><img src="{_thumb(root / r["path"])}" alt="{name}" title="{name}">'
+            f"<figcaption><b>{cap}</b><br>{html.escape(str(r['label']))} · {r['split']}<br>"
+            f'<span class="p">{html.escape(r["path"].rsplit("/", 1)[-1])}</span></figcaption>'
+            "</figure>"
+        )
+    return '<div class="row">' + "".join(out) + "</div>" if out else "<p>None.</p>"
+
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
+h1{font-size:1.3em}h2{font-size:1.05em;margin-top:1.6em}
+.row{display:flex;flex-wrap:wrap;gap:8px}
+figure{margin:0;width:124px;font-size:11px;word-break:break-all}
+figure img{display:block;width:120px;height:120px;object-fit:contain;border:1px solid #ccc}
+.p{color:#777}table{border-collapse:collapse;font-size:13px}
+td,th{border:1px solid #ddd;padding:2px 8px;text-align:right}td:first-child{text-align:left}
+.meta{color:#666}"""
+
+
+def _balance_row(b: dict[str, Any]) -> str:
+    acc = "-" if b["oof_accuracy"] is None else f"{b['oof_accuracy']:.3f}"
+    cells = [html.escape(b["class"]), str(b["count"]), f"{100 * b['share']:.1f}%"]
+    cells += [str(b["by_split"][k]) for k in ("train", "val", "test")] + [acc]
+    return "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
+
+
+def audit_html(audit: Audit, png: bytes) -> str:
+    s = audit.summary()
+    leaked = [
+        dict(m, keep=g["keep"])
+        for g in audit.duplicates["cross_split"]
+        for m in g["members"]
+        if m["split"] != "train"
+    ]
+    within = [m for g in audit.duplicates["within_class"] for m in g["members"]]
+    rows = "".join(_balance_row(b) for b in s["balance"])
+    acc = s["oof_accuracy"]
+    parts = [
+        f"<h1>Audit of {html.escape(str(audit.store.root))}</h1>",
+        f'<p class="meta">{s["rows"]} images, {s["labelled"]} labelled; {s["folds"]}-fold '
+        f"{html.escape(s['head'])} head, out-of-fold accuracy "
+        f"{'-' if acc is None else f'{acc:.4f}'}; {s['n_label_issues']} likely label errors, "
+        f"{s['n_outliers']} outliers, {s['n_leaked_rows']} images with a near-copy in another "
+        f"split; {s['reviewed_skipped']} reviewed images not flagged again.</p>",
+        '<img alt="map" src="data:image/png;base64,' + base64.b64encode(png).decode() + '">',
+        "<h2>Classes</h2><table><tr><th>class</th><th>images</th><th>share</th><th>train</th>"
+        f"<th>val</th><th>test</th><th>out-of-fold accuracy</th></tr>{rows}</table>",
+        "<h2>Likely label errors (cleanlab, most likely first; score: the held-out head's "
+        "probability of the given label)</h2>",
+        _tiles(
+            audit, audit.label_issues, lambda r: f"{r['given']} → {r['suggested']} {r['score']:.3f}"
+        ),
+        f"<h2>Outliers (mean cosine distance to the {audit.outliers['k']} nearest images, above "
+        f"{audit.outliers['fence']})</h2>",
+        _tiles(audit, audit.outliers["rows"], lambda r: f"distance {r['score']:.3f}"),
+        "<h2>Leaks: images with a near-copy in another split</h2>",
+        _tiles(audit, leaked, lambda r: f"sim {r['similarity']:.3f}"),
+        "<h2>Near-duplicates within a class</h2>",
+        _tiles(audit, within, lambda r: f"sim {r['similarity']:.3f}"),
+    ]
+    return (
+        '<!doctype html><html><head><meta charset="utf-8"><title>embedtl audit</title>'
+        f"<style>{_CSS}</style></head><body>" + "\n".join(parts) + "</body></html>"
+    )
+
+
+def write_audit(audit: Audit, out: str | os.PathLike[str]) -> dict[str, str]:
+    """The audit's files in ``out``; their paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {
+        "json": out / "audit.json",
+        "label_issues": out / "label_issues.csv",
+        "corrected_labels": out / "corrected_labels.csv",
+        "map": out / "map.png",
+        "html": out / "audit.html",
+    }
+    write_text(files["json"], json.dumps(audit.summary(), indent=1, default=str))
+    with atomic_file(files["label_issues"]) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "given", "suggested", "score"])
+        for r in audit.label_issues:
+            w.writerow([r["path"], r["given"], r["suggested"], f"{r['score']:.6f}"])
+    with atomic_file(files["corrected_labels"]) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label"])
+        w.writerows(audit.corrected_labels())
+    png = map_png(audit)
+    with atomic_file(files["map"]) as tmp:
+        Path(tmp).write_bytes(png)
+    write_text(files["html"], audit_html(audit, png))
+    return {k: str(v) for k, v in files.items()}
