@@ -432,6 +432,18 @@ def test_duplicates_api(client):
     assert "cat_000_copy.png" in names
 
 
+def test_audit_page_and_api(client):
+    a = client.get("/api/stores/0/audit").json()
+    assert a["labelled"] == 73 and a["folds"] == 5 and len(a["balance"]) == 3
+    leaked = [m["path"] for g in a["duplicates"]["cross_split"] for m in g["members"]]
+    assert "test/cat/cat_000_copy.png" in leaked
+    png = client.get("/api/stores/0/audit/map.png")
+    assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
+    page = client.get("/stores/0/audit")
+    assert page.status_code == 200 and "Likely label errors" in page.text
+    assert "cat_000_copy.png" in page.text and "/api/stores/0/audit/map.png" in page.text
+
+
 def test_concurrent_uploads_share_forward_passes(served):
     """Uploads that arrive while the model is busy join the next pass: with the model slowed,
     16 concurrent requests take fewer than 16 passes."""

@@ -17,7 +17,7 @@ import numpy as np
 from ..data import SPLITS
 from ..errors import DataError
 
-__all__ = ["OUTLIER_K", "Audit", "audit_store"]
+__all__ = ["OOF_EPOCHS", "OUTLIER_K", "Audit", "audit_store"]
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,11 @@ OUTLIER_K = 10
 OUTLIER_FENCE = 3.0
 #: Rows the 2-D map draws at most (a seeded sample beyond).
 MAP_ROWS = 20_000
+#: Epochs of each fold's head (trained kinds). Fewer epochs give less confident probabilities:
+#: on Fashion-MNIST at 64 px with 10% of 4,500 labels flipped, cleanlab then flags fewer rows
+#: (precision / recall 0.466 / 0.891 at 10 epochs, 0.401 / 0.917 at 40, 0.384 / 0.928 at 60;
+#: the scikit-learn reference 0.397 / 0.934) in less time (1.7 s, 6.4 s, 11.0 s).
+OOF_EPOCHS = 40
 
 
 @dataclass
@@ -144,7 +149,7 @@ def audit_store(
     from ..heads import HeadConfig
     from ..search import open_store_index
 
-    cfg = config or HeadConfig()
+    cfg = config or HeadConfig(epochs=OOF_EPOCHS)
     seen = {str(p) for p in reviewed}
     done = set(np.flatnonzero(np.isin(store.paths.astype(str), list(seen)))) if seen else set()
     t = {"start": time.perf_counter()}

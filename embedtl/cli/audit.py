@@ -96,14 +96,14 @@ def audit_cmd(
     place of the flagged: `embedtl extract DATA_DIR --labels corrected_labels.csv` after review),
     map.png and audit.html. Finding issues is a success (exit 0).
     """
-    from ..audit import audit_store, write_audit
+    from ..audit import OOF_EPOCHS, audit_store, write_audit
     from ..heads import HeadConfig
 
     done = read_reviewed(reviewed)
     store = open_source(source, source_args(kw), want_progress(progress))
     a = audit_store(
         store,
-        HeadConfig(kind=kind),
+        HeadConfig(kind=kind, epochs=OOF_EPOCHS),
         folds=folds,
         threshold=threshold,
         reviewed=done,

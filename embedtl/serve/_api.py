@@ -124,6 +124,18 @@ def api_router(catalog: Catalog, config) -> APIRouter:
     ) -> dict[str, Any]:
         return catalog.duplicates(catalog.store(store), threshold)
 
+    @r.get("/stores/{store}/audit", summary="audit's findings: label issues, outliers, leaks")
+    def audit(store: str) -> dict[str, Any]:
+        return catalog.audit(catalog.store(store))[0].summary()
+
+    @r.get(
+        "/stores/{store}/audit/map.png",
+        summary="audit's 2-D map of the store",
+        response_class=Response,
+    )
+    def audit_map(store: str) -> Response:
+        return Response(catalog.audit(catalog.store(store))[1], media_type="image/png")
+
     @r.post("/search", summary="The nearest store rows of uploaded images, or of a store row")
     async def search(
         file: Annotated[list[UploadFile] | None, File(description="image(s) to search by")] = None,

@@ -39,6 +39,7 @@ class StoreEntry:
     store: Any  # FeatureStore
     index: Any  # VectorIndex
     resident: np.ndarray | None = None  # the features, in the store's dtype, when they fit
+    _audit: Any = None  # (Audit, its map as PNG bytes), made on first use
     _dups: dict[float, dict[str, Any]] = field(default_factory=dict)
     _dups_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -301,6 +302,17 @@ class Catalog:
             if t not in entry._dups:
                 entry._dups[t] = find_duplicates(entry.store, t, index=entry.index)
             return entry._dups[t]
+
+    def audit(self, entry: StoreEntry) -> tuple[Any, bytes]:
+        """``audit``'s findings on the store and its map (PNG bytes), computed on first use and
+        kept in memory: nothing is written."""
+        from ..audit import audit_store, map_png
+
+        with entry._dups_lock:
+            if entry._audit is None:
+                a = audit_store(entry.store, index=entry.index)
+                entry._audit = (a, map_png(a))
+            return entry._audit
 
     def close(self) -> None:
         for m in self.models.values():

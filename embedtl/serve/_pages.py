@@ -110,6 +110,30 @@ def page_router(catalog: Catalog, config) -> APIRouter:
         report = catalog.duplicates(e, threshold)
         return render(request, "duplicates.html", entry=e, report=report, limit=limit)
 
+    @r.get("/stores/{store}/audit", response_class=HTMLResponse)
+    def audit_page(request: Request, store: str) -> HTMLResponse:
+        e = catalog.store(store)
+        a, _ = catalog.audit(e)
+        s = a.summary()
+
+        def shown(recs):
+            return [dict(r, store=e.id) for r in recs[:PAGE_ROWS]]
+
+        leaked = [
+            m for g in s["duplicates"]["cross_split"] for m in g["members"] if m["split"] != "train"
+        ]
+        within = [m for g in s["duplicates"]["within_class"] for m in g["members"]]
+        return render(
+            request,
+            "audit.html",
+            entry=e,
+            s=s,
+            issues=shown(s["label_issues"]),
+            outliers=shown(s["outliers"]["rows"]),
+            leaked=shown(leaked),
+            within=shown(within),
+        )
+
     @r.get("/heads/{head}", response_class=HTMLResponse)
     def head_page(
         request: Request,

@@ -1,0 +1,284 @@
+"""`embedtl audit` against the usual recipe (issue "embedtl audit").
+
+Data, each with 5% and 10% of its labels flipped at random (seeded; a flipped label is another
+class, uniformly) and 1% of its images copied into the test split (re-encoded as JPEG q=90):
+
+- Fashion-MNIST, 10,000 images (500 per class of train/ and of test/) at 64 px;
+- the Tux Paint demo set (animals, food, plants, vehicles: 234 photos) at 224 px, laid out as
+  train/ (80%) and test/ (20%), seeded.
+
+On the same stored features, the train rows' out-of-fold probabilities come from
+
+- embedtl: :func:`embedtl.heads.out_of_fold_proba` (5 stratified folds, the linear head,
+  ``embedtl.audit.OOF_EPOCHS`` epochs, as `embedtl audit` runs it);
+- the reference: scikit-learn ``LogisticRegression(C=0.1, max_iter=3000)`` in
+  ``cross_val_predict(..., cv=StratifiedKFold(5), method="predict_proba")``;
+
+and both go through ``cleanlab.filter.find_label_issues`` with its defaults. Precision and
+recall of the flagged rows against the planted flips, and the wall time of the probabilities
+(both warm: each method runs once on a small set first). Then the whole `audit_store` on the
+store: its label issues over every labelled row, and the planted copies among its leaks.
+
+Targets: embedtl's recall and precision within 2 points of the reference or better, at >= 10x
+less wall time for the probabilities.
+
+    python benchmarks/audit.py [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import machine, write_result  # noqa: E402
+
+RATES = (0.05, 0.10)
+COPIES = 0.01
+TARGET_POINTS = 0.02
+TARGET_SPEEDUP = 10.0
+
+
+def fashion(work: Path) -> tuple[Path, int, float]:
+    import embedtl
+
+    root = work / "fashion"
+    if not root.is_dir():
+        embedtl.export_dataset("fashion-mnist", root, max_per_class=500)
+    return root, 64, 0.97
+
+
+def tuxpaint(work: Path, seed: int = 0) -> tuple[Path, int, float]:
+    """The demo classes as train/ (80%) and test/ (20%), seeded."""
+    import embedtl
+    from embedtl.demo import DEMO_CLASSES
+
+    root = work / "tuxpaint"
+    if not root.is_dir():
+        flat = work / "tux-flat"
+        embedtl.export_dataset("tuxpaint-stamps", flat, classes=DEMO_CLASSES)
+        rng = np.random.default_rng(seed)
+        for c in DEMO_CLASSES:
+            files = sorted((flat / c).iterdir())
+            test = set(rng.choice(len(files), len(files) // 5, replace=False).tolist())
+            for i, f in enumerate(files):
+                dest = root / ("test" if i in test else "train") / c / f.name
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(f, dest)
+    return root, 224, 0.88
+
+
+def plant_copies(root: Path, seed: int = 0) -> list[str]:
+    """1% of the images copied from train/ into test/ (same class), re-encoded: the leaks."""
+    from PIL import Image
+
+    done = sorted(p.relative_to(root).as_posix() for p in root.glob("test/*/copy-*.jpg"))
+    if done:
+        return done
+    files = sorted(p for p in root.glob("train/*/*") if p.is_file())
+    n = max(2, round(COPIES * sum(1 for _ in root.rglob("*.png"))))
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in rng.choice(len(files), n, replace=False):
+        src = files[i]
+        dest = root / "test" / src.parent.name / f"copy-{src.stem}.jpg"
+        im = Image.open(src)
+        if im.mode in ("RGBA", "LA", "P"):
+            im = im.convert("RGBA")
+            flat = Image.new("RGB", im.size, "white")
+            flat.paste(im, mask=im.getchannel("A"))
+            im = flat
+        im.convert("RGB").save(dest, quality=90)
+        out.append(dest.relative_to(root).as_posix())
+    return sorted(out)
+
+
+def flip_labels(root: Path, rate: float, out: Path, seed: int = 0) -> set[str]:
+    """A labels CSV with ``rate`` of the images given another class; the flipped paths."""
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    classes = sorted({f.split("/")[1] for f in files})
+    rng = np.random.default_rng(seed)
+    flip = set(rng.choice(len(files), round(rate * len(files)), replace=False).tolist())
+    flipped = set()
+    with open(out, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label"])
+        for i, f in enumerate(files):
+            true = f.split("/")[1]
+            label = true
+            if i in flip:
+                label = rng.choice([c for c in classes if c != true])
+                flipped.add(f)
+            w.writerow([f, label])
+    return flipped
+
+
+def scores(flagged: set[str], planted: set[str]) -> dict[str, float]:
+    hit = len(flagged & planted)
+    return {
+        "flagged": len(flagged),
+        "planted": len(planted),
+        "precision": round(hit / len(flagged), 4) if flagged else 0.0,
+        "recall": round(hit / len(planted), 4) if planted else 0.0,
+    }
+
+
+def reference_proba(x: np.ndarray, y: np.ndarray, seed: int = 0) -> np.ndarray:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    cv = StratifiedKFold(5, shuffle=True, random_state=seed)
+    lr = LogisticRegression(C=0.1, max_iter=3000)
+    return cross_val_predict(lr, x, y, cv=cv, method="predict_proba")
+
+
+def issues(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    from cleanlab.filter import find_label_issues
+
+    return np.flatnonzero(find_label_issues(y, p))
+
+
+def run(name: str, root: Path, size: int, threshold: float, work: Path) -> list[dict]:
+    import embedtl
+    from embedtl.audit import OOF_EPOCHS, audit_store
+    from embedtl.heads import HeadConfig, out_of_fold_proba
+
+    cfg = HeadConfig(epochs=OOF_EPOCHS)  # as `embedtl audit` trains its folds
+    copies = set(plant_copies(root))
+    out = []
+    for rate in RATES:
+        labels = work / f"{name}-{rate:.2f}.csv"
+        flipped = flip_labels(root, rate, labels)
+        store = embedtl.extract(root, image_size=size, labels=labels, cache_dir=work / "cache")
+        tr = store.labelled_rows("train")
+        y = store.labels[tr]
+        x = store.features(rows=tr)
+        paths = store.paths[tr].astype(str)
+        # warm both (imports, first allocations) on a small subset
+        small = tr[: min(len(tr), 200)]
+        out_of_fold_proba(store, small, cfg, folds=2)
+        reference_proba(store.features(rows=small), store.labels[small])
+        t = time.perf_counter()
+        ours = out_of_fold_proba(store, tr, cfg, folds=5)
+        t_ours = time.perf_counter() - t
+        t = time.perf_counter()
+        ref = reference_proba(x, y)
+        t_ref = time.perf_counter() - t
+        planted_train = {p for p in paths if p in flipped}
+        ours_s = scores(set(paths[issues(y, ours)]), planted_train)
+        ref_s = scores(set(paths[issues(y, ref)]), planted_train)
+        t = time.perf_counter()
+        a = audit_store(store, threshold=threshold)
+        t_audit = time.perf_counter() - t
+        audit_flags = {r["path"] for r in a.label_issues}
+        leaked = {
+            m["path"]
+            for g in a.duplicates["cross_split"]
+            for m in g["members"]
+            if m["split"] != "train"
+        }
+        rec = {
+            "dataset": name,
+            "image_size": size,
+            "rows": len(store),
+            "train_rows": len(tr),
+            "flip_rate": rate,
+            "embedtl": ours_s | {"seconds": round(t_ours, 3), "oof_accuracy": _acc(ours, y)},
+            "reference": ref_s | {"seconds": round(t_ref, 3), "oof_accuracy": _acc(ref, y)},
+            "speedup": round(t_ref / t_ours, 2),
+            "audit": {
+                "seconds": round(t_audit, 2),
+                "label_issues_all_splits": scores(audit_flags, flipped),
+                "leaks": scores(leaked, copies),
+                "dedup_threshold": threshold,
+                "n_outliers": len(a.outliers["rows"]),
+            },
+        }
+        print(
+            f"{name} {rate:.0%}: embedtl P {ours_s['precision']:.3f} R {ours_s['recall']:.3f} "
+            f"{t_ours:.1f}s; reference P {ref_s['precision']:.3f} R {ref_s['recall']:.3f} "
+            f"{t_ref:.1f}s; leaks {rec['audit']['leaks']}",
+            file=sys.stderr,
+        )
+        out.append(rec)
+        store.close()
+    return out
+
+
+def _acc(p: np.ndarray, y: np.ndarray) -> float:
+    return round(float((p.argmax(1) == y).mean()), 4)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--work", type=Path, default=None, help="keep data here (default: temp)")
+    a = ap.parse_args()
+    work = a.work or Path(tempfile.mkdtemp(prefix="embedtl-audit-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    records = []
+    for name, make in (("fashion-mnist", fashion), ("tuxpaint", tuxpaint)):
+        root, size, threshold = make(work)
+        records += run(name, root, size, threshold, work)
+    checks = {}
+    for r in records:
+        key = f"{r['dataset']} {r['flip_rate']:.0%}"
+        e, ref = r["embedtl"], r["reference"]
+        checks[f"{key}: recall within 2 points"] = e["recall"] >= ref["recall"] - TARGET_POINTS
+        checks[f"{key}: precision within 2 points"] = (
+            e["precision"] >= ref["precision"] - TARGET_POINTS
+        )
+        checks[f"{key}: >= 10x faster"] = r["speedup"] >= TARGET_SPEEDUP
+    result = {"machine": machine(), "records": records, "checks": checks}
+    m = result["machine"]
+    md = [
+        "# embedtl audit: planted label errors and leaks",
+        "",
+        f"{m['date']}, {m['cpu']} ({m['cores']} cores). `python benchmarks/audit.py`.",
+        "",
+        "Label errors among the train rows (5-fold out-of-fold probabilities on the same stored "
+        "features, then `cleanlab.filter.find_label_issues` with its defaults):",
+        "",
+        "| data | flipped | embedtl P / R | reference P / R | embedtl s | reference s | speed-up |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        e, ref = r["embedtl"], r["reference"]
+        md.append(
+            f"| {r['dataset']} ({r['train_rows']} train rows, {r['image_size']} px) | "
+            f"{r['flip_rate']:.0%} ({e['planted']}) | {e['precision']:.3f} / {e['recall']:.3f} "
+            f"| {ref['precision']:.3f} / {ref['recall']:.3f} | {e['seconds']:.2f} | "
+            f"{ref['seconds']:.2f} | {r['speedup']:.1f}x |"
+        )
+    md += [
+        "",
+        "The whole audit (every labelled row, outliers, duplicates, map) and the planted copies "
+        "(1% of the images, re-encoded into test/) among its leaks:",
+        "",
+        "| data | flipped | audit s | label issues P / R (all splits) | leaks P / R (threshold) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in records:
+        au = r["audit"]
+        li, lk = au["label_issues_all_splits"], au["leaks"]
+        md.append(
+            f"| {r['dataset']} | {r['flip_rate']:.0%} | {au['seconds']:.1f} | "
+            f"{li['precision']:.3f} / {li['recall']:.3f} | {lk['precision']:.3f} / "
+            f"{lk['recall']:.3f} ({lk['planted']} copies, {au['dedup_threshold']}) |"
+        )
+    md += ["", "Checks: " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in checks.items())]
+    write_result("audit", result, "\n".join(md))
+    print("\n".join(md))
+    if a.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
