@@ -59,6 +59,20 @@ class Audit:
             return None
         return float((self.proba.argmax(1) == self.store.labels[self.rows]).mean())
 
+    def leaked(self) -> list[dict[str, Any]]:
+        """The members of groups that span splits outside train (each with its group's
+        ``keep``): the images of val or test with a near-copy in another split."""
+        return [
+            dict(m, keep=g["keep"])
+            for g in self.duplicates["cross_split"]
+            for m in g["members"]
+            if m["split"] != "train"
+        ]
+
+    def within_class(self) -> list[dict[str, Any]]:
+        """The members of near-duplicate groups inside one class and split."""
+        return [m for g in self.duplicates["within_class"] for m in g["members"]]
+
     def flagged(self) -> list[dict[str, Any]]:
         """Every flagged row once, with each reason and its score."""
         out: dict[int, dict[str, Any]] = {}
@@ -76,10 +90,8 @@ class Audit:
             )
         for r in self.outliers["rows"]:
             add(r, {"kind": "outlier", "score": r["score"]})
-        for g in self.duplicates["cross_split"]:
-            for m in g["members"]:
-                if m["split"] != "train":
-                    add(m, {"kind": "leak", "similarity": m["similarity"], "keep": g["keep"]})
+        for m in self.leaked():
+            add(m, {"kind": "leak", "similarity": m["similarity"], "keep": m["keep"]})
         return sorted(out.values(), key=lambda e: e["row"])
 
     def summary(self) -> dict[str, Any]:
@@ -95,9 +107,7 @@ class Audit:
             "oof_accuracy": self.oof_accuracy,
             "n_label_issues": len(self.label_issues),
             "n_outliers": len(self.outliers["rows"]),
-            "n_leaked_rows": sum(
-                m["split"] != "train" for g in self.duplicates["cross_split"] for m in g["members"]
-            ),
+            "n_leaked_rows": len(self.leaked()),
             "n_duplicate_groups": len(self.duplicates["cross_split"])
             + len(self.duplicates["within_class"]),
             "reviewed_skipped": self.reviewed,

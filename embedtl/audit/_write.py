@@ -64,17 +64,7 @@ def draw_map(audit: Audit):
         marks = [
             ("label issue", [r["row"] for r in audit.label_issues], "x", "black"),
             ("outlier", [r["row"] for r in audit.outliers["rows"]], "^", "red"),
-            (
-                "leak",
-                [
-                    m["row"]
-                    for g in audit.duplicates["cross_split"]
-                    for m in g["members"]
-                    if m["split"] != "train"
-                ],
-                "s",
-                "blue",
-            ),
+            ("leak", [m["row"] for m in audit.leaked()], "s", "blue"),
         ]
         for name, flagged, marker, color in marks:
             at = [pos[r] for r in flagged if r in pos]
@@ -145,13 +135,7 @@ def _balance_row(b: dict[str, Any]) -> str:
 
 def audit_html(audit: Audit, png: bytes) -> str:
     s = audit.summary()
-    leaked = [
-        dict(m, keep=g["keep"])
-        for g in audit.duplicates["cross_split"]
-        for m in g["members"]
-        if m["split"] != "train"
-    ]
-    within = [m for g in audit.duplicates["within_class"] for m in g["members"]]
+    leaked, within = audit.leaked(), audit.within_class()
     rows = "".join(_balance_row(b) for b in s["balance"])
     acc = s["oof_accuracy"]
     parts = [

@@ -119,10 +119,6 @@ def page_router(catalog: Catalog, config) -> APIRouter:
         def shown(recs):
             return [dict(r, store=e.id) for r in recs[:PAGE_ROWS]]
 
-        leaked = [
-            m for g in s["duplicates"]["cross_split"] for m in g["members"] if m["split"] != "train"
-        ]
-        within = [m for g in s["duplicates"]["within_class"] for m in g["members"]]
         return render(
             request,
             "audit.html",
@@ -130,8 +126,8 @@ def page_router(catalog: Catalog, config) -> APIRouter:
             s=s,
             issues=shown(s["label_issues"]),
             outliers=shown(s["outliers"]["rows"]),
-            leaked=shown(leaked),
-            within=shown(within),
+            leaked=shown(a.leaked()),
+            within=shown(a.within_class()),
         )
 
     @r.get("/heads/{head}", response_class=HTMLResponse)
