@@ -9,8 +9,9 @@ class, uniformly) and 1% of its images copied into the test split (re-encoded as
 
 On the same stored features, the train rows' out-of-fold probabilities come from
 
-- embedtl: :func:`embedtl.heads.out_of_fold_proba` (5 stratified folds, the linear head,
-  ``embedtl.audit.OOF_EPOCHS`` epochs, as `embedtl audit` runs it);
+- embedtl: :func:`embedtl.heads.out_of_fold_proba` (5 stratified folds) with the head
+  `embedtl audit` trains by default (``audit_head()``: linear, 40 epochs), and with
+  ``--head knn`` (k = 10) as a second row;
 - the reference: scikit-learn ``LogisticRegression(C=0.1, max_iter=3000)`` in
   ``cross_val_predict(..., cv=StratifiedKFold(5), method="predict_proba")``;
 
@@ -148,10 +149,9 @@ def issues(y: np.ndarray, p: np.ndarray) -> np.ndarray:
 
 def run(name: str, root: Path, size: int, threshold: float, work: Path) -> list[dict]:
     import embedtl
-    from embedtl.audit import OOF_EPOCHS, audit_store
-    from embedtl.heads import HeadConfig, out_of_fold_proba
+    from embedtl.audit import audit_head, audit_store
+    from embedtl.heads import out_of_fold_proba
 
-    cfg = HeadConfig(epochs=OOF_EPOCHS)  # as `embedtl audit` trains its folds
     copies = set(plant_copies(root))
     out = []
     for rate in RATES:
@@ -162,6 +162,7 @@ def run(name: str, root: Path, size: int, threshold: float, work: Path) -> list[
         y = store.labels[tr]
         x = store.features(rows=tr)
         paths = store.paths[tr].astype(str)
+        cfg = audit_head()  # the head `embedtl audit` trains by default
         # warm both (imports, first allocations) on a small subset
         small = tr[: min(len(tr), 200)]
         out_of_fold_proba(store, small, cfg, folds=2)
@@ -169,12 +170,18 @@ def run(name: str, root: Path, size: int, threshold: float, work: Path) -> list[
         t = time.perf_counter()
         ours = out_of_fold_proba(store, tr, cfg, folds=5)
         t_ours = time.perf_counter() - t
+        knn_cfg = audit_head("knn")
+        out_of_fold_proba(store, small, knn_cfg, folds=2)
+        t = time.perf_counter()
+        knn = out_of_fold_proba(store, tr, knn_cfg, folds=5)
+        t_knn = time.perf_counter() - t
         t = time.perf_counter()
         ref = reference_proba(x, y)
         t_ref = time.perf_counter() - t
         planted_train = {p for p in paths if p in flipped}
         ours_s = scores(set(paths[issues(y, ours)]), planted_train)
         ref_s = scores(set(paths[issues(y, ref)]), planted_train)
+        knn_s = scores(set(paths[issues(y, knn)]), planted_train)
         t = time.perf_counter()
         a = audit_store(store, threshold=threshold)
         t_audit = time.perf_counter() - t
@@ -191,9 +198,13 @@ def run(name: str, root: Path, size: int, threshold: float, work: Path) -> list[
             "rows": len(store),
             "train_rows": len(tr),
             "flip_rate": rate,
-            "embedtl": ours_s | {"seconds": round(t_ours, 3), "oof_accuracy": _acc(ours, y)},
-            "reference": ref_s | {"seconds": round(t_ref, 3), "oof_accuracy": _acc(ref, y)},
+            "embedtl": ours_s
+            | {"seconds": round(t_ours, 4), "oof_accuracy": _acc(ours, y), "head": cfg.kind},
+            "embedtl_knn": knn_s
+            | {"seconds": round(t_knn, 4), "oof_accuracy": _acc(knn, y), "head": "knn"},
+            "reference": ref_s | {"seconds": round(t_ref, 4), "oof_accuracy": _acc(ref, y)},
             "speedup": round(t_ref / t_ours, 2),
+            "speedup_knn": round(t_ref / t_knn, 2),
             "audit": {
                 "seconds": round(t_audit, 2),
                 "label_issues_all_splits": scores(audit_flags, flipped),
@@ -205,7 +216,8 @@ def run(name: str, root: Path, size: int, threshold: float, work: Path) -> list[
         print(
             f"{name} {rate:.0%}: embedtl P {ours_s['precision']:.3f} R {ours_s['recall']:.3f} "
             f"{t_ours:.1f}s; reference P {ref_s['precision']:.3f} R {ref_s['recall']:.3f} "
-            f"{t_ref:.1f}s; leaks {rec['audit']['leaks']}",
+            f"{t_ref:.1f}s; knn P {knn_s['precision']:.3f} R {knn_s['recall']:.3f} {t_knn:.3f}s; "
+            f"leaks {rec['audit']['leaks']}",
             file=sys.stderr,
         )
         out.append(rec)
@@ -250,13 +262,14 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for r in records:
-        e, ref = r["embedtl"], r["reference"]
-        md.append(
-            f"| {r['dataset']} ({r['train_rows']} train rows, {r['image_size']} px) | "
-            f"{r['flip_rate']:.0%} ({e['planted']}) | {e['precision']:.3f} / {e['recall']:.3f} "
-            f"| {ref['precision']:.3f} / {ref['recall']:.3f} | {e['seconds']:.2f} | "
-            f"{ref['seconds']:.2f} | {r['speedup']:.1f}x |"
-        )
+        ref = r["reference"]
+        for e, speed in ((r["embedtl"], r["speedup"]), (r["embedtl_knn"], r["speedup_knn"])):
+            md.append(
+                f"| {r['dataset']} ({r['train_rows']} train rows, {r['image_size']} px) | "
+                f"{r['flip_rate']:.0%} ({e['planted']}) | {e['head']} | {e['precision']:.3f} / "
+                f"{e['recall']:.3f} | {ref['precision']:.3f} / {ref['recall']:.3f} | "
+                f"{e['seconds']:.3f} | {ref['seconds']:.3f} | {speed:.1f}x |"
+            )
     md += [
         "",
         "The whole audit (every labelled row, outliers, duplicates, map) and the planted copies "

@@ -8,7 +8,16 @@ over out-of-fold probabilities of every labelled row, from the same head loop as
 through the store's index; leaks and duplicates from `dedup`.
 """
 
-from ._audit import OOF_EPOCHS, OUTLIER_K, Audit, audit_store
+from ._audit import OOF_EPOCHS, OUTLIER_K, Audit, audit_head, audit_store
 from ._write import draw_map, map_png, write_audit
 
-__all__ = ["OOF_EPOCHS", "OUTLIER_K", "Audit", "audit_store", "draw_map", "map_png", "write_audit"]
+__all__ = [
+    "OOF_EPOCHS",
+    "OUTLIER_K",
+    "Audit",
+    "audit_head",
+    "audit_store",
+    "draw_map",
+    "map_png",
+    "write_audit",
+]

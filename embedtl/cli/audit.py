@@ -50,7 +50,7 @@ def read_reviewed(files: tuple[str, ...]) -> set[str]:
     type=click.Choice(["linear", "mlp", "logreg", "knn"]),
     default="linear",
     show_default=True,
-    help="Head trained on each fold.",
+    help="Head of each fold (trained kinds: 40 epochs; knn: k = 10, no training).",
 )
 @click.option(
     "--threshold",
@@ -96,14 +96,13 @@ def audit_cmd(
     place of the flagged: `embedtl extract DATA_DIR --labels corrected_labels.csv` after review),
     map.png and audit.html. Finding issues is a success (exit 0).
     """
-    from ..audit import OOF_EPOCHS, audit_store, write_audit
-    from ..heads import HeadConfig
+    from ..audit import audit_head, audit_store, write_audit
 
     done = read_reviewed(reviewed)
     store = open_source(source, source_args(kw), want_progress(progress))
     a = audit_store(
         store,
-        HeadConfig(kind=kind, epochs=OOF_EPOCHS),
+        audit_head(kind),
         folds=folds,
         threshold=threshold,
         reviewed=done,
@@ -131,7 +130,7 @@ def audit_cmd(
     def human() -> None:
         acc = s["oof_accuracy"]
         click.echo(
-            f"audit     {s['rows']} images ({s['labelled']} labelled), {folds}-fold {kind} "
+            f"audit     {s['rows']} images ({s['labelled']} labelled), {folds}-fold {s['head']} "
             f"head: out-of-fold accuracy {'-' if acc is None else f'{acc:.4f}'}"
         )
         click.echo(f"labels    {s['n_label_issues']} likely label errors: {files['label_issues']}")
