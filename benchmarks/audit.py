@@ -258,8 +258,9 @@ def main() -> None:
         "Label errors among the train rows (5-fold out-of-fold probabilities on the same stored "
         "features, then `cleanlab.filter.find_label_issues` with its defaults):",
         "",
-        "| data | flipped | embedtl P / R | reference P / R | embedtl s | reference s | speed-up |",
-        "|---|---|---|---|---|---|---|",
+        "| data | flipped | embedtl head | embedtl P / R | reference P / R | embedtl s | "
+        "reference s | speed-up |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         ref = r["reference"]
