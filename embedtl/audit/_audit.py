@@ -269,7 +269,9 @@ def _label_issues(store, rows, cfg, folds, seed, device, memory_budget, done, pr
     p = p / p.sum(1, keepdims=True).clip(1e-12)
     remap = np.full(len(store.classes), -1, np.int64)
     remap[present] = np.arange(len(present))
-    ranked = find_label_issues(remap[y], p, return_indices_ranked_by="self_confidence")
+    # n_jobs=1: cleanlab's default forks a pool, and a fork of a process with threads (a
+    # server's, torch's) can hang in the child on a lock held at the fork (it did, in serve)
+    ranked = find_label_issues(remap[y], p, return_indices_ranked_by="self_confidence", n_jobs=1)
     issues = []
     for i in ranked:
         r = int(rows[i])

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ..data import SPLITS
 from ..engine import EngineOptions
 from ..errors import DataError, HeadError, NotFoundError
 from ._batcher import Batcher
@@ -24,15 +25,15 @@ __all__ = ["Catalog", "HeadEntry", "StoreEntry", "open_catalog"]
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 #: A store whose features take at most this many bytes is held in memory while serving (a
-#: search by a row then reads no file: 0.02 ms against ~16 ms for one row from HDF5).
+#: search by a row then reads no file: 0.1 ms against ~16 ms for one row from HDF5).
 RESIDENT_BYTES = 1 << 30
 
 
 @dataclass
 class StoreEntry:
-    """An opened store, its up-to-date index and the key of its backbone's model."""
+    """An opened store, its up-to-date index, and what the server computes of it on first use
+    (duplicates, the audit), kept in memory."""
 
     id: int
     name: str
@@ -41,7 +42,7 @@ class StoreEntry:
     resident: np.ndarray | None = None  # the features, in the store's dtype, when they fit
     _audit: Any = None  # (Audit, its map as PNG bytes), made on first use
     _dups: dict[float, dict[str, Any]] = field(default_factory=dict)
-    _dups_lock: threading.Lock = field(default_factory=threading.Lock)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def describe(self) -> dict[str, Any]:
         s = self.store.summary()
@@ -298,7 +299,7 @@ class Catalog:
         from ..dedup import DEFAULT_THRESHOLD, find_duplicates
 
         t = DEFAULT_THRESHOLD if threshold is None else float(threshold)
-        with entry._dups_lock:
+        with entry._lock:
             if t not in entry._dups:
                 entry._dups[t] = find_duplicates(entry.store, t, index=entry.index)
             return entry._dups[t]
@@ -308,7 +309,7 @@ class Catalog:
         kept in memory: nothing is written."""
         from ..audit import audit_store, map_png
 
-        with entry._dups_lock:
+        with entry._lock:
             if entry._audit is None:
                 a = audit_store(entry.store, index=entry.index)
                 entry._audit = (a, map_png(a))
