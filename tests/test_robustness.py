@@ -13,11 +13,9 @@ import os
 import pickle
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import h5py
@@ -30,6 +28,7 @@ from conftest import (
     TINY_SIZE,
     Paused,
     make_class_folder,
+    png_header_only,
     write_image,
 )
 from PIL import Image
@@ -46,19 +45,6 @@ TINY = ["--backbone", TINY_BACKBONE, "--image-size", str(TINY_SIZE), "--workers"
 
 # ------------------------------------------------------------------------------------------------
 # bad images
-
-
-def _png_header_only(w: int, h: int) -> bytes:
-    def chunk(t: bytes, d: bytes) -> bytes:
-        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
 
 
 def _encoded(im: Image.Image, fmt: str, **kw) -> bytes:
@@ -81,7 +67,7 @@ def _bad_files() -> dict[str, tuple[bytes, str]]:
         "truncated.png": (png[: len(png) // 2], "truncated"),
         "text.jpg": (b"this is not an image\n", "not an image"),
         "document.png": (b"%PDF-1.4\n1 0 obj <<>> endobj\n", "not an image"),
-        "bomb.png": (_png_header_only(100_000, 100_000), "decompression-bomb limit"),
+        "bomb.png": (png_header_only(100_000, 100_000), "decompression-bomb limit"),
         "fake.webp": (b"RIFF\x00\x00\x00\x00WEBPVP8 xxxx", "decoder"),
     }
 
@@ -718,11 +704,38 @@ def test_changed_files_size_mtime_and_content_hash(class_folder, cache_dir, tiny
 # unit checks of the pieces
 
 
+def test_decoding_in_threads_gives_pillow_its_bomb_limit_back():
+    """Threads decode side by side (a server's uploads): Pillow's limit, lifted while they run,
+    is back as it was after them (each thread saving and restoring it left it off)."""
+    import io
+    import threading
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(buf, "PNG")
+    data = buf.getvalue()
+    before = Image.MAX_IMAGE_PIXELS
+    start = threading.Barrier(8)
+
+    def decode_many():
+        start.wait()
+        for _ in range(200):
+            data_mod.decode_image(data)
+
+    threads = [threading.Thread(target=decode_many) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert before == Image.MAX_IMAGE_PIXELS
+
+
 def test_decode_errors_are_one_line_and_bomb_limit_is_configurable(monkeypatch):
     with pytest.raises(
         ImageDecodeError, match=r"declares 100000 x 100000 = 10,000 Mpx.*EMBEDTL_MAX_IMAGE_PIXELS"
     ):
-        data_mod.decode_image(_png_header_only(100_000, 100_000))
+        data_mod.decode_image(png_header_only(100_000, 100_000))
     small = _encoded(_noise(40, 30), "PNG")
     assert data_mod.decode_image(small).size == (40, 30)
     monkeypatch.setenv("EMBEDTL_MAX_IMAGE_PIXELS", "1000")

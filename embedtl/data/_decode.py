@@ -4,9 +4,11 @@ a content hash."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import threading
 from struct import error as struct_error
 
 import numpy as np
@@ -88,11 +90,9 @@ def decode_image(data: bytes, draft_size: int | None = None):
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
     limit = max_image_pixels()
-    pil_limit = Image.MAX_IMAGE_PIXELS
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _pil_limit_lifted(Image):
             warnings.simplefilter("ignore")  # bomb warnings (checked below), corrupt-EXIF notes
-            Image.MAX_IMAGE_PIXELS = None  # checked here, with the size in the message
             with Image.open(io.BytesIO(data)) as im:
                 if im.width * im.height > limit:
                     raise ImageDecodeError(_bomb_message(im.width, im.height, limit))
@@ -115,8 +115,31 @@ def decode_image(data: bytes, draft_size: int | None = None):
         raise ImageDecodeError(f"{type(e).__name__}: {e}") from e
     except MemoryError:
         raise ImageDecodeError("out of memory while decoding") from None
+
+
+_lift_lock = threading.Lock()
+_lifts = 0
+_saved_limit: int | None = None
+
+
+@contextlib.contextmanager
+def _pil_limit_lifted(Image):
+    """Pillow's own bomb limit off while decodes run (this module checks its own limit, with
+    the size in the message), and back as it was once the last one ends. Counted, because
+    threads decode side by side (a server's requests, the ONNX Runtime path's loader): a plain
+    save-and-restore in each left the limit off for good when two overlapped."""
+    global _lifts, _saved_limit
+    with _lift_lock:
+        if _lifts == 0:
+            _saved_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        _lifts += 1
+    try:
+        yield
     finally:
-        Image.MAX_IMAGE_PIXELS = pil_limit
+        with _lift_lock:
+            _lifts -= 1
+            if _lifts == 0:
+                Image.MAX_IMAGE_PIXELS = _saved_limit
 
 
 def _bomb_message(w: int, h: int, limit: int) -> str:
