@@ -13,7 +13,15 @@ from typing import Any
 
 from ._io import atomic_file, write_text
 
-__all__ = ["thumbnail", "search_html", "search_grid", "dedup_html"]
+__all__ = [
+    "dedup_html",
+    "html_caption",
+    "html_figure",
+    "html_page",
+    "search_grid",
+    "search_html",
+    "thumbnail",
+]
 
 THUMB = 160
 
@@ -55,7 +63,9 @@ figure.keep img{border:3px solid #26a}
 """
 
 
-def _page(title: str, body: list[str], size: int) -> str:
+def html_page(title: str, body: list[str], size: int) -> str:
+    """A self-contained page: ``title`` as its heading, then ``body``, styled for figures of
+    ``size`` px."""
     css = _CSS % (size, size, size)
     t = html.escape(title)
     return (
@@ -64,7 +74,8 @@ def _page(title: str, body: list[str], size: int) -> str:
     )
 
 
-def _figure(path: str, caption: str, cls: str = "", size: int = THUMB) -> str:
+def html_figure(path: str, caption: str, cls: str = "", size: int = THUMB) -> str:
+    """An image file as an inline JPEG thumbnail linking to it, over ``caption`` (HTML)."""
     href = html.escape(Path(path).as_uri() if Path(path).is_absolute() else path)
     return (
         f"<figure class='{cls}'><a href='{href}'>"
@@ -73,7 +84,7 @@ def _figure(path: str, caption: str, cls: str = "", size: int = THUMB) -> str:
     )
 
 
-def _caption(head: str, record: dict[str, Any]) -> str:
+def html_caption(head: str, record: dict[str, Any]) -> str:
     """``head``, then a result row's label, split and file name."""
     label = html.escape(str(record["label"] or "-"))
     name = html.escape(Path(record["path"]).name)
@@ -90,12 +101,12 @@ def search_html(
     body = []
     for r in results:
         q = r["query"]
-        figs = [_figure(q, f"<b>query</b><br>{html.escape(Path(q).name)}", "q", size)]
+        figs = [html_figure(q, f"<b>query</b><br>{html.escape(Path(q).name)}", "q", size)]
         for nb in r["neighbors"]:
-            cap = _caption(f"#{nb['rank']} <b>{nb['score']:.3f}</b>", nb)
-            figs.append(_figure(nb["path"], cap, "", size))
+            cap = html_caption(f"#{nb['rank']} <b>{nb['score']:.3f}</b>", nb)
+            figs.append(html_figure(nb["path"], cap, "", size))
         body.append(f"<h2>{html.escape(q)}</h2><div class='row'>{''.join(figs)}</div>")
-    return write_text(out, _page(title, body, size))
+    return write_text(out, html_page(title, body, size))
 
 
 def search_grid(
@@ -151,8 +162,8 @@ def dedup_html(
         for m in g["members"]:
             keep = m["path"] == g["keep"]
             head = "<b>keep</b>" if keep else f"<b>{m['similarity']:.3f}</b>"
-            cap = _caption(head, m)
-            figs.append(_figure(m["path"], cap, "keep" if keep else "", size))
+            cap = html_caption(head, m)
+            figs.append(html_figure(m["path"], cap, "keep" if keep else "", size))
         body.append(
             f"<h2>group {gi + 1}: {len(g['members'])} images, min "
             "similarity "
@@ -161,4 +172,4 @@ def dedup_html(
         )
     if len(groups) > limit:
         body.append(f"<p>{len(groups) - limit} more groups in the JSON report.</p>")
-    return write_text(out, _page("embedtl dedup", body, size))
+    return write_text(out, html_page("embedtl dedup", body, size))

@@ -117,7 +117,7 @@ def test_html_report_shows_the_flagged_images(flipped):
     root, labels, flips, opts = flipped
     out = run_json(["audit", str(root), *opts, "--labels", str(labels), "--out", "a"])
     page = Path(out["files"]["html"]).read_text()
-    assert page.count('<img src="data:image/jpeg;base64,') >= out["n_label_issues"]
+    assert page.count("<img src='data:image/jpeg;base64,") >= out["n_label_issues"]
     for path, wrong in flips.items():
         assert path.rsplit("/", 1)[-1] in page and f"{wrong} → {path.split('/')[0]}" in page
     assert 'src="data:image/png;base64,' in page  # the map, inline

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import io
 import shutil
-import struct
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_BACKBONE, TINY_SIZE, make_class_folder
+from conftest import TINY_BACKBONE, TINY_SIZE, make_class_folder, png_header_only
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -32,18 +30,6 @@ def _png(rgb=(200, 30, 30), size=(40, 30), seed=0) -> bytes:
     arr = np.clip(np.asarray(rgb)[None, None] + rng.normal(0, 25, (size[1], size[0], 3)), 0, 255)
     Image.fromarray(arr.astype(np.uint8)).save(buf, "PNG")
     return buf.getvalue()
-
-
-def bomb_png(width=100_000, height=100_000) -> bytes:
-    """A PNG header declaring width x height pixels, with almost no data behind it."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    idat = zlib.compress(b"\0" * 1024)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def _tree_state(*roots: Path) -> dict[str, tuple[int, int]]:
@@ -256,7 +242,7 @@ def test_search_several_files_one_broken_is_partial(client, served):
 )
 def test_search_errors_are_one_line_json(client, data, files, status):
     if files and files["file"][1] is None:
-        files = {"file": ("bomb.png", bomb_png())}
+        files = {"file": ("bomb.png", png_header_only(100_000, 100_000))}
     body = _error_shape(client.post("/api/search", data=data, files=files), status)
     if files and "bomb" in files["file"][0]:
         assert "decompression-bomb" in body["error"]

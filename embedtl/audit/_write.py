@@ -18,8 +18,9 @@ from ._audit import Audit
 
 __all__ = ["draw_map", "map_png", "write_audit"]
 
-#: Flagged images shown per kind in audit.html.
+#: Flagged images shown per kind in audit.html, and their size.
 HTML_PER_KIND = 48
+THUMB = 120
 
 
 def draw_map(audit: Audit):
@@ -93,37 +94,15 @@ def map_png(audit: Audit, dpi: int = 100) -> bytes:
     return buf.getvalue()
 
 
-def _thumb(path: Path, size: int = 120) -> str:
-    from ..gallery import thumbnail
-
-    buf = io.BytesIO()
-    thumbnail(path, size).save(buf, "JPEG", quality=80)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 def _tiles(audit: Audit, recs: list[dict[str, Any]], caption) -> str:
+    from ..gallery import html_caption, html_figure
+
     root = audit.store.root
-    out = []
-    for r in recs[:HTML_PER_KIND]:
-        cap = html.escape(caption(r))
-        name = html.escape(r["path"])
-        out.append(
-            f'<figure><img src="{_thumb(root / r["path"])}" alt="{name}" title="{name}">'
-            f"<figcaption><b>{cap}</b><br>{html.escape(str(r['label']))} · {r['split']}<br>"
-            f'<span class="p">{html.escape(r["path"].rsplit("/", 1)[-1])}</span></figcaption>'
-            "</figure>"
-        )
-    return '<div class="row">' + "".join(out) + "</div>" if out else "<p>None.</p>"
-
-
-_CSS = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
-h1{font-size:1.3em}h2{font-size:1.05em;margin-top:1.6em}
-.row{display:flex;flex-wrap:wrap;gap:8px}
-figure{margin:0;width:124px;font-size:11px;word-break:break-all}
-figure img{display:block;width:120px;height:120px;object-fit:contain;border:1px solid #ccc}
-.p{color:#777}table{border-collapse:collapse;font-size:13px}
-td,th{border:1px solid #ddd;padding:2px 8px;text-align:right}td:first-child{text-align:left}
-.meta{color:#666}"""
+    figs = [
+        html_figure(str(root / r["path"]), html_caption(html.escape(caption(r)), r), "", THUMB)
+        for r in recs[:HTML_PER_KIND]
+    ]
+    return "<div class='row'>" + "".join(figs) + "</div>" if figs else "<p>None.</p>"
 
 
 def _balance_row(b: dict[str, Any]) -> str:
@@ -133,25 +112,29 @@ def _balance_row(b: dict[str, Any]) -> str:
     return "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
 
 
-def audit_html(audit: Audit, png: bytes) -> str:
-    s = audit.summary()
+def audit_html(audit: Audit, png: bytes, s: dict[str, Any]) -> str:
+    """The report page; ``s``: the audit's :meth:`~Audit.summary`."""
+    from ..gallery import html_page
+
     leaked, within = audit.leaked(), audit.within_class()
     rows = "".join(_balance_row(b) for b in s["balance"])
     acc = s["oof_accuracy"]
     parts = [
-        f"<h1>Audit of {html.escape(str(audit.store.root))}</h1>",
         f'<p class="meta">{s["rows"]} images, {s["labelled"]} labelled; {s["folds"]}-fold '
         f"{html.escape(s['head'])} head, out-of-fold accuracy "
         f"{'-' if acc is None else f'{acc:.4f}'}; {s['n_label_issues']} likely label errors, "
         f"{s['n_outliers']} outliers, {s['n_leaked_rows']} images with a near-copy in another "
         f"split; {s['reviewed_skipped']} reviewed images not flagged again.</p>",
         '<img alt="map" src="data:image/png;base64,' + base64.b64encode(png).decode() + '">',
-        "<h2>Classes</h2><table><tr><th>class</th><th>images</th><th>share</th><th>train</th>"
-        f"<th>val</th><th>test</th><th>out-of-fold accuracy</th></tr>{rows}</table>",
+        "<h2>Classes</h2><table border='1' cellpadding='3'><tr><th>class</th><th>images</th>"
+        "<th>share</th><th>train</th><th>val</th><th>test</th><th>out-of-fold accuracy</th>"
+        f"</tr>{rows}</table>",
         "<h2>Likely label errors (cleanlab, most likely first; score: the held-out head's "
         "probability of the given label)</h2>",
         _tiles(
-            audit, audit.label_issues, lambda r: f"{r['given']} → {r['suggested']} {r['score']:.3f}"
+            audit,
+            audit.label_issues,
+            lambda r: f"{r['given']} → {r['suggested']} {r['score']:.3f}",
         ),
         f"<h2>Outliers (mean cosine distance to the {audit.outliers['k']} nearest images, above "
         f"{audit.outliers['fence']})</h2>",
@@ -161,10 +144,7 @@ def audit_html(audit: Audit, png: bytes) -> str:
         "<h2>Near-duplicates within a class</h2>",
         _tiles(audit, within, lambda r: f"sim {r['similarity']:.3f}"),
     ]
-    return (
-        '<!doctype html><html><head><meta charset="utf-8"><title>embedtl audit</title>'
-        f"<style>{_CSS}</style></head><body>" + "\n".join(parts) + "</body></html>"
-    )
+    return html_page(f"Audit of {audit.store.root}", parts, THUMB)
 
 
 def write_audit(audit: Audit, out: str | os.PathLike[str]) -> dict[str, str]:
@@ -178,7 +158,8 @@ def write_audit(audit: Audit, out: str | os.PathLike[str]) -> dict[str, str]:
         "map": out / "map.png",
         "html": out / "audit.html",
     }
-    write_text(files["json"], json.dumps(audit.summary(), indent=1, default=str))
+    summary = audit.summary()
+    write_text(files["json"], json.dumps(summary, indent=1, default=str))
     with atomic_file(files["label_issues"]) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["path", "given", "suggested", "score"])
@@ -191,5 +172,5 @@ def write_audit(audit: Audit, out: str | os.PathLike[str]) -> dict[str, str]:
     png = map_png(audit)
     with atomic_file(files["map"]) as tmp:
         Path(tmp).write_bytes(png)
-    write_text(files["html"], audit_html(audit, png))
+    write_text(files["html"], audit_html(audit, png, summary))
     return {k: str(v) for k, v in files.items()}

@@ -63,6 +63,17 @@ def index_options(f):
     )
 
 
+def index_args(kw: dict) -> dict:
+    """Pop :func:`index_options` out of a command's keyword arguments, as
+    :func:`embedtl.search.build_index` takes them."""
+    return {
+        "kind": kw.pop("index_type"),
+        "target_recall": kw.pop("target_recall"),
+        "path": kw.pop("index_file"),
+        "update": not kw.pop("no_update"),
+    }
+
+
 def _open(
     source: str,
     kw: dict,
@@ -75,16 +86,13 @@ def _open(
     and engine options (:class:`SourceArgs`) as the third."""
     from ..search import build_index
 
-    opts = {k: kw.pop(k) for k in ("index_type", "target_recall", "index_file", "no_update")}
+    opts = index_args(kw)
     args = source_args(kw)
     store = open_source(source, args, progress)
     ix = build_index(
         store,
-        kind=opts["index_type"],
         metric=metric,
-        target_recall=opts["target_recall"],
-        path=opts["index_file"],
-        update=not opts["no_update"],
+        **opts,
         rebuild=rebuild,
         parts=parts,
         progress=progress,

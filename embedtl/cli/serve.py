@@ -15,7 +15,7 @@ from ._base import (
     split_options,
     want_progress,
 )
-from .search import index_options
+from .search import index_args, index_options
 
 
 def _serve_options(f):
@@ -130,12 +130,7 @@ def serve_cmd(
     check_exposure(config)  # before minutes of extraction, not after
     if not sources and not heads:
         raise click.UsageError("give at least one DATA_DIR, STORE or --head HEAD to serve")
-    index_args = {
-        "kind": kw.pop("index_type"),
-        "target_recall": kw.pop("target_recall"),
-        "path": kw.pop("index_file"),
-        "update": not kw.pop("no_update"),
-    }
+    build = index_args(kw)
     args = source_args(kw)
     catalog = open_catalog(
         sources,
@@ -143,7 +138,7 @@ def serve_cmd(
         backbone=args.backbone,
         options=args.options,
         extract_args=args.extract,
-        index_args=index_args,
+        index_args=build,
         max_batch=max_batch,
         max_wait=batch_wait_ms / 1000,
         progress=want_progress(progress),

@@ -4,7 +4,6 @@ built once, and the weights' preprocessing, with images as bytes in and rows out
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,25 +38,13 @@ class Embedder:
     ) -> None:
         opts = EngineOptions.of(options, **settings)
         self.spec = get_backbone(spec, image_size=opts.image_size)
-        self.stages: dict[str, float] = {}
-        self._engine = _engine(
-            self.spec, opts, AUTO_ONNX_MIN_IMAGES, onnx, self.stages, spinning=False
-        )
+        self._engine = _engine(self.spec, opts, AUTO_ONNX_MIN_IMAGES, onnx, spinning=False)
         self.transform = ImageTransform(self.spec.preprocess)
         self._lock = threading.Lock()
 
     @property
     def runtime(self) -> str:
         return self._engine.runtime
-
-    @property
-    def device(self) -> str:
-        return self._engine.device
-
-    @property
-    def batch_size(self) -> int:
-        """The engine's batch for this device and runtime (a bound for callers that batch)."""
-        return self._engine.batch_size
 
     def decode(self, data: bytes) -> np.ndarray:
         """Image bytes -> uint8 (3, crop, crop): decoded, resized and cropped as in extraction.
@@ -67,12 +54,6 @@ class Embedder:
     def __call__(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """The model's output (B, D) float32 for decoded images (:meth:`decode`), one pass."""
         x = np.stack(images)
-        t0 = time.perf_counter()
         with self._lock:
             out, _ = self._engine.model.submit(x).result()
-        self.stages["model"] = self.stages.get("model", 0.0) + time.perf_counter() - t0
         return np.asarray(out, np.float32)
-
-    def summary(self) -> dict[str, Any]:
-        """How the model runs (runtime, device, precision, ...), as extraction records it."""
-        return {**self._engine.summary(), "reason": self._engine.final_reason()}

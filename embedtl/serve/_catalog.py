@@ -87,7 +87,7 @@ class HeadEntry:
             "trained": {  # as fit-head measured them
                 k: meta.get("metrics", {}).get(k) for k in ("val_accuracy", "test_accuracy")
             },
-            "evaluated": {s: e.metrics()["accuracy"] for s, e in self.evaluations.items()},
+            "evaluated": {s: e.accuracy for s, e in self.evaluations.items()},
         }
 
 
