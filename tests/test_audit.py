@@ -171,12 +171,44 @@ def test_out_of_fold_probabilities_never_see_their_row(tmp_path):
     rows = np.arange(len(s))
     knn1 = out_of_fold_proba(s, rows, HeadConfig(kind="knn", k=1), folds=4)
     lin = out_of_fold_proba(s, rows, HeadConfig(kind="linear"), folds=4)
-    for p in (knn1, lin):
+    lr = out_of_fold_proba(s, rows, HeadConfig(kind="logreg", C=100.0), folds=4)
+    for p in (knn1, lin, lr):
         assert p.shape == (120, 3) and np.allclose(p.sum(1), 1, atol=1e-4)
         assert (p.argmax(1) == s.labels).mean() < 0.5  # chance is 1/3; a seen row would be 1.0
     sep = synthetic_store(tmp_path / "t.h5", n_per_class=(40, 40, 40), dim=64, separation=4.0)
     good = out_of_fold_proba(sep, rows, HeadConfig(kind="linear"), folds=4)
     assert (good.argmax(1) == sep.labels).mean() > 0.95
+
+
+@pytest.mark.parametrize(
+    ("n_per_class", "dim"),
+    [((30, 25, 35), 256), ((150, 130, 120), 24), ((40, 35), 200), ((150, 120), 16)],
+    ids=["rows<dims", "rows>dims", "binary rows<dims", "binary rows>dims"],
+)
+def test_logreg_out_of_fold_is_scikit_learns_model(tmp_path, monkeypatch, n_per_class, dim):
+    """All folds solved at once, in the rows' span when they are fewer than the dimensions:
+    the probabilities of scikit-learn's LogisticRegression fitted fold by fold."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import PredefinedSplit, cross_val_predict
+
+    from embedtl.data import stratified_folds
+    from embedtl.heads import HeadConfig, _oof, out_of_fold_proba
+
+    sep = 3 / np.sqrt(dim)  # centres ~4 apart: the classes overlap a little
+    s = synthetic_store(tmp_path / "s.h5", n_per_class=n_per_class, dim=dim, separation=sep)
+    rows = np.arange(len(s))
+    x, y = s.features(rows=rows), s.labels.astype(np.int64)
+    x = (x - x.mean(0)) / x.std(0)
+    cv = PredefinedSplit(stratified_folds(y, 5, 0))
+    lr = LogisticRegression(C=0.1, tol=1e-8, max_iter=10_000)
+    ref = cross_val_predict(lr, x, y, cv=cv, method="predict_proba")
+    cfg = HeadConfig(kind="logreg", C=0.1)
+    default = out_of_fold_proba(s, rows, cfg, folds=5)
+    assert np.abs(default - ref).max() < 0.05  # at the audit's tolerance
+    monkeypatch.setattr(_oof, "LOGREG_TOL", 1e-8)
+    exact = out_of_fold_proba(s, rows, cfg, folds=5)
+    assert np.abs(exact - ref).max() < 2e-3
+    assert 0.5 < (exact.argmax(1) == y).mean() < 0.97  # learnt, not trivially
 
 
 def test_audit_refuses_more_folds_than_a_class_has(flipped):
