@@ -181,11 +181,19 @@ def test_out_of_fold_probabilities_never_see_their_row(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("n_per_class", "dim"),
-    [((30, 25, 35), 256), ((150, 130, 120), 24), ((40, 35), 200), ((150, 120), 16)],
-    ids=["rows<dims", "rows>dims", "binary rows<dims", "binary rows>dims"],
+    ("n_per_class", "dim", "class_weight"),
+    [
+        ((30, 25, 35), 256, None),
+        ((150, 130, 120), 24, None),
+        ((40, 35), 200, None),
+        ((150, 120), 16, None),
+        ((60, 20, 35), 24, "balanced"),
+    ],
+    ids=["rows<dims", "rows>dims", "binary rows<dims", "binary rows>dims", "balanced"],
 )
-def test_logreg_out_of_fold_is_scikit_learns_model(tmp_path, monkeypatch, n_per_class, dim):
+def test_logreg_out_of_fold_is_scikit_learns_model(
+    tmp_path, monkeypatch, n_per_class, dim, class_weight
+):
     """All folds solved at once, in the rows' span when they are fewer than the dimensions:
     the probabilities of scikit-learn's LogisticRegression fitted fold by fold."""
     from sklearn.linear_model import LogisticRegression
@@ -200,9 +208,9 @@ def test_logreg_out_of_fold_is_scikit_learns_model(tmp_path, monkeypatch, n_per_
     x, y = s.features(rows=rows), s.labels.astype(np.int64)
     x = (x - x.mean(0)) / x.std(0)
     cv = PredefinedSplit(stratified_folds(y, 5, 0))
-    lr = LogisticRegression(C=0.1, tol=1e-8, max_iter=10_000)
+    lr = LogisticRegression(C=0.1, tol=1e-8, max_iter=10_000, class_weight=class_weight)
     ref = cross_val_predict(lr, x, y, cv=cv, method="predict_proba")
-    cfg = HeadConfig(kind="logreg", C=0.1)
+    cfg = HeadConfig(kind="logreg", C=0.1, class_weight=class_weight)
     default = out_of_fold_proba(s, rows, cfg, folds=5)
     assert np.abs(default - ref).max() < 0.05  # at the audit's tolerance
     monkeypatch.setattr(_oof, "LOGREG_TOL", 1e-8)

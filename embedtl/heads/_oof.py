@@ -115,7 +115,7 @@ def _logreg_direct(data, rows, labels, fold, cfg, n_classes: int) -> np.ndarray:
     with _blas_threads().limit(limits=threads, user_api="blas"):
         if len(x) < x.shape[1]:
             x = _row_space(x)
-        p = _fold_softmax(x, y, fold, len(present), C, cfg.max_iter)
+        p = _fold_softmax(x, y, fold, len(present), C, cfg.max_iter, cfg.class_weight)
     out = np.zeros((len(rows), n_classes), np.float32)
     out[:, present] = p
     return out
@@ -150,10 +150,14 @@ def _norm_of(cfg, x: np.ndarray):
     return norm
 
 
-def _fold_softmax(z, y, fold, n_classes: int, C: float, max_iter: int) -> np.ndarray:
+def _fold_softmax(
+    z, y, fold, n_classes: int, C: float, max_iter: int, class_weight: str | None = None
+) -> np.ndarray:
     """(n, C) probabilities of each row from the L2-penalised softmax regression fitted on the
     rows of the other folds (``z``: (n, r) features), all folds as one problem. Every array
-    is laid out (row, fold, class), so each step is two matrix products and no transpose."""
+    is laid out (row, fold, class), so each step is two matrix products and no transpose.
+    ``class_weight="balanced"``: rows weighted n_f / (C n_fc) by their fold's class counts,
+    as scikit-learn weights them (the weights sum to n_f: the penalty is unchanged)."""
     from scipy.optimize import minimize
 
     n, r = z.shape
@@ -162,7 +166,11 @@ def _fold_softmax(z, y, fold, n_classes: int, C: float, max_iter: int) -> np.nda
     rows = np.arange(n)
     train = fold[:, None] != np.arange(k)[None, :]  # (n, k)
     n_fold = train.sum(0).clip(1)
-    weight = (train / n_fold).astype(dtype)  # (n, k): each fold's mean over its own rows
+    weight = train / n_fold  # (n, k): each fold's mean over its own rows
+    if class_weight == "balanced":
+        counts = np.stack([np.bincount(y[train[:, f]], minlength=c) for f in range(k)])  # (k, c)
+        weight = weight * (n_fold[:, None] / (c * counts.clip(1)))[:, y].T
+    weight = weight.astype(dtype)
     decay = np.repeat(1.0 / (C * n_fold), c).astype(dtype)[:, None]  # (k*c, 1)
     split = k * c * r
 
