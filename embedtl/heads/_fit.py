@@ -19,10 +19,18 @@ from ..report import Evaluation
 from ._config import HeadConfig
 from ._data import Split, StoreFeatures, Streamed
 from ._head import Head
-from ._modules import HeadModule, build_module
+from ._modules import FeatureNorm, HeadModule, build_module
 from ._train import TrainResult, patience_epochs, train
 
-__all__ = ["evaluate_head", "evaluate_split", "fit_head", "fit_module", "fit_modules", "train_rows"]
+__all__ = [
+    "evaluate_head",
+    "evaluate_split",
+    "fit_head",
+    "fit_module",
+    "fit_modules",
+    "fit_norm",
+    "train_rows",
+]
 
 log = logging.getLogger(__name__)
 
@@ -187,17 +195,22 @@ def fit_modules(
     return [(_fit_logreg(c, x, y, n_classes), None) for c in configs]
 
 
+def fit_norm(norm: FeatureNorm, x: np.ndarray) -> np.ndarray:
+    """``x`` (n, D) float32 normalised by ``norm``, its moments first set from ``x`` when it
+    standardises: the logistic regressions' normalisation (the head's and the audit's)."""
+    if norm.mode == "standardize":
+        norm.mean.copy_(torch.from_numpy(x.mean(0)))
+        norm.std.copy_(torch.from_numpy(np.maximum(x.std(0), 1e-6)))
+    with torch.no_grad():
+        return norm(torch.from_numpy(x)).numpy()
+
+
 def _fit_logreg(cfg: HeadConfig, x: np.ndarray, y: np.ndarray, n_classes: int) -> HeadModule:
     """scikit-learn's LogisticRegression (lbfgs) on the normalised features, as a linear head."""
     from sklearn.linear_model import LogisticRegression
 
     module = build_module(cfg, x.shape[1], n_classes)
-    if cfg.normalization == "standardize":
-        mean, std = x.mean(0), x.std(0)
-        module.norm.mean.copy_(torch.from_numpy(mean))
-        module.norm.std.copy_(torch.from_numpy(np.maximum(std, 1e-6)))
-    with torch.no_grad():
-        xn = module.norm(torch.from_numpy(x)).numpy()
+    xn = fit_norm(module.norm, x)
     clf = LogisticRegression(
         C=cfg.C, max_iter=cfg.max_iter, class_weight=cfg.class_weight, random_state=cfg.seed
     )

@@ -16,7 +16,8 @@ from ..data import stratified_folds
 from ..errors import DataError
 from ._config import HeadConfig
 from ._data import StoreFeatures
-from ._fit import fit_module
+from ._fit import fit_module, fit_norm
+from ._modules import FeatureNorm
 
 __all__ = ["out_of_fold_proba"]
 
@@ -26,12 +27,12 @@ log = logging.getLogger(__name__)
 #: rows' float32 features fit this (otherwise fold by fold, streaming).
 DIRECT_BYTES = 1 << 30
 #: Below this many rows an L-BFGS problem is too small for BLAS threads to pay: one thread
-#: (170 Tux Paint rows: 60 ms with two threads contending, 15 ms with one).
+#: (the 170 Tux Paint rows: 115 ms with two threads contending, 20 ms with one).
 _ONE_THREAD_ROWS = 2048
 #: L-BFGS stops when no gradient entry of the folds' mean loss exceeds this. scikit-learn's
-#: 1e-4 took 2-3x the time for the same flags: cleanlab's precision / recall on the planted
-#: flips of benchmarks/audit.py moved by at most 0.05 from 1e-4 to 3e-3 (at 1e-2, Tux Paint
-#: 10% lost 0.2 of precision); 1e-3 keeps a 3x margin from that edge.
+#: 1e-4 took 2-3x the time on Fashion-MNIST for the same flags: cleanlab's precision / recall
+#: on the planted flips of benchmarks/audit.py moved by at most 0.05 from 1e-4 to 3e-3 (at
+#: 1e-2, Tux Paint 10% lost 0.2 of precision); 1e-3 keeps a 3x margin from that edge.
 LOGREG_TOL = 1e-3
 
 
@@ -104,9 +105,7 @@ def _logreg_direct(data, rows, labels, fold, cfg, n_classes: int) -> np.ndarray:
     Features are normalised as the head normalises them, with the moments of all ``rows``
     (no labels: a fold's standardisation sees its held-out features, not their labels)."""
     x = np.concatenate(list(data.iter_read(rows)))
-    norm = _norm_of(cfg, x)
-    with torch.no_grad():
-        x = norm(torch.from_numpy(x)).numpy()
+    x = fit_norm(FeatureNorm(cfg.normalization, x.shape[1]), x)
     present, y = np.unique(labels, return_inverse=True)  # classes without rows: probability 0
     # scikit-learn fits two classes with one weight vector w, penalised ||w||^2 / 2C; softmax's
     # two (w / 2 and -w / 2 at the optimum) are penalised half as much: C / 2 is the same model
@@ -137,17 +136,6 @@ def _blas_threads():
     from threadpoolctl import ThreadpoolController
 
     return ThreadpoolController()
-
-
-def _norm_of(cfg, x: np.ndarray):
-    """The head's feature normalisation, standardising with the moments of ``x``."""
-    from ._modules import FeatureNorm
-
-    norm = FeatureNorm(cfg.normalization, x.shape[1])
-    if cfg.normalization == "standardize":
-        norm.mean.copy_(torch.from_numpy(x.mean(0)))
-        norm.std.copy_(torch.from_numpy(np.maximum(x.std(0), 1e-6)))
-    return norm
 
 
 def _fold_softmax(
