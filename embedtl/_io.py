@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,6 +18,7 @@ __all__ = [
     "pause_point",
     "PAUSE_ENV",
     "CACHE_ENV",
+    "check_outputs",
     "default_cache_dir",
 ]
 
@@ -148,6 +149,52 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
             tmp.rename(path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+
+
+def check_outputs(
+    outputs: dict[str, str | os.PathLike[str] | None],
+    reads: Iterable[str | os.PathLike[str]] = (),
+    protected: Iterable[str | os.PathLike[str]] = (),
+) -> None:
+    """Refuse, before any work, outputs that would be written over what a command reads or
+    keeps: ``outputs`` maps how the user named each output (``--out``, ``the sidecar of OUT``)
+    to its path (None: not written). An output may not be another output, one of ``reads``
+    (files; or folders, whose existing files are theirs), a ``protected`` file or a file
+    directly in a ``protected`` folder (a head's, a store's), or an HDF5 file (a feature store
+    or an index). Raises :class:`UsageError` naming both."""
+    from .errors import UsageError
+
+    def key(p: str | os.PathLike[str]) -> Path:
+        return Path(os.path.abspath(Path(p).expanduser()))
+
+    seen: dict[Path, str] = {}
+    for name, p in outputs.items():
+        if p is None:
+            continue
+        k = key(p)
+        if k in seen:
+            raise UsageError(f"{seen[k]} and {name} name the same file {p}: give them two paths")
+        seen[k] = name
+        for r in map(key, reads):
+            if k == r or (r.is_dir() and k.is_relative_to(r) and k.exists()):
+                what = "is" if k == r else "is a file of"
+                raise UsageError(f"{name} {p} {what} an input ({r}): write it elsewhere")
+        for q in map(key, protected):
+            if k == q or (q.is_dir() and k.parent == q and k.exists()):
+                raise UsageError(f"{name} {p} would write over a file of {q}: write it elsewhere")
+        if k.is_file() and _starts_with(k, _HDF5_MAGIC):
+            raise UsageError(f"{name} {p} is an HDF5 file (a feature store?): write it elsewhere")
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(magic)) == magic
+    except OSError:
+        return False
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> Path:

@@ -12,6 +12,11 @@ class EmbedTLError(Exception):
     """Base class of every error embedtl raises on purpose."""
 
 
+class UsageError(EmbedTLError):
+    """Arguments that cannot work together: an output that would overwrite an input or another
+    output, an option that does not apply to what it was given (the CLI exits 2)."""
+
+
 class BackboneError(EmbedTLError):
     """An unknown backbone name, or a spec that cannot be built."""
 
@@ -30,7 +35,14 @@ class ImageDecodeError(DataError):
 
 
 class StoreError(EmbedTLError):
-    """A feature store is missing, unreadable, of an unknown format, or inconsistent."""
+    """A feature store is missing, unreadable, of an unknown format, or inconsistent.
+
+    ``reason`` is what is wrong; ``advice``, when given, what to do about it (the message is
+    both: a caller that already does it, e.g. rebuilds the store, shows the reason alone)."""
+
+    def __init__(self, reason: str, advice: str | None = None) -> None:
+        super().__init__(f"{reason}: {advice}" if advice else reason)
+        self.reason, self.advice = reason, advice
 
 
 class StoreLockedError(StoreError):

@@ -3,6 +3,7 @@ single process would have written: by copying, or as an HDF5 virtual dataset ove
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
@@ -20,6 +21,8 @@ from ._store import FeatureStore
 from ._write import write_store
 
 __all__ = ["MergeResult", "merge_shards", "merge_stores", "remove_shards"]
+
+log = logging.getLogger(__name__)
 
 
 _SHARD_NAME = re.compile(r"^(?P<stem>.+)\.shard-(?P<i>\d+)-of-(?P<n>\d+)\.h5$")
@@ -40,11 +43,15 @@ def merge_stores(
     shards: Sequence[str | os.PathLike[str]],
     out: str | os.PathLike[str] | None = None,
     virtual: bool = False,
+    partial: bool = False,
 ) -> FeatureStore:
     """Join shard stores (``extract(..., shard=(i, n))``) of one folder and backbone into one.
 
     The result is the store a single process would have written (sorted rows, the same file
-    name without ``.shard-i-of-n``), so a later ``extract`` of the folder is a cache hit.
+    name without ``.shard-i-of-n``), so a later ``extract`` of the folder is a cache hit. The
+    shards must be all ``n`` of one ``--shard I/N`` run: a set that misses some (whose merge
+    would replace the folder's store with part of its rows) is refused, naming the missing
+    ones, unless ``partial``.
 
     By default the features are copied into the one file. ``virtual=True`` writes an HDF5
     virtual dataset instead: the merged store reads its features from the shard files, which
@@ -91,6 +98,15 @@ def merge_stores(
     dup = next((a[0] for a, b in zip(order, order[1:], strict=False) if a[0] == b[0]), None)
     if dup is not None:
         raise StoreError(f"{dup} is in more than one of the stores to merge")
+    missing = _missing_shards(stores)
+    if missing and not partial:
+        raise StoreError(
+            f"{missing}: merging the rest would replace the store of {ref.root} with part of "
+            "its rows; give every shard (`embedtl extract --shard I/N` writes the missing "
+            "ones), or --partial to merge these alone"
+        )
+    if missing:
+        log.warning("%s: merged without them (--partial)", missing)
 
     def col(name: str, k: int, r: int):
         return getattr(stores[k], name)[r]
@@ -140,6 +156,30 @@ def merge_stores(
     with store_lock(out):
         write_store(out, rows, ref.dim, ref.dtype, fill, attrs, virtual_layout=layout)
     return FeatureStore(out)
+
+
+def _missing_shards(stores: list[FeatureStore]) -> str | None:
+    """What the set of ``stores`` lacks to be every shard of one ``--shard I/N`` run, or None."""
+    have: dict[int, set[int]] = {}
+    for s in stores:
+        m = re.fullmatch(r"(\d+)/(\d+)", str(s.metadata.get("shard") or ""))
+        if m is None:
+            return f"{s.path.name} is not a shard (a store `embedtl extract --shard I/N` wrote)"
+        have.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
+    if len(have) > 1:
+        counts = " and ".join(f"of {n}" for n in sorted(have))
+        return f"the stores are shards of runs of different sizes ({counts})"
+    (n, got), *_ = have.items()
+    lack = sorted(set(range(n)) - got)
+    if not lack:
+        return None
+    stem = _SHARD_NAME.match(stores[0].path.name)
+    names = ", ".join(
+        f"{i}/{n}" + (f" ({stem.group('stem')}.shard-{i}-of-{n}.h5)" if stem else "")
+        for i in lack[:4]
+    )
+    more = f" and {len(lack) - 4} more" if len(lack) > 4 else ""
+    return f"{len(got)} of {n} shards given: missing {names}{more}"
 
 
 def _virtual_layout(stores: list[FeatureStore], order: list, out: Path):
@@ -196,11 +236,12 @@ def merge_shards(
     out: str | os.PathLike[str] | None = None,
     virtual: bool = False,
     keep: bool = False,
+    partial: bool = False,
 ) -> MergeResult:
     """:func:`merge_stores`, timed, then the shards removed (their rows are in the merged store
     now) unless ``keep`` or ``virtual`` (a virtual merge reads them)."""
     t0 = time.perf_counter()
-    merged = merge_stores(shards, out, virtual=virtual)
+    merged = merge_stores(shards, out, virtual=virtual, partial=partial)
     seconds = time.perf_counter() - t0
     if not (keep or virtual):
         remove_shards(shards, keep=merged.path)

@@ -19,7 +19,7 @@ def _read_str(f, key: str, path: Path) -> np.ndarray:
     try:
         ds = f[key]
     except KeyError:
-        raise StoreError(f"{path}: missing dataset /{key}: {rebuild_advice(path)}") from None
+        raise StoreError(f"{path}: missing dataset /{key}", advice=rebuild_advice(path)) from None
     return read_strings(ds)
 
 
@@ -27,7 +27,7 @@ def _read_num(f, key: str, path: Path, dtype) -> np.ndarray:
     try:
         return np.asarray(f[key][()], dtype=dtype)
     except KeyError:
-        raise StoreError(f"{path}: missing dataset /{key}: {rebuild_advice(path)}") from None
+        raise StoreError(f"{path}: missing dataset /{key}", advice=rebuild_advice(path)) from None
 
 
 def file_identity(f, path: Path) -> dict[str, int]:
@@ -50,14 +50,16 @@ class Rows:
         self.f, self.path = f, path
         for key in ("paths", "splits"):
             if key not in f:
-                raise StoreError(f"{path}: missing dataset /{key}: {rebuild_advice(path)}")
+                raise StoreError(f"{path}: missing dataset /{key}", advice=rebuild_advice(path))
         self.n = int(f["paths"].shape[0])
         self.labels = _read_num(f, "labels", path, np.int32)
         self.sizes = _read_num(f, "sizes", path, np.int64)
         self.mtimes_ns = _read_num(f, "mtimes_ns", path, np.int64)
         lengths = {len(self.labels), len(self.sizes), len(self.mtimes_ns), f["splits"].shape[0]}
         if lengths != {self.n}:
-            raise StoreError(f"{path}: its row columns differ in length: {rebuild_advice(path)}")
+            raise StoreError(
+                f"{path}: its row columns differ in length", advice=rebuild_advice(path)
+            )
         self.n_failed = int(f["failed/paths"].shape[0]) if "failed/paths" in f else 0
         self._paths = self._splits = self._codes = self._hashes = self._failed = None
 
@@ -70,8 +72,8 @@ class Rows:
             raise
         except (OSError, RuntimeError, KeyError, ValueError, TypeError, UnicodeDecodeError) as e:
             raise StoreError(
-                f"{self.path} is a damaged feature store ({h5_reason(e)}): "
-                f"{rebuild_advice(self.path)}"
+                f"{self.path} is a damaged feature store ({h5_reason(e)})",
+                advice=rebuild_advice(self.path),
             ) from None
 
     @property

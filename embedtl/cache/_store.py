@@ -12,6 +12,7 @@ h5py's ``.asstr(errors="surrogateescape")``), so every file can be found again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -56,7 +57,7 @@ class FeatureStore:
             f = h5py.File(self.path, "r")
         except OSError as e:
             raise StoreError(
-                f"{self.path} is not a readable HDF5 file ({h5_reason(e)}): {self._advice}"
+                f"{self.path} is not a readable HDF5 file ({h5_reason(e)})", advice=self._advice
             ) from None
         try:
             self._attrs = _read_attrs(f, self.path)
@@ -65,7 +66,7 @@ class FeatureStore:
             self._shape = tuple(feats.shape)
             self._h5dtype = feats.dtype
             if len(self._shape) != 2:
-                raise StoreError(f"{self.path}: /features is not a 2-D array: {self._advice}")
+                raise StoreError(f"{self.path}: /features is not a 2-D array", advice=self._advice)
             if feats.is_virtual:
                 for vs in feats.virtual_sources():
                     src = self.path.parent / vs.file_name
@@ -78,7 +79,8 @@ class FeatureStore:
             if self._shape[0] != self._rows.n:
                 raise StoreError(
                     f"{self.path}: /features has {self._shape[0]} rows but /paths "
-                    f"has {self._rows.n}: {self._advice}"
+                    f"has {self._rows.n}",
+                    advice=self._advice,
                 )
             self._identity = file_identity(f, self.path)
         except StoreError:
@@ -95,7 +97,7 @@ class FeatureStore:
         ) as e:
             f.close()
             raise StoreError(
-                f"{self.path} is a damaged feature store ({h5_reason(e)}): {self._advice}"
+                f"{self.path} is a damaged feature store ({h5_reason(e)})", advice=self._advice
             ) from None
         self._file = f
         #: Set by :func:`embedtl.extract` on the store it returns: what that run did.
@@ -140,7 +142,7 @@ class FeatureStore:
             return out
         except (OSError, RuntimeError, ValueError) as e:  # HDF5 on damaged bytes
             raise StoreError(
-                f"cannot read the features of {self.path} ({h5_reason(e)}): {self._advice}"
+                f"cannot read the features of {self.path} ({h5_reason(e)})", advice=self._advice
             ) from None
 
     # -- metadata ---------------------------------------------------------------------------
@@ -227,6 +229,23 @@ class FeatureStore:
         """The opened file's inode, size and mtime: a store is only ever replaced whole, so an
         equal identity means the same rows (a cheap up-to-date check for what is built on it)."""
         return dict(self._identity)
+
+    def rows_digest(self) -> str:
+        """A digest of the rows (paths, sizes, mtimes, in store order): equal digests mean the
+        same files as extracted (what an index saved with it describes)."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update("\0".join(self.paths.tolist()).encode("utf-8", "surrogateescape"))
+        h.update(np.ascontiguousarray(self.sizes, np.int64).tobytes())
+        h.update(np.ascontiguousarray(self.mtimes_ns, np.int64).tobytes())
+        return h.hexdigest()
+
+    def split_digest(self) -> str:
+        """A digest of the split: which path is in train, val and test (equal digests, the same
+        assignment of the same rows)."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update("\0".join(self.paths.tolist()).encode("utf-8", "surrogateescape"))
+        h.update(self._rows.split_codes().tobytes())
+        return h.hexdigest()
 
     def path_at(self, row: int) -> str:
         """The path of one row (read alone while the paths are not loaded)."""
@@ -324,7 +343,7 @@ class FeatureStore:
                 block = ds[start : start + len(sel)]  # (<= chunk_rows, D), one contiguous read
             except (OSError, RuntimeError, ValueError) as e:  # HDF5 on damaged bytes
                 raise StoreError(
-                    f"cannot read the features of {self.path} ({h5_reason(e)}): {self._advice}"
+                    f"cannot read the features of {self.path} ({h5_reason(e)})", advice=self._advice
                 ) from None
             rows = np.flatnonzero(sel) + start
             yield rows, _convert(block[sel] if not sel.all() else block, dtype)

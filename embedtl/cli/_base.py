@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from ..backbones import DEFAULT_BACKBONE, MIN_IMAGE_SIZE
-from ..errors import EmbedTLError
+from ..errors import EmbedTLError, UsageError
 
 _DEBUG_ENV = "EMBEDTL_DEBUG"
 #: Exit statuses (ARCHITECTURE.md, "CLI surface"; README, "Exit codes"): 0 success, 1 an error,
@@ -78,6 +78,10 @@ class EmbedTLGroup(click.Group):
             KeyboardInterrupt,
         ):
             raise
+        except UsageError as e:  # arguments that cannot work together: exit 2
+            if os.environ.get(_DEBUG_ENV):
+                raise
+            raise click.UsageError(_one_line(str(e))) from e
         except EmbedTLError as e:
             if os.environ.get(_DEBUG_ENV):
                 raise
@@ -340,16 +344,17 @@ def split_options(f: Callable) -> Callable:
             click.option(
                 "--seed",
                 type=int,
-                default=0,
-                show_default=True,
-                help="Seed of the train/val/test split.",
+                default=None,
+                help="Seed of the train/val/test split [default: the store's own; 0 for a new "
+                "store]. Another value re-splits the store (heads trained on the old split are "
+                "then refused by evaluate).",
             ),
             click.option(
                 "--val-fraction",
                 type=click.FloatRange(0, 1, max_open=True),
-                default=0.1,
-                show_default=True,
-                help="Share of train/ carved into val when there is no val/ folder.",
+                default=None,
+                help="Share of train/ carved into val when there is no val/ folder [default: "
+                "the store's own; 0.1 for a new store].",
             ),
             click.option(
                 "--labels",

@@ -167,7 +167,10 @@ def export_cmd(
     as_json: bool,
 ) -> None:
     """Write features + paths + labels + splits to OUT (.npz or .parquet)."""
+    from .._io import check_outputs
+
     s = open_store(store, backbone=backbone, cache_dir=cache_dir, image_size=image_size)
+    check_outputs({"OUT": out}, reads=[s.path, store])
     r = export_store(s.path, out)
     emit(as_json, r, lambda: click.echo(f"{r['rows']} rows x {r['dim']} -> {r['out']}"))
 
@@ -189,15 +192,27 @@ def export_cmd(
     help="Write an HDF5 virtual dataset that reads the features from "
     "the shard files (kept) instead of copying them.",
 )
+@click.option(
+    "--partial",
+    is_flag=True,
+    help="Merge shards that are not all N of their --shard I/N run (the store then holds "
+    "their rows only).",
+)
 @json_option
 def merge_cmd(
-    shards: tuple[str, ...], out: str | None, keep: bool, virtual: bool, as_json: bool
+    shards: tuple[str, ...],
+    out: str | None,
+    keep: bool,
+    virtual: bool,
+    partial: bool,
+    as_json: bool,
 ) -> None:
     """Join shard stores of one folder and backbone (`extract --shard I/N`) into its store.
 
-    The features are copied into one file (the shards are then removed, unless --keep), so the
-    merged store takes incremental updates like any other; --virtual maps them instead."""
-    r = merge_shards(shards, out, virtual=virtual, keep=keep).to_dict()
+    Every shard of the run must be given (--partial merges fewer). The features are copied into
+    one file (the shards are then removed, unless --keep), so the merged store takes incremental
+    updates like any other; --virtual maps them instead."""
+    r = merge_shards(shards, out, virtual=virtual, keep=keep, partial=partial).to_dict()
     emit(
         as_json,
         r,

@@ -56,8 +56,10 @@ def predict_cmd(
     The backbone is rebuilt from the spec in the head; a backbone whose fingerprint differs
     from the head's (other weights, other image size) is refused.
     """
+    from .._io import check_outputs
     from ..predict import predict_images
 
+    check_outputs({"--out": out}, reads=inputs, protected=[head_path])
     args = source_args(kw)
     preds = predict_images(
         head_path,  # read without torch: ONNX Runtime with the head's export cached needs none

@@ -228,9 +228,14 @@ def search_cmd(
 ) -> None:
     """Find the images of DATA_DIR (or STORE) most like each --query image (cosine similarity of
     the cached embeddings); new query images run through the store's backbone."""
+    from .._io import check_outputs
     from ..gallery import search_grid, search_html
     from ..search import query_vectors, search_store
 
+    grid_name = "--grid"
+    if html_out and not grid_out:
+        grid_out, grid_name = str(Path(html_out).with_suffix(".png")), "the grid PNG of --html"
+    check_outputs({"--html": html_out, grid_name: grid_out}, reads=[*queries, source])
     store, ix, args = _open(source, kw, want_progress(progress))
     q = query_vectors(store, queries, args.options, progress=want_progress(progress))
     if not len(q.names):
@@ -249,8 +254,6 @@ def search_cmd(
         label=list(labels) or None,
     )
     results = nb.records(store)
-    if html_out and not grid_out:
-        grid_out = str(Path(html_out).with_suffix(".png"))
     files = {}
     if html_out:
         files["html"] = str(search_html(results, html_out))

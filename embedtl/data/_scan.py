@@ -119,7 +119,7 @@ def scan(
     ``follow_links`` in :func:`_walk_files`) are counted in ``n_skipped``. Whether an image
     decodes is the extraction's business: unreadable ones are recorded there as failed.
     """
-    split = split or SplitConfig()
+    split = (split or SplitConfig()).resolved()  # unset fields: the defaults
     root = Path(root).expanduser().resolve()
     if not root.exists():
         raise DataError(f"image folder not found: {root}")

@@ -11,42 +11,100 @@ import hashlib
 import logging
 import warnings
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import DataError
 
-__all__ = ["SPLITS", "SplitConfig", "assign_splits", "stratified_folds"]
+__all__ = [
+    "DEFAULT_FRACTIONS",
+    "DEFAULT_SEED",
+    "DEFAULT_VAL_FRACTION",
+    "SPLITS",
+    "SplitConfig",
+    "assign_splits",
+    "stratified_folds",
+]
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 
 
+#: A new store's split when none is asked for: seed 0, a tenth of train/ carved into val, and
+#: 70/15/15 for a folder of class folders.
+DEFAULT_SEED = 0
+DEFAULT_VAL_FRACTION = 0.1
+DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
+
+
 @dataclass(frozen=True)
 class SplitConfig:
-    """How rows are assigned to train/val/test when the folder does not say."""
+    """How rows are assigned to train/val/test when the folder does not say.
 
-    seed: int = 0
-    val_fraction: float = 0.1  # carved from train/ when there is no val/ folder
-    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)  # class-folder layout
+    A field left None is the store's own (what it was made with), else the default
+    (:data:`DEFAULT_SEED`, :data:`DEFAULT_VAL_FRACTION`, :data:`DEFAULT_FRACTIONS`): a store's
+    split changes only when a field is given a value different from the store's.
+    """
+
+    seed: int | None = None
+    val_fraction: float | None = None  # carved from train/ when there is no val/ folder
+    fractions: tuple[float, float, float] | None = None  # class-folder layout
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.val_fraction < 1.0:
+        if self.val_fraction is not None and not 0.0 <= self.val_fraction < 1.0:
             raise DataError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.fractions is None:
+            return
+        object.__setattr__(self, "fractions", tuple(self.fractions))
         if len(self.fractions) != 3 or any(f < 0 for f in self.fractions):
             raise DataError(f"split fractions must be three non-negative numbers: {self.fractions}")
         if abs(sum(self.fractions) - 1.0) > 1e-6:
             raise DataError(f"split fractions must sum to 1: {self.fractions}")
 
+    def resolved(self, recorded: Mapping[str, object] | None = None) -> SplitConfig:
+        """Every field set: as given, else as ``recorded`` (a store's ``split_config``), else
+        the default."""
+        rec = SplitConfig.from_dict(recorded) if recorded else SplitConfig()
+        return SplitConfig(
+            seed=_first(self.seed, rec.seed, DEFAULT_SEED),
+            val_fraction=_first(self.val_fraction, rec.val_fraction, DEFAULT_VAL_FRACTION),
+            fractions=_first(self.fractions, rec.fractions, DEFAULT_FRACTIONS),
+        )
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, object]) -> SplitConfig:
+        """A config from :meth:`to_dict`'s record (unknown keys ignored)."""
+        fr = d.get("fractions")
+        return cls(
+            seed=None if d.get("seed") is None else int(d["seed"]),  # type: ignore[arg-type]
+            val_fraction=None if d.get("val_fraction") is None else float(d["val_fraction"]),  # type: ignore[arg-type]
+            fractions=None if fr is None else tuple(float(f) for f in fr),  # type: ignore[union-attr]
+        )
+
     def to_dict(self) -> dict[str, object]:
         return {
             "seed": self.seed,
             "val_fraction": self.val_fraction,
-            "fractions": list(self.fractions),
+            "fractions": None if self.fractions is None else list(self.fractions),
         }
+
+    def describe(self) -> str:
+        """``seed 7, val-fraction 0.1, fractions 0.7/0.15/0.15`` (the fields that are set)."""
+        parts = []
+        if self.seed is not None:
+            parts.append(f"seed {self.seed}")
+        if self.val_fraction is not None:
+            parts.append(f"val-fraction {self.val_fraction:g}")
+        if self.fractions is not None:
+            parts.append("fractions " + "/".join(f"{f:g}" for f in self.fractions))
+        return ", ".join(parts) or "the default split"
+
+
+def _first(*values):
+    return next(v for v in values if v is not None)
 
 
 def _hash_rank(seed: int, path: str) -> int:

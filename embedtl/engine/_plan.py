@@ -86,7 +86,9 @@ def target(
         path = full_path = store_path(
             cache_root, Path(root).expanduser().resolve(), spec.name, fingerprint
         )
-        record = recorded_labels(full_path) if labels is None else None
+        recorded = _recorded(full_path)
+        record = recorded_labels(full_path, recorded) if labels is None else None
+        split = store_split(split, recorded.get("split_config"), f"{root} ({spec.name})")
         manifest = scan(root, split, record["path"] if record else labels, follow_links)
         if labels is not None:  # read by the scan first, which says what is wrong with it
             record = labels_record(labels)
@@ -123,20 +125,46 @@ def labels_record(labels: str | os.PathLike[str]) -> dict[str, str]:
     return {"path": str(p), "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
 
 
-def recorded_labels(store: Path) -> dict[str, str] | None:
-    """The record (:func:`labels_record`, as the CSV is now) of the labels CSV a store at
-    ``store`` was made with, to make it again with the same labels when a command names none:
-    labels given once stay with the store (and it says so)."""
+def _recorded(store: Path) -> dict[str, Any]:
+    """The metadata of the store at ``store`` ({} when there is none, or it is unreadable: it
+    is then made again)."""
     if not store.is_file():
-        return None
+        return {}
     try:
         s = FeatureStore(store)
     except StoreError:
-        return None
+        return {}
     try:
-        rec = s.metadata.get("labels_csv")
+        return s.metadata
     finally:
         s.close()
+
+
+def store_split(split: SplitConfig, recorded: dict[str, Any] | None, store: str) -> SplitConfig:
+    """The split a store is made with: ``split``'s fields as given, the others the store's own
+    (``recorded``: its ``split_config``; a new store's: the defaults). A store's split is part
+    of its data: it changes only when a field is asked for with another value, and then a
+    warning says so."""
+    new = split.resolved(recorded)
+    if recorded:
+        old = SplitConfig.from_dict(recorded).resolved()
+        if new != old:
+            log.warning(
+                "the store of %s is split again, as asked: %s, was %s; rows may move between "
+                "train, val and test, and heads trained on the old split are refused by "
+                "`embedtl evaluate` until it is split as before",
+                store,
+                new.describe(),
+                old.describe(),
+            )
+    return new
+
+
+def recorded_labels(store: Path, recorded: dict[str, Any]) -> dict[str, str] | None:
+    """The record (:func:`labels_record`, as the CSV is now) of the labels CSV a store at
+    ``store`` was made with (``recorded``: its metadata), to make it again with the same labels
+    when a command names none: labels given once stay with the store (and it says so)."""
+    rec = recorded.get("labels_csv")
     if not isinstance(rec, dict) or not rec.get("path"):
         return None
     p = Path(rec["path"])
@@ -184,7 +212,7 @@ def _open_existing(path: Path, fingerprint: str, dtype: str) -> FeatureStore | N
     try:
         old = FeatureStore(path)
     except StoreError as e:
-        log.warning("rebuilding %s: %s", path, e)
+        log.warning("rebuilding %s: %s", path, e.reason)  # its advice: what this does now
         return None
     if old.fingerprint != fingerprint:
         log.warning("rebuilding %s: it holds features of another backbone fingerprint", path)

@@ -103,6 +103,10 @@ def fine_tune(
         return extract(root, spec, opts, split=split, labels=labels, progress=progress)
 
     parent_store = extract_with(parent_spec)
+    # the new backbone's store (a new file) is split and labelled as the parent's, so that before
+    # and after are measured on the same rows
+    split = SplitConfig.from_dict(parent_store.metadata.get("split_config") or {})
+    labels = labels or (parent_store.metadata.get("labels_csv") or {}).get("path")
     class_map = _class_map(head, parent_store)
     before = {f"{s}_accuracy": _accuracy(head, parent_store, s) for s in ("val", "test")}
     data = _train_data(root, parent_store, class_map, len(head.classes))

@@ -4,8 +4,10 @@ export` writes, and what predicting on ONNX Runtime runs (exported once per head
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from .._builder import build_feature_model
+from .._io import check_outputs
 from .._onnx import ParityReport, export_onnx, export_torchscript
 from ..backbones import BackboneSpec
 from ..errors import ExportError
@@ -30,6 +32,11 @@ def export_head(
     a caller must apply before the model."""
     if fmt not in ("onnx", "torchscript"):
         raise ExportError(f"unknown export format {fmt!r}: use onnx or torchscript")
+    out = Path(out)
+    check_outputs(
+        {"OUT": out, "OUT's JSON sidecar": out.with_suffix(".json")},
+        protected=[head.folder] if head.folder is not None else [],
+    )
     spec = head.backbone_for(backbone, image_size)
     model = ImageClassifier(
         build_feature_model(spec, allow_download=allow_download), head.module

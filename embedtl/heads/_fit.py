@@ -20,6 +20,7 @@ from ._config import HeadConfig
 from ._data import Split, StoreFeatures, Streamed
 from ._head import Head
 from ._modules import FeatureNorm, HeadModule, build_module
+from ._split import held_out_rows, split_record
 from ._train import TrainResult, patience_epochs, train
 
 __all__ = [
@@ -63,11 +64,16 @@ def train_rows(store: FeatureStore) -> np.ndarray:
 
 
 def evaluate_split(
-    head: Head, data: StoreFeatures, split: str, class_map: np.ndarray
+    head: Head,
+    data: StoreFeatures,
+    split: str,
+    class_map: np.ndarray,
+    rows: np.ndarray | None = None,
 ) -> Evaluation:
-    """Probabilities of the labelled rows of ``split``, a block at a time (memory bounded)."""
+    """Probabilities of the labelled rows of ``split`` (or of its ``rows``), a block at a time
+    (memory bounded)."""
     store = data.store
-    rows = store.labelled_rows(split)
+    rows = store.labelled_rows(split) if rows is None else rows
     y = class_map[store.labels[rows]]
     rows, y = rows[y >= 0], y[y >= 0]
     parts = [head.predict_proba(x) for x in data.iter_read(rows)]
@@ -109,6 +115,7 @@ def fit_head(
 
     identity = np.arange(n_classes)
     head = Head(module, cfg, classes, store.backbone, store.fingerprint)
+    split_info, head.train_keys = split_record(store, tr)
     val_ev = evaluate_split(head, data, "val", identity)
     test_ev = evaluate_split(head, data, "test", identity)  # the test split is read here, once
     head.evaluations = {"val": val_ev, "test": test_ev}
@@ -134,6 +141,7 @@ def fit_head(
         },
         "curve": result.curve if result else [],
         "store": {"path": str(store.path), "root": str(store.root), "rows": len(store)},
+        "split": split_info,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": library_versions(),
     }
@@ -232,15 +240,22 @@ def _fit_logreg(cfg: HeadConfig, x: np.ndarray, y: np.ndarray, n_classes: int) -
 
 
 def evaluate_head(
-    head: Head, store: FeatureStore, split: str = "test", memory_budget: int | None = None
+    head: Head,
+    store: FeatureStore,
+    split: str = "test",
+    memory_budget: int | None = None,
+    refuse_split_change: bool = True,
 ) -> Evaluation:
     """Evaluate ``head`` on the labelled rows of ``split`` of ``store`` (same backbone only).
 
-    Classes are matched by name; a class the head does not know is an error.
+    Classes are matched by name; a class the head does not know is an error. On the store the
+    head was fitted on, rows it was trained on are never evaluated: a store re-split since the
+    fit is refused (``refuse_split_change=False``: a warning), and training rows are left out
+    when the folder's files changed (:func:`._split.held_out_rows`).
     """
     head.check_fingerprint(store.fingerprint, f"the store {store.path}")
     _labelled(store)
-    rows = store.labelled_rows(split)
+    rows = held_out_rows(head, store, split, store.labelled_rows(split), refuse_split_change)
     used = set(store.labels[rows].tolist())
     unknown = [c for i, c in enumerate(store.classes) if i in used and c not in head.classes]
     if unknown:
@@ -249,4 +264,4 @@ def evaluate_head(
         )
     pos = {c: i for i, c in enumerate(head.classes)}
     class_map = np.array([pos.get(c, -1) for c in store.classes], dtype=np.int64)
-    return evaluate_split(head, StoreFeatures(store, memory_budget), split, class_map)
+    return evaluate_split(head, StoreFeatures(store, memory_budget), split, class_map, rows)

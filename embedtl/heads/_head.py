@@ -41,10 +41,11 @@ from ._artifact import (
 )
 from ._config import HeadConfig
 from ._modules import HeadModule, KNNVote, build_module
+from ._split import TRAIN_KEYS
 
 __all__ = ["Head", "knn_bank", "load_head", "HEAD_FORMAT", "HEAD_FORMAT_VERSION"]
 
-_INFO_KEYS = ("metrics", "fit", "curve", "store", "created", "versions")
+_INFO_KEYS = ("metrics", "fit", "curve", "store", "split", "created", "versions")
 
 
 class Head:
@@ -67,6 +68,11 @@ class Head:
         self.info = dict(info or {})
         #: Evaluations made while fitting (val, test); not saved, see :meth:`write_reports`.
         self.evaluations: dict[str, Evaluation] = {}
+        #: Sorted 64-bit keys of the paths of the rows it was trained on (:mod:`._split`), or
+        #: None (a head fitted outside a store, or saved before they were recorded).
+        self.train_keys: np.ndarray | None = None
+        #: The artifact folder, once saved or loaded.
+        self.folder: Path | None = None
         self._index: VectorIndex | None = None
         self._bank_labels: np.ndarray | None = None
         self._digest: str | None = None  # see digest()
@@ -169,13 +175,17 @@ class Head:
         foreign = path.exists() and not (path / HEAD_META).is_file()
         if foreign and (not path.is_dir() or any(path.iterdir())):
             raise HeadError(f"{path} exists and is not a head artifact; choose another --out")
+        state = self._state()
+        if self.train_keys is not None:
+            state[TRAIN_KEYS] = torch.from_numpy(np.asarray(self.train_keys, np.int64))
         with atomic_dir(path) as tmp:
-            save_file(self._state(), str(tmp / HEAD_WEIGHTS), metadata=self._weights_metadata())
+            save_file(state, str(tmp / HEAD_WEIGHTS), metadata=self._weights_metadata())
             (tmp / HEAD_META).write_text(
                 json.dumps(self.metadata(), indent=2, default=_json_default)
             )
             self.write_reports(tmp)
         self._digest = read_head_info(path).digest()
+        self.folder = path
         return path
 
     def write_reports(self, path: str | os.PathLike[str]) -> dict[str, str]:
@@ -220,6 +230,7 @@ def load_head(path: str | os.PathLike[str]) -> Head:
         state = load_file(str(info.weights_path))
     except (OSError, SafetensorError) as e:
         raise HeadError(f"cannot read {info.weights_path}: {e}") from e
+    keys = state.pop(TRAIN_KEYS, None)
     bank = labels = None
     if info.kind == "knn":
         bank, labels = state["net.bank"].float(), state["net.onehot"].argmax(1)
@@ -234,4 +245,6 @@ def load_head(path: str | os.PathLike[str]) -> Head:
     extra = {k: meta[k] for k in _INFO_KEYS if k in meta}
     head = Head(module, info.config, info.classes, info.backbone, info.fingerprint, extra)
     head._digest = info.digest()
+    head.train_keys = keys.numpy() if keys is not None else None
+    head.folder = info.folder
     return head

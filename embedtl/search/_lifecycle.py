@@ -15,7 +15,6 @@ own rows to reach a target recall@10, and the recall reached is recorded.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -234,21 +233,11 @@ def _part_path(path: Path, i: int, n: int) -> Path:
     return path.with_name(f"{path.name}.part-{i}-of-{n}")
 
 
-def rows_digest(store) -> str:
-    """A digest of the store's rows (paths, sizes, mtimes, in store order): equal digests mean
-    the index saved with it still describes the store's rows."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update("\0".join(store.paths.tolist()).encode("utf-8", "surrogateescape"))
-    h.update(np.ascontiguousarray(store.sizes, np.int64).tobytes())
-    h.update(np.ascontiguousarray(store.mtimes_ns, np.int64).tobytes())
-    return h.hexdigest()
-
-
 def _store_meta(store, target_recall: float) -> dict[str, Any]:
     return {
         "store": str(store.path),
         "store_file": store.identity,
-        "rows_digest": rows_digest(store),
+        "rows_digest": store.rows_digest(),
         "fingerprint": store.fingerprint,
         "store_dtype": store.dtype,
         "dim": store.dim,
@@ -326,11 +315,18 @@ def open_store_index(
     an up-to-date index raises :class:`StaleIndexError`. ``ix.info["action"]`` says what happened.
     """
     path = Path(path) if path else index_path(store)
+    own = path.resolve() == index_path(store).resolve()
 
     def build(why: str) -> VectorIndex:
         if not update:
             raise StaleIndexError(
                 f"index {path} {why}; run `embedtl index {store.path}` to rebuild it"
+            )
+        if not own and path.exists() and not rebuild:  # a file the user named: never replaced
+            raise StoreError(
+                f"the index {path} {why}; an index named with --index is not replaced unasked: "
+                f"give another --index path, or `embedtl index {store.path} --index {path} "
+                "--rebuild` to replace it"
             )
         log.info("building index %s: %s", path, why)
         ix = build_store_index(
@@ -344,7 +340,6 @@ def open_store_index(
         return build("was asked to be rebuilt")
     if not path.exists():
         return build("does not exist yet")
-    own = path == index_path(store)
 
     def unreadable(e: Exception) -> VectorIndex:
         if not own:  # a file the user named: never overwritten unasked
@@ -362,6 +357,9 @@ def open_store_index(
         meta, _, saved_rows = read_index_meta(path, rows=False)
     except (StoreError, StaleIndexError) as e:
         return unreadable(e)
+    of = meta.get("store")
+    if not own and of and Path(of).resolve() != store.path.resolve():
+        return build(f"belongs to the store {of}, not to {store.path}")
     if kind != "auto" and meta.get("kind") != kind:
         return build(f"is of type {meta.get('kind')}, {kind} was asked for")
     if meta.get("metric") != metric:
@@ -374,7 +372,7 @@ def open_store_index(
         # the same store file (a store is only ever replaced whole), else the same rows
         and (
             meta.get("store_file") == store.identity
-            or meta.get("rows_digest") == rows_digest(store)
+            or meta.get("rows_digest") == store.rows_digest()
         )
     )
     try:  # up to date: memory-mapped, nothing read but what a search probes

@@ -439,7 +439,9 @@ def _open_head(
         for split in SPLITS:
             if len(store.store.labelled_rows(split)):
                 try:
-                    evaluations[split] = evaluate_head(head, store.store, split)
+                    evaluations[split] = evaluate_head(
+                        head, store.store, split, refuse_split_change=False
+                    )
                 except HeadError as e:  # classes the head does not know: no page, say why
                     log.warning("head %s is not evaluated on %s: %s", info.folder, split, e)
     return HeadEntry(

@@ -1,0 +1,153 @@
+"""What a careless user still damaged (issue "Robustness, third pass"): one regression test per
+item, each failing on the code before it (main at 4fd7827) where it can."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import TINY_BACKBONE, TINY_SIZE, make_class_folder, synthetic_store
+
+import embedtl
+from embedtl.cli import main
+
+TINY = ["--backbone", TINY_BACKBONE, "--image-size", str(TINY_SIZE)]
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # commands write their default outputs (dedup-*/, ...) here
+
+
+def run(args, code):
+    r = CliRunner().invoke(main, args)
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.exit_code == code, (r.exit_code, r.stdout, r.stderr)
+    return r
+
+
+def run_json(args, code=0) -> dict:
+    r = run([*args, "--json"], code)
+    return json.loads(r.stdout.splitlines()[-1])
+
+
+# 1. a split that changes under a trained head --------------------------------------------------
+def test_a_stores_split_stays_until_asked_and_evaluate_refuses_another(tmp_path):
+    root = make_class_folder(tmp_path / "d", n_per_class=10)
+    c = ["--cache-dir", str(tmp_path / "c"), *TINY]
+    run_json(["extract", str(root), *c, "--seed", "7"])
+    fit = run_json(["fit-head", str(root), *c, "--seed", "7", "--out", "h7"])
+    q = str(next((root / "cat").iterdir()))
+    run_json(["search", str(root), "-q", q, *c])  # no --seed: the store's own split stays
+    store = embedtl.open_store(fit["store"])
+    assert store.metadata["split_config"]["seed"] == 7
+    ev = run_json(["evaluate", "h7", str(root), *c])
+    assert ev["accuracy"] == fit["test_accuracy"] and ev["n"] == fit["n"]["test"]
+    head = json.loads(Path("h7/head.json").read_text())
+    assert head["split"]["config"]["seed"] == 7 and head["split"]["digest"]
+
+    # asked for another seed: the store is split again, with a warning, and evaluate refuses
+    r = run(["evaluate", "h7", str(root), *c, "--seed", "0"], 1)
+    assert "split again" in r.stderr
+    assert "seed 7" in r.stderr and "seed 0" in r.stderr and "--seed 7" in r.stderr
+    # ... until the store is split as the head's again
+    assert run_json(["evaluate", "h7", str(root), *c, "--seed", "7"])["accuracy"] == ev["accuracy"]
+
+
+def test_rows_a_head_trained_on_are_never_evaluated_after_the_folder_changed(tmp_path, caplog):
+    from embedtl.heads import HeadConfig, evaluate_head, fit_head, load_head
+
+    store = synthetic_store(tmp_path / "s.h5")
+    fit_head(store, HeadConfig(epochs=3)).save(tmp_path / "h")
+    head = load_head(tmp_path / "h")
+    test = store.labelled_rows("test")
+    assert len(evaluate_head(head, store, "test").y_true) == len(test)
+    # the same store with two train rows moved into test (its files changed, same split config)
+    moved = store.labelled_rows("train")[:2]
+    splits = store.splits.copy()
+    splits[moved] = "test"
+    changed = _rewrite(store, tmp_path / "s2.h5", splits=splits)
+    ev = evaluate_head(head, changed, "test")
+    assert len(ev.y_true) == len(test) and not set(ev.rows) & set(moved)
+    assert "2 of the" in caplog.text and "left out" in caplog.text
+    # a head saved before splits were recorded: evaluated as the store is split, with a warning
+    del head.info["split"]
+    caplog.clear()
+    assert len(evaluate_head(head, changed, "test").y_true) == len(test) + 2
+    assert "records no split" in caplog.text
+
+
+def _rewrite(store, path, splits):
+    from embedtl.cache import StoreRows, write_store
+
+    r = store.rows()
+    rows = StoreRows(**{**r.__dict__, "splits": splits})
+    x = store.features(dtype=np.float32)
+
+    def fill(ds):
+        ds[:] = x
+
+    attrs = {k: v for k, v in store.metadata.items() if k not in ("format", "format_version")}
+    attrs["root"] = str(store.root)
+    write_store(path, rows, store.dim, "float32", fill, attrs)
+    return embedtl.open_store(path)
+
+
+# 2. an incomplete set of shards replacing a complete store ----------------------------------
+def test_a_merge_of_some_shards_is_refused_naming_the_missing(tmp_path):
+    root = make_class_folder(tmp_path / "d", n_per_class=4)
+    c = ["--cache-dir", str(tmp_path / "c"), *TINY]
+    shards = [run_json(["extract", str(root), *c, "--shard", f"{i}/3"])["store"] for i in range(3)]
+    whole = run_json(["extract", str(root), *c])["store"]
+    r = run(["cache", "merge", shards[0], shards[2], "--keep", "--json"], 1)
+    assert "2 of 3 shards given: missing 1/3" in r.stderr and ".shard-1-of-3.h5" in r.stderr
+    assert "--partial" in r.stderr
+    assert len(embedtl.open_store(whole)) == 12  # untouched
+    part = run_json(["cache", "merge", shards[0], "--keep", "--partial"])
+    assert part["rows"] == 4
+    full = run_json(["cache", "merge", *shards])
+    assert full["rows"] == 12 and full["store"] == whole
+
+
+# 3. outputs written over inputs --------------------------------------------------------------
+def test_outputs_never_overwrite_inputs_heads_stores_or_each_other(tmp_path):
+    root = make_class_folder(tmp_path / "d", n_per_class=6)
+    c = ["--cache-dir", str(tmp_path / "c"), *TINY]
+    store = run_json(["fit-head", str(root), *c, "--out", "h"])["store"]
+    img = tmp_path / "x.png"
+    img.write_bytes(next((root / "cat").iterdir()).read_bytes())
+    before = {p: p.read_bytes() for p in [img, Path("h/head.json"), Path(store)]}
+    for args, says in [
+        (["export", "h", "h/head.onnx"], "sidecar"),  # the sidecar is h/head.json
+        (["predict", "h", str(img), "--out", "h/head.json"], "a file of"),
+        (["predict", "h", str(img), "--out", str(img)], "is an input"),
+        (["search", str(root), "-q", str(img), *c, "--html", str(img)], "is an input"),
+        (["search", str(root), "-q", str(img), *c, "--html", "o/sim.png"], "the same file"),
+        (["cache", "export", store, store], "is an input"),
+        (["predict", "h", str(img), "--out", store], "HDF5"),
+    ]:
+        r = run(args, 2)
+        assert says in r.stderr, (args, r.stderr)
+    assert before == {p: p.read_bytes() for p in before}
+    assert not Path("o").exists()
+
+
+# 4. a named index rebuilt for another store ------------------------------------------------
+def test_a_named_index_belongs_to_its_store(tmp_path):
+    a = make_class_folder(tmp_path / "a", n_per_class=3)
+    b = make_class_folder(tmp_path / "b", n_per_class=5)
+    c = ["--cache-dir", str(tmp_path / "c"), *TINY]
+    ix = tmp_path / "out" / "l2.index"
+    run_json(["index", str(a), *c, "--metric", "l2", "--index", str(ix)])
+    before = ix.read_bytes()
+    q = str(next((b / "cat").iterdir()))
+    r = run(["search", str(b), "-q", q, *c, "--index", str(ix)], 1)
+    assert "belongs to the store" in r.stderr and "--rebuild" in r.stderr
+    r = run(["search", str(a), "-q", q, *c, "--index", str(ix)], 1)  # cosine asked, l2 there
+    assert "not replaced unasked" in r.stderr
+    assert ix.read_bytes() == before
+    out = run_json(["index", str(b), *c, "--index", str(ix), "--rebuild"])
+    assert out["rows"] == 15
