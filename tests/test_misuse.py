@@ -151,3 +151,69 @@ def test_a_named_index_belongs_to_its_store(tmp_path):
     assert ix.read_bytes() == before
     out = run_json(["index", str(b), *c, "--index", str(ix), "--rebuild"])
     assert out["rows"] == 15
+
+
+# 5. NaN heads and NaN rows, degenerate backbones ---------------------------------------------
+def test_a_diverging_fit_is_an_error_that_suggests_a_lower_lr(tmp_path):
+    store = synthetic_store(tmp_path / "s.h5")
+    r = run(["fit-head", str(store.path), "--lr", "1e9", "--out", "h", "--json"], 1)
+    assert "diverged" in r.stderr and "lower --lr" in r.stderr
+    assert not Path("h").exists()
+
+
+def test_nan_rows_of_a_store_are_refused_and_verify_names_them(tmp_path):
+    store = synthetic_store(tmp_path / "s.h5")
+    x = store.features()
+    x[[3, 50]] = np.nan
+    x[7] = 0.0
+    bad = _rewrite_features(store, tmp_path / "bad.h5", x)
+    r = run(["fit-head", str(bad.path), "--out", "h"], 1)
+    assert "2 feature rows" in r.stderr and "NaN" in r.stderr and str(bad.path_at(3)) in r.stderr
+    rep = run_json(["cache", "verify", str(bad.path), "--no-files"], 1)
+    assert any("2 feature rows hold NaN" in p for p in rep["problems"])
+    assert any("1 feature rows are all zero" in p for p in rep["problems"])
+
+
+def _rewrite_features(store, path, x):
+    from embedtl.cache import write_store
+
+    def fill(ds):
+        ds[:] = x
+
+    attrs = {k: v for k, v in store.metadata.items() if k not in ("format", "format_version")}
+    write_store(path, store.rows(), store.dim, store.dtype, fill, attrs)
+    return embedtl.open_store(path)
+
+
+def test_an_image_whose_features_are_not_finite_is_a_failed_image(tmp_path, monkeypatch, tiny):
+    import torch
+
+    from embedtl.runtime import TorchRuntime
+
+    root = make_class_folder(tmp_path / "d", n_per_class=3)
+    forward = TorchRuntime.forward
+
+    def nan_first(self, x, eager=False):
+        out = forward(self, x, eager)
+        if not getattr(self, "_poisoned", False):
+            self._poisoned = True
+            out = out.clone()
+            out[0] = torch.nan
+        return out
+
+    monkeypatch.setattr(TorchRuntime, "forward", nan_first)
+    store = embedtl.extract(root, cache_dir=tmp_path / "c", **tiny)
+    st = store.last_extraction
+    assert st.n_images == 8 and st.n_failed == 1
+    assert st.failed[0]["path"] == "cat/cat_000.png" and "not finite" in st.failed[0]["error"]
+    assert np.isfinite(store.features()).all()
+
+
+def test_a_backbone_giving_zero_features_is_an_error_and_stores_nothing(tmp_path):
+    root = make_class_folder(tmp_path / "d", n_per_class=3)
+    cache = tmp_path / "c"
+    args = ["extract", str(root), "--cache-dir", str(cache), "--image-size", "32"]
+    r = run([*args, "-b", "efficientnet_b0@random"], 1)
+    assert "efficientnet_b0@random gives all-zero features for 9 of the first 9" in r.stderr
+    assert not list(cache.glob("*/*.h5")) and not list(cache.glob("*/*.journal"))
+    assert run_json([*args, "-b", TINY_BACKBONE])["n_images"] == 9  # a working one is stored

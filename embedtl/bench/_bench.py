@@ -232,5 +232,6 @@ def _record(
         "best_epoch": round(float(np.mean([r.best_epoch for r in results])), 1)
         if results
         else None,
+        "diverged": any(r.diverged for r in results),
         "_variant": vi,
     }

@@ -8,6 +8,7 @@ scikit-learn's logistic regression fits each C on its own.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from ..heads import HeadConfig, HeadModule, Split, TrainResult, fit_modules, knn
 from ..neighbors import knn_predict
 
 __all__ = ["VariantFit", "sweep"]
+
+log = logging.getLogger(__name__)
 
 #: Bytes of parameters, optimizer state and activations one batched pass may hold.
 _PASS_BYTES = 2 << 30
@@ -72,11 +75,21 @@ def sweep(
             for chunk in _pass_chunks(group, train_split.dim, n_classes, key.batch_size or 1024):
                 fitted = fit_modules(chunk, train_split, val_split, n_classes, progress, moments)
                 for i, (m, r) in zip(ids[done:], fitted, strict=False):
-                    pred = (
-                        np.zeros(0, np.int64)
-                        if r.val_predictions is None
-                        else r.val_predictions.long().numpy()
-                    )
+                    if r.diverged:
+                        log.warning(
+                            "the %s head %s diverged at epoch %d (its loss is no longer "
+                            "finite): its best epoch before it is kept; a lower lr would train it",
+                            configs[i].kind,
+                            configs[i].summary(),
+                            r.diverged,
+                        )
+                    if r.val_predictions is not None:
+                        pred = r.val_predictions.long().numpy()
+                    elif val_split is not None and val_split.n:  # diverged in its first epoch
+                        with torch.no_grad():
+                            pred = m(torch.from_numpy(val_split.numpy()[0])).argmax(1).numpy()
+                    else:
+                        pred = np.zeros(0, np.int64)
                     n_par = sum(p.numel() for p in m.net.parameters())
                     fits[i] = VariantFit(configs[i], m, r, pred, r.share_seconds, n_par)
                 done += len(chunk)

@@ -147,11 +147,15 @@ def verify_store(source: str | os.PathLike[str], check_files: bool = True) -> di
     bad_splits = set(s.splits.astype(str).tolist()) - {"train", "val", "test"}
     if bad_splits:
         problems.append(f"/splits holds unknown values {sorted(bad_splits)}")
-    n_nonfinite = 0
-    for _, chunk in s.iter_chunks():
-        n_nonfinite += int((~np.isfinite(chunk)).any(axis=1).sum())
-    if n_nonfinite:
-        problems.append(f"{n_nonfinite} feature rows hold NaN or inf")
+    nonfinite: list[int] = []
+    zero: list[int] = []
+    for rows, chunk in s.iter_chunks():
+        nonfinite.extend(rows[~np.isfinite(chunk).all(axis=1)].tolist())
+        zero.extend(rows[~chunk.any(axis=1)].tolist())
+    for what, bad in (("hold NaN or inf", nonfinite), ("are all zero", zero)):
+        if bad:
+            eg = ", ".join(str(paths[i]) for i in bad[:3])
+            problems.append(f"{len(bad)} feature rows {what} (e.g. {eg})")
     spec = s.backbone_spec
     try:
         if spec.weights_available() and spec.fingerprint() != s.fingerprint:

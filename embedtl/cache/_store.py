@@ -147,6 +147,12 @@ class FeatureStore:
 
     # -- metadata ---------------------------------------------------------------------------
     @property
+    def advice(self) -> str:
+        """What to do about damaged rows: rebuild a store of embedtl's cache (a store of the
+        user's own is never to be deleted on embedtl's word)."""
+        return self._advice
+
+    @property
     def metadata(self) -> dict[str, Any]:
         return dict(self._attrs)
 

@@ -277,7 +277,7 @@ def _stream(
                 stages[k] += v
                 busy += v
         bar.update(len(b.positions) + len(b.failed))
-        return Computed(b.positions, feats, b.failed, b.hashes)
+        return _finite_rows(Computed(b.positions, feats, b.failed, b.hashes))
 
     t_start = time.perf_counter()
     in_flight = None
@@ -314,6 +314,82 @@ def _stream(
         warning = idle_warning(wall, busy, eng.workers, eng.decoder_name)
         if warning:
             log.warning("%s", warning)
+
+
+#: The reason of an image whose feature row is not finite.
+NOT_FINITE = "the backbone's features of this image are not finite (NaN or inf)"
+
+
+def _finite_rows(c: Computed) -> Computed:
+    """``c`` with the images whose feature row holds NaN or inf moved to its failures."""
+    if c.features is None:
+        return c
+    ok = np.isfinite(c.features).all(axis=1)
+    if ok.all():
+        return c
+    keep = np.flatnonzero(ok)
+    failed = c.failed + [(c.positions[i], NOT_FINITE) for i in np.flatnonzero(~ok)]
+    return Computed(
+        [c.positions[i] for i in keep],
+        c.features[keep] if len(keep) else None,
+        failed,
+        [c.hashes[i] for i in keep],
+    )
+
+
+class DegenerateFeatures(EmbedTLError):
+    """The backbone gives the same (or all-zero) features for most images."""
+
+
+class _Degenerate:
+    """Watches the first :data:`ROWS` images of distinct content of a run: when most of their
+    feature rows are all zero, or one and the same row, the backbone does not work (random or
+    broken weights, an image size it cannot take), and the run is an error, not a store of
+    meaningless rows."""
+
+    ROWS = 64
+
+    def __init__(self, backbone: str) -> None:
+        self.backbone = backbone
+        self.by_row: dict[bytes, set[str]] = {}  # a row, rounded -> content hashes giving it
+        self.zero: set[str] = set()
+        self.seen: set[str] = set()
+        self.decided = False
+
+    @property
+    def done(self) -> bool:
+        return self.decided or len(self.seen) >= self.ROWS
+
+    def add(self, feats: np.ndarray, hashes: list[str]) -> None:
+        for x, h in zip(feats, hashes, strict=True):
+            if self.done or h in self.seen:
+                continue
+            self.seen.add(h)
+            scale = float(np.abs(x).max())
+            if scale <= 1e-12:
+                self.zero.add(h)
+            key = np.round(x / max(scale, 1e-30), 3).astype(np.float32).tobytes()
+            self.by_row.setdefault(key, set()).add(h)
+
+    def check(self, final: bool = False) -> None:
+        """Raise when the rows seen are degenerate (after :data:`ROWS` images, or at the end of
+        a run of at least 4)."""
+        n = len(self.seen)
+        if self.decided or not (self.done or (final and n >= 4)):
+            return
+        self.decided = True
+        same = max((len(v) for v in self.by_row.values()), default=0)
+        if len(self.zero) > n / 2:
+            what = f"all-zero features for {len(self.zero)} of"
+        elif same >= 0.9 * n:
+            what = f"one and the same feature row for {same} of"
+        else:
+            return
+        raise DegenerateFeatures(
+            f"the backbone {self.backbone} gives {what} the first {n} different images: its "
+            "weights (random? damaged?) or this --image-size do not give usable features; "
+            "nothing was stored"
+        )
 
 
 def _decode_on_device(eng: _Engine, transform: ImageTransform, b: Batch):
@@ -412,6 +488,8 @@ def _run_model(
     pending_failed: list[tuple[str, str, int, int]] = []
     last_flush = time.perf_counter()
     writer = _Writer(journal, stages)
+    degenerate = _Degenerate(spec.name)
+    useless = False
 
     def flush() -> None:
         nonlocal last_flush
@@ -459,6 +537,9 @@ def _run_model(
                 pending_feats.append(feats)
                 pending_rows.extend(idx)
                 pending_hashes.extend(hashes)
+                if not degenerate.done:
+                    degenerate.add(feats, hashes)
+                    degenerate.check()
             writer.check()
             pause_point("batch")
             if (
@@ -466,9 +547,16 @@ def _run_model(
                 or time.perf_counter() - last_flush > _FLUSH_SECONDS
             ):
                 flush()
+        degenerate.check(final=True)
+    except DegenerateFeatures:
+        useless = True  # no row of this backbone is kept: the journal goes, pending rows too
+        raise
     finally:
         batches.close()
         try:
-            flush()  # keep what was computed, even on Ctrl-C or an error
+            if not useless:
+                flush()  # keep what was computed, even on Ctrl-C or an error
         finally:
             writer.close()
+            if useless:
+                journal.clear()

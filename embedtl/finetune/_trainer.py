@@ -333,6 +333,11 @@ class Trainer:
         try:
             while p.epoch <= cfg.epochs and p.best["bad"] < cfg.patience:
                 self._train_epoch(p)
+                if not all(bool(q.isfinite().all()) for q in self.net.parameters()):
+                    raise FineTuneError(
+                        f"fine-tuning diverged in epoch {p.epoch} (its weights are no longer "
+                        f"finite): use a lower --lr (it was {cfg.lr:g}); run again with --restart"
+                    )
                 point = {
                     "epoch": p.epoch,
                     "train_loss": p.running["loss"] / max(1, p.running["seen"]),

@@ -14,6 +14,7 @@ import torch
 
 from .._device import default_memory_budget
 from ..cache import FeatureStore
+from ..errors import DataError
 
 __all__ = ["Split", "InMemory", "Streamed", "StoreFeatures"]
 
@@ -160,7 +161,7 @@ class Streamed(Split):
 
     def batches(self, batch_size, generator):
         for pos in self.blocks(generator):
-            x = torch.from_numpy(self.store.read_rows(self.rows[pos])).float()
+            x = torch.from_numpy(finite(self.store, self.rows[pos])).float()
             y = torch.from_numpy(self.row_labels[pos])
             if generator is not None:
                 p = torch.randperm(len(x), generator=generator)
@@ -198,7 +199,7 @@ class StoreFeatures:
         """Features (len(rows), D) of sorted store rows, float32."""
         if self._all is not None:
             return self._all[rows].astype(np.float32)
-        return self.store.features(rows=rows)
+        return finite(self.store, rows, self.store.features(rows=rows))
 
     def iter_read(self, rows: np.ndarray) -> Iterator[np.ndarray]:
         """Features of sorted ``rows`` in order, float32, at most a block at a time."""
@@ -206,8 +207,8 @@ class StoreFeatures:
             for i in range(0, len(rows), self.block_rows):
                 yield self._all[rows[i : i + self.block_rows]].astype(np.float32)
             return
-        for _, x in self.store.iter_chunks(self.block_rows, rows=rows):
-            yield x
+        for got, x in self.store.iter_chunks(self.block_rows, rows=rows):
+            yield finite(self.store, got, x)
 
     def split(self, rows: np.ndarray, labels: np.ndarray, device: str = "cpu") -> Split:
         """Sorted store ``rows`` with their ``labels`` as a :class:`Split` on ``device``."""
@@ -217,7 +218,7 @@ class StoreFeatures:
                 return InMemory(self._tensor, y, torch.as_tensor(rows, dtype=torch.long))
             return InMemory(self._tensor[torch.as_tensor(rows, dtype=torch.long)].to(device), y)
         if len(rows) * self.row_bytes <= self.budget:
-            x = torch.from_numpy(self.store.read_rows(np.asarray(rows))).to(device)
+            x = torch.from_numpy(finite(self.store, np.asarray(rows))).to(device)
             return InMemory(x, y)
         return Streamed(self.store, rows, labels, device, self.block_rows)
 
@@ -229,6 +230,21 @@ def _load(store: FeatureStore, progress: bool) -> np.ndarray:
     out = np.empty((len(store), store.dim), np.dtype(store.dtype))
     with tqdm(total=len(store), desc="load features", unit="row", disable=not progress) as bar:
         for rows, x in store.iter_chunks(dtype=out.dtype):
-            out[rows] = x
+            out[rows] = finite(store, rows, x)
             bar.update(len(rows))
     return out
+
+
+def finite(store: FeatureStore, rows: np.ndarray, x: np.ndarray | None = None) -> np.ndarray:
+    """``x``, the features of store ``rows`` (read here when not given), refused with a
+    :class:`DataError` naming the rows when any holds NaN or inf: a head fitted or scored on
+    them would be NaN."""
+    x = store.read_rows(rows) if x is None else x
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        first = store.path_at(int(rows[np.flatnonzero(bad)[0]]))
+        raise DataError(
+            f"{int(bad.sum())} feature rows of {store.path} hold NaN or inf (e.g. {first}); "
+            f"`embedtl cache verify` lists them: {store.advice}"
+        )
+    return x

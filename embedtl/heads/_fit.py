@@ -111,6 +111,11 @@ def fit_head(
     train_split = data.split(tr, store.labels[tr], dev)
     val_split = data.split(va, store.labels[va], dev) if len(va) and cfg.trained else None
     module, result = fit_module(cfg, train_split, val_split, n_classes, progress)
+    if result is not None and result.diverged:
+        raise HeadError(
+            f"training diverged at epoch {result.diverged} (the loss is no longer finite): "
+            f"use a lower --lr (it was {cfg.lr:g})"
+        )
     fit_seconds = time.perf_counter() - t0
 
     identity = np.arange(n_classes)

@@ -67,6 +67,9 @@ class TrainResult:
     val_loss: float | None
     curve: list[dict[str, float]] = field(default_factory=list)
     val_predictions: torch.Tensor | None = None  # (n_val,) classes predicted at the best epoch
+    #: the epoch whose loss was not finite (the variant stopped there, its best epoch before it
+    #: kept), or None
+    diverged: int | None = None
 
 
 def warmup_cosine(step: int, warm: int, total: int) -> float:
@@ -323,6 +326,9 @@ def train(
                 r.epochs, r.seconds = epoch, now
                 r.share_seconds += share
                 point = {"epoch": epoch, "train_loss": train_loss[j], "lr": configs[g].lr * scale}
+                if not math.isfinite(train_loss[j]) or (has_val and not vloss[j].isfinite()):
+                    r.diverged = epoch  # NaN or inf weights: stopped, its best epoch stays
+                    continue
                 if has_val:
                     a, lo = float(acc[j]), float(vloss[j])
                     point.update(val_accuracy=a, val_loss=lo)
