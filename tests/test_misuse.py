@@ -4,6 +4,7 @@ item, each failing on the code before it (main at 4fd7827) where it can."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -217,3 +218,64 @@ def test_a_backbone_giving_zero_features_is_an_error_and_stores_nothing(tmp_path
     assert "efficientnet_b0@random gives all-zero features for 9 of the first 9" in r.stderr
     assert not list(cache.glob("*/*.h5")) and not list(cache.glob("*/*.journal"))
     assert run_json([*args, "-b", TINY_BACKBONE])["n_images"] == 9  # a working one is stored
+
+
+# 6. special files behind links ---------------------------------------------------------------
+#: ``python -c _PEAK_RSS FILE CMD...``: runs CMD, writes its peak resident memory (KiB) to FILE
+_PEAK_RSS = (
+    "import resource, subprocess, sys; rc = subprocess.call(sys.argv[2:]); "
+    "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); "
+    "sys.exit(rc)"
+)
+
+
+def _limited(gib: int):
+    def set_limits():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (gib << 30, gib << 30))
+
+    return set_limits
+
+
+def test_fifos_and_devices_behind_links_are_skipped_not_read(tmp_path):
+    import os
+    import subprocess
+
+    root = make_class_folder(tmp_path / "d", n_per_class=2)
+    os.symlink("/dev/zero", root / "cat" / "zero.png")  # read for ever: memory without bound
+    os.mkfifo(root / "dog" / "fifo.png")  # opened for reading: blocks for ever
+    os.symlink("../dog/fifo.png", root / "cat" / "to_fifo.png")
+    for links in ("inside", "all"):
+        peak = tmp_path / f"peak-{links}"
+        p = subprocess.run(
+            [sys.executable, "-c", _PEAK_RSS, str(peak)]
+            + ["embedtl", "extract", str(root), "--cache-dir", str(tmp_path / links), *TINY]
+            + ["--follow-links", links, "--json"],
+            capture_output=True,
+            text=True,
+            timeout=90,  # the FIFO hung this for ever
+            preexec_fn=_limited(6),  # /dev/zero grew ~2 GB/s until the kernel killed it at 24
+        )
+        assert p.returncode in (0, 3), p.stderr
+        out = json.loads(p.stdout)
+        assert out["n_images"] == 6
+        special = {"cat/to_fifo.png": "a named pipe behind a link", "dog/fifo.png": "a named pipe"}
+        if links == "all":  # else a link leading out of the folder: not followed
+            special["cat/zero.png"] = "a character device behind a link"
+        assert {s["path"]: s["reason"] for s in out["skipped"]} == special
+        assert int(peak.read_text()) < 2 << 20  # KiB: well under 2 GiB
+
+
+def test_reading_refuses_what_is_not_a_regular_file(tmp_path):
+    import os
+
+    from embedtl.data import read_file
+    from embedtl.errors import DataError, ImageDecodeError
+
+    os.mkfifo(tmp_path / "f.png")
+    for p, what in ((tmp_path / "f.png", "named pipe"), ("/dev/zero", "character device")):
+        with pytest.raises(ImageDecodeError, match=f"not a regular file.*{what}"):
+            read_file(p)
+    with pytest.raises(DataError, match="is a named pipe, not an image file"):
+        embedtl.data.image_files([tmp_path / "f.png"])

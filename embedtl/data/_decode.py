@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import stat
 import threading
 from struct import error as struct_error
 
@@ -55,12 +56,33 @@ UNREADABLE = "unreadable file"
 
 
 def read_file(path: str | os.PathLike[str]) -> bytes:
-    """The bytes of an image file; a missing or unreadable file is an :class:`ImageDecodeError`."""
+    """The bytes of an image file; a missing or unreadable file is an :class:`ImageDecodeError`.
+
+    Only a regular file is read (checked on the open descriptor, after any link is resolved; a
+    FIFO is opened without blocking), and never more than the size it has when opened: a device
+    or a pipe is refused instead of read for ever."""
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as e:
         raise ImageDecodeError(f"{UNREADABLE}: {type(e).__name__}: {e.strerror or e}") from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            from ._walk import special_kind
+
+            raise ImageDecodeError(f"not a regular file ({special_kind(st.st_mode)}): not read")
+        chunks, left = [], st.st_size
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 24))
+            if not chunk:  # the file shrank since: what is there
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    except OSError as e:
+        raise ImageDecodeError(f"{UNREADABLE}: {type(e).__name__}: {e.strerror or e}") from e
+    finally:
+        os.close(fd)
 
 
 def content_hash(data: bytes) -> str:

@@ -46,6 +46,9 @@ class Manifest:
     layout: str  # "splits" | "classes" | "flat" | "csv"
     n_skipped: int = 0  # files left out: not images by extension, hidden, links leading out
     skipped_examples: list[str] = field(default_factory=list)
+    #: (path, why) of entries never opened: special files (FIFOs, devices, also behind links)
+    #: and entries that could not be examined
+    special: list[tuple[str, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -217,4 +220,5 @@ def scan(
         layout=layout,
         n_skipped=len(skipped),
         skipped_examples=[str(s) for s in skipped[:5]],
+        special=walk.special,
     )

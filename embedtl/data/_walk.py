@@ -5,13 +5,21 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataError
 
-__all__ = ["IMAGE_EXTENSIONS", "Walk", "image_files", "is_image_name", "walk_files"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "Walk",
+    "image_files",
+    "is_image_name",
+    "special_kind",
+    "walk_files",
+]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +55,9 @@ class Walk:
     """What a folder walk found besides the files: what it left out, and why."""
 
     skipped: list[str] = field(default_factory=list)  # hidden entries, special files
+    #: (path, why) of what was not opened: special files (FIFOs, sockets, devices; also behind
+    #: a link) and entries that could not be examined
+    special: list[tuple[str, str]] = field(default_factory=list)
     external_links: list[str] = field(default_factory=list)  # symlinks leading out of the root
     loops: list[str] = field(default_factory=list)  # directory symlinks to one of their ancestors
     #: (left-out path, kept path): one file reached twice, the second time through a symlink
@@ -102,24 +113,40 @@ def walk_files(
                     )
                 ):
                     walk.external_links.append(name)
-                elif de.is_dir(follow_symlinks=True):
-                    s = de.stat(follow_symlinks=True)
+                    continue
+                try:
+                    s = de.stat(follow_symlinks=True)  # what a link leads to, resolved first
+                except FileNotFoundError:
+                    if not link:
+                        raise
+                    # dangling: kept, so that it is recorded as failed
+                    out.append((name, de.stat(follow_symlinks=False), True))
+                    continue
+                if stat.S_ISDIR(s.st_mode):
                     key = (s.st_dev, s.st_ino)
                     if key in chain:
                         walk.loops.append(name)
                     else:
                         stack.append((de.path, name + "/", (*chain, key), via or link))
-                elif de.is_file(follow_symlinks=True):
-                    out.append((name, de.stat(follow_symlinks=True), via or link))
-                elif link:  # dangling: kept, so that it is recorded as failed
-                    out.append((name, de.stat(follow_symlinks=False), True))
-                else:  # a FIFO, socket or device: opening one could block forever
+                elif stat.S_ISREG(s.st_mode):
+                    out.append((name, s, via or link))
+                else:  # a FIFO, socket or device: opening one could block or never end
+                    what = special_kind(s.st_mode)
+                    walk.special.append((name, f"{what}{' behind a link' if link else ''}"))
                     walk.skipped.append(name)
             except OSError as e:  # vanished or unreadable while listing
                 log.warning("cannot stat %s (%s): left out", de.path, e.strerror)
+                walk.special.append((name, f"cannot examine it: {e.strerror}"))
                 walk.skipped.append(name)
     out.sort(key=lambda t: t[0])
+    walk.special.sort()
     files = _once(out, walk)
+    if walk.special:
+        log.warning(
+            "%d entries are not regular files and were not opened (e.g. %s)",
+            len(walk.special),
+            ", ".join(f"{p}: {why}" for p, why in walk.special[:3]),
+        )
     if walk.duplicates:
         left, kept = walk.duplicates[0]
         log.warning(
@@ -144,6 +171,20 @@ def walk_files(
             "" if follow_links == "none" else "; --follow-links all follows them",
         )
     return files, walk
+
+
+def special_kind(mode: int) -> str:
+    """What a file that is not regular is, from its ``st_mode``: "a FIFO", "a socket", ..."""
+    for test, what in (
+        (stat.S_ISFIFO, "a named pipe"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISDIR, "a folder"),
+    ):
+        if test(mode):
+            return what
+    return "not a regular file"
 
 
 def _once(
@@ -181,6 +222,9 @@ def image_files(
             out.extend(p / rel for rel, _ in files if is_image_name(rel))
         elif p.is_file():
             out.append(p)
+        elif p.exists():
+            what = special_kind(p.stat().st_mode)
+            raise DataError(f"{p} is {what}, not an image file or a folder of images")
         else:
             raise DataError(f"no such image or folder: {p}")
     return out

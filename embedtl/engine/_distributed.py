@@ -100,5 +100,6 @@ def _combine(parts: list[dict[str, Any]], merged: FeatureStore) -> ExtractStats:
         decoder=ran[0]["decoder"] if ran else None,
         decode_fallback=dict(sum((Counter(p["decode_fallback"]) for p in parts), Counter())),
         failed=[{"path": p, "error": e} for p, e in merged.failed],
+        skipped=first["skipped"],
         ranks=[{k: p[k] for k in _RANK_FIELDS} | {"rank": r} for r, p in enumerate(parts)],
     )

@@ -72,6 +72,9 @@ class ExtractStats:
     #: reason -> images that PIL decoded instead of the tensor decoder
     decode_fallback: dict[str, int] = field(default_factory=dict)
     autotune: dict[int, float] | None = None  # batch size -> images/s, when the batch was tuned
+    #: entries never opened, with why: special files (FIFOs, devices, also behind links) and
+    #: entries that could not be examined (not the files that are not images by name)
+    skipped: list[dict[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -227,8 +230,13 @@ def extract(
         decoder=run.get("decoder"),
         decode_fallback=run.get("decode_fallback", {}),
         autotune=run.get("autotune"),
+        skipped=_skipped(manifest),
     )
     return store
+
+
+def _skipped(manifest) -> list[dict[str, str]]:
+    return [{"path": p, "reason": why} for p, why in manifest.special]
 
 
 def _cache_hit(
@@ -254,6 +262,7 @@ def _cache_hit(
         stages=stages.rounded(),
         failed=[{"path": p, "error": e} for p, e in old.failed],
         content_checked=check_content,
+        skipped=_skipped(t.manifest),
     )
 
 
