@@ -172,7 +172,7 @@ def test_unreadable_file_and_folder_are_recorded_not_fatal(
 ):
     """Root can read anything, so chmod proves nothing here: the faults are injected."""
     locked = class_folder / "cat" / "cat_002.png"
-    real_open, real_scandir = open, os.scandir
+    real_open, real_scandir = os.open, os.scandir
 
     def deny_open(path, *a, **k):
         if Path(path) == locked:
@@ -184,7 +184,7 @@ def test_unreadable_file_and_folder_are_recorded_not_fatal(
             raise PermissionError(13, "Permission denied", str(path))
         return real_scandir(path)
 
-    monkeypatch.setattr(decode_mod, "open", deny_open, raising=False)
+    monkeypatch.setattr(decode_mod.os, "open", deny_open)
     monkeypatch.setattr(walk_mod.os, "scandir", deny_scandir)
     store = embedtl.extract(class_folder, cache_dir=cache_dir, **tiny)
     assert store.failed == [
