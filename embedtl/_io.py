@@ -3,11 +3,14 @@ embedtl's cache folder is."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "atomic_file",
@@ -20,6 +23,8 @@ __all__ = [
     "CACHE_ENV",
     "check_outputs",
     "default_cache_dir",
+    "json_text",
+    "strict_json",
 ]
 
 CACHE_ENV = "EMBEDTL_CACHE"
@@ -149,6 +154,34 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
             tmp.rename(path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def strict_json(obj: Any) -> Any:
+    """``obj`` as plain JSON values: NaN and infinities (a metric with no rows to count) become
+    None, numpy scalars and arrays Python numbers and lists, paths strings; every JSON embedtl
+    writes is strict (JavaScript's ``JSON.parse`` rejects ``NaN``)."""
+    if isinstance(obj, dict):
+        return {str(k) if not isinstance(k, str) else k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    if isinstance(obj, (bool, int, str)) or obj is None:
+        return obj
+    if isinstance(obj, float) or type(obj).__module__ == "numpy":
+        if hasattr(obj, "tolist"):  # a numpy scalar or array
+            obj = obj.tolist()
+            if isinstance(obj, list):
+                return strict_json(obj)
+        if isinstance(obj, float):
+            return obj if math.isfinite(obj) else None
+        return obj
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return str(obj)
+
+
+def json_text(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps`` of :func:`strict_json` (``allow_nan=False``: never ``NaN``)."""
+    return json.dumps(strict_json(obj), allow_nan=False, **kwargs)
 
 
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"

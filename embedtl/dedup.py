@@ -14,7 +14,6 @@ test inflates test accuracy) or carry different labels.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ._device import default_memory_budget
-from ._io import write_text
+from ._io import json_text, write_text
 from .errors import StoreError
 from .gallery import dedup_html
 from .index import VectorIndex, l2_normalize
@@ -291,6 +290,6 @@ def write_dedup_report(
 ) -> dict[str, str]:
     """``duplicates.json`` (every group) and ``duplicates.html`` (thumbnails) in ``out_dir``."""
     out = Path(out_dir)
-    js = write_text(out / "duplicates.json", json.dumps(report, indent=1))
+    js = write_text(out / "duplicates.json", json_text(report, indent=1))
     page = dedup_html(report, out / "duplicates.html", limit=html_limit)
     return {"json": str(js), "html": str(page)}

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ._io import atomic_file, write_text
+from ._io import atomic_file, json_text, write_text
 
 __all__ = [
     "Evaluation",
@@ -160,11 +160,11 @@ class Evaluation:
             "reliability_png": out / "reliability.png",
             "coverage_png": out / "coverage.png",
         }
-        write_text(files["metrics"], json.dumps(m, indent=2))
+        write_text(files["metrics"], json_text(m, indent=2))
         cm = self.confusion()
         write_text(
             files["confusion_json"],
-            json.dumps(
+            json_text(
                 {
                     "classes": self.classes,
                     "rows": "true",

@@ -8,12 +8,11 @@ import base64
 import csv
 import html
 import io
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_file, write_text
+from .._io import atomic_file, json_text, write_text
 from ._audit import Audit
 
 __all__ = ["draw_map", "map_png", "write_audit"]
@@ -159,7 +158,7 @@ def write_audit(audit: Audit, out: str | os.PathLike[str]) -> dict[str, str]:
         "html": out / "audit.html",
     }
     summary = audit.summary()
-    write_text(files["json"], json.dumps(summary, indent=1, default=str))
+    write_text(files["json"], json_text(summary, indent=1))
     with atomic_file(files["label_issues"]) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["path", "given", "suggested", "score"])

@@ -4,13 +4,12 @@ of val accuracy against fit time."""
 from __future__ import annotations
 
 import csv
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_file, write_text
+from .._io import atomic_file, json_text, write_text
 from .._version import library_versions
 from ..report import new_figure, save_figure
 
@@ -74,7 +73,7 @@ class BenchResult:
             w.writeheader()
             for r in self.rows():
                 w.writerow({k: "" if v is None else v for k, v in r.items()})
-        write_text(files["json"], json.dumps(self.to_dict(), indent=2) + "\n")
+        write_text(files["json"], json_text(self.to_dict(), indent=2) + "\n")
         plot_accuracy_vs_time(self.variants, files["plot"])
         return {k: str(v) for k, v in files.items()}
 

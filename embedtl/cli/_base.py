@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import json
 import logging
 import os
 import sys
@@ -14,6 +13,7 @@ from typing import Any
 
 import click
 
+from .._io import json_text
 from ..backbones import DEFAULT_BACKBONE, MIN_IMAGE_SIZE
 from ..errors import EmbedTLError, UsageError
 
@@ -134,7 +134,7 @@ class EmbedTLGroup(click.Group):
         def fail(message: str, type_name: str, code: int) -> int:
             click.echo(f"Error: {message}", err=True)
             if as_json:
-                line = json.dumps({"error": message, "type": type_name}, separators=(",", ":"))
+                line = json_text({"error": message, "type": type_name}, separators=(",", ":"))
                 click.echo(line, file=out)
             return code
 
@@ -216,13 +216,18 @@ def setup_logging(verbose: int) -> Callable[[], None]:
 def emit(as_json: bool, payload: dict[str, Any], human: Callable[[], None] | None = None) -> None:
     """--json: exactly one line of JSON on stdout. Otherwise the human rendering."""
     if as_json:
-        line = json.dumps(payload, default=str, separators=(",", ":"))
+        line = json_text(payload, separators=(",", ":"))
         click.echo(line, file=_STDOUT.get() or sys.stdout)
     elif human is not None:
         human()
     else:
         for k, v in payload.items():
             click.echo(f"{k}: {v}")
+
+
+def pct(v: float | None) -> str:
+    """A share as a percentage, ``n/a`` when undefined (None or NaN: no rows to count)."""
+    return "n/a" if v is None or v != v else f"{100 * v:.2f}%"
 
 
 def want_progress(flag: bool | None) -> bool:

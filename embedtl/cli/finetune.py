@@ -8,14 +8,11 @@ from ._base import (
     _runtime_options,
     emit,
     json_option,
+    pct,
     progress_option,
     split_options,
     want_progress,
 )
-
-
-def _pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{100 * v:.2f}%"
 
 
 @click.command("fine-tune")
@@ -202,11 +199,11 @@ def fine_tune_cmd(
         click.echo(f"head      {r.head}")
         click.echo(f"           {'val':>10} {'test':>10}")
         for name, m in (("before", r.before), ("after", r.after)):
-            click.echo(f"{name:<10} {_pct(m['val_accuracy']):>10} {_pct(m['test_accuracy']):>10}")
+            click.echo(f"{name:<10} {pct(m['val_accuracy']):>10} {pct(m['test_accuracy']):>10}")
         if r.start_val_accuracy is not None:
             click.echo(
-                f"end to end: val {_pct(r.start_val_accuracy)} at the start "
-                f"(the head alone), {_pct(r.end_to_end_val_accuracy)} at the "
+                f"end to end: val {pct(r.start_val_accuracy)} at the start "
+                f"(the head alone), {pct(r.end_to_end_val_accuracy)} at the "
                 "best epoch"
             )
         if (r.after["val_accuracy"] or 0) < (r.before["val_accuracy"] or 0):

@@ -15,6 +15,7 @@ from ._base import (
     head_backbone_options,
     json_option,
     open_source,
+    pct,
     progress_option,
     source_args,
     split_options,
@@ -264,19 +265,15 @@ def fit_head_cmd(
         click.echo(f"rows      train {m['n']['train']}, val {m['n']['val']}, test {m['n']['test']}")
         ep = f", {fit['epochs']} epochs (best {fit['best_epoch']})" if fit["epochs"] else ""
         click.echo(f"fit       {fit['seconds']:.2f} s on {fit['device']}{ep}")
-        click.echo(f"val       accuracy {_pct(m['val_accuracy'])}")
+        click.echo(f"val       accuracy {pct(m['val_accuracy'])}")
         click.echo(
-            f"test      accuracy {_pct(m['test_accuracy'])}, top-5 "
-            f"{_pct(m['test_top5_accuracy'])}, macro-F1 {_pct(m['test_macro_f1'])}"
+            f"test      accuracy {pct(m['test_accuracy'])}, top-5 "
+            f"{pct(m['test_top5_accuracy'])}, macro-F1 {pct(m['test_macro_f1'])}"
         )
         if payload["confusion_png"]:
             click.echo(f"confusion {payload['confusion_png']}")
 
     emit(as_json, payload, human)
-
-
-def _pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{100 * v:.2f}%"
 
 
 def _load(head_path: str):
@@ -347,8 +344,8 @@ def evaluate_cmd(
     def human() -> None:
         click.echo(f"{split} of {store.root}: {m['n']} images")
         click.echo(
-            f"accuracy  {_pct(m['accuracy'])}  top-{m['top_k']} "
-            f"{_pct(m['top5_accuracy'])}  macro-F1 {_pct(m['macro_f1'])}  "
+            f"accuracy  {pct(m['accuracy'])}  top-{m['top_k']} "
+            f"{pct(m['top5_accuracy'])}  macro-F1 {pct(m['macro_f1'])}  "
             f"ECE {m['calibration']['ece']:.3f}"
         )
         w = max(len(c) for c in head.classes)
@@ -362,7 +359,7 @@ def evaluate_cmd(
             if p["threshold"] in (0.5, 0.8, 0.9):
                 click.echo(
                     f"unsure below {p['threshold']:.1f}: answers "
-                    f"{_pct(p['coverage'])} of images at accuracy {_pct(p['accuracy'])}"
+                    f"{pct(p['coverage'])} of images at accuracy {pct(p['accuracy'])}"
                 )
         click.echo(
             f"report    {report_dir} (confusion.png, reliability.png, coverage.png, metrics.json)"

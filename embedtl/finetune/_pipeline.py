@@ -20,7 +20,7 @@ import torch
 
 from .._builder import build_feature_model
 from .._device import resolve_device
-from .._io import atomic_file, write_text
+from .._io import atomic_file, json_text, write_text
 from .._model import FeatureModel
 from .._version import library_versions
 from ..backbones import BACKBONE_FILE, BackboneSpec, backbone_file_metadata, read_backbone_file
@@ -307,7 +307,7 @@ def _read_record(out_dir: Path) -> dict[str, Any]:
 
 
 def _write_record(out_dir: Path, record: dict[str, Any]) -> None:
-    write_text(out_dir / _RECORD, json.dumps(record, indent=2, default=str))
+    write_text(out_dir / _RECORD, json_text(record, indent=2))
     if record.get("curve"):
         start = record.get("start", {}).get("val_accuracy")
         plot_training_curve(

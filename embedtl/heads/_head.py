@@ -15,7 +15,6 @@ whole, then swapped in (:func:`embedtl._io.atomic_dir`).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._io import atomic_dir
+from .._io import atomic_dir, json_text
 from ..backbones import BackboneSpec
 from ..errors import HeadError
 from ..index import VectorIndex
@@ -180,9 +179,7 @@ class Head:
             state[TRAIN_KEYS] = torch.from_numpy(np.asarray(self.train_keys, np.int64))
         with atomic_dir(path) as tmp:
             save_file(state, str(tmp / HEAD_WEIGHTS), metadata=self._weights_metadata())
-            (tmp / HEAD_META).write_text(
-                json.dumps(self.metadata(), indent=2, default=_json_default)
-            )
+            (tmp / HEAD_META).write_text(json_text(self.metadata(), indent=2))
             self.write_reports(tmp)
         self._digest = read_head_info(path).digest()
         self.folder = path
@@ -210,14 +207,6 @@ class Head:
 def knn_bank(vote: KNNVote) -> tuple[VectorIndex, np.ndarray]:
     """The exact faiss index of a kNN head's memory bank, and the bank's labels."""
     return VectorIndex.from_vectors(vote.bank.float().numpy()), vote.onehot.argmax(1).numpy()
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
 
 
 def load_head(path: str | os.PathLike[str]) -> Head:

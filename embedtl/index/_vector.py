@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from .._h5 import h5_reason, read_strings, write_strings
-from .._io import atomic_file
+from .._io import atomic_file, json_text
 from .._version import library_versions
 from ..errors import StaleIndexError, StoreError
 from ._plan import CODES, HNSW_M, IndexPlan, kmeans, plan_index
@@ -295,7 +295,7 @@ class VectorIndex:
             f.create_dataset("mtimes_ns", data=rows.mtimes_ns.astype(np.int64))
             if self.store_rows is not None:
                 f.create_dataset("store_rows", data=np.asarray(self.store_rows, np.int64))
-            f.attrs["meta"] = json.dumps(attrs, default=str)
+            f.attrs["meta"] = json_text(attrs)
         self.path = path
         return path
 

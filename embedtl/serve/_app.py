@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .._io import json_text
 from .._version import __version__
 from ..errors import (
     DataError,
@@ -91,8 +92,16 @@ def create_app(catalog: Catalog, config: ServeConfig | None = None):
     from ._api import api_router
     from ._pages import page_router, render_error
 
+    class StrictJSON(JSONResponse):
+        """Strict JSON (:func:`embedtl._io.json_text`): an undefined metric is null, never NaN
+        (which would fail the response)."""
+
+        def render(self, content) -> bytes:
+            return json_text(content, ensure_ascii=False, separators=(",", ":")).encode()
+
     cfg = config or ServeConfig()
     app = FastAPI(
+        default_response_class=StrictJSON,
         title="embedtl",
         version=__version__,
         description="Search, browse and check heads over cached image embeddings.",
@@ -104,7 +113,7 @@ def create_app(catalog: Catalog, config: ServeConfig | None = None):
 
     def respond(request: Request, status: int, body: dict[str, str]):
         if request.url.path.startswith("/api/") or "json" in request.headers.get("accept", ""):
-            return JSONResponse(body, status_code=status)
+            return StrictJSON(body, status_code=status)
         return render_error(request, status, body["error"])
 
     @app.exception_handler(RequestValidationError)
