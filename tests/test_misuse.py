@@ -279,3 +279,26 @@ def test_reading_refuses_what_is_not_a_regular_file(tmp_path):
             read_file(p)
     with pytest.raises(DataError, match="is a named pipe, not an image file"):
         embedtl.data.image_files([tmp_path / "f.png"])
+
+
+# 8. stdout closed early ----------------------------------------------------------------------
+@pytest.mark.parametrize("args", [["backbones"], ["cache", "ls"], ["backbones", "--json"]])
+def test_a_closed_stdout_exits_141_quietly(args, tmp_path):
+    import os
+    import subprocess
+
+    synthetic_store(tmp_path / "cache" / "x-0123456789" / "s-0123456789abcdef.h5")
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written (`| head -0`)
+    try:
+        p = subprocess.run(
+            ["embedtl", *args],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            env={**os.environ, "EMBEDTL_CACHE": str(tmp_path / "cache")},
+        )
+    finally:
+        os.close(write)
+    assert p.returncode == 141 and p.stderr == "", (p.returncode, p.stderr)

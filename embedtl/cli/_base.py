@@ -63,6 +63,10 @@ def _wants_json(args: Sequence[str] | None) -> bool:
     return "--json" in argv[: argv.index("--") if "--" in argv else len(argv)]
 
 
+class _PipeClosed(Exception):
+    """stdout was closed early: raised past click's own handling of EPIPE (which exits 1)."""
+
+
 class EmbedTLGroup(click.Group):
     """A click group whose errors are one line on stderr, never a traceback; under ``--json``
     stdout is one JSON line, the error's too: ``{"error": ..., "type": ...}``."""
@@ -70,11 +74,13 @@ class EmbedTLGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except BrokenPipeError as e:
+            raise _PipeClosed from e
         except (
             click.ClickException,
             click.exceptions.Exit,
             click.exceptions.Abort,
-            BrokenPipeError,
+            _PipeClosed,
             KeyboardInterrupt,
         ):
             raise
@@ -151,7 +157,7 @@ class EmbedTLGroup(click.Group):
         except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
             msg = f"interrupted ({_AFTER_INTERRUPT.get(_command_of(args), _NOTHING_WRITTEN)})"
             return fail(msg, "KeyboardInterrupt", EXIT_INTERRUPTED)
-        except BrokenPipeError:
+        except (_PipeClosed, BrokenPipeError):
             # stdout was closed early (`embedtl ... | head`): exit quietly, as Unix tools do
             try:  # ``out``: the real stdout (under --json sys.stdout is stderr here)
                 os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
