@@ -26,8 +26,11 @@ def write_strings(group, name: str, values) -> None:
 
 
 def string_attr(values) -> tuple[np.ndarray, object]:
-    """(data, dtype) of a UTF-8 string-array attribute: ``attrs.create(k, data, dtype=dtype)``."""
-    return np.asarray(list(values), dtype=object), _str_dtype()
+    """(data, dtype) of a UTF-8 string-array attribute: ``attrs.create(k, data, dtype=dtype)``;
+    names that are not valid UTF-8 (a class folder's) keep their bytes, as in
+    :func:`write_strings`."""
+    data = [str(v).encode("utf-8", "surrogateescape") for v in values]
+    return np.asarray(data, dtype=object), _str_dtype()
 
 
 def read_strings(ds) -> np.ndarray:

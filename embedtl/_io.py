@@ -25,6 +25,7 @@ __all__ = [
     "default_cache_dir",
     "json_text",
     "strict_json",
+    "text_file",
 ]
 
 CACHE_ENV = "EMBEDTL_CACHE"
@@ -230,10 +231,20 @@ def _starts_with(path: Path, magic: bytes) -> bool:
         return False
 
 
+def text_file(path: str | os.PathLike[str], mode: str = "r"):
+    """A text file (a CSV, a page) opened for ``mode`` as embedtl reads and writes them: UTF-8,
+    names that are not valid UTF-8 (file and folder names are bytes) kept as their bytes
+    (surrogateescape), newlines as written (what the csv module wants); read, a byte-order mark
+    (spreadsheets write one) is skipped."""
+    encoding = "utf-8-sig" if "r" in mode else "utf-8"
+    return open(path, mode, newline="", encoding=encoding, errors="surrogateescape")
+
+
 def write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """``path`` holding ``text`` (UTF-8), written through :func:`atomic_file`."""
-    with atomic_file(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    """``path`` holding ``text`` (:func:`text_file`'s encoding), written through
+    :func:`atomic_file`."""
+    with atomic_file(path) as tmp, text_file(tmp, "w") as fh:
+        fh.write(text)
     return Path(path)
 
 

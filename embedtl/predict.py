@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
-from ._io import atomic_file
+from ._io import atomic_file, text_file
 from .backbones import BackboneSpec
 from .cache import onnx_model_path
 from .data import image_files
@@ -53,7 +53,7 @@ class Predictions:
     def write_csv(self, path: str | os.PathLike[str]) -> None:
         """path,label,confidence,top1..topk columns (label:p), written atomically."""
         k = max((len(r["topk"]) for r in self.records), default=0)
-        with atomic_file(path) as tmp, open(tmp, "w", newline="") as fh:
+        with atomic_file(path) as tmp, text_file(tmp, "w") as fh:
             w = csv.writer(fh)
             w.writerow(["path", "label", "confidence", *(f"top{i + 1}" for i in range(k))])
             for r in self.records:

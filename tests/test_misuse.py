@@ -302,3 +302,51 @@ def test_a_closed_stdout_exits_141_quietly(args, tmp_path):
     finally:
         os.close(write)
     assert p.returncode == 141 and p.stderr == "", (p.returncode, p.stderr)
+
+
+# 9. a class folder whose name is not UTF-8 ---------------------------------------------------
+def test_a_class_folder_named_in_bytes_that_are_not_utf8_works_everywhere(tmp_path):
+    import os
+
+    root = make_class_folder(tmp_path / "d", n_per_class=4, classes=("cat", "dog"))
+    os.rename(root / "cat", os.path.join(os.fsencode(root), b"caf\xff"))
+    name = "caf\udcff"  # the byte, as Python keeps it (surrogateescape)
+    c = ["--cache-dir", str(tmp_path / "c"), *TINY]
+    out = run_json(["extract", str(root), *c])
+    assert out["n_images"] == 8 and embedtl.open_store(out["store"]).classes == [name, "dog"]
+    img = str(next((root / "dog").iterdir()))
+    for args in (
+        ["fit-head", str(root), *c, "--out", "h"],
+        ["evaluate", "h", str(root), *c],
+        ["predict", "h", img, "--out", "p.csv"],
+        ["search", str(root), *c, "-q", img, "--html", "s.html"],
+        ["dedup", str(root), *c, "--out", "dd"],
+        ["knn-eval", str(root), *c],
+        ["bench-heads", str(root), *c, "--folds", "0", "--out", "b"],
+        ["audit", str(root), *c, "--folds", "2", "--out", "a"],
+        ["cache", "export", str(root), *c, "x.parquet"],
+        ["cache", "info", str(root), *c],
+    ):
+        run([*args, "--json"], 0)
+    # the labels an audit suggests read back as the folder's (the CSV keeps the bytes)
+    assert run_json(["extract", str(root), *c, "--labels", "a/corrected_labels.csv"])["n_images"]
+    labels = embedtl.open_store(out["store"]).classes
+    assert set(labels) <= {name, "dog"}
+
+
+# 11. labels CSVs: empty cells, a byte-order mark -------------------------------------------------
+def test_a_labels_csv_with_an_empty_label_names_its_line_and_a_bom_is_no_row(tmp_path):
+    root = make_class_folder(tmp_path / "d", n_per_class=3)
+    c = ["--cache-dir", str(tmp_path / "c"), *TINY]
+    rows = [
+        f"{p.relative_to(root).as_posix()},{p.parent.name}" for p in sorted(root.rglob("*.png"))
+    ]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path,label\n" + "\n".join([*rows[:3], rows[3].split(",")[0] + ","]) + "\n")
+    r = run(["extract", str(root), *c, "--labels", str(bad)], 1)
+    assert f"{bad}:5: the label is empty" in r.stderr
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + ("\n".join(rows) + "\n").encode())  # no header
+    out = run_json(["extract", str(root), *c, "--labels", str(bom)])
+    store = embedtl.open_store(out["store"])
+    assert store.classes == ["cat", "dog", "fox"] and (store.labels >= 0).all()

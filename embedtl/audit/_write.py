@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_file, json_text, write_text
+from .._io import atomic_file, json_text, text_file, write_text
 from ._audit import Audit
 
 __all__ = ["draw_map", "map_png", "write_audit"]
@@ -27,9 +27,10 @@ def draw_map(audit: Audit):
     issues, outliers and leaked rows marked."""
     import numpy as np
 
-    from ..report import new_figure
+    from ..report import drawable, new_figure
 
     s = audit.store
+    names = drawable([*s.classes, s.root.name])  # any script, any bytes: "?" where no glyph
     fig = new_figure((8.0, 6.5))
     ax = fig.add_subplot(1, 1, 1)
     xy, rows = audit.map_xy, audit.map_rows
@@ -50,9 +51,7 @@ def draw_map(audit: Audit):
         present = [int(i) for i in np.unique(labels[~unl])]
         if len(present) <= 20:
             handles = [
-                Line2D(
-                    [], [], marker="o", ls="", color=palette[i % len(palette)], label=s.classes[i]
-                )
+                Line2D([], [], marker="o", ls="", color=palette[i % len(palette)], label=names[i])
                 for i in present
             ] + (
                 [Line2D([], [], marker="o", ls="", color="#bbbbbb", label="unlabelled")]
@@ -81,7 +80,7 @@ def draw_map(audit: Audit):
     ev = audit.map_explained
     ax.set_xlabel(f"PC1 ({100 * ev[0]:.1f}%)" if ev else "PC1")
     ax.set_ylabel(f"PC2 ({100 * ev[1]:.1f}%)" if len(ev) > 1 else "PC2")
-    ax.set_title(f"{s.root.name}: {len(s)} images, PCA of the features")
+    ax.set_title(f"{names[-1]}: {len(s)} images, PCA of the features")
     fig.tight_layout()
     return fig
 
@@ -159,12 +158,12 @@ def write_audit(audit: Audit, out: str | os.PathLike[str]) -> dict[str, str]:
     }
     summary = audit.summary()
     write_text(files["json"], json_text(summary, indent=1))
-    with atomic_file(files["label_issues"]) as tmp, open(tmp, "w", newline="") as fh:
+    with atomic_file(files["label_issues"]) as tmp, text_file(tmp, "w") as fh:
         w = csv.writer(fh)
         w.writerow(["path", "given", "suggested", "score"])
         for r in audit.label_issues:
             w.writerow([r["path"], r["given"], r["suggested"], f"{r['score']:.6f}"])
-    with atomic_file(files["corrected_labels"]) as tmp, open(tmp, "w", newline="") as fh:
+    with atomic_file(files["corrected_labels"]) as tmp, text_file(tmp, "w") as fh:
         w = csv.writer(fh)
         w.writerow(["path", "label"])
         w.writerows(audit.corrected_labels())

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_file, json_text, write_text
+from .._io import atomic_file, json_text, text_file, write_text
 from .._version import library_versions
 from ..report import new_figure, save_figure
 
@@ -68,7 +68,7 @@ class BenchResult:
             "json": out / "results.json",
             "plot": out / "accuracy_vs_time.png",
         }
-        with atomic_file(files["csv"]) as tmp, open(tmp, "w", newline="") as fh:
+        with atomic_file(files["csv"]) as tmp, text_file(tmp, "w") as fh:
             w = csv.DictWriter(fh, fieldnames=list(self.COLUMNS))
             w.writeheader()
             for r in self.rows():

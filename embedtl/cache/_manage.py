@@ -297,7 +297,7 @@ def export_store(source: str | os.PathLike[str], out: str | os.PathLike[str]) ->
             {
                 "path": [_utf8(p) for p in s.paths],
                 "label": s.labels,
-                "label_name": label_names,
+                "label_name": [_utf8(n) for n in label_names],
                 "split": s.splits.astype(str),
                 "features": pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1)), s.dim),
             },

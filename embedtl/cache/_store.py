@@ -396,9 +396,9 @@ def _read_attrs(f, path: Path) -> dict[str, Any]:
     attrs: dict[str, Any] = {}
     for k, v in f.attrs.items():
         if isinstance(v, bytes):
-            v = v.decode()
+            v = v.decode("utf-8", "surrogateescape")
         if isinstance(v, np.ndarray):
-            v = [x.decode() if isinstance(x, bytes) else x for x in v.tolist()]
+            v = [x.decode("utf-8", "surrogateescape") if isinstance(x, bytes) else x for x in v]
         elif isinstance(v, np.generic):
             v = v.item()
         if k in JSON_ATTRS and isinstance(v, str):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from .._io import text_file
 from ..errors import DataError
 from ._base import (
     backbone_options,
@@ -26,7 +27,7 @@ def read_reviewed(files: tuple[str, ...]) -> set[str]:
     out: set[str] = set()
     for f in files:
         try:
-            with open(f, newline="", encoding="utf-8") as fh:
+            with text_file(f) as fh:
                 for row in csv.reader(fh):
                     if row and row[0].strip() and row[0].strip().lower() != "path":
                         out.add(Path(row[0].strip()).as_posix())

@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .._io import text_file
 from ..errors import DataError
 from ._splits import SPLITS, SplitConfig, assign_splits
 from ._walk import IMAGE_EXTENSIONS, is_image_name, walk_files
@@ -72,7 +73,7 @@ def read_labels_csv(path: str | os.PathLike[str]) -> dict[str, str]:
     line_of: dict[str, int] = {}
     repeated: list[str] = []
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with text_file(path) as f:
             reader = csv.reader(f)
             for row in reader:
                 n = reader.line_num
@@ -83,6 +84,13 @@ def read_labels_csv(path: str | os.PathLike[str]) -> dict[str, str]:
                 p, lab = row[0].strip(), row[1].strip()
                 if not out and not repeated and p.lower() == "path" and lab.lower() == "label":
                     continue
+                if not p or not lab:
+                    what = "label" if p else "path"
+                    raise DataError(
+                        f"{path}:{n}: the {what} is empty ({','.join(row)!r}): give every row "
+                        "a path and a label (leave an image out of the file to leave it "
+                        "unlabelled)"
+                    )
                 key = Path(p).as_posix()  # Path() drops a leading "./"
                 if key in out:
                     if out[key] != lab:
@@ -95,8 +103,6 @@ def read_labels_csv(path: str | os.PathLike[str]) -> dict[str, str]:
                 out[key], line_of[key] = lab, n
     except OSError as e:
         raise DataError(f"cannot read labels file {path}: {e.strerror}") from e
-    except UnicodeDecodeError as e:
-        raise DataError(f"labels file {path} is not UTF-8 text ({e.reason})") from None
     if repeated:
         log.warning(
             "%d rows of %s repeat an earlier row (same path and label): %s",

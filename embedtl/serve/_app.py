@@ -97,7 +97,7 @@ def create_app(catalog: Catalog, config: ServeConfig | None = None):
         (which would fail the response)."""
 
         def render(self, content) -> bytes:
-            return json_text(content, ensure_ascii=False, separators=(",", ":")).encode()
+            return json_text(content, separators=(",", ":")).encode()
 
     cfg = config or ServeConfig()
     app = FastAPI(
