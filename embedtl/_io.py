@@ -95,6 +95,28 @@ def _temporary(path: Path) -> Path:
     return path.with_name(f".{path.name}{_TMP}{os.getpid()}")
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` sets it to read it, for a
+    moment, for every thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _plain_mode(path: Path, mask: int) -> None:
+    """The mode a plain ``open()`` or ``mkdir()`` would have given ``path`` under ``mask``:
+    libraries that write through temporary files (safetensors) leave 0600, which other users
+    of a shared folder cannot read."""
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def _fsync(path: Path) -> None:
     with open(path, "rb+") as fh:
         os.fsync(fh.fileno())
@@ -124,6 +146,7 @@ def atomic_file(
         yield tmp
         if durable:
             _fsync(tmp)
+        _plain_mode(tmp, _umask())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -142,9 +165,11 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        for f in tmp.rglob("*"):
+        mask = _umask()
+        for f in [tmp, *tmp.rglob("*")]:
             if f.is_file():
                 _fsync(f)
+            _plain_mode(f, mask)
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             shutil.rmtree(old, ignore_errors=True)

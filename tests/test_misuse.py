@@ -350,3 +350,56 @@ def test_a_labels_csv_with_an_empty_label_names_its_line_and_a_bom_is_no_row(tmp
     out = run_json(["extract", str(root), *c, "--labels", str(bom)])
     store = embedtl.open_store(out["store"])
     assert store.classes == ["cat", "dog", "fox"] and (store.labels >= 0).all()
+
+
+# 10. permissions -------------------------------------------------------------------------------
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])
+def test_heads_and_backbone_files_follow_the_umask(tmp_path, mask):
+    import os
+
+    from safetensors.torch import save_file
+
+    from embedtl._io import atomic_file
+    from embedtl.heads import HeadConfig, fit_head
+
+    store = synthetic_store(tmp_path / "s.h5")
+    old = os.umask(mask)
+    try:
+        path = fit_head(store, HeadConfig(epochs=2)).save(tmp_path / "h")
+        with atomic_file(tmp_path / "backbone.safetensors") as tmp:  # as save_backbone writes
+            save_file({"w": __import__("torch").zeros(2)}, str(tmp))
+    finally:
+        os.umask(old)
+    files = [path / "weights.safetensors", path / "head.json", tmp_path / "backbone.safetensors"]
+    for f in files:
+        assert f.stat().st_mode & 0o777 == 0o666 & ~mask, (f, oct(f.stat().st_mode))
+    for d in (path, path / "test"):
+        assert d.stat().st_mode & 0o777 == 0o777 & ~mask, (d, oct(d.stat().st_mode))
+
+
+def test_search_on_a_store_the_user_cannot_write_says_so_and_suggests_index(tmp_path, monkeypatch):
+    """Root writes anywhere (and the interpreter lives in root's home, which another user
+    cannot enter), so the refusal is injected where faiss meets it, with faiss's own message."""
+    import faiss
+
+    root = make_class_folder(tmp_path / "d", n_per_class=3)
+    c = ["--cache-dir", str(tmp_path / "c"), *TINY]
+    store = Path(run_json(["extract", str(root), *c])["store"])
+    write = faiss.write_index
+
+    def denied(index, path):
+        if Path(path).parent == store.parent:
+            raise RuntimeError(
+                "Error in faiss::FileIOWriter::FileIOWriter(const char*) at /project/faiss/"
+                f"faiss/impl/io.cpp:98: Error: 'f' failed: could not open {path} for writing: "
+                "Permission denied"
+            )
+        return write(index, path)
+
+    monkeypatch.setattr(faiss, "write_index", denied)
+    q = str(next((root / "dog").iterdir()))
+    r = run(["search", str(root), "-q", q, *c], 1)
+    assert "(Permission denied): give --index PATH" in r.stderr, r.stderr
+    assert "internal error" not in r.stderr and "please report" not in r.stderr
+    out = run_json(["search", str(root), "-q", q, *c, "--index", str(tmp_path / "own.index")])
+    assert out["results"][0]["neighbors"]

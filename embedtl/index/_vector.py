@@ -274,8 +274,10 @@ class VectorIndex:
                 f"internal error: the index holds {len(self)} vectors, its rows {len(rows.paths)}"
             )
         fpath = faiss_path(path)
-        with atomic_file(fpath) as tmp:
-            faiss.write_index(self.index, str(tmp))
+        try:
+            write_faiss(fpath, self.index)
+        except StoreError as e:
+            raise StoreError(f"{e}: give --index PATH in a folder you can write") from None
         st = fpath.stat()
         attrs = {
             "format": INDEX_FORMAT,
@@ -289,13 +291,19 @@ class VectorIndex:
             **meta,
         }
         reserve = 64 * len(rows.paths) + sum(len(str(p)) for p in rows.paths) + (1 << 20)
-        with atomic_file(path, reserve=reserve) as tmp, h5py.File(tmp, "w") as f:
-            write_strings(f, "paths", rows.paths)
-            f.create_dataset("sizes", data=rows.sizes.astype(np.int64))
-            f.create_dataset("mtimes_ns", data=rows.mtimes_ns.astype(np.int64))
-            if self.store_rows is not None:
-                f.create_dataset("store_rows", data=np.asarray(self.store_rows, np.int64))
-            f.attrs["meta"] = json_text(attrs)
+        try:
+            with atomic_file(path, reserve=reserve) as tmp, h5py.File(tmp, "w") as f:
+                write_strings(f, "paths", rows.paths)
+                f.create_dataset("sizes", data=rows.sizes.astype(np.int64))
+                f.create_dataset("mtimes_ns", data=rows.mtimes_ns.astype(np.int64))
+                if self.store_rows is not None:
+                    f.create_dataset("store_rows", data=np.asarray(self.store_rows, np.int64))
+                f.attrs["meta"] = json_text(attrs)
+        except OSError as e:
+            raise StoreError(
+                f"cannot write the index {path} ({e.strerror or h5_reason(e)}): give --index PATH "
+                "in a folder you can write"
+            ) from None
         self.path = path
         return path
 
@@ -405,11 +413,18 @@ def _faiss_reason(e: BaseException) -> str:
 
 
 def write_faiss(path: Path, index) -> None:
-    """A bare faiss index to ``path``, atomically."""
+    """A bare faiss index to ``path``, atomically; a file that cannot be written is a
+    :class:`StoreError` saying why (faiss raises a RuntimeError naming its C++ source)."""
     import faiss
 
-    with atomic_file(path) as tmp:
-        faiss.write_index(index, str(tmp))
+    try:
+        with atomic_file(path) as tmp:
+            faiss.write_index(index, str(tmp))
+    except OSError as e:
+        raise StoreError(f"cannot write {path} ({e.strerror or e})") from None
+    except RuntimeError as e:  # "... could not open X for writing: Permission denied"
+        why = str(e).strip().rsplit(": ", 1)[-1] or "faiss could not write it"
+        raise StoreError(f"cannot write {path} ({why})") from None
 
 
 def read_faiss(path: Path):
