@@ -403,3 +403,21 @@ def test_search_on_a_store_the_user_cannot_write_says_so_and_suggests_index(tmp_
     assert "internal error" not in r.stderr and "please report" not in r.stderr
     out = run_json(["search", str(root), "-q", q, *c, "--index", str(tmp_path / "own.index")])
     assert out["results"][0]["neighbors"]
+
+
+# 12. options that cannot apply to a STORE file ------------------------------------------------
+def test_options_that_cannot_apply_to_a_store_file_are_usage_errors(tmp_path):
+    store = str(synthetic_store(tmp_path / "s.h5").path)
+    csv = tmp_path / "labels.csv"
+    csv.write_text("c0/00000.png,c0\n")
+    for args, flags in [
+        (["fit-head", store, "-b", "resnet18", "--image-size", "64"], "--backbone, --image-size"),
+        (["fit-head", store, "--labels", str(csv)], "--labels"),
+        (["fit-head", store, "--seed", "3"], "--seed"),
+        (["knn-eval", store, "--val-fraction", "0.2"], "--val-fraction"),
+        (["search", store, "-q", str(csv), "-b", "resnet18"], "--backbone"),
+        (["cache", "info", store, "--cache-dir", str(tmp_path)], "--cache-dir"),
+    ]:
+        r = run([*args, "--json"], 2)
+        assert f"{flags} cannot apply to the store file" in r.stderr, (args, r.stderr)
+    run(["fit-head", store, "--epochs", "2", "--out", "h", "--json"], 0)  # what applies, applies

@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import click
@@ -481,6 +482,51 @@ _ENGINE_FIELDS = {
 _EXTRACT_ONLY = ("strict", "dtype", "follow_links", "check_content", "lock_timeout")
 
 
+#: Options that choose or make a folder's store (which backbone, size, cache, split, labels,
+#: how it is written): given with a STORE file, they cannot apply.
+_STORE_MAKING = (
+    "backbone",
+    "image_size",
+    "cache_dir",
+    "seed",
+    "val_fraction",
+    "labels_csv",
+    "strict",
+    "dtype",
+    "follow_links",
+    "check_content",
+    "lock_timeout",
+)
+
+
+def given_options(names: Sequence[str]) -> list[str]:
+    """The flags (``--seed``) of the current command's parameters ``names`` that the command
+    line (or the environment) gave, not their defaults."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return []
+    flags = {p.name: (p.opts[0] if p.opts else p.name) for p in ctx.command.params}
+    given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    return [
+        str(flags[n]) for n in names if n in ctx.params and ctx.get_parameter_source(n) in given
+    ]
+
+
+def refuse_store_options(sources: Sequence[str]) -> None:
+    """A usage error when a STORE file is given with options that choose or make a folder's
+    store (they would be ignored)."""
+    stores = [s for s in sources if Path(s).is_file()]
+    flags = given_options(_STORE_MAKING)
+    if stores and flags:
+        raise click.UsageError(
+            f"{', '.join(flags)} cannot apply to the store file {stores[0]}: a store holds the "
+            "features of its own backbone, size, labels and split; give the image folder "
+            "instead to choose them"
+        )
+
+
 @dataclass(frozen=True)
 class SourceArgs:
     """A command's backbone and engine options, built once from its command line, and the
@@ -512,5 +558,6 @@ def open_source(source: str, args: SourceArgs, progress: bool):
     """DATA_DIR|STORE -> FeatureStore (:func:`embedtl.engine.open_source`)."""
     from ..engine import open_source as open_or_extract
 
+    refuse_store_options([source])
     backbone = DEFAULT_BACKBONE if args.backbone is None else args.backbone
     return open_or_extract(source, backbone, args.options, progress=progress, **args.extract)

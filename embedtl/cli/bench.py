@@ -114,10 +114,6 @@ def bench_heads_cmd(
 
     configs = load_grid(grid)
     given = list(kw.pop("backbone"))
-    if Path(source).is_file() and given:
-        raise click.UsageError(
-            "a STORE holds the features of its own backbone: give a DATA_DIR with --backbone"
-        )
     args = source_args(kw)
     stores = [
         open_source(source, args.with_backbone(b), want_progress(progress))

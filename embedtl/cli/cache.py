@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..cache import export_store, gc_cache, list_stores, merge_shards, open_store, verify_store
-from ._base import EmbedTLGroup, emit, json_option, store_options
+from ._base import EmbedTLGroup, emit, json_option, refuse_store_options, store_options
 
 
 @click.group("cache", cls=EmbedTLGroup)
@@ -59,6 +59,7 @@ def info_cmd(
     as_json: bool,
 ) -> None:
     """Metadata and row counts of one store."""
+    refuse_store_options([store])
     s = open_store(store, backbone=backbone, cache_dir=cache_dir, image_size=image_size)
     summary = s.summary()
     summary["backbone_spec"] = s.backbone
@@ -106,6 +107,7 @@ def verify_cmd(
     as_json: bool,
 ) -> None:
     """Check a store against the schema and the image files; exit 1 on problems."""
+    refuse_store_options([store])
     s = open_store(store, backbone=backbone, cache_dir=cache_dir, image_size=image_size)
     report = verify_store(s.path, check_files=not no_files)
 
@@ -169,6 +171,7 @@ def export_cmd(
     """Write features + paths + labels + splits to OUT (.npz or .parquet)."""
     from .._io import check_outputs
 
+    refuse_store_options([store])
     s = open_store(store, backbone=backbone, cache_dir=cache_dir, image_size=image_size)
     check_outputs({"OUT": out}, reads=[s.path, store])
     r = export_store(s.path, out)

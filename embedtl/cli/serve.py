@@ -11,6 +11,7 @@ from ._base import (
     engine_options,
     json_option,
     progress_option,
+    refuse_store_options,
     source_args,
     split_options,
     want_progress,
@@ -130,6 +131,7 @@ def serve_cmd(
     check_exposure(config)  # before minutes of extraction, not after
     if not sources and not heads:
         raise click.UsageError("give at least one DATA_DIR, STORE or --head HEAD to serve")
+    refuse_store_options(sources)
     build = index_args(kw)
     args = source_args(kw)
     catalog = open_catalog(
