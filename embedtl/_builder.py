@@ -22,7 +22,7 @@ from .errors import BackboneError, WeightsNotFoundError
 if TYPE_CHECKING:
     from ._model import FeatureModel
 
-__all__ = ["build_feature_model"]
+__all__ = ["build_feature_model", "torch_load_error"]
 
 
 def build_feature_model(spec: BackboneSpec, *, allow_download: bool | None = None) -> FeatureModel:
@@ -122,6 +122,19 @@ def _load_lukemelas(net, state_dict: dict[str, Any], where: str) -> None:
     net.load_state_dict(mapped, strict=True)
 
 
+def torch_load_error(e: BaseException) -> str:
+    """Why ``torch.load(..., weights_only=True)`` refused a file, in one line: torch's own
+    reason ("Trying to load unsupported GLOBAL posix.system ..."), never its advice to load with
+    ``weights_only=False`` (that runs whatever code the file holds)."""
+    if isinstance(e, pickle.UnpicklingError):
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        why = [ln for ln in lines if "GLOBAL" in ln or "WeightsUnpickler" in ln]
+        return why[0][:200] if why else "it holds objects that are not tensors"
+    sentences = " ".join(str(e).split()).split(". ")
+    kept = ". ".join(x for x in sentences if "weights_only" not in x) or type(e).__name__
+    return kept[:200]
+
+
 def _read_checkpoint(path: str) -> dict[str, Any]:
     import torch
 
@@ -140,25 +153,13 @@ def _read_checkpoint(path: str) -> dict[str, Any]:
             warnings.simplefilter("ignore", UserWarning)
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()] or [
-            type(e).__name__
-        ]
-        # torch's own reason (e.g. "Unsupported global: GLOBAL os.system"), not its advice to
-        # retry with weights_only=False
-        first = (
-            lines[1]
-            if len(lines) > 1 and lines[0].startswith("Weights only load failed")
-            else lines[0]
-        )
         raise BackboneError(
             f"cannot read checkpoint {path}: it holds more than tensors and plain containers, "
-            f"and embedtl never unpickles code ({first}); save it with "
+            f"and embedtl never unpickles code ({torch_load_error(e)}); save it with "
             "torch.save(model.state_dict(), PATH) or as .safetensors"
         ) from None
     except Exception as e:
-        raise BackboneError(
-            f"cannot read checkpoint {path}: {' '.join(str(e).split())[:200]}"
-        ) from None
+        raise BackboneError(f"cannot read checkpoint {path}: {torch_load_error(e)}") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

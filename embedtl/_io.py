@@ -23,6 +23,7 @@ __all__ = [
     "CACHE_ENV",
     "check_outputs",
     "default_cache_dir",
+    "io_reason",
     "json_text",
     "strict_json",
     "text_file",
@@ -208,6 +209,20 @@ def strict_json(obj: Any) -> Any:
 def json_text(obj: Any, **kwargs: Any) -> str:
     """``json.dumps`` of :func:`strict_json` (``allow_nan=False``: never ``NaN``)."""
     return json.dumps(strict_json(obj), allow_nan=False, **kwargs)
+
+
+def io_reason(e: BaseException) -> str:
+    """Why a write failed, in the system's words: an OSError's ``strerror``; from a library
+    that wraps it in its own text (safetensors: "Error while serializing: I/O error: No space
+    left on device (os error 28)"; faiss: "... could not open P for writing: Permission
+    denied"), the system's part."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = " ".join(str(e).split())
+    for marker in ("I/O error: ", "IoError: "):
+        if marker in text:
+            return text.rsplit(marker, 1)[1]
+    return text.rsplit(": ", 1)[-1] or type(e).__name__
 
 
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"

@@ -421,3 +421,74 @@ def test_options_that_cannot_apply_to_a_store_file_are_usage_errors(tmp_path):
         r = run([*args, "--json"], 2)
         assert f"{flags} cannot apply to the store file" in r.stderr, (args, r.stderr)
     run(["fit-head", store, "--epochs", "2", "--out", "h", "--json"], 0)  # what applies, applies
+
+
+# 13. messages a user can act on ----------------------------------------------------------------
+def test_a_full_disk_while_writing_a_head_says_so(tmp_path):
+    import subprocess
+
+    store = synthetic_store(tmp_path / "s.h5", dim=512)
+
+    def limited():
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails: EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4000, 4000))
+
+    p = subprocess.run(
+        ["embedtl", "fit-head", str(store.path), "--epochs", "2", "--out", str(tmp_path / "h")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=limited,
+    )
+    assert p.returncode == 1
+    assert "cannot write the head" in p.stderr and "File too large" in p.stderr, p.stderr
+    assert "free disk space" in p.stderr and "please report" not in p.stderr
+    assert not (tmp_path / "h").exists()
+
+
+def test_an_unsafe_checkpoint_is_refused_without_torchs_advice_to_unpickle_it(tmp_path):
+    import os
+
+    import torch
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo unpickled",))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pth")
+    r = run(
+        ["extract", str(make_class_folder(tmp_path / "d", n_per_class=1))]
+        + ["-b", f"resnet18@{tmp_path / 'evil.pth'}", "--image-size", "32"],
+        1,
+    )
+    assert "never unpickles code" in r.stderr and "GLOBAL" in r.stderr
+    assert "weights_only" not in r.stderr and "unpickled" not in r.stdout
+
+
+def test_a_bad_pixel_limit_workers_and_k_get_clear_answers(tmp_path, monkeypatch, caplog):
+    root = make_class_folder(tmp_path / "d", n_per_class=1)
+    c = ["--cache-dir", str(tmp_path / "c"), *TINY]
+    for bad in ("-1", "0", "nan", "lots"):
+        monkeypatch.setenv("EMBEDTL_MAX_IMAGE_PIXELS", bad)
+        r = run(["extract", str(root), *c, "--json"], 1)
+        assert "$EMBEDTL_MAX_IMAGE_PIXELS must be a number of pixels of at least 1" in r.stderr
+    monkeypatch.delenv("EMBEDTL_MAX_IMAGE_PIXELS")
+    # 500 workers for 3 images: as many as there are batches, said
+    out = run_json(["extract", str(root), *c, "--workers", "500", "--batch-size", "1"])
+    assert out["workers"] == 3 and "--workers 500: using 3" in caplog.text
+    for k in ("0", "-5", "a,b", ""):
+        r = run(["knn-eval", str(root), *c, "-k", k, "--json"], 2)
+        assert "expected positive integers" in r.stderr
+
+
+def test_a_damaged_store_rebuilt_on_its_own_is_not_advised_to_be_deleted(tmp_path, caplog):
+    root = make_class_folder(tmp_path / "d", n_per_class=2)
+    c = ["--cache-dir", str(tmp_path / "c"), *TINY]
+    store = Path(run_json(["extract", str(root), *c])["store"])
+    store.write_bytes(store.read_bytes()[:3000])  # truncated
+    caplog.clear()
+    assert run_json(["extract", str(root), *c])["n_images"] == 6
+    assert "rebuilding" in caplog.text and "delete it" not in caplog.text

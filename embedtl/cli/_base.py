@@ -113,6 +113,9 @@ class EmbedTLGroup(click.Group):
                     "--batch-size or --image-size",
                     "OutOfMemoryError",
                 ) from e
+            cause = _system_cause(e)
+            if cause is not None:  # the system refused: the user can act, not a bug to report
+                raise _Failed(cause, type(e).__name__) from e
             raise _Failed(
                 _one_line(
                     f"internal error: {type(e).__name__}: {e} (EMBEDTL_DEBUG=1 shows the "
@@ -166,6 +169,34 @@ class EmbedTLGroup(click.Group):
                 pass
             return EXIT_PIPE
         return rv if isinstance(rv, int) else 0
+
+
+#: What a library's own error says when the system refused it (the text it wraps): memory
+#: first, then the file system's reasons.
+_MEMORY = ("failed to map segment", "Cannot allocate memory", "out of memory")
+_SYSTEM = (
+    "No space left on device",
+    "Disk quota exceeded",
+    "File too large",
+    "Permission denied",
+    "Read-only file system",
+    "Too many open files",
+)
+
+
+def _system_cause(e: BaseException) -> str | None:
+    """One line for an error of a library (not an OSError) whose cause is the system's: a
+    memory limit, a full disk, a permission; None for anything else (a bug)."""
+    text = _one_line(str(e))
+    if any(m in text for m in _MEMORY):
+        return (
+            f"out of memory ({text[:160]}): free memory, raise the process's memory limit, or "
+            "use a smaller --batch-size or --image-size"
+        )
+    for reason in _SYSTEM:
+        if reason in text:
+            return f"{reason.lower()} ({text[:200]})"
+    return None
 
 
 def _terminate_as_interrupt() -> None:
@@ -230,6 +261,22 @@ def emit(as_json: bool, payload: dict[str, Any], human: Callable[[], None] | Non
     else:
         for k, v in payload.items():
             click.echo(f"{k}: {v}")
+
+
+def positive_ints(ctx, param, value: str | None) -> tuple[int, ...] | None:
+    """A click callback: ``1024,256`` -> (1024, 256); anything but positive integers is a
+    usage error naming the option."""
+    if value is None:
+        return None
+    try:
+        out = tuple(int(v) for v in value.replace(" ", "").split(",") if v)
+    except ValueError:
+        out = ()
+    if not out or min(out) < 1:
+        raise click.BadParameter(
+            f"expected positive integers such as 20 or 10,20,50, got {value!r}"
+        )
+    return out
 
 
 def pct(v: float | None) -> str:

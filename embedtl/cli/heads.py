@@ -16,23 +16,12 @@ from ._base import (
     json_option,
     open_source,
     pct,
+    positive_ints,
     progress_option,
     source_args,
     split_options,
     want_progress,
 )
-
-
-def _int_list(ctx, param, value: str | None) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    try:
-        out = tuple(int(v) for v in value.replace(" ", "").split(",") if v)
-    except ValueError:
-        raise click.BadParameter(f"expected sizes such as 512 or 1024,256, got {value!r}") from None
-    if not out or min(out) < 1:
-        raise click.BadParameter(f"expected positive sizes, got {value!r}")
-    return out
 
 
 def head_options(f):
@@ -52,7 +41,7 @@ def head_options(f):
             ),
             click.option(
                 "--hidden",
-                callback=_int_list,
+                callback=positive_ints,
                 default=None,
                 help="mlp: hidden sizes, e.g. 1024,256 [default: 512].",
             ),

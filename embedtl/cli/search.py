@@ -16,6 +16,7 @@ from ._base import (
     engine_options,
     json_option,
     open_source,
+    positive_ints,
     progress_option,
     source_args,
     split_options,
@@ -364,7 +365,13 @@ def _stopped_early(rep: dict, command: str, what: str) -> None:
 @click.command("knn-eval")
 @click.argument("source", metavar="DATA_DIR|STORE", type=click.Path(exists=True))
 @click.option(
-    "-k", "--k", "ks", default="10,20,50", show_default=True, help="Comma-separated k values."
+    "-k",
+    "--k",
+    "ks",
+    default="10,20,50",
+    show_default=True,
+    callback=positive_ints,
+    help="Comma-separated k values.",
 )
 @click.option(
     "--temperature", type=click.FloatRange(min=0, min_open=True), default=0.07, show_default=True
@@ -382,7 +389,7 @@ def _stopped_early(rep: dict, command: str, what: str) -> None:
 @json_option
 def knn_eval_cmd(
     source: str,
-    ks: str,
+    ks: tuple[int, ...],
     temperature: float,
     max_rows: int | None,
     as_json: bool,
@@ -393,13 +400,9 @@ def knn_eval_cmd(
     rows (cosine, votes exp(s/T)), accuracy on val and test for each k."""
     from ..search import evaluate_knn
 
-    try:
-        k_values = [int(v) for v in ks.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected k values such as 10,20,50, got {ks!r}") from None
     store = open_source(source, source_args(kw), want_progress(progress))
     rep = evaluate_knn(
-        store, k_values, temperature, progress=want_progress(progress), max_rows=max_rows
+        store, list(ks), temperature, progress=want_progress(progress), max_rows=max_rows
     )
 
     def human() -> None:

@@ -42,11 +42,14 @@ def max_image_pixels() -> int:
     env = os.environ.get(MAX_IMAGE_PIXELS_ENV)
     if env:
         try:
-            return int(float(env))
+            value = float(env)
         except ValueError:
+            value = float("nan")
+        if not (value >= 1 and value < float("inf")):
             raise DataError(
-                f"${MAX_IMAGE_PIXELS_ENV} must be a number of pixels, got {env!r}"
-            ) from None
+                f"${MAX_IMAGE_PIXELS_ENV} must be a number of pixels of at least 1, got {env!r}"
+            )
+        return int(value)
     return 2 * int(Image.MAX_IMAGE_PIXELS or 89_478_485)
 
 

@@ -5,6 +5,7 @@ written to the journal on a background thread."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -18,7 +19,7 @@ from .._device import check_batch_memory, resolve_device
 from .._io import pause_point
 from ..backbones import BackboneSpec
 from ..cache import Journal, onnx_model_path
-from ..data import DECODER, ImageTransform, Manifest, decode_image
+from ..data import DECODER, ImageTransform, Manifest, decode_image, max_image_pixels
 from ..errors import EmbedTLError, ImageDecodeError
 from ..runtime import (
     Finished,
@@ -137,6 +138,7 @@ def _engine(
     (``export``, on a cache miss). ``spinning``: ONNX Runtime's idle threads spin."""
     o = options
     t0 = time.perf_counter()
+    max_image_pixels()  # a bad $EMBEDTL_MAX_IMAGE_PIXELS fails here, not once per image
     run_device = resolve_device(o.device)
     if onnx is None:
         path = onnx_model_path(o.cache_root, spec.name, spec.fingerprint())
@@ -175,11 +177,31 @@ def _engine(
         runtime=run_runtime,
         reason=reason,
         batch_size=batch,
-        workers=default_workers(run_device) if o.workers is None else o.workers,
+        workers=_workers(o.workers, run_device, -(-n_images // batch)),
         decoder=tensor_decoder,
         decoder_reason=decoder_reason,
         autotune=tuned,
     )
+
+
+def _workers(asked: int | None, device: str, n_batches: int) -> int:
+    """Decoding workers for a run of ``n_batches``: :func:`default_workers`, or as asked, never
+    more than there are batches to decode or twice the cores (each is a process or thread that
+    costs its start-up and memory: 500 workers for 3 images took a minute), saying so when an
+    asked number is cut."""
+    if asked is None:
+        return min(default_workers(device), max(1, n_batches))
+    cap = max(1, min(n_batches, 2 * (os.cpu_count() or 1)))
+    if asked > cap:
+        log.warning(
+            "--workers %d: using %d (%d batches to decode, %d cores)",
+            asked,
+            cap,
+            n_batches,
+            os.cpu_count() or 1,
+        )
+        return cap
+    return asked
 
 
 def _autotune(

@@ -20,7 +20,7 @@ import torch
 
 from .._builder import build_feature_model
 from .._device import resolve_device
-from .._io import atomic_file, json_text, write_text
+from .._io import atomic_file, io_reason, json_text, write_text
 from .._model import FeatureModel
 from .._version import library_versions
 from ..backbones import BACKBONE_FILE, BackboneSpec, backbone_file_metadata, read_backbone_file
@@ -50,12 +50,20 @@ def save_backbone(
 ) -> Path:
     """Write ``model``'s weights as a self-describing backbone file (safetensors; the header
     names architecture, preprocessing and parent); the registry loads it by path."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     path = Path(path)
     spec = dataclasses.replace(model.spec, name=name, parent=parent)
-    with atomic_file(path) as tmp:
-        save_file(model.state_for_saving(), str(tmp), metadata=backbone_file_metadata(spec, extra))
+    try:
+        with atomic_file(path) as tmp:
+            meta = backbone_file_metadata(spec, extra)
+            save_file(model.state_for_saving(), str(tmp), metadata=meta)
+    except (OSError, SafetensorError) as e:
+        raise FineTuneError(
+            f"cannot write the backbone {path} ({io_reason(e)}): free disk space or choose "
+            "another --out"
+        ) from None
     return path
 
 

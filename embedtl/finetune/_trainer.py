@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from .._builder import torch_load_error
 from .._io import atomic_file
 from .._model import Block
 from ..cache import FeatureStore
@@ -124,8 +125,8 @@ class Checkpointing:
             ck = torch.load(self.path, map_location="cpu", weights_only=True)  # never unpickles
         except Exception as e:
             raise FineTuneError(
-                f"cannot read the checkpoint {self.path} "
-                f"({' '.join(str(e).split())[:200]}); delete it or pass --restart"
+                f"cannot read the checkpoint {self.path} ({torch_load_error(e)}); delete it or "
+                "pass --restart"
             ) from e
         if not isinstance(ck, dict) or ck.get("format") != _CHECKPOINT_FORMAT:
             raise FineTuneError(

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._io import atomic_dir, json_text
+from .._io import atomic_dir, io_reason, json_text
 from ..backbones import BackboneSpec
 from ..errors import HeadError
 from ..index import VectorIndex
@@ -168,6 +168,7 @@ class Head:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the artifact folder (replacing one that is there) and return its path."""
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
         path = Path(path).expanduser()
@@ -177,10 +178,16 @@ class Head:
         state = self._state()
         if self.train_keys is not None:
             state[TRAIN_KEYS] = torch.from_numpy(np.asarray(self.train_keys, np.int64))
-        with atomic_dir(path) as tmp:
-            save_file(state, str(tmp / HEAD_WEIGHTS), metadata=self._weights_metadata())
-            (tmp / HEAD_META).write_text(json_text(self.metadata(), indent=2))
-            self.write_reports(tmp)
+        try:
+            with atomic_dir(path) as tmp:
+                save_file(state, str(tmp / HEAD_WEIGHTS), metadata=self._weights_metadata())
+                (tmp / HEAD_META).write_text(json_text(self.metadata(), indent=2))
+                self.write_reports(tmp)
+        except (OSError, SafetensorError) as e:
+            raise HeadError(
+                f"cannot write the head {path} ({io_reason(e)}); nothing was replaced: free disk "
+                "space or choose another --out"
+            ) from None
         self._digest = read_head_info(path).digest()
         self.folder = path
         return path

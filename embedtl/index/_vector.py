@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from .._h5 import h5_reason, read_strings, write_strings
-from .._io import atomic_file, json_text
+from .._io import atomic_file, io_reason, json_text
 from .._version import library_versions
 from ..errors import StaleIndexError, StoreError
 from ._plan import CODES, HNSW_M, IndexPlan, kmeans, plan_index
@@ -301,7 +301,7 @@ class VectorIndex:
                 f.attrs["meta"] = json_text(attrs)
         except OSError as e:
             raise StoreError(
-                f"cannot write the index {path} ({e.strerror or h5_reason(e)}): give --index PATH "
+                f"cannot write the index {path} ({io_reason(e)}): give --index PATH "
                 "in a folder you can write"
             ) from None
         self.path = path
@@ -420,11 +420,8 @@ def write_faiss(path: Path, index) -> None:
     try:
         with atomic_file(path) as tmp:
             faiss.write_index(index, str(tmp))
-    except OSError as e:
-        raise StoreError(f"cannot write {path} ({e.strerror or e})") from None
-    except RuntimeError as e:  # "... could not open X for writing: Permission denied"
-        why = str(e).strip().rsplit(": ", 1)[-1] or "faiss could not write it"
-        raise StoreError(f"cannot write {path} ({why})") from None
+    except (OSError, RuntimeError) as e:  # faiss: "... could not open X for writing: ..."
+        raise StoreError(f"cannot write {path} ({io_reason(e)})") from None
 
 
 def read_faiss(path: Path):
