@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .._h5 import h5_reason
+from .._h5 import h5_reason, open_h5
 from ..backbones import FORMAT_VERSION, BackboneSpec
 from ..errors import StoreError
 from ._rows import SPLITS, Rows, file_identity
@@ -46,7 +46,6 @@ class FeatureStore:
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        import h5py
 
         self.path = Path(path)
         self._file = None
@@ -54,7 +53,7 @@ class FeatureStore:
         if not self.path.is_file():
             raise StoreError(f"feature store not found: {self.path}")
         try:
-            f = h5py.File(self.path, "r")
+            f = open_h5(self.path, "feature store", self._advice)
         except OSError as e:
             raise StoreError(
                 f"{self.path} is not a readable HDF5 file ({h5_reason(e)})", advice=self._advice

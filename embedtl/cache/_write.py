@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .._h5 import h5_reason, string_attr, write_strings
+from .._h5 import h5_reason, seal, string_attr, write_strings
 from .._io import atomic_file, pause_point
 from ..backbones import FORMAT_VERSION
 from ..errors import StoreError
@@ -52,6 +52,7 @@ def write_store(
             f"cannot write {path} ({h5_reason(e)}); the previous store, if any, is unchanged: "
             "free disk space or choose another --cache-dir"
         ) from None
+    seal(path)  # written by libhdf5 itself: opened without a check until it changes
 
 
 def _size_estimate(rows: StoreRows, n: int, dim: int, dtype: str) -> int:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .._h5 import h5_reason, read_strings, write_strings
+from .._h5 import h5_reason, open_h5, read_strings, seal, write_strings
 from .._io import atomic_file, io_reason, json_text
 from .._version import library_versions
 from ..errors import StaleIndexError, StoreError
@@ -304,6 +304,7 @@ class VectorIndex:
                 f"cannot write the index {path} ({io_reason(e)}): give --index PATH "
                 "in a folder you can write"
             ) from None
+        seal(path)
         self.path = path
         return path
 
@@ -382,11 +383,10 @@ def read_index_meta(
 ) -> tuple[dict[str, Any], IndexRows | None, np.ndarray | None]:
     """(metadata, rows or None, store row of each index id or None) of the index saved at
     ``path``, without opening its faiss file: what the up-to-date check needs."""
-    import h5py
 
     path = Path(path)
     try:
-        with h5py.File(path, "r") as f:
+        with open_h5(path, "index") as f:
             meta = json.loads(f.attrs["meta"])
             if meta.get("format") != INDEX_FORMAT:
                 raise StoreError(f"{path} is not an embedtl index")
