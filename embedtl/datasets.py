@@ -91,7 +91,7 @@ def export_dataset(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Write dataset ``name`` as an image folder under ``out_dir``; returns a summary."""
-    from tqdm.auto import tqdm
+    from ._progress import progress_bar
 
     info = get_dataset(name)
     if not info.available():
@@ -101,11 +101,11 @@ def export_dataset(
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     written = existing = 0
-    for rel, make in tqdm(
+    for rel, make in progress_bar(
         info.items(max_per_class, classes),
         desc=f"export {name}",
         unit="img",
-        disable=not progress,
+        progress=progress,
         leave=False,
     ):
         dest = out / rel

@@ -101,12 +101,12 @@ def find_duplicates(
 def _search_pairs(store, ix, threshold: float, k: int, chunk_rows: int, progress: bool):
     """Pairs above ``threshold`` by searching each row's neighbours in ``ix`` (exact for flat),
     a chunk at a time: ((src, dst, sim), rows searched, complete)."""
-    from tqdm.auto import tqdm
+    from ._progress import progress_bar
 
     n = len(store)
     src, dst, sim = [], [], []
     searched, complete = 0, True
-    bar = tqdm(total=n, desc="dedup", unit="img", disable=not progress, leave=False)
+    bar = progress_bar(total=n, desc="dedup", unit="img", progress=progress, leave=False)
     try:
         for got, x in store.iter_chunks(chunk_rows):
             kk = min(k, n)
@@ -146,7 +146,8 @@ def _cell_pairs(store, ix, threshold: float, probes: int, progress: bool):
     in float16 when they fit the memory budget, else read a cell at a time.
     ((src, dst, sim), rows of the cells searched, complete)."""
     import faiss
-    from tqdm.auto import tqdm
+
+    from ._progress import progress_bar
 
     n, dim = len(store), store.dim
     quantizer = faiss.extract_index_ivf(ix.index).quantizer
@@ -156,7 +157,9 @@ def _cell_pairs(store, ix, threshold: float, probes: int, progress: bool):
     cells = np.empty((n, probes), np.int64)
     src, dst, sim = [], [], []
     searched, complete = 0, True
-    bar = tqdm(total=2 * n, desc="dedup (cells)", unit="img", disable=not progress, leave=False)
+    bar = progress_bar(
+        total=2 * n, desc="dedup (cells)", unit="img", progress=progress, leave=False
+    )
     try:
         for got, x in store.iter_chunks(_CELL_PASS_ROWS, dtype=np.float16):
             if feats is not None:

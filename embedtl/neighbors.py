@@ -96,7 +96,7 @@ def knn_evaluate(
     ``n`` of ``of``, with the accuracy's standard error). Ctrl-C stops it within a chunk: the
     result then covers the rows classified so far (``complete`` False).
     """
-    from tqdm.auto import tqdm
+    from ._progress import progress_bar
 
     t0 = time.perf_counter()
     ks = sorted({int(k) for k in ks})
@@ -136,8 +136,8 @@ def knn_evaluate(
     top5 = {s: np.zeros(len(ks)) for s in todo}
     done = dict.fromkeys(todo, 0)
     complete = True
-    bar = tqdm(
-        total=sum(len(r) for r in todo.values()), desc="knn-eval", unit="row", disable=not progress
+    bar = progress_bar(
+        total=sum(len(r) for r in todo.values()), desc="knn-eval", unit="row", progress=progress
     )
     try:
         for split, rows in todo.items():

@@ -492,3 +492,16 @@ def test_a_damaged_store_rebuilt_on_its_own_is_not_advised_to_be_deleted(tmp_pat
     caplog.clear()
     assert run_json(["extract", str(root), *c])["n_images"] == 6
     assert "rebuilding" in caplog.text and "delete it" not in caplog.text
+
+
+# 15. silence at scale: a plain progress line at least every 10 s when stderr is not a terminal
+def test_long_work_logs_progress_lines_when_stderr_is_not_a_terminal(tmp_path, monkeypatch):
+    import embedtl._progress as progress
+
+    monkeypatch.setattr(progress, "LINE_SECONDS", 0.01)
+    store = str(synthetic_store(tmp_path / "s.h5", n_per_class=(300, 300, 300)).path)
+    r = run(["fit-head", store, "--epochs", "40", "--patience", "40", "--out", "h", "--json"], 0)
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("progress: fit linear: ")]
+    assert lines and "epoch" in lines[0] and "%" in lines[0], r.stderr
+    r = run(["fit-head", store, "--epochs", "40", "--no-progress", "--out", "h"], 0)
+    assert "progress:" not in r.stderr  # asked for silence

@@ -124,7 +124,7 @@ def _bench_store(
     store, configs, folds, test_top, dev, memory_budget, progress
 ) -> tuple[list[dict[str, Any]], int]:
     """Records of every config on one store (test filled for the chosen), and the folds used."""
-    from tqdm.auto import tqdm
+    from .._progress import progress_bar
 
     tr, va = train_rows(store), store.labelled_rows("val")
     name, n_classes, labels = store.backbone.get("name"), len(store.classes), store.labels
@@ -140,7 +140,9 @@ def _bench_store(
     if k:
         fold = stratified_folds(labels[pool], k)
         per_fold = []
-        for f in tqdm(range(k), desc=f"{name}: {k}-fold CV", disable=not progress, leave=False):
+        for f in progress_bar(
+            range(k), desc=f"{name}: {k}-fold CV", progress=progress, leave=False
+        ):
             fit_rows, val_rows = pool[fold != f], pool[fold == f]
             fits = sweep(configs, split(fit_rows), split(val_rows), n_classes, progress)
             y = labels[val_rows]

@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from .._io import json_text
+from .._progress import LOGGER as PROGRESS_LOGGER
 from ..backbones import DEFAULT_BACKBONE, MIN_IMAGE_SIZE
 from ..errors import EmbedTLError, UsageError
 
@@ -216,7 +217,8 @@ def _terminate_as_interrupt() -> None:
 class _ClickHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            click.echo(f"{record.levelname.lower()}: {self.format(record)}", err=True)
+            kind = "progress" if record.name == PROGRESS_LOGGER else record.levelname.lower()
+            click.echo(f"{kind}: {self.format(record)}", err=True)
         except Exception:  # pragma: no cover - logging must never raise
             self.handleError(record)
 
@@ -244,6 +246,7 @@ def setup_logging(verbose: int) -> Callable[[], None]:
     def undo() -> None:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
+        logging.getLogger(PROGRESS_LOGGER).setLevel(logging.NOTSET)
         logging.getLogger("py.warnings").removeHandler(handler)
         logging.captureWarnings(False)
         caught.__exit__(None, None, None)
@@ -285,7 +288,13 @@ def pct(v: float | None) -> str:
 
 
 def want_progress(flag: bool | None) -> bool:
-    return sys.stderr.isatty() if flag is None else flag
+    """Progress bars: when stderr is a terminal, or as --progress/--no-progress say. Without
+    bars, and unless --no-progress, long work logs a plain line at least every 10 s
+    (:mod:`embedtl._progress`), so that a log file or CI never sees minutes of silence."""
+    bars = sys.stderr.isatty() if flag is None else flag
+    lines = flag is None and not bars
+    logging.getLogger(PROGRESS_LOGGER).setLevel(logging.INFO if lines else logging.WARNING)
+    return bars
 
 
 # -- shared options (one place, as rasterio's rio/options.py) --------------------------------------

@@ -251,7 +251,7 @@ def plan_rows(
     size but a new mtime is re-hashed, and reused when its bytes are unchanged (``touch``, a
     copy that did not keep times). A recorded failure is kept while its file is unchanged,
     unless the file could not be read at all (``retry_unreadable``: try again)."""
-    from tqdm.auto import tqdm
+    from .._progress import progress_bar
 
     old_index: dict[str, int] = {}
     old_failed: dict[str, tuple[str, int, int]] = {}
@@ -279,11 +279,11 @@ def plan_rows(
         plan.touched += mtime != e.mtime_ns
         return True
 
-    entries = tqdm(
+    entries = progress_bar(
         manifest.entries,
         desc="check content",
         unit="file",
-        disable=not (progress and check_content),
+        progress=progress and check_content,
         leave=False,
     )
     for pos, e in enumerate(entries):

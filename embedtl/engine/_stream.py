@@ -274,7 +274,7 @@ def _stream(
     accumulates decode, h2d and model seconds (CUDA: from events) and, on CUDA, idle seconds:
     the streaming time not spent in h2d, model or on-device decoding.
     """
-    from tqdm.auto import tqdm
+    from .._progress import progress_bar
 
     model = eng.model
     transform = ImageTransform(spec.preprocess)
@@ -287,7 +287,7 @@ def _stream(
         # ONNX Runtime takes numpy: no torch on its path, unless a tensor decoder is asked for
         tensors=eng.runtime != "onnxruntime" or eng.decoder is not None,
     )
-    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False)
+    bar = progress_bar(total=len(paths), desc=desc, unit="img", progress=progress, leave=False)
     busy = 0.0
 
     def collect(b: Batch, job) -> Computed:

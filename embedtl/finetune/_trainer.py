@@ -292,7 +292,7 @@ class Trainer:
         }
 
     def _val_stream(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        from tqdm.auto import tqdm
+        from .._progress import progress_bar
 
         val = self.data.val
         n, step = len(val.paths), 2 * self.cfg.batch_size
@@ -302,7 +302,9 @@ class Trainer:
         batches = [list(range(i, min(n, i + step))) for i in range(0, n, step)]
         loader = self._loader(self.val_images, batches)
         b: Batch
-        for b in tqdm(loader, desc="val", unit="batch", disable=not self.progress, leave=False):
+        for b in progress_bar(
+            loader, desc="val", unit="batch", progress=self.progress, leave=False
+        ):
             for i, err in b.failed:
                 log.warning("val image %s cannot be read now: %s", val.paths[i], err)
             if b.images is None:
@@ -376,7 +378,7 @@ class Trainer:
 
     def _train_epoch(self, p: _Progress) -> None:
         """The rest of epoch ``p.epoch`` from step ``p.step``, checkpointed every so often."""
-        from tqdm.auto import tqdm
+        from .._progress import progress_bar
 
         cfg, train = self.cfg, self.data.train
         batches = _batches(len(train.paths), cfg.batch_size, cfg.seed, p.epoch)
@@ -384,13 +386,13 @@ class Trainer:
         loader = self._loader(self.train_images, batches[p.step :])
         set_mode(self.net, self.train_modules)
         last_save = time.perf_counter()
-        bar = tqdm(
+        bar = progress_bar(
             loader,
             desc=f"fine-tune epoch {p.epoch}/{cfg.epochs}",
             unit="batch",
             initial=p.step,
             total=len(batches),
-            disable=not self.progress,
+            progress=self.progress,
             leave=False,
         )
         b: Batch

@@ -225,10 +225,10 @@ class StoreFeatures:
 
 def _load(store: FeatureStore, progress: bool) -> np.ndarray:
     """Every row of ``store`` in its stored dtype, with a bar (a million rows take a while)."""
-    from tqdm.auto import tqdm
+    from .._progress import progress_bar
 
     out = np.empty((len(store), store.dim), np.dtype(store.dtype))
-    with tqdm(total=len(store), desc="load features", unit="row", disable=not progress) as bar:
+    with progress_bar(total=len(store), desc="load features", unit="row", progress=progress) as bar:
         for rows, x in store.iter_chunks(dtype=out.dtype):
             out[rows] = finite(store, rows, x)
             bar.update(len(rows))

@@ -196,12 +196,12 @@ def _fold_softmax(
 
 def _fold_loop(data, rows, labels, fold, cfg, n_classes, device, progress) -> np.ndarray:
     """Fold by fold: fit on the other folds, predict this one."""
-    from tqdm.auto import tqdm
+    from .._progress import progress_bar
 
     folds = int(fold.max()) + 1
     dev = resolve_device(device)
     proba = np.zeros((len(rows), n_classes), np.float32)
-    for f in tqdm(range(folds), desc=f"{folds}-fold probabilities", disable=not progress):
+    for f in progress_bar(range(folds), desc=f"{folds}-fold probabilities", progress=progress):
         held = fold == f
         fit = data.split(rows[~held], labels[~held], dev)
         module, _ = fit_module(cfg, fit, None, n_classes)

@@ -259,7 +259,7 @@ def train(
     the stacked network holding each variant's best-val-epoch weights (in the order of
     ``configs``) and one :class:`TrainResult` per variant.
     """
-    from tqdm.auto import tqdm
+    from .._progress import progress_bar
 
     if not configs:
         raise HeadError("no head variants to train")
@@ -298,7 +298,9 @@ def train(
     has_val = val_split is not None and val_split.n > 0
     step = 0
     desc = f"fit {cfg.kind}" + (f" x{n_var}" if n_var > 1 else "")
-    bar = tqdm(range(1, cfg.epochs + 1), desc=desc, unit="epoch", disable=not progress, leave=False)
+    bar = progress_bar(
+        range(1, cfg.epochs + 1), desc=desc, unit="epoch", progress=progress, leave=False
+    )
     # dropout draws from the global generator: fork it so training is seeded and leaves no trace
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)

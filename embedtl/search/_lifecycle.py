@@ -118,7 +118,8 @@ def build_store_index(
     return None. The result equals a one-part build with the same ``seed``.
     """
     import faiss
-    from tqdm.auto import tqdm
+
+    from .._progress import progress_bar
 
     n = len(store)
     if n == 0:
@@ -136,11 +137,11 @@ def build_store_index(
     train_rows = np.sort(rng.choice(n, n_train, replace=False))
     trained = path.with_name(path.name + ".trained")
     if not ix.is_trained and rank in (None, 0):
-        with tqdm(
+        with progress_bar(
             total=_KMEANS_STEPS,
             desc=f"index k-means ({plan.nlist} lists, {n_train} rows)",
             unit="iter",
-            disable=not progress or not plan.nlist,
+            progress=progress and bool(plan.nlist),
             leave=False,
         ) as kbar:
             ix.train(store.read_rows(train_rows), bar=kbar)
@@ -159,7 +160,9 @@ def build_store_index(
     rest = np.setdiff1d(np.arange(n), q_rows)
     if gather is not None:
         gather("trained")  # the trained index is on disk for every rank
-    bar = tqdm(total=n, desc=f"index ({plan.kind})", unit="vec", disable=not progress, leave=False)
+    bar = progress_bar(
+        total=n, desc=f"index ({plan.kind})", unit="vec", progress=progress, leave=False
+    )
     for i in range(parts) if rank is None else [rank]:
         # each part starts as the trained, empty index: a copy here, the file on other ranks
         part = (
@@ -193,8 +196,8 @@ def build_store_index(
     bar.close()
     if tuning:
         queries = store.read_rows(q_rows).astype(np.float32)
-        with tqdm(
-            total=len(rest), desc="index tune (exact neighbours)", unit="vec", disable=not progress
+        with progress_bar(
+            total=len(rest), desc="index tune (exact neighbours)", unit="vec", progress=progress
         ) as tbar:
             truth = exact_neighbors(store, queries, rest, _TUNE_K, metric, chunk_rows, tbar)
         tune = ix.tune(queries, truth, target_recall)
