@@ -42,6 +42,7 @@ from .errors import (
     BackboneError,
     DataError,
     DatasetUnavailableError,
+    DegenerateFeaturesError,
     DeviceError,
     EmbedTLError,
     ExportError,
@@ -53,6 +54,7 @@ from .errors import (
     StoreError,
     StoreLockedError,
     UploadTooLargeError,
+    UsageError,
     WeightsNotFoundError,
 )
 
@@ -95,6 +97,7 @@ __all__ = [
     "BackboneSpec",
     "DataError",
     "DatasetUnavailableError",
+    "DegenerateFeaturesError",
     "DeviceError",
     "EmbedTLError",
     "Embedded",
@@ -120,6 +123,7 @@ __all__ = [
     "StoreError",
     "StoreLockedError",
     "UploadTooLargeError",
+    "UsageError",
     "WeightsNotFoundError",
     "__version__",
     "bench_heads",

@@ -21,6 +21,11 @@ class BackboneError(EmbedTLError):
     """An unknown backbone name, or a spec that cannot be built."""
 
 
+class DegenerateFeaturesError(BackboneError):
+    """A backbone gives the same (or all-zero) features for most images: its weights or the
+    image size do not work; nothing of such a run is stored."""
+
+
 class WeightsNotFoundError(BackboneError):
     """Pretrained weights are not on disk and could not be fetched."""
 

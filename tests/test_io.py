@@ -10,6 +10,7 @@ import pytest
 from conftest import synthetic_store
 
 from embedtl._io import atomic_dir, atomic_file, write_text
+from embedtl.errors import HeadError
 
 
 def _leftovers(folder):
@@ -60,7 +61,7 @@ def test_a_head_save_that_fails_leaves_the_old_head(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Head, "write_reports", broken)
     other = fit_head(store, HeadConfig(kind="knn", k=3))
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(HeadError, match="cannot write the head .*disk full"):
         other.save(path)
     assert json.loads((path / "head.json").read_text()) == before
     assert load_head(path).kind == "linear"

@@ -20,7 +20,7 @@ from .._io import pause_point
 from ..backbones import BackboneSpec
 from ..cache import Journal, onnx_model_path
 from ..data import DECODER, ImageTransform, Manifest, decode_image, max_image_pixels
-from ..errors import EmbedTLError, ImageDecodeError
+from ..errors import DegenerateFeaturesError, EmbedTLError, ImageDecodeError
 from ..runtime import (
     Finished,
     OnnxModel,
@@ -359,10 +359,6 @@ def _finite_rows(c: Computed) -> Computed:
     )
 
 
-class DegenerateFeatures(EmbedTLError):
-    """The backbone gives the same (or all-zero) features for most images."""
-
-
 class _Degenerate:
     """Watches the first :data:`ROWS` images of distinct content of a run: when most of their
     feature rows are all zero, or one and the same row, the backbone does not work (random or
@@ -407,7 +403,7 @@ class _Degenerate:
             what = f"one and the same feature row for {same} of"
         else:
             return
-        raise DegenerateFeatures(
+        raise DegenerateFeaturesError(
             f"the backbone {self.backbone} gives {what} the first {n} different images: its "
             "weights (random? damaged?) or this --image-size do not give usable features; "
             "nothing was stored"
@@ -570,7 +566,7 @@ def _run_model(
             ):
                 flush()
         degenerate.check(final=True)
-    except DegenerateFeatures:
+    except DegenerateFeaturesError:
         useless = True  # no row of this backbone is kept: the journal goes, pending rows too
         raise
     finally:
