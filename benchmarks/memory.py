@@ -36,11 +36,14 @@ from _common import machine, write_result  # noqa: E402
 DIM, CLASSES = 1280, 10
 #: The longest a command may be silent on a non-terminal stderr (the issue's figure).
 MAX_SILENCE = 10.0
+#: What the allocator may keep beyond the plan and the fixed overhead (GiB).
+SLACK = 0.25
 
 
 def build_store(path: Path, n: int) -> None:
-    """``n`` rows of 10 Gaussian clusters in 1280 dimensions (float16), 80/10/10 splits, sorted
-    paths ``<split>/c<k>/<row>.png``: written through the store API, a block at a time."""
+    """``n`` rows of 10 overlapping Gaussian clusters in 1280 dimensions (float16; a linear
+    head reaches ~0.8), 80/10/10 splits, sorted paths ``<split>/c<k>/<row>.png``: written
+    through the store API, a block at a time."""
     from embedtl.backbones import get_backbone
     from embedtl.cache import StoreRows, write_store
 
@@ -52,7 +55,7 @@ def build_store(path: Path, n: int) -> None:
     )
     order = np.argsort(paths)
     paths, split, cls = paths[order].astype(object), split[order].astype(object), cls[order]
-    centers = rng.normal(0, 1, (CLASSES, DIM)).astype(np.float32)
+    centers = rng.normal(0, 0.06, (CLASSES, DIM)).astype(np.float32)  # overlapping: ~0.8 acc
 
     def fill(ds) -> None:
         gen = np.random.default_rng(1)
@@ -203,7 +206,8 @@ def main() -> None:
         planned = r["json"].get("planned_feature_bytes") or r["json"].get("planned_bytes") or 0
         r["planned_gib"] = round(planned / 2**30, 3)
         r["overhead_gib"] = round(overhead, 3)
-        r["within"] = r["peak_rss_gib"] <= r["planned_gib"] + overhead * 1.1 + 0.25
+        # dedup plans no budget: only its silence is measured
+        r["within"] = r["peak_rss_gib"] <= r["planned_gib"] + overhead + SLACK if planned else None
         results[name] = r
         print(
             f"{name}: rc {r['rc']}, {r['wall_s']} s, peak {r['peak_rss_gib']} GiB, planned "
@@ -223,7 +227,8 @@ def main() -> None:
         f"# Memory budgets and silence: {a.rows:,} x {DIM} float16 rows",
         "",
         f"Fixed overhead (imports + the store's rows decoded): **{overhead:.2f} GiB**. A "
-        "command keeps within planned features + that overhead (+10% + 0.25 GiB of slack).",
+        f"command keeps within planned features + that overhead + {SLACK} GiB (what the "
+        "allocator keeps).",
         "",
         "| command | wall s | peak RSS GiB | planned GiB | within | longest silence s |",
         "|---|---:|---:|---:|:-:|---:|",
@@ -231,7 +236,8 @@ def main() -> None:
     for name, r in results.items():
         md.append(
             f"| {name} | {r['wall_s']} | {r['peak_rss_gib']} | {r['planned_gib']} | "
-            f"{'yes' if r['within'] else 'NO'} | {r['longest_silence_s']} |"
+            f"{'-' if r['within'] is None else 'yes' if r['within'] else 'NO'} | "
+            f"{r['longest_silence_s']} |"
         )
     write_result("memory", result, "\n".join(md))
 

@@ -10,18 +10,41 @@ the command line does when stderr is not a terminal and ``--no-progress`` was no
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
-__all__ = ["LINE_SECONDS", "LOGGER", "progress_bar"]
+__all__ = ["LINE_SECONDS", "LOGGER", "progress_bar", "restart_clock"]
 
 #: The longest a phase goes without a progress line when there is no bar.
 LINE_SECONDS = 10.0
 #: The logger of the progress lines.
 LOGGER = "embedtl.progress"
 log = logging.getLogger(LOGGER)
+#: When the last line was logged, by any bar (under ``_lock``); at first, when this module was
+#: loaded.
+_last_line = [time.perf_counter()]
+_lock = threading.Lock()
+
+
+def restart_clock() -> None:
+    """Count the silence from the start of this process (a command's first line comes
+    :data:`LINE_SECONDS` after its start; at most 2 s of an older process's life count)."""
+    with _lock:
+        _last_line[0] = time.perf_counter() - min(_process_age(), 2.0)
+
+
+def _process_age() -> float:
+    """Seconds since this process started (Linux: /proc; elsewhere 0)."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: since boot
+        return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - started)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0.0
 
 
 def progress_bar(iterable: Iterable | None = None, *, progress: bool = False, **kwargs: Any):
@@ -53,15 +76,27 @@ class _Lines:
             self._thread.start()
 
     def _tick(self) -> None:
-        while not self._done.wait(LINE_SECONDS):
-            log.info("%s", self.line())
+        """A line when none has been logged for :data:`LINE_SECONDS`, counted from the last
+        line of any bar, or from when this module was loaded (about when the process started):
+        bars inside bars, and the command's heartbeat, take turns instead of each logging its
+        own."""
+        while True:
+            with _lock:
+                quiet = time.perf_counter() - _last_line[0]
+                if quiet >= LINE_SECONDS - 0.05:
+                    log.info("%s", self.line())
+                    _last_line[0], quiet = time.perf_counter(), 0.0
+            if self._done.wait(max(0.05, LINE_SECONDS - quiet)):
+                return
 
     def line(self) -> str:
-        """``desc: n/total unit (p%), s s[, postfix]``."""
+        """``desc: n/total unit (p%), s s[, postfix]``; ``desc: s s`` when nothing is counted."""
+        seconds = time.perf_counter() - self.t0
+        if not self.total and not self.n:
+            return f"{self.desc}: {seconds:.0f} s"
         of = f"/{self.total}" if self.total else ""
         pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
         post = f", {self.postfix}" if self.postfix else ""
-        seconds = time.perf_counter() - self.t0
         return f"{self.desc}: {self.n}{of} {self.unit}{pct}, {seconds:.0f} s{post}"
 
     def __iter__(self) -> Iterator:
@@ -84,7 +119,8 @@ class _Lines:
     def close(self) -> None:
         if not self._done.is_set():
             self._done.set()
-            if self._thread is not None and time.perf_counter() - self.t0 >= LINE_SECONDS:
+            long = time.perf_counter() - self.t0 >= LINE_SECONDS
+            if self._thread is not None and long and self.total:
                 log.info("%s: done", self.line())
 
     def __enter__(self) -> _Lines:

@@ -16,6 +16,7 @@ import click
 
 from .._io import json_text
 from .._progress import LOGGER as PROGRESS_LOGGER
+from .._progress import progress_bar, restart_clock
 from ..backbones import DEFAULT_BACKBONE, MIN_IMAGE_SIZE
 from ..errors import EmbedTLError, UsageError
 
@@ -30,6 +31,9 @@ EXIT_ERROR, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED, EXIT_PIPE = 1, 2, 3, 130
 #: the command runs, anything else written to stdout, a library's print included, goes to
 #: stderr, so that stdout holds exactly one JSON line).
 _STDOUT: contextvars.ContextVar[Any] = contextvars.ContextVar("embedtl_stdout", default=None)
+#: Whether this command logs plain progress lines (no bars: stderr is not a terminal, and
+#: neither --progress nor --no-progress was given).
+_LINES: contextvars.ContextVar[bool] = contextvars.ContextVar("embedtl_lines", default=False)
 
 
 def _one_line(msg: str) -> str:
@@ -134,11 +138,14 @@ class EmbedTLGroup(click.Group):
         as_json = _wants_json(args)
         out = sys.stdout
         token = _STDOUT.set(out)
+        given = set(sys.argv[1:] if args is None else args)
+        lines = _LINES.set(not sys.stderr.isatty() and not {"--progress", "--no-progress"} & given)
         try:
             with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
                 code = self._run(args, prog_name, complete_var, extra, as_json, out)
         finally:
             _STDOUT.reset(token)
+            _LINES.reset(lines)
         sys.exit(code)
 
     def _run(self, args, prog_name, complete_var, extra, as_json: bool, out) -> int:
@@ -243,10 +250,22 @@ def setup_logging(verbose: int) -> Callable[[], None]:
     else:
         warnings.simplefilter("ignore")
 
+    progress = logging.getLogger(PROGRESS_LOGGER)
+    heartbeat = None
+    if _LINES.get():  # no bars: a plain line at least every 10 s, the command's heartbeat too
+        progress.setLevel(logging.INFO)
+        restart_clock()
+        ctx = click.get_current_context(silent=True)
+        heartbeat = progress_bar(desc=(ctx and ctx.invoked_subcommand) or "embedtl")
+    else:
+        progress.setLevel(logging.WARNING)
+
     def undo() -> None:
+        if heartbeat is not None:
+            heartbeat.close()
         logger.removeHandler(handler)
         logger.setLevel(old_level)
-        logging.getLogger(PROGRESS_LOGGER).setLevel(logging.NOTSET)
+        progress.setLevel(logging.NOTSET)
         logging.getLogger("py.warnings").removeHandler(handler)
         logging.captureWarnings(False)
         caught.__exit__(None, None, None)
@@ -290,11 +309,9 @@ def pct(v: float | None) -> str:
 def want_progress(flag: bool | None) -> bool:
     """Progress bars: when stderr is a terminal, or as --progress/--no-progress say. Without
     bars, and unless --no-progress, long work logs a plain line at least every 10 s
-    (:mod:`embedtl._progress`), so that a log file or CI never sees minutes of silence."""
-    bars = sys.stderr.isatty() if flag is None else flag
-    lines = flag is None and not bars
-    logging.getLogger(PROGRESS_LOGGER).setLevel(logging.INFO if lines else logging.WARNING)
-    return bars
+    (:mod:`embedtl._progress`; set up with the logging), so that a log file or CI never sees
+    minutes of silence."""
+    return sys.stderr.isatty() if flag is None else flag
 
 
 # -- shared options (one place, as rasterio's rio/options.py) --------------------------------------

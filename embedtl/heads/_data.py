@@ -16,7 +16,7 @@ from .._device import default_memory_budget
 from ..cache import FeatureStore
 from ..errors import DataError
 
-__all__ = ["Split", "InMemory", "Streamed", "StoreFeatures"]
+__all__ = ["InMemory", "Split", "StoreFeatures", "Streamed", "pass_rows"]
 
 
 class Split:
@@ -46,7 +46,7 @@ class Split:
         """Per-feature mean and std (population), accumulated in float64."""
         s = torch.zeros(self.dim, dtype=torch.float64)
         ss = torch.zeros(self.dim, dtype=torch.float64)
-        for x, _ in self.batches(_pass_rows(self.dim), None):
+        for x, _ in self.batches(pass_rows(self.dim), None):
             s += x.sum(0, dtype=torch.float64).cpu()
             ss += (x * x).sum(0, dtype=torch.float64).cpu()
         mean = s / max(self.n, 1)
@@ -54,7 +54,7 @@ class Split:
         return mean.float(), var.sqrt().float()
 
 
-def _pass_rows(dim: int) -> int:
+def pass_rows(dim: int) -> int:
     """Rows per step of a pass over a split (moments, normalising): 16 MiB of float32."""
     return max(256, (4 << 20) // max(dim, 1))
 
@@ -89,7 +89,7 @@ class InMemory(Split):
         if self.n * self.dim * 4 > _MAP_ONCE_BYTES:
             return _Mapped(self, fn)
         out = torch.empty((self.n, self.dim), dtype=torch.float32, device=self.features.device)
-        step = _pass_rows(self.dim)
+        step = pass_rows(self.dim)
         for i in range(0, self.n, step):
             out[i : i + step] = fn(self._rows(slice(i, i + step)))
         return InMemory(out, self.labels)
@@ -161,22 +161,37 @@ class Streamed(Split):
 
     def batches(self, batch_size, generator):
         for pos in self.blocks(generator):
-            x = torch.from_numpy(finite(self.store, self.rows[pos])).float()
-            y = torch.from_numpy(self.row_labels[pos])
-            if generator is not None:
-                p = torch.randperm(len(x), generator=generator)
-                x, y = x[p], y[p]
-            x, y = x.to(self.device), y.to(self.device)
+            # the block read in its stored dtype, then float32 (the stored copy then goes): at
+            # most row_bytes + 4 * D bytes a row, as the plan counts; batches are gathered from
+            # it in a shuffled order, not from a shuffled copy of it
+            x = torch.from_numpy(finite(self.store, self.rows[pos])).float().to(self.device)
+            y = torch.from_numpy(self.row_labels[pos]).to(self.device)
+            order = None if generator is None else torch.randperm(len(x), generator=generator)
             for i in range(0, len(x), batch_size):
-                yield x[i : i + batch_size], y[i : i + batch_size]
+                # batches are copies, never views, so that the block is freed before the next
+                # one is read (a view held by the consumer would keep it alive)
+                if order is None:
+                    yield x[i : i + batch_size].clone(), y[i : i + batch_size].clone()
+                else:
+                    j = order[i : i + batch_size].to(self.device)
+                    yield x[j], y[j]
+            del x, y, order
 
 
 class StoreFeatures:
-    """A store's features for fitting and scoring heads: every row in memory, in the stored
-    dtype (one read), when the store fits ``memory_budget`` bytes (default: a quarter of RAM);
-    otherwise each use reads what it needs, and a training split larger than the budget streams
-    in blocks. Splits of a loaded store are views of it (no copies); batches are float32.
-    ``planned_bytes`` is the feature memory this plan holds at its peak."""
+    """A store's features for fitting and scoring heads, within ``memory_budget`` bytes
+    (default: a quarter of RAM).
+
+    **What the budget covers**: the feature rows held at once. Every row in memory, in the
+    stored dtype (one read), when the store fits the budget; otherwise the splits of a fit take
+    what is left in turn (the training split first): a split that fits is read into memory, a
+    larger one streams in blocks of at most what is left (each read in the stored dtype, then
+    converted to float32). Scoring and normalising passes read :func:`pass_rows` rows at a
+    time (16 MiB of float32), and a split of at most 256 MiB as float32 is normalised once into
+    a float32 copy: both counted in the plan too. Not covered: the process itself (Python,
+    torch, the store's row metadata: paths, labels, splits), a fixed overhead measured by
+    ``benchmarks/memory.py``. ``planned_bytes`` is the feature memory this plan holds at its
+    peak."""
 
     def __init__(
         self, store: FeatureStore, memory_budget: int | None = None, progress: bool = False
@@ -184,43 +199,49 @@ class StoreFeatures:
         self.store = store
         self.budget = default_memory_budget() if memory_budget is None else memory_budget
         self.row_bytes = store.dim * np.dtype(store.dtype).itemsize
-        #: a streamed block is read in the stored dtype and converted to float32: 1 + 4/itemsize
-        self.block_rows = max(256, self.budget // max(1, self.row_bytes + 4 * store.dim))
-        self.in_memory = len(store) * self.row_bytes <= self.budget
+        #: a pass (scoring, normalising) holds one block of these rows, read and as float32
+        self.pass_bytes = pass_rows(store.dim) * (self.row_bytes + 4 * store.dim)
+        self.in_memory = len(store) * self.row_bytes + self.pass_bytes <= self.budget
         self._all = _load(store, progress) if self.in_memory else None  # (N, D) stored dtype
         self._tensor = torch.from_numpy(self._all) if self._all is not None else None
-        self.planned_bytes = (
-            len(store) * self.row_bytes
-            if self.in_memory
-            else self.block_rows * (self.row_bytes + 4 * store.dim)
-        )
+        self.held = len(store) * self.row_bytes if self.in_memory else 0
 
-    def read(self, rows: np.ndarray) -> np.ndarray:
-        """Features (len(rows), D) of sorted store rows, float32."""
-        if self._all is not None:
-            return self._all[rows].astype(np.float32)
-        return finite(self.store, rows, self.store.features(rows=rows))
+    @property
+    def planned_bytes(self) -> int:
+        """The feature memory of this plan at its peak: what the splits hold, and one pass."""
+        return self.held + self.pass_bytes
 
     def iter_read(self, rows: np.ndarray) -> Iterator[np.ndarray]:
-        """Features of sorted ``rows`` in order, float32, at most a block at a time."""
+        """Features of sorted ``rows`` in order, float32, a pass's block at a time."""
+        step = pass_rows(self.store.dim)
         if self._all is not None:
-            for i in range(0, len(rows), self.block_rows):
-                yield self._all[rows[i : i + self.block_rows]].astype(np.float32)
+            for i in range(0, len(rows), step):
+                yield self._all[rows[i : i + step]].astype(np.float32)
             return
-        for got, x in self.store.iter_chunks(self.block_rows, rows=rows):
+        for got, x in self.store.iter_chunks(step, rows=rows):
             yield finite(self.store, got, x)
 
     def split(self, rows: np.ndarray, labels: np.ndarray, device: str = "cpu") -> Split:
-        """Sorted store ``rows`` with their ``labels`` as a :class:`Split` on ``device``."""
+        """Sorted store ``rows`` with their ``labels`` as a :class:`Split` on ``device``: a view
+        of the loaded store, in memory when it fits what is left of the budget, else streamed in
+        blocks of what is left (the memory it holds is taken from the budget)."""
         y = torch.as_tensor(labels, dtype=torch.long, device=device)
+        copy = len(rows) * self.store.dim * 4  # a fit's normalised float32 copy, when small
+        copy = copy if copy <= _MAP_ONCE_BYTES else 0  # (InMemory.mapped)
         if self._tensor is not None:
+            self.held += copy
             if torch.device(device).type == "cpu":
                 return InMemory(self._tensor, y, torch.as_tensor(rows, dtype=torch.long))
             return InMemory(self._tensor[torch.as_tensor(rows, dtype=torch.long)].to(device), y)
-        if len(rows) * self.row_bytes <= self.budget:
+        left = self.budget - self.held - self.pass_bytes
+        if len(rows) * self.row_bytes + copy <= left:
+            self.held += len(rows) * self.row_bytes + copy
             x = torch.from_numpy(finite(self.store, np.asarray(rows))).to(device)
             return InMemory(x, y)
-        return Streamed(self.store, rows, labels, device, self.block_rows)
+        per_row = self.row_bytes + 4 * self.store.dim  # read, then as float32
+        block_rows = max(256, left // per_row)
+        self.held += block_rows * per_row
+        return Streamed(self.store, rows, labels, device, block_rows)
 
 
 def _load(store: FeatureStore, progress: bool) -> np.ndarray:
@@ -240,7 +261,7 @@ def finite(store: FeatureStore, rows: np.ndarray, x: np.ndarray | None = None) -
     :class:`DataError` naming the rows when any holds NaN or inf: a head fitted or scored on
     them would be NaN."""
     x = store.read_rows(rows) if x is None else x
-    bad = ~np.isfinite(x).all(axis=1)
+    bad = ~np.isfinite(x.sum(axis=1, dtype=np.float64))  # NaN and inf survive a sum: no mask
     if bad.any():
         first = store.path_at(int(rows[np.flatnonzero(bad)[0]]))
         raise DataError(

@@ -29,7 +29,7 @@ from torch.nn import functional as F
 
 from ..errors import HeadError
 from ._config import HeadConfig
-from ._data import Split
+from ._data import Split, pass_rows
 from ._modules import ACTIVATION_FUNCTIONS
 
 __all__ = [
@@ -221,7 +221,8 @@ def score(net: StackedNet, split: Split) -> tuple[torch.Tensor, torch.Tensor, to
     was = net.training
     net.eval()
     v, c = net.n, net.widths[-1]
-    rows = max(64, _SCORE_FLOATS // (v * max(net.widths)))
+    # a chunk's activations and its features (float32, normalised: a copy) stay bounded
+    rows = max(64, min(_SCORE_FLOATS // (v * max(net.widths)), pass_rows(split.dim)))
     correct = torch.zeros(v, dtype=torch.long)
     loss = torch.zeros(v, dtype=torch.float64)
     preds = []
