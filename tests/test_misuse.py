@@ -248,17 +248,24 @@ def test_fifos_and_devices_behind_links_are_skipped_not_read(tmp_path):
     os.symlink("../dog/fifo.png", root / "cat" / "to_fifo.png")
     for links in ("inside", "all"):
         peak = tmp_path / f"peak-{links}"
-        p = subprocess.run(
+        p = subprocess.Popen(
             [sys.executable, "-c", _PEAK_RSS, str(peak)]
             + ["embedtl", "extract", str(root), "--cache-dir", str(tmp_path / links), *TINY]
             + ["--follow-links", links, "--json"],
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=90,  # the FIFO hung this for ever
+            start_new_session=True,  # a timeout kills the launcher and the command together
             preexec_fn=_limited(6),  # /dev/zero grew ~2 GB/s until the kernel killed it at 24
         )
-        assert p.returncode in (0, 3), p.stderr
-        out = json.loads(p.stdout)
+        try:
+            stdout, stderr = p.communicate(timeout=90)  # the FIFO hung this for ever
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, 9)
+            p.communicate()
+            raise
+        assert p.returncode in (0, 3), stderr
+        out = json.loads(stdout)
         assert out["n_images"] == 6
         special = {"cat/to_fifo.png": "a named pipe behind a link", "dog/fifo.png": "a named pipe"}
         if links == "all":  # else a link leading out of the folder: not followed
@@ -267,18 +274,41 @@ def test_fifos_and_devices_behind_links_are_skipped_not_read(tmp_path):
         assert int(peak.read_text()) < 2 << 20  # KiB: well under 2 GiB
 
 
-def test_reading_refuses_what_is_not_a_regular_file(tmp_path):
-    import os
+_READS = """
+import sys
+from embedtl.data import image_files, read_file
+from embedtl.errors import DataError, ImageDecodeError
+for p in sys.argv[1:]:
+    try:
+        read_file(p)
+    except ImageDecodeError as e:
+        print(e)
+try:
+    image_files([sys.argv[1]])
+except DataError as e:
+    print(e)
+"""
 
-    from embedtl.data import read_file
-    from embedtl.errors import DataError, ImageDecodeError
+
+def test_reading_refuses_what_is_not_a_regular_file(tmp_path):
+    """In a child, bounded in time and memory: opening the FIFO blocked for ever, reading
+    /dev/zero took memory without bound."""
+    import os
+    import subprocess
 
     os.mkfifo(tmp_path / "f.png")
-    for p, what in ((tmp_path / "f.png", "named pipe"), ("/dev/zero", "character device")):
-        with pytest.raises(ImageDecodeError, match=f"not a regular file.*{what}"):
-            read_file(p)
-    with pytest.raises(DataError, match="is a named pipe, not an image file"):
-        embedtl.data.image_files([tmp_path / "f.png"])
+    p = subprocess.run(
+        [sys.executable, "-c", _READS, str(tmp_path / "f.png"), "/dev/zero"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=_limited(6),
+    )
+    assert p.stdout.splitlines() == [
+        "not a regular file (a named pipe): not read",
+        "not a regular file (a character device): not read",
+        f"{tmp_path / 'f.png'} is a named pipe, not an image file or a folder of images",
+    ], p.stderr
 
 
 # 8. stdout closed early ----------------------------------------------------------------------
@@ -466,6 +496,12 @@ def test_an_unsafe_checkpoint_is_refused_without_torchs_advice_to_unpickle_it(tm
     )
     assert "never unpickles code" in r.stderr and "GLOBAL" in r.stderr
     assert "weights_only" not in r.stderr and "unpickled" not in r.stdout
+    from embedtl.errors import FineTuneError
+    from embedtl.finetune._trainer import Checkpointing
+
+    with pytest.raises(FineTuneError, match="GLOBAL") as e:  # a fine-tune's checkpoint too
+        Checkpointing(tmp_path / "evil.pth", "signature").load()
+    assert "weights_only" not in str(e.value)
 
 
 def test_a_bad_pixel_limit_workers_and_k_get_clear_answers(tmp_path, monkeypatch, caplog):
