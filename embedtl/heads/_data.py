@@ -185,10 +185,12 @@ class StoreFeatures:
     **What the budget covers**: the feature rows held at once. Every row in memory, in the
     stored dtype (one read), when the store fits the budget; otherwise the splits of a fit take
     what is left in turn (the training split first): a split that fits is read into memory, a
-    larger one streams in blocks of at most what is left (each read in the stored dtype, then
-    converted to float32). Scoring and normalising passes read :func:`pass_rows` rows at a
-    time (16 MiB of float32), and a split of at most 256 MiB as float32 is normalised once into
-    a float32 copy: both counted in the plan too. Not covered: the process itself (Python,
+    larger one streams in blocks of what is left (each read in the stored dtype, then converted
+    to float32; at least 256 rows). Streamed splits read their blocks one after the other (an
+    epoch's training, then its scoring), so they share what is left. Evaluating passes read
+    :attr:`pass_rows` rows at a time (16 MiB of float32, or a quarter of a smaller budget), and
+    a split of at most 256 MiB as float32 is normalised once into a float32 copy: both counted
+    in the plan too. Not covered: the process itself (Python,
     torch, the store's row metadata: paths, labels, splits), a fixed overhead measured by
     ``benchmarks/memory.py``. ``planned_bytes`` is the feature memory this plan holds at its
     peak."""
@@ -199,21 +201,29 @@ class StoreFeatures:
         self.store = store
         self.budget = default_memory_budget() if memory_budget is None else memory_budget
         self.row_bytes = store.dim * np.dtype(store.dtype).itemsize
-        #: a pass (scoring, normalising) holds one block of these rows, read and as float32
-        self.pass_bytes = pass_rows(store.dim) * (self.row_bytes + 4 * store.dim)
+        per_row = self.row_bytes + 4 * store.dim  # read, then as float32
+        #: a pass (evaluating) reads this many rows at a time: 16 MiB of float32, or a quarter
+        #: of a smaller budget
+        self.pass_rows = max(64, min(pass_rows(store.dim), self.budget // (4 * per_row)))
+        self.pass_bytes = self.pass_rows * per_row
         self.in_memory = len(store) * self.row_bytes + self.pass_bytes <= self.budget
         self._all = _load(store, progress) if self.in_memory else None  # (N, D) stored dtype
         self._tensor = torch.from_numpy(self._all) if self._all is not None else None
+        #: what the plan holds for good (the store, splits in memory) ...
         self.held = len(store) * self.row_bytes if self.in_memory else 0
+        #: ... and, one at a time, a streamed split's block (a training epoch's, a scoring's:
+        #: never at once) or an evaluating pass's
+        self.passing = self.pass_bytes
 
     @property
     def planned_bytes(self) -> int:
-        """The feature memory of this plan at its peak: what the splits hold, and one pass."""
-        return self.held + self.pass_bytes
+        """The feature memory of this plan at its peak: what the splits hold, and the largest
+        block that passes (streamed splits read theirs one after the other)."""
+        return self.held + self.passing
 
     def iter_read(self, rows: np.ndarray) -> Iterator[np.ndarray]:
         """Features of sorted ``rows`` in order, float32, a pass's block at a time."""
-        step = pass_rows(self.store.dim)
+        step = self.pass_rows
         if self._all is not None:
             for i in range(0, len(rows), step):
                 yield self._all[rows[i : i + step]].astype(np.float32)
@@ -233,14 +243,14 @@ class StoreFeatures:
             if torch.device(device).type == "cpu":
                 return InMemory(self._tensor, y, torch.as_tensor(rows, dtype=torch.long))
             return InMemory(self._tensor[torch.as_tensor(rows, dtype=torch.long)].to(device), y)
-        left = self.budget - self.held - self.pass_bytes
-        if len(rows) * self.row_bytes + copy <= left:
+        left = self.budget - self.held
+        if len(rows) * self.row_bytes + copy <= left - self.passing:
             self.held += len(rows) * self.row_bytes + copy
             x = torch.from_numpy(finite(self.store, np.asarray(rows))).to(device)
             return InMemory(x, y)
         per_row = self.row_bytes + 4 * self.store.dim  # read, then as float32
         block_rows = max(256, left // per_row)
-        self.held += block_rows * per_row
+        self.passing = max(self.passing, block_rows * per_row)
         return Streamed(self.store, rows, labels, device, block_rows)
 
 
