@@ -40,20 +40,22 @@ class OnnxModel:
 
 
 class OnnxRuntime:
-    """An ONNX model in an ONNX Runtime CPU session: numpy in, numpy out, no torch (unless the
-    model has to be exported first)."""
+    """An ONNX model in an ONNX Runtime session: numpy in, numpy out, no torch (unless the
+    model has to be exported first). On the CPU, or with ``device`` ``cuda[:N]`` on ONNX
+    Runtime's CUDA provider (onnxruntime-gpu), which must then really be the one running it."""
 
     name = "onnxruntime"
     precision = "fp32"
     compiled = False
     max_batch = None
 
-    def __init__(self, model: OnnxModel, spinning: bool = True) -> None:
+    def __init__(self, model: OnnxModel, spinning: bool = True, device: str = "cpu") -> None:
         self.notes: list[str] = []
+        self.device = device
         path = model.path
         if path.is_file():
             try:
-                self.session = _session(path, spinning)
+                self.session = _session(path, spinning, device)
             except Exception as e:  # a damaged cache file: it is derived data, make it again
                 log.warning(
                     "the cached ONNX export %s is unreadable (%s): exporting again",
@@ -67,7 +69,14 @@ class OnnxRuntime:
             t_export = time.perf_counter()
             model.export(path)
             self.export_seconds = time.perf_counter() - t_export
-            self.session = _session(path, spinning)
+            self.session = _session(path, spinning, device)
+        if device.startswith("cuda") and self.session.get_providers()[0] != _CUDA:
+            from .errors import DeviceError
+
+            raise DeviceError(
+                f"ONNX Runtime's CUDA provider did not start on {device} (it runs on "
+                f"{self.session.get_providers()[0]}): use --runtime torch, or check onnxruntime-gpu"
+            )
         self.input_name = self.session.get_inputs()[0].name
         #: the export's check against PyTorch on a seeded batch (max_abs_diff, min_cosine, batch)
         self.parity = _read_parity(path)
@@ -89,11 +98,15 @@ class OnnxRuntime:
         pass
 
 
-def _session(path: Path, spinning: bool = True):
-    """An ONNX Runtime CPU session of the model at ``path``. Its threads: OMP_NUM_THREADS when
-    set (torchrun sets 1 per rank), else ONNX Runtime's own choice (the physical cores, as
-    PyTorch's). ``spinning=False``: idle threads sleep instead of spinning, for a process
-    whose other threads need the cores between runs (a server decoding uploads)."""
+_CUDA = "CUDAExecutionProvider"
+
+
+def _session(path: Path, spinning: bool = True, device: str = "cpu"):
+    """An ONNX Runtime session of the model at ``path``, on the CPU (or ``cuda[:N]``: the CUDA
+    provider first). Its CPU threads: OMP_NUM_THREADS when set (torchrun sets 1 per rank), else
+    ONNX Runtime's own choice (the physical cores, as PyTorch's). ``spinning=False``: idle
+    threads sleep instead of spinning, for a process whose other threads need the cores
+    between runs (a server decoding uploads)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -104,7 +117,11 @@ def _session(path: Path, spinning: bool = True):
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if not spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    providers: list = ["CPUExecutionProvider"]
+    if device.startswith("cuda"):
+        index = int(device.partition(":")[2] or 0)
+        providers.insert(0, (_CUDA, {"device_id": index}))
+    return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
 
 
 def _read_parity(path: Path) -> dict | None:

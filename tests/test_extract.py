@@ -18,7 +18,10 @@ rt = importlib.import_module("embedtl.runtime")
 
 
 def test_extract_writes_every_image_in_sorted_order(class_folder, cache_dir, tiny):
-    store = embedtl.extract(class_folder, cache_dir=cache_dir, **tiny)
+    """The CPU path (on a GPU machine too: device and runtime stated)."""
+    store = embedtl.extract(
+        class_folder, cache_dir=cache_dir, device="cpu", runtime="torch", **tiny
+    )
     st = store.last_extraction
     assert (st.n_images, st.extracted, st.cached, st.n_failed, st.dim) == (24, 24, 0, 0, 1280)
     assert st.model_built and st.runtime == "torch" and st.device == "cpu"
@@ -30,7 +33,11 @@ def test_extract_writes_every_image_in_sorted_order(class_folder, cache_dir, tin
 
 
 def test_features_equal_a_direct_forward_pass(class_folder, cache_dir, tiny):
-    store = embedtl.extract(class_folder, cache_dir=cache_dir, dtype="float32", **tiny)
+    """float32 on the CPU against a plain forward pass, at float32 tolerances (a GPU's fp16
+    autocast is held to its own contract: tests/test_gpu_path.py)."""
+    store = embedtl.extract(
+        class_folder, cache_dir=cache_dir, dtype="float32", device="cpu", precision="fp32", **tiny
+    )
     spec = embedtl.get_backbone(TINY_BACKBONE, image_size=TINY_SIZE)
     model = embedtl.build_feature_model(spec)
     tr = embedtl.ImageTransform(spec.preprocess)
@@ -111,32 +118,27 @@ def tmp_cache(cache_dir):
 
 
 def test_interrupted_run_resumes_where_it_stopped(tmp_path, cache_dir, tiny, monkeypatch):
+    """On any device: Ctrl-C as the third batch starts (not the third forward pass: on CUDA
+    the first batch also runs the float32 check of its precision)."""
     root = make_class_folder(tmp_path / "d", n_per_class=10)
     monkeypatch.setattr(stream, "_FLUSH_ROWS", 8)  # a journal segment per batch
     calls = {"n": 0}
-    real_build = rt.build_feature_model
+    real_submit = rt.TorchRuntime.submit
 
-    def build_then_die(spec, **kw):
-        model = real_build(spec, **kw)
-        real_call = model.body.forward
+    def submit_then_die(self, x):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # Ctrl-C as the third batch starts
+        return real_submit(self, x)
 
-        def forward(x):
-            calls["n"] += 1
-            if calls["n"] == 3:
-                raise KeyboardInterrupt  # Ctrl-C in the middle of the third batch
-            return real_call(x)
-
-        model.body.forward = forward
-        return model
-
-    monkeypatch.setattr(rt, "build_feature_model", build_then_die)
+    monkeypatch.setattr(rt.TorchRuntime, "submit", submit_then_die)
     with pytest.raises(KeyboardInterrupt):
-        embedtl.extract(root, cache_dir=cache_dir, **tiny)
+        embedtl.extract(root, cache_dir=cache_dir, **{**tiny, "runtime": "torch"})
     path = embedtl.find_store(root, TINY_BACKBONE, cache_dir, TINY_SIZE)
     assert not path.exists()  # readers never see a half-written store
     assert path.with_name(path.name + ".journal").is_dir()
 
-    monkeypatch.setattr(rt, "build_feature_model", real_build)
+    monkeypatch.setattr(rt.TorchRuntime, "submit", real_submit)
     store = embedtl.extract(root, cache_dir=cache_dir, **tiny)
     st = store.last_extraction
     assert (st.cached, st.extracted, st.n_images) == (16, 14, 30)

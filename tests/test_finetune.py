@@ -125,7 +125,11 @@ def test_head_first_init_starts_at_the_heads_accuracy(setup, tmp_path):
     n_val = int(setup["head"].info["metrics"]["n"]["val"])
     head_val = r.before["val_accuracy"]
     assert head_val > 1 / 3 + 0.3  # the head is far above chance on these colours ...
-    assert abs(r.start_val_accuracy - head_val) <= 1 / n_val  # ... and training starts there
+    # ... and training starts there: up to one validation image apart, counted in images (the
+    # head scored stored float16 features; the network computes them in float32, or float16
+    # under AMP on CUDA: a row on the boundary may fall either way). As floats, 1 - 8/9 came
+    # out a hair above 1/9 on the GPU.
+    assert round(abs(r.start_val_accuracy - head_val) * n_val) <= 1
     # a fresh head on the same backbone would start near chance
     fresh = embedtl.fit_head(setup["store"], HeadConfig(epochs=1, lr=1e-9))
     assert fresh.info["metrics"]["val_accuracy"] < head_val

@@ -473,7 +473,7 @@ _PRECISION = click.option(
     show_default=True,
     help="PyTorch autocast: auto = fp16 on CUDA, fp32 elsewhere; "
     "checked against fp32 on the first batch (float32 when a "
-    "row's cosine < 0.999).",
+    "row's cosine < 0.998).",
 )
 _DECODER = click.option(
     "--decoder",

@@ -117,7 +117,7 @@ def extract(
     keyword arguments (``device``, ``runtime``, ``batch_size``, ``workers``, ``precision``,
     ``compile``, ``decoder``, ``image_size``, ``cache_dir``, ``allow_download``) replacing
     the record's. On a GPU a reduced precision is checked against float32 on the first batch and
-    dropped, visibly, when a row's cosine falls under 0.999; without a batch size a large CUDA
+    dropped, visibly, when a row's cosine falls under 0.998; without a batch size a large CUDA
     job tunes it, and out-of-memory halves it instead of failing.
 
     ``split`` and ``labels`` (a ``path,label`` CSV) assign labels and splits (:func:`scan`);

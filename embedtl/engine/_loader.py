@@ -16,7 +16,15 @@ from ..data import ImageTransform, content_hash, decode_image, read_file
 from ..errors import ImageDecodeError
 from ..tensor_decode import fallback_reason
 
-__all__ = ["Batch", "ContentHasher", "ImageDataset", "Item", "collate", "make_loader"]
+__all__ = [
+    "Batch",
+    "ContentHasher",
+    "ImageDataset",
+    "Item",
+    "collate",
+    "make_loader",
+    "worker_start_method",
+]
 
 
 class Item(NamedTuple):
@@ -147,7 +155,24 @@ def make_loader(
         pin_memory=pin_memory,
         prefetch_factor=4 if workers > 0 else None,
         persistent_workers=False,
+        multiprocessing_context=worker_start_method() if workers > 0 else None,
     )
+
+
+def worker_start_method() -> str | None:
+    """How loader worker processes start: the platform's default (fork on Linux), unless CUDA
+    is initialised in this process: a fork then copies a process whose CUDA and other threads
+    hold locks the child can never release ("This process is multi-threaded, use of fork() may
+    lead to deadlocks"), so workers start from a clean server process (forkserver, or spawn
+    where there is none)."""
+    import multiprocessing
+
+    import torch
+
+    if not torch.cuda.is_initialized():
+        return None
+    methods = multiprocessing.get_all_start_methods()
+    return "forkserver" if "forkserver" in methods else "spawn"
 
 
 class _ThreadLoader:

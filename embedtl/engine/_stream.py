@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +28,7 @@ from ..runtime import (
     autotune_batch,
     backbone_onnx,
     load_runtime,
+    onnx_device,
     resolve_runtime,
 )
 from ..tensor_decode import DECODERS, TensorDecoder, probe
@@ -143,10 +144,17 @@ def _engine(
     if onnx is None:
         path = onnx_model_path(o.cache_root, spec.name, spec.fingerprint())
         onnx = backbone_onnx(spec, path, o.allow_download)
+    found = run_device
+    if o.runtime == "onnxruntime":  # auto on a GPU machine: the CPU, unless ORT can use CUDA
+        run_device = onnx_device(o.device, run_device)
     run_runtime, reason = resolve_runtime(
         o.runtime, run_device, n_images, onnx.path, o.precision, o.compile
     )
-    tensor_decoder, decoder_reason = _pick_decoder(o.decoder, run_device, spec)
+    if run_device != found:
+        reason += f" (on the CPU: {found} is there, but ONNX Runtime's CUDA provider is not)"
+    # ONNX Runtime takes numpy batches: decoded on the CPU whatever device it runs on
+    host = "cpu" if run_runtime == "onnxruntime" else run_device
+    tensor_decoder, decoder_reason = _pick_decoder(o.decoder, host, spec)
     # before the model or a batch is allocated: a --batch-size as given; without one, one image
     # (the default batch is tuned, and halves on out-of-memory, down to one image)
     check_batch_memory(run_device, spec.preprocess.crop, max(1, min(o.batch_size or 1, n_images)))
@@ -266,13 +274,16 @@ def _stream(
     progress: bool,
     stages: dict[str, float],
     desc: str,
+    spill: list[Computed] | None = None,
 ) -> Iterator[Computed]:
     """The engine's inner loop: decode ``paths`` (under ``root``) in batches and run the model.
 
     Yields a :class:`Computed` per batch, in order. On CUDA a batch's result is collected after
     the next batch is launched, so the GPU has work queued while the CPU fetches; ``stages``
     accumulates decode, h2d and model seconds (CUDA: from events) and, on CUDA, idle seconds:
-    the streaming time not spent in h2d, model or on-device decoding.
+    the streaming time not spent in h2d, model or on-device decoding. When the loop ends early
+    (Ctrl-C, SIGTERM, an error, the consumer closing it), the batches still in flight are
+    collected into ``spill``: what the model computed is never dropped.
     """
     from .._progress import progress_bar
 
@@ -282,7 +293,7 @@ def _stream(
     loader = make_loader(
         dataset,
         eng.workers,
-        eng.device.startswith("cuda"),
+        eng.runtime == "torch" and eng.device.startswith("cuda"),  # pinned: only for CUDA copies
         batch_size=eng.batch_size,
         # ONNX Runtime takes numpy: no torch on its path, unless a tensor decoder is asked for
         tensors=eng.runtime != "onnxruntime" or eng.decoder is not None,
@@ -302,7 +313,7 @@ def _stream(
         return _finite_rows(Computed(b.positions, feats, b.failed, b.hashes))
 
     t_start = time.perf_counter()
-    in_flight = None
+    submitted: deque[tuple[Batch, Any]] = deque()  # batches run (or running), not yet yielded
     try:
         it = iter(loader)
         while True:
@@ -319,17 +330,20 @@ def _stream(
                 busy += time.perf_counter() - t1  # the GPU decodes (nvJPEG returns when done)
             stages["decode"] += time.perf_counter() - t0
             job = model.submit(x) if x is not None else None
-            if in_flight is not None:
-                yield collect(*in_flight)
-                in_flight = None
-            if job is None or isinstance(job, Finished):
-                yield collect(b, job)
-            else:
-                in_flight = (b, job)
-        if in_flight is not None:
-            yield collect(*in_flight)
+            submitted.append((b, job))
+            # all but a batch still running: it is collected after the next one is launched
+            while len(submitted) > 1 or (job is None or isinstance(job, Finished)) and submitted:
+                yield collect(*submitted.popleft())
+        while submitted:
+            yield collect(*submitted.popleft())
     finally:
         bar.close()
+        if spill is not None:
+            for done in submitted:  # ended early: what ran is kept, not computed again
+                try:
+                    spill.append(collect(*done))
+                except Exception as e:  # noqa: BLE001 - the run's own error goes on
+                    log.debug("a batch in flight is lost: %s", e)
     if eng.device.startswith("cuda"):
         wall = time.perf_counter() - t_start
         stages["idle"] = stages.get("idle", 0.0) + max(0.0, wall - busy)
@@ -534,6 +548,19 @@ def _run_model(
             pending_failed.clear()
         last_flush = time.perf_counter()
 
+    def take(c: Computed, strict: bool) -> None:
+        for i, err in c.failed:
+            e = entries[i]
+            if strict:
+                raise ImageDecodeError(strict_message(manifest, todo[i], err, 1))
+            log.info("failed: %s: %s", e.path, err)
+            pending_failed.append((e.path, err, e.size, e.mtime_ns))
+        if c.features is not None:
+            pending_feats.append(c.features)
+            pending_rows.extend(c.positions)
+            pending_hashes.extend(c.hashes)
+
+    spill: list[Computed] = []  # batches still in flight when the loop ended early
     batches = _stream(
         eng,
         spec,
@@ -542,22 +569,14 @@ def _run_model(
         progress,
         stages,
         f"extract {spec.name}",
+        spill,
     )
     try:
-        for idx, feats, failed, hashes in batches:
-            for i, err in failed:
-                e = entries[i]
-                if strict:
-                    raise ImageDecodeError(strict_message(manifest, todo[i], err, 1))
-                log.info("failed: %s: %s", e.path, err)
-                pending_failed.append((e.path, err, e.size, e.mtime_ns))
-            if feats is not None:
-                pending_feats.append(feats)
-                pending_rows.extend(idx)
-                pending_hashes.extend(hashes)
-                if not degenerate.done:
-                    degenerate.add(feats, hashes)
-                    degenerate.check()
+        for c in batches:
+            take(c, strict)
+            if c.features is not None and not degenerate.done:
+                degenerate.add(c.features, c.hashes)
+                degenerate.check()
             writer.check()
             pause_point("batch")
             if (
@@ -573,6 +592,8 @@ def _run_model(
         batches.close()
         try:
             if not useless:
+                for c in spill:  # computed before Ctrl-C or the error: kept too
+                    take(c, strict=False)
                 flush()  # keep what was computed, even on Ctrl-C or an error
         finally:
             writer.close()
