@@ -12,10 +12,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from conftest import TINY_BACKBONE, TINY_SIZE, make_class_folder
 
 import embedtl
 from embedtl import runtime as rt
+from embedtl.cli import main
 
 TINY = ["--backbone", TINY_BACKBONE, "--image-size", str(TINY_SIZE)]
 
@@ -163,3 +165,29 @@ def test_a_reduced_precision_many_times_slower_on_the_cpu_falls_back_to_float32(
     st = s.last_extraction
     assert st.precision == "fp32" and "slower than float32" in st.runtime_reason
     assert s.metadata["extraction"]["parity"]["slower_than_float32"] > rt.SLOW_AUTOCAST
+
+
+# 9. heads on the GPU only when the work repays CUDA's start-up -----------------------------------
+def test_auto_fits_heads_on_the_cpu_unless_the_work_is_large(tmp_path, monkeypatch):
+    from conftest import synthetic_store
+
+    from embedtl._device import GPU_MIN_MACS, work_device
+    from embedtl.heads import HeadConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine's answer
+    store = synthetic_store(tmp_path / "s.h5", n_per_class=(60, 60, 60), dim=16)
+    head = embedtl.fit_head(store, HeadConfig(epochs=3))  # device auto
+    assert head.info["fit"]["device"] == "cpu"
+    assert "the CPU finishes first" in head.info["fit"]["device_reason"]
+    # the H200's figures: 60,000 x 1280 rows, 60 epochs, 10 classes
+    linear = HeadConfig().fit_macs(60_000, 1280, 10)
+    mlp = HeadConfig(kind="mlp").fit_macs(60_000, 1280, 10)
+    assert linear < mlp < GPU_MIN_MACS < 10 * mlp  # both ran faster on its CPU, start-up counted
+    assert work_device("auto", 10 * mlp)[0] == "cuda"  # a large fit goes to the GPU
+    assert work_device("cpu", 10 * mlp) == ("cpu", "asked for")
+    result = embedtl.bench_heads([store], [HeadConfig(epochs=2), HeadConfig(epochs=2, lr=1e-2)])
+    assert result.to_dict()["device"] == "cpu" and "multiply-adds" in result.device_reason
+    r = CliRunner().invoke(
+        main, ["fit-head", str(store.path), "--epochs", "2", "--out", str(tmp_path / "h"), "--json"]
+    )
+    assert r.exit_code == 0 and "the CPU finishes first" in json.loads(r.stdout)["device_reason"]

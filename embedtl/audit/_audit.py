@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from .._device import work_device
 from ..data import SPLITS
 from ..errors import DataError
 
@@ -54,6 +55,8 @@ class Audit:
     map_explained: list[float]
     reviewed: int
     seconds: dict[str, float] = field(default_factory=dict)
+    device: str = "cpu"  # where the folds' heads ran
+    device_reason: str = ""
 
     @property
     def oof_accuracy(self) -> float | None:
@@ -106,6 +109,8 @@ class Audit:
             "classes": s.classes,
             "head": self.head,
             "folds": self.folds,
+            "device": self.device,
+            "device_reason": self.device_reason,
             "oof_accuracy": self.oof_accuracy,
             "n_label_issues": len(self.label_issues),
             "n_outliers": len(self.outliers["rows"]),
@@ -189,6 +194,12 @@ def audit_store(
     n_classes = len(store.classes)
     issues: list[dict[str, Any]] = []
     proba = np.zeros((0, n_classes), np.float32)
+    if cfg.trained:  # the folds' heads: on the GPU only when they are large enough to repay it
+        device, device_reason = work_device(
+            device, cfg.fit_macs(len(rows), store.dim, n_classes) * folds
+        )
+    else:
+        device, device_reason = "cpu", f"{cfg.kind} folds run on the CPU"
     if len(rows) and n_classes >= 2:
         proba, issues = _label_issues(
             store, rows, cfg, folds, seed, device, memory_budget, done, progress
@@ -244,6 +255,8 @@ def audit_store(
         map_explained=explained,
         reviewed=len(done),
         seconds=seconds,
+        device=device,
+        device_reason=device_reason,
     )
 
 

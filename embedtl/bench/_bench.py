@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .._device import resolve_device
+from .._device import work_device
 from ..cache import FeatureStore
 from ..data import stratified_folds
 from ..errors import DataError, HeadError
@@ -85,7 +85,12 @@ def bench_heads(
         raise HeadError(
             "two of the stores have the same backbone fingerprint: give each backbone once"
         )
-    dev = resolve_device(device)
+    macs = sum(
+        c.fit_macs(len(s.labelled_rows("train")), s.dim, len(s.classes))
+        for s in stores
+        for c in configs
+    )
+    dev, device_reason = work_device(device, macs)
     records: list[dict[str, Any]] = []
     backbones: list[dict[str, Any]] = []
     n_folds_used = 0
@@ -112,7 +117,15 @@ def bench_heads(
     records.sort(key=_rank_key)
     for rank, r in enumerate(records, 1):
         r["rank"] = rank
-    return BenchResult(records, backbones, n_folds_used, test_top, time.perf_counter() - t_start)
+    return BenchResult(
+        records,
+        backbones,
+        n_folds_used,
+        test_top,
+        time.perf_counter() - t_start,
+        device=dev,
+        device_reason=device_reason,
+    )
 
 
 def _rank_key(r: dict[str, Any]) -> tuple[float, float, float]:

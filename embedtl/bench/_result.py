@@ -25,6 +25,8 @@ class BenchResult:
     folds: int
     test_top: int
     seconds: float
+    device: str = "cpu"  # where the trained variants ran
+    device_reason: str = ""  # why there (``--device auto`` weighs the work)
     versions: dict[str, str] = field(default_factory=library_versions)
 
     COLUMNS = (
@@ -50,6 +52,8 @@ class BenchResult:
             "folds": self.folds,
             "test_top": self.test_top,
             "seconds": round(self.seconds, 3),
+            "device": self.device,
+            "device_reason": self.device_reason,
             "versions": self.versions,
         }
 

@@ -237,6 +237,7 @@ def fit_head_cmd(
         "features": fit.get("features"),
         "planned_feature_bytes": fit.get("planned_feature_bytes"),
         "device": fit["device"],
+        "device_reason": fit["device_reason"],
         "n": m["n"],
         "store": str(store.path),
         "backbone": store.backbone.get("name"),

@@ -109,6 +109,16 @@ class HeadConfig:
     def trained(self) -> bool:
         return self.kind in ("linear", "mlp")
 
+    def fit_macs(self, rows: int, dim: int, n_classes: int) -> float:
+        """Multiply-adds a fit of this head on ``rows`` training rows takes at most (every
+        epoch, forward and backward ~3x the forward): what decides where it runs (a GPU only
+        pays for large fits). 0 for the kinds that do not train (kNN, logreg)."""
+        if not self.trained:
+            return 0.0
+        widths = [dim, *(self.hidden if self.kind == "mlp" else ()), n_classes]
+        per_row = sum(a * b for a, b in zip(widths, widths[1:], strict=False))
+        return 3.0 * rows * per_row * self.epochs
+
     def effective(self) -> HeadConfig:
         """This config with the settings its kind ignores reset to their defaults and the
         normalisation resolved: two configs that give the same head compare equal."""

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .._device import resolve_device
+from .._device import work_device
 from .._version import library_versions
 from ..cache import FeatureStore
 from ..errors import DataError, HeadError
@@ -100,7 +100,10 @@ def fit_head(
     classes = store.classes
     n_classes = len(classes)
     tr = train_rows(store)
-    dev = resolve_device(device) if cfg.trained else "cpu"  # faiss and sklearn work on the CPU
+    if cfg.trained:
+        dev, device_reason = work_device(device, cfg.fit_macs(len(tr), store.dim, n_classes))
+    else:
+        dev, device_reason = "cpu", f"a {cfg.kind} head is fitted on the CPU (faiss, scikit-learn)"
     va = store.labelled_rows("val")
     if not len(va):
         log.warning(
@@ -137,6 +140,7 @@ def fit_head(
         "fit": {
             "seconds": fit_seconds,
             "device": dev,
+            "device_reason": device_reason,
             "epochs": result.epochs if result else 0,
             "best_epoch": result.best_epoch if result else 0,
             "seconds_to_best": result.seconds_to_best if result else fit_seconds,

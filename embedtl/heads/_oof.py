@@ -11,7 +11,7 @@ import logging
 import numpy as np
 import torch
 
-from .._device import resolve_device
+from .._device import work_device
 from ..data import stratified_folds
 from ..errors import DataError
 from ._config import HeadConfig
@@ -199,7 +199,8 @@ def _fold_loop(data, rows, labels, fold, cfg, n_classes, device, progress) -> np
     from .._progress import progress_bar
 
     folds = int(fold.max()) + 1
-    dev = resolve_device(device)
+    dev, why = work_device(device, cfg.fit_macs(len(rows), data.store.dim, n_classes) * folds)
+    log.info("%d-fold %s heads on %s: %s", folds, cfg.kind, dev, why)
     proba = np.zeros((len(rows), n_classes), np.float32)
     for f in progress_bar(range(folds), desc=f"{folds}-fold probabilities", progress=progress):
         held = fold == f
