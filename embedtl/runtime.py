@@ -40,6 +40,8 @@ __all__ = [
     "AUTO_ONNX_MIN_IMAGES",
     "resolve_runtime",
     "load_runtime",
+    "compile_decision",
+    "COMPILE_MIN_IMAGES",
     "export_failure",
 ]
 
@@ -139,6 +141,29 @@ def resolve_runtime(
     return "torch", f"CPU: PyTorch eager (only {n_images} images; an ONNX export would not pay off)"
 
 
+#: Images a run needs before ``--compile`` pays for its compile (benchmarks/compile_cost.py:
+#: on this CPU EfficientNet-Lite0's first compiled call took COMPILE_CPU_S and compiled ran
+#: COMPILE_CPU_SPEEDUP x eager; on CUDA the model is ~100x faster, so the seconds saved per
+#: image are ~100x fewer while the compile costs as much: the GPU run's compile did not finish
+#: in 60 s).
+COMPILE_MIN_IMAGES = {"cpu": 5_000, "cuda": 500_000}
+
+
+def compile_decision(asked: bool, device: str, n_images: int) -> tuple[bool, str]:
+    """(compile or not, what to say): ``--compile`` is honoured when the run has enough images
+    to repay the compile (:data:`COMPILE_MIN_IMAGES`), else the model runs eager and the
+    reason says so."""
+    if not asked:
+        return False, ""
+    need = COMPILE_MIN_IMAGES["cuda" if device.startswith("cuda") else "cpu"]
+    if n_images >= need:
+        return True, f"compiled ({n_images} images repay the compile)"
+    return False, (
+        f"--compile not used: {n_images} images would not repay its compile (it pays from "
+        f"~{need:,} on {device}; benchmarks/results/compile_cost.md)"
+    )
+
+
 def _failure_marker(onnx_path: Path) -> Path:
     return onnx_path.with_name(onnx_path.stem + ".failed.json")
 
@@ -190,14 +215,14 @@ class _InFlight:
     model on the same stream; ``result()`` waits for that copy only. Stage seconds come from
     CUDA events, so timing does not serialise the pipeline."""
 
-    def __init__(self, host, events) -> None:
-        self.host, self.events = host, events
+    def __init__(self, host, events, extra: dict[str, float]) -> None:
+        self.host, self.events, self.extra = host, events, extra
 
     def result(self) -> tuple[np.ndarray, dict[str, float]]:
         start, copied, done = self.events
         done.synchronize()
         times = {"h2d": start.elapsed_time(copied) / 1e3, "model": copied.elapsed_time(done) / 1e3}
-        return self.host.numpy(), times
+        return self.host.numpy(), {**times, **self.extra}
 
 
 class TorchRuntime:
@@ -339,29 +364,34 @@ class TorchRuntime:
 
     def submit(self, x) -> Finished | _InFlight:
         """Start a uint8 batch (B, 3, H, W) (on the host, or already on the device)."""
-        import time
-
         import torch
 
+        extra = self._first_batch(x) if not self._checked else {}
         if not self.cuda:
             t0 = time.perf_counter()
             x = self.prepare(x)
             t1 = time.perf_counter()
-            if not self._checked:
-                self._check(x)
             f = self._run(x).numpy()
-            return Finished(f, {"h2d": t1 - t0, "model": time.perf_counter() - t1})
+            return Finished(f, {"h2d": t1 - t0, "model": time.perf_counter() - t1, **extra})
         events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
         events[0].record()
         x = self.prepare(x)
         events[1].record()
-        if not self._checked:
-            self._check(x)
         f = self._run(x)
         host = torch.empty(f.shape, dtype=f.dtype, pin_memory=True)
         host.copy_(f, non_blocking=True)
         events[2].record()
-        return _InFlight(host, events)
+        return _InFlight(host, events, extra)
+
+    def _first_batch(self, x) -> dict[str, float]:
+        """The first batch's check of this path (:meth:`_check`), timed as a stage of its own:
+        ``compile`` when the model is compiled (its first call traces and generates code),
+        ``check`` otherwise; the model's own seconds are counted without it."""
+        stage = "compile" if self.compiled else "check"
+        t = time.perf_counter()
+        self._check(self.prepare(x))
+        self.synchronize()
+        return {stage: time.perf_counter() - t}
 
     def __call__(self, x) -> np.ndarray:
         return self.submit(x).result()[0]
@@ -388,8 +418,6 @@ def autotune_batch(
     out of memory ends the search, and the last batch that gained is kept. Returns (batch,
     {batch: images/s}). ``forward`` must raise on out-of-memory (not back off):
     :meth:`TorchRuntime.forward`."""
-    import time
-
     clock = clock or time.perf_counter
     rates: dict[int, float] = {}
     b = best = start

@@ -191,3 +191,27 @@ def test_auto_fits_heads_on_the_cpu_unless_the_work_is_large(tmp_path, monkeypat
         main, ["fit-head", str(store.path), "--epochs", "2", "--out", str(tmp_path / "h"), "--json"]
     )
     assert r.exit_code == 0 and "the CPU finishes first" in json.loads(r.stdout)["device_reason"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_an_interrupted_cuda_run_keeps_every_batch_it_ran(tmp_path, monkeypatch):
+    """The real thing (benchmarks/gpu_check.sh): Ctrl-C as the third batch starts, on CUDA."""
+    root = make_class_folder(tmp_path / "d", n_per_class=10)
+    kw = {"backbone": TINY_BACKBONE, "image_size": TINY_SIZE, "workers": 0, "batch_size": 8}
+    kw |= {"device": "cuda", "runtime": "torch"}
+    real_submit = rt.TorchRuntime.submit
+    calls = []
+
+    def submit(self, x):
+        calls.append(len(x))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_submit(self, x)
+
+    monkeypatch.setattr(rt.TorchRuntime, "submit", submit)
+    with pytest.raises(KeyboardInterrupt):
+        embedtl.extract(root, cache_dir=tmp_path / "c", **kw)
+    monkeypatch.setattr(rt.TorchRuntime, "submit", real_submit)
+    st = embedtl.extract(root, cache_dir=tmp_path / "c", **kw).last_extraction
+    assert (st.cached, st.extracted, st.n_images) == (16, 14, 30)

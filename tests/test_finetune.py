@@ -253,6 +253,7 @@ def test_amp_dtype():
     assert amp_dtype("cuda:1", True, False) is torch.float16
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the AMP path)")
 def test_fine_tune_on_cuda_with_amp(setup, tmp_path):
     r = _run(setup, tmp_path / "ft", device="cuda")

@@ -27,6 +27,7 @@ from ..runtime import (
     TorchRuntime,
     autotune_batch,
     backbone_onnx,
+    compile_decision,
     load_runtime,
     onnx_device,
     resolve_runtime,
@@ -158,8 +159,11 @@ def _engine(
     # before the model or a batch is allocated: a --batch-size as given; without one, one image
     # (the default batch is tuned, and halves on out-of-memory, down to one image)
     check_batch_memory(run_device, spec.preprocess.crop, max(1, min(o.batch_size or 1, n_images)))
+    compile_now, compile_note = compile_decision(o.compile, run_device, n_images)
+    if compile_note and run_runtime == "torch":
+        reason = f"{reason}; {compile_note}"
     model, fallback = load_runtime(
-        run_runtime, spec, run_device, onnx, o.allow_download, o.precision, o.compile, spinning
+        run_runtime, spec, run_device, onnx, o.allow_download, o.precision, compile_now, spinning
     )
     if stages is not None:
         export = getattr(model, "export_seconds", 0.0)
@@ -307,7 +311,7 @@ def _stream(
         if job is not None:
             feats, times = job.result()
             for k, v in times.items():
-                stages[k] += v
+                stages[k] = stages.get(k, 0.0) + v
                 busy += v
         bar.update(len(b.positions) + len(b.failed))
         return _finite_rows(Computed(b.positions, feats, b.failed, b.hashes))
