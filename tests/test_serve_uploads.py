@@ -96,6 +96,9 @@ def test_a_10k_by_10k_png_is_refused_before_decoding(catalog):
 def test_header_refusals_are_sentences():
     with pytest.raises(ImageDecodeError, match=r"^notes.txt is not an image this server can"):
         read_header("notes.txt", b"hello, not an image", 40_000_000, None)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n%%EndComments\n"
+    with pytest.raises(ImageDecodeError, match=r"^x.eps is in the EPS format, which this server"):
+        read_header("x.eps", eps, 40_000_000, None)  # Pillow would run Ghostscript on it
     with pytest.raises(ImageDecodeError, match=r"^e.png is empty \(0 bytes\)$"):
         read_header("e.png", b"", 40_000_000, None)
     with pytest.raises(UploadTooLargeError, match=r"^w.png is 8,000 x 6,000 = 48 Mpx, over"):

@@ -30,6 +30,12 @@ __all__ = ["DecodeBudget", "Header", "decode_cost", "decode_uploads", "read_head
 
 MAX_FILES = 64
 READABLE = "JPEG, PNG, WebP, GIF, BMP, TIFF"
+#: The formats an upload may be (Pillow's names). Pillow opens many more, some through other
+#: programs (EPS runs Ghostscript) or with little scrutiny of their headers: not for bytes from
+#: anyone who reaches the port.
+UPLOAD_FORMATS = frozenset(
+    {"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF", "PPM", "ICO", "TGA", "AVIF"}
+)
 
 #: Bytes of memory a decode takes per pixel the file declares, by the mode Pillow opens it in:
 #: upper bounds of the peak measured (VmHWM) while decode_image and the model's resize ran on
@@ -99,7 +105,9 @@ def _short(name: str) -> str:
 
 def read_header(name: str, data: bytes, max_pixels: int, draft_size: int | None) -> Header:
     """The header of an uploaded file, or a one-sentence refusal: :class:`ImageDecodeError`
-    (not an image) or :class:`UploadTooLargeError` (more pixels than ``max_pixels``)."""
+    (not an image, or not of :data:`UPLOAD_FORMATS`) or :class:`UploadTooLargeError` (more
+    pixels than ``max_pixels``). The format is the one :func:`decode_image` will see: the same
+    bytes opened the same way, nothing read past the header."""
     import warnings
 
     from PIL import Image, UnidentifiedImageError
@@ -118,6 +126,11 @@ def read_header(name: str, data: bytes, max_pixels: int, draft_size: int | None)
             with Image.open(io.BytesIO(data)) as im:
                 w, h = im.size
                 fmt, mode = im.format or "?", im.mode
+                if fmt not in UPLOAD_FORMATS:
+                    raise ImageDecodeError(
+                        f"{who} is in the {fmt} format, which this server does not read "
+                        f"({READABLE}, ...)"
+                    )
                 if w * h > limit:
                     raise UploadTooLargeError(
                         f"{who} is {w:,} x {h:,} = {w * h / 1e6:,.0f} Mpx, {over}"
