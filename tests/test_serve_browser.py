@@ -389,6 +389,14 @@ def test_grids_fill_the_width_and_tiles_line_up(server, page):
     first_row = [b for b in boxes if abs(b[2] - boxes[0][2]) < 1]
     assert len(first_row) >= 6 and abs(first_row[-1][1] - grid) < 2
     assert max(b[3] for b in boxes) - min(b[3] for b in boxes) < 1
+    # a long name is one line, cut with an ellipsis (its whole text in the tooltip, the viewer)
+    lines = page.eval_on_selector_all(
+        "#results .cap .line",
+        "els => els.map(e => [e.getBoundingClientRect().height, e.scrollWidth > e.clientWidth,"
+        " getComputedStyle(e).textOverflow, e.title === e.textContent])",
+    )
+    assert len({round(h) for h, *_ in lines}) == 1
+    assert all(overflow == "ellipsis" and titled for _, _, overflow, titled in lines)
 
 
 # -- the other pages ----------------------------------------------------------------------
@@ -426,8 +434,7 @@ def test_store_and_duplicates_pages(server, page):
     page.goto(server["url"] + "stores/0/duplicates?threshold=0.7")
     assert "Near-duplicates" in page.text_content("h1")
     tops = page.eval_on_selector_all(".group", "els => els.map(e => e.getBoundingClientRect().top)")
-    if len(tops) >= 2:  # groups sit side by side, not a full-width row each
-        assert tops[0] == tops[1]
+    assert len(tops) >= 2 and tops[0] == tops[1]  # side by side, not a full-width row each
     shot(server, page, "duplicates")
     assert page.errors == []
 
@@ -482,6 +489,12 @@ def test_phone_every_page_fits_390_px(server, browser):
         height = pg.eval_on_selector("#results", "e => e.getBoundingClientRect().height")
         assert height < 1000, height  # 12 results: ~700 px, not ~3,400
         assert pg.evaluate("() => document.documentElement.scrollWidth") <= PHONE["width"]
+        cut = pg.eval_on_selector_all(
+            "#results .cap .line.name",
+            "els => els.map(e => [e.scrollWidth > e.clientWidth,"
+            " e.getBoundingClientRect().height])",
+        )
+        assert any(c for c, _ in cut) and len({round(h) for _, h in cut}) == 1  # one line each
         shot(server, pg, "phone-search-upload")
         assert pg.errors == []
     finally:
