@@ -353,6 +353,11 @@ def test_results_are_links_and_their_images_open_large(server, page):
     page.wait_for_function(f"() => new URLSearchParams(location.search).get('row') === '{row}'")
     _wait_results(page)
     assert _query_caption(page).startswith(f"query: row {row}")
+    # the keyboard goes on from the first new result
+    page.wait_for_function("() => document.activeElement.matches('#results a.tile')")
+    page.keyboard.press("Tab")
+    second = page.evaluate("() => document.activeElement.dataset.row")
+    assert second == page.locator("#results a.tile").nth(1).get_attribute("data-row")
     assert page.errors == []
 
 

@@ -199,6 +199,9 @@
       results.appendChild(rowTile(n, [[score, n.weak ? "weak" : ""], (n.label || "-") + " · " + n.split, n.path.split("/").pop()], cls, f,
         { score: n.score.toFixed(4), rank: String(n.rank), weak: n.weak ? "1" : "" }));
     }
+    // a search started from the keyboard (Enter on a result) goes on from the first result
+    const lost = !document.activeElement || document.activeElement === document.body;
+    if (lost && results.firstElementChild) results.firstElementChild.focus({ preventScroll: true });
   }
 
   async function predict(file, gen) {
