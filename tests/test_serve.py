@@ -131,7 +131,8 @@ def test_rows_paging_filters_thumbnail_and_image(client, served):
     im = client.get(f"/api/stores/0/rows/{row}/image")
     assert im.status_code == 200 and im.headers["content-type"] == "image/png"
     assert im.content == Path(body["rows"][0]["path"]).read_bytes()
-    _error_shape(client.get("/api/stores/0/rows", params={"label": "zebra"}), 400)
+    body = _error_shape(client.get("/api/stores/0/rows", params={"label": "zebra"}), 422)
+    assert "store 0" in body["error"] and "cat, dog, fox" in body["error"]
 
 
 @pytest.mark.parametrize(
@@ -226,26 +227,40 @@ def test_search_several_files_one_broken_is_partial(client, served):
 @pytest.mark.parametrize(
     ("data", "files", "status"),
     [
-        ({"k": "3"}, None, 400),  # neither a file nor a row
+        ({"k": "3"}, None, 422),  # neither a file nor a row
         ({"row": "999999"}, None, 404),
         ({"row": "abc"}, None, 422),
+        ({"row": "-1"}, None, 422),
         ({"row": "1", "k": "0"}, None, 422),
         ({"row": "1", "k": "5000"}, None, 422),
         ({"row": "1", "split": "holdout"}, None, 422),
-        ({"row": "1", "label": "zebra"}, None, 400),
+        ({"row": "1", "label": "zebra"}, None, 422),
         ({"row": "1", "store": "nope"}, None, 404),
+        ({"row": "1", "kk": "3"}, None, 422),  # a field the endpoint does not take
+        ({"row": "1"}, {"file": ("x.png", None)}, 422),  # both a row and a file
+        ({}, {"image": ("x.png", None)}, 422),  # the file under another name
         ({}, {"file": ("x.png", b"")}, 415),
         ({}, {"file": ("x.jpg", b"\xff\xd8\xff\xe0 truncated jpeg")}, 415),
         ({}, {"file": ("x.txt", b"hello, not an image")}, 415),
-        ({}, {"file": ("bomb.png", None)}, 415),
+        ({}, {"file": ("bomb.png", None)}, 413),
     ],
 )
 def test_search_errors_are_one_line_json(client, data, files, status):
-    if files and files["file"][1] is None:
-        files = {"file": ("bomb.png", png_header_only(100_000, 100_000))}
+    if files:
+        ((field, (name, content)),) = files.items()
+        if content is None:
+            content = png_header_only(100_000, 100_000) if "bomb" in name else _png()
+        files = {field: (name, content)}
     body = _error_shape(client.post("/api/search", data=data, files=files), status)
-    if files and "bomb" in files["file"][0]:
-        assert "decompression-bomb" in body["error"]
+    if files and "bomb" in files.get("file", ("",))[0]:
+        assert "over this server's limit of 40 Mpx per upload" in body["error"]
+    if files and files.get("file", ("",))[0] == "x.txt":  # a sentence, not a bytes repr
+        assert body["error"] == (
+            "x.txt is not an image this server can read (JPEG, PNG, WebP, GIF, BMP, TIFF, ...)"
+        )
+    if "kk" in data:
+        assert body["error"].startswith("kk: not a parameter of this endpoint, which takes ")
+        assert "exclude_self" in body["error"]
 
 
 def test_predict_shapes_and_errors(client, served):
@@ -407,8 +422,10 @@ def test_head_examples_api(client):
     conf = [r["confidence"] for r in unsure["rows"]]
     assert len(conf) == unsure["total"] and all(c < 0.99 for c in conf)
     assert conf == sorted(conf)  # least sure first
-    _error_shape(client.get("/api/heads/0/examples", params={"kind": "cell"}), 400)
+    _error_shape(client.get("/api/heads/0/examples", params={"kind": "cell"}), 422)
     _error_shape(client.get("/api/heads/0/examples", params={"kind": "other"}), 422)
+    cell = {"kind": "cell", "true": 0, "pred": 9}
+    _error_shape(client.get("/api/heads/0/examples", params=cell), 422)
 
 
 def test_duplicates_api(client):
@@ -555,3 +572,10 @@ def test_port_in_use_is_one_line():
     finally:
         s.close()
     bind("127.0.0.1", 0).close()
+
+
+def test_top_k_is_hidden_when_it_covers_every_class(client):
+    """With 3 classes, top-3 accuracy is 1 by definition: the page does not show it."""
+    assert client.get("/api/heads/0").json()["metrics"]["top_k"] == 3
+    page = client.get("/heads/0").text
+    assert "accuracy" in page and "top-3" not in page

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from ._base import (
@@ -17,6 +19,12 @@ from ._base import (
     want_progress,
 )
 from .search import index_args, index_options
+
+#: --token given without a value: make one
+GENERATE = "\0generate"
+#: Pillow's own hard limit on an image's pixels (2 x its MAX_IMAGE_PIXELS), in millions: the
+#: header check needs the image to open
+UPLOAD_MPX_CEILING = 178.0
 
 
 def _serve_options(f):
@@ -44,8 +52,12 @@ def _serve_options(f):
                 "--token",
                 envvar="EMBEDTL_TOKEN",
                 default=None,
+                is_flag=False,
+                flag_value=GENERATE,
                 help="Secret every request must carry (header X-Embedtl-Token; the page asks "
-                "for it once) [env: EMBEDTL_TOKEN]; needed beyond loopback.",
+                "for it once) [env: EMBEDTL_TOKEN]; needed beyond loopback. Alone (no value: "
+                "put it after the DATA_DIRs or before another option), a strong one is made "
+                "and printed. Under 16 characters is warned about.",
             ),
             click.option(
                 "--insecure",
@@ -65,6 +77,24 @@ def _serve_options(f):
                 default=20.0,
                 show_default=True,
                 help="Largest request body accepted.",
+            ),
+            click.option(
+                "--max-upload-mpx",
+                type=click.FloatRange(min=0.01, max=UPLOAD_MPX_CEILING),
+                default=40.0,
+                show_default=True,
+                help="Most pixels of an uploaded image, in millions, checked on its header "
+                "before it is decoded (far below the decompression-bomb limit of "
+                f"{UPLOAD_MPX_CEILING:.0f} Mpx); over it: 413.",
+            ),
+            click.option(
+                "--decode-budget-mib",
+                type=click.IntRange(min=16),
+                default=1024,
+                show_default=True,
+                help="Memory the uploads being decoded may take together (each one's is "
+                "estimated from its header); more uploads wait for room. An image that alone "
+                "needs more: 413.",
             ),
             click.option(
                 "--max-batch",
@@ -102,6 +132,8 @@ def serve_cmd(
     insecure: bool,
     allow_hosts: tuple[str, ...],
     max_upload_mb: float,
+    max_upload_mpx: float,
+    decode_budget_mib: int,
     max_batch: int,
     batch_wait_ms: float,
     as_json: bool,
@@ -115,17 +147,32 @@ def serve_cmd(
     by an uploaded or clicked image), /stores/ID (classes, failed files, images), /heads/ID
     (metrics, confusion matrix, mistakes, unsure images), /stores/ID/duplicates, and the API
     under /api (schema: /openapi.json). It listens on 127.0.0.1 unless told otherwise, and
-    never writes while serving. Ctrl-C or SIGTERM stops it.
+    never writes while serving. Uploads are held to --max-upload-mb bytes and --max-upload-mpx
+    pixels, and decoded within --decode-budget-mib of memory together. Ctrl-C or SIGTERM
+    stops it.
     """
     from ..serve import ServeConfig, check_exposure, create_app, open_catalog, require, run_server
 
     require()
+    generated = token == GENERATE
+    if generated:
+        import secrets
+
+        token = secrets.token_urlsafe(24)
+    elif token and Path(token).exists():
+        raise click.BadParameter(
+            f"{token!r} is a file or folder: give the token a value, or put --token (alone) "
+            "after the DATA_DIRs",
+            param_hint="--token",
+        )
     config = ServeConfig(
         host=host,
         port=port,
         token=token or None,
         insecure=insecure,
         max_upload_bytes=int(max_upload_mb * 1e6),
+        max_upload_pixels=int(max_upload_mpx * 1e6),
+        decode_budget_bytes=decode_budget_mib * 2**20,
         allowed_hosts=allow_hosts,
     )
     check_exposure(config)  # before minutes of extraction, not after
@@ -152,6 +199,8 @@ def serve_cmd(
                 click.echo(f"store     {e.name}: {len(e.store)} rows, index {e.index.kind}")
             for h in catalog.heads:
                 click.echo(f"head      {h.name}: {h.info.kind}, on {h.runtime}")
+            if generated:
+                click.echo(f"token     {token}  (made for this run: the page asks for it once)")
             click.echo(f"serving   {url}  (Ctrl-C stops)")
 
         payload = {
@@ -162,6 +211,7 @@ def serve_cmd(
             "heads": [
                 {"id": h.id, "name": h.name, "head": str(h.info.folder)} for h in catalog.heads
             ],
+            **({"token": token} if generated else {}),
         }
         emit(as_json, payload, human)
 

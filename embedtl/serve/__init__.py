@@ -3,9 +3,10 @@ a JSON API (:mod:`._api`, the CLI's ``--json`` shapes; its schema at ``/openapi.
 
 :func:`open_catalog` opens sources as `search` does and heads as `predict` does, with one
 batched model per backbone and per head (:class:`Batcher`: concurrent uploads share a forward
-pass); :func:`create_app` builds the ASGI app over it, behind the Host, token and upload-size
-guards; :func:`run_server` serves it with uvicorn until SIGINT or SIGTERM. The app is layer 8,
-beside the CLI: it translates requests into library calls and never writes while serving.
+pass); :func:`create_app` builds the ASGI app over it, behind the Host, origin, token and
+upload-size guards, with uploads held to a pixel limit and a decode memory budget;
+:func:`run_server` serves it with uvicorn until SIGINT or SIGTERM. The app is layer 8, beside
+the CLI: it translates requests into library calls and never writes while serving.
 
 FastAPI, uvicorn, Jinja2 and python-multipart are the ``serve`` extra
 (``pip install 'embedtl[serve]'``); :func:`require` says so when one is missing.
@@ -17,7 +18,8 @@ import importlib.util
 
 from ..errors import EmbedTLError
 from ._batcher import Batcher
-from ._catalog import Catalog, HeadEntry, StoreEntry, open_catalog
+from ._catalog import Catalog, HeadEntry, StoreEntry
+from ._open import open_catalog
 
 __all__ = [
     "Batcher",

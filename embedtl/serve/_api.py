@@ -1,6 +1,8 @@
 """The JSON API: the CLI's ``--json`` shapes (``search.results[].neighbors[]``,
 ``predict.predictions[]``) over HTTP. Each route translates a request into catalog calls;
-image bytes are judged by decoding them, never by their declared type."""
+image bytes are judged by decoding them (:mod:`._uploads`), never by their declared type. A
+parameter or form field a route does not take, a missing one, or a value out of its range is
+a 422, like any other malformed request."""
 
 from __future__ import annotations
 
@@ -9,53 +11,66 @@ import mimetypes
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from .._version import __version__
-from ..errors import DataError, ImageDecodeError
+from ..errors import ImageDecodeError, NotFoundError, UsageError
 from ._catalog import Catalog
+from ._uploads import DecodeBudget, decode_uploads
 
-__all__ = ["api_router"]
+__all__ = ["api_router", "strict_parameters"]
 
 Split = Literal["train", "val", "test"]
 MAX_K = 1000
-MAX_FILES = 64
+#: Offsets past this are no page of any store a server holds in memory.
+MAX_OFFSET = 1 << 31
+Row = Annotated[int, Path(ge=0, description="a store row (0-based)")]
+#: The duplicates threshold a request may ask for: lower ones join most of a store into a few
+#: groups (and take its time).
+MIN_THRESHOLD = 0.5
+
+_FORMS = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 
-async def _decoded(model, files: list[UploadFile]) -> tuple[list[str], list[Any], list[dict]]:
-    """(names, decoded images, failed) of uploaded files: every one is decoded, in parallel."""
-    if len(files) > MAX_FILES:
-        raise DataError(f"at most {MAX_FILES} files per request, got {len(files)}")
-    datas = [await f.read() for f in files]
-    names = [f.filename or f"upload {i}" for i, f in enumerate(files)]
-
-    def decode(data: bytes):
-        try:
-            return model.decode(data)
-        except ImageDecodeError as e:
-            return e
-
-    images = await asyncio.gather(*(run_in_threadpool(decode, d) for d in datas))
-    ok = [(n, x) for n, x in zip(names, images, strict=True) if not isinstance(x, Exception)]
-    failed = [
-        {"path": n, "error": str(x)}
-        for n, x in zip(names, images, strict=True)
-        if isinstance(x, Exception)
-    ]
-    if not ok:
-        raise ImageDecodeError(
-            "no uploaded file is an image: "
-            + "; ".join(f"{f['path']}: {f['error']}" for f in failed)
+async def strict_parameters(request: Request) -> None:
+    """A query parameter or form field the route does not take is a 422 that names the ones
+    it does (a misspelt ``lable=`` must not be ignored)."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return
+    errors = []
+    taken = sorted(p.alias for p in dependant.query_params)
+    for name in dict.fromkeys(request.query_params):
+        if name not in taken:
+            errors.append(("query", name, taken))
+    if request.headers.get("content-type", "").startswith(_FORMS):
+        fields = sorted(p.alias for p in dependant.body_params)
+        form = await request.form()
+        for name in dict.fromkeys(form.keys()):
+            if name not in fields:
+                errors.append(("body", name, fields))
+    if errors:
+        raise RequestValidationError(
+            [
+                {
+                    "loc": (where, name[:60]),
+                    "msg": "not a parameter of this endpoint, which takes "
+                    + (", ".join(known) or "none"),
+                    "type": "extra_forbidden",
+                }
+                for where, name, known in errors
+            ]
         )
-    return [n for n, _ in ok], [x for _, x in ok], failed
 
 
-def api_router(catalog: Catalog, config) -> APIRouter:
-    r = APIRouter(prefix="/api")
+def api_router(catalog: Catalog, config, budget: DecodeBudget) -> APIRouter:
+    r = APIRouter(prefix="/api", dependencies=[Depends(strict_parameters)])
 
-    @r.get("/health", summary="Liveness, and how the batched models have run")
+    @r.get("/health", summary="Liveness, how the batched models have run, the decode budget")
     def health() -> dict[str, Any]:
         return {
             "status": "ok",
@@ -66,6 +81,7 @@ def api_router(catalog: Catalog, config) -> APIRouter:
                 **{fp[:16]: m.stats() for fp, m in catalog.models.items()},
                 **{f"head {h.name}": h.model.stats() for h in catalog.heads},
             },
+            "decode": {**budget.stats(), "max_upload_pixels": config.max_upload_pixels},
         }
 
     @r.get("/stores", summary="The opened stores")
@@ -84,14 +100,21 @@ def api_router(catalog: Catalog, config) -> APIRouter:
     def rows(
         store: str,
         split: Split | None = None,
-        label: str | None = None,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        label: Annotated[str | None, Query(description="only rows of this class")] = None,
+        offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
     ) -> dict[str, Any]:
         return catalog.rows(catalog.store(store), split, label, offset, limit)
 
+    @r.get("/stores/{store}/sample", summary="A few rows of each class, to start a search from")
+    def sample(
+        store: str,
+        per_class: Annotated[int, Query(ge=1, le=48)] = 4,
+    ) -> dict[str, Any]:
+        return catalog.sample(catalog.store(store), per_class)
+
     @r.get("/stores/{store}/rows/{row}", summary="One row: path, label, split")
-    def row(store: str, row: int) -> dict[str, Any]:
+    def row(store: str, row: Row) -> dict[str, Any]:
         e = catalog.store(store)
         return catalog.record(e, catalog.check_row(e, row))
 
@@ -101,9 +124,14 @@ def api_router(catalog: Catalog, config) -> APIRouter:
         response_class=Response,
     )
     def thumbnail(
-        store: str, row: int, size: Annotated[int, Query(ge=16, le=512)] = config.thumb_size
+        store: str,
+        row: Row,
+        size: Annotated[int, Query(ge=16, le=512)] = config.thumb_size,
     ) -> Response:
-        data = catalog.thumbnail(catalog.store(store), row, size)
+        try:
+            data = catalog.thumbnail(catalog.store(store), row, size)
+        except ImageDecodeError as e:  # the file changed since it was extracted
+            raise NotFoundError(f"the image of row {row} cannot be read any more: {e}") from e
         return Response(data, media_type="image/jpeg", headers={"cache-control": "max-age=300"})
 
     @r.get(
@@ -111,7 +139,7 @@ def api_router(catalog: Catalog, config) -> APIRouter:
         summary="A row's image file, as stored",
         response_class=FileResponse,
     )
-    def image(store: str, row: int) -> FileResponse:
+    def image(store: str, row: Row) -> FileResponse:
         p = catalog.row_file(catalog.store(store), row)
         kind = mimetypes.guess_type(p.name)[0] or "application/octet-stream"
         if not kind.startswith("image/"):
@@ -120,7 +148,11 @@ def api_router(catalog: Catalog, config) -> APIRouter:
 
     @r.get("/stores/{store}/duplicates", summary="dedup's groups of near-duplicate rows")
     def duplicates(
-        store: str, threshold: Annotated[float | None, Query(ge=-1, le=1)] = None
+        store: str,
+        threshold: Annotated[
+            float | None,
+            Query(ge=MIN_THRESHOLD, le=1, description="cosine similarity; default 0.88"),
+        ] = None,
     ) -> dict[str, Any]:
         return catalog.duplicates(catalog.store(store), threshold)
 
@@ -136,28 +168,37 @@ def api_router(catalog: Catalog, config) -> APIRouter:
     def audit_map(store: str) -> Response:
         return Response(catalog.audit(catalog.store(store))[1], media_type="image/png")
 
-    @r.post("/search", summary="The nearest store rows of uploaded images, or of a store row")
+    @r.post(
+        "/search",
+        summary="The nearest store rows of uploaded images, or of a store row (one of the two)",
+    )
     async def search(
         file: Annotated[list[UploadFile] | None, File(description="image(s) to search by")] = None,
         store: Annotated[str | None, Form(description="store id or name")] = None,
-        row: Annotated[int | None, Form(description="search by this store row")] = None,
+        row: Annotated[int | None, Form(ge=0, description="search by this store row")] = None,
         k: Annotated[int, Form(ge=1, le=MAX_K)] = 10,
         split: Annotated[Split | None, Form()] = None,
         label: Annotated[str | None, Form(description="only neighbours of this class")] = None,
         exclude_self: Annotated[bool, Form()] = False,
     ) -> dict[str, Any]:
         e = catalog.store(store)
+        if file and row is not None:
+            raise UsageError("send image files ('file') or a store row ('row'), not both")
+        if label:
+            label = catalog.class_name(e, label)
         failed: list[dict] = []
         if file:
             model = catalog.model_of(e)
-            names, images, failed = await _decoded(model, file)
+            names, images, failed = await decode_uploads(
+                model, file, budget, config.max_upload_pixels
+            )
             vectors = np.stack(await asyncio.gather(*(model.submit(x) for x in images)))
             query_rows = np.full(len(names), -1, np.int64)
         elif row is not None:
             vectors = await run_in_threadpool(catalog.row_vectors, e, [row])
             names, query_rows = [f"row {row}"], np.array([row], np.int64)
         else:
-            raise DataError("send an image as the form field 'file', or a store row as 'row'")
+            raise UsageError("send an image as the form field 'file', or a store row as 'row'")
         results = await run_in_threadpool(
             catalog.search, e, vectors, names, query_rows, k, split, label or None, exclude_self
         )
@@ -167,6 +208,7 @@ def api_router(catalog: Catalog, config) -> APIRouter:
             "index": e.index.kind,
             "metric": e.index.metric,
             "k": k,
+            "scores": e.scores,
             "results": results,
             "failed": failed,
         }
@@ -181,7 +223,9 @@ def api_router(catalog: Catalog, config) -> APIRouter:
         from ..predict import label_records
 
         h = catalog.head(head)
-        names, images, failed = await _decoded(h.model, file)
+        names, images, failed = await decode_uploads(
+            h.model, file, budget, config.max_upload_pixels
+        )
         proba = np.stack(await asyncio.gather(*(h.model.submit(x) for x in images)))
         return {
             "head": str(h.info.folder),
@@ -210,10 +254,10 @@ def api_router(catalog: Catalog, config) -> APIRouter:
         head: str,
         kind: Literal["cell", "mistakes", "unsure"] = "mistakes",
         split: Split | None = None,
-        true: int | None = None,
-        pred: int | None = None,
+        true: Annotated[int | None, Query(ge=0, description="given class index (cell)")] = None,
+        pred: Annotated[int | None, Query(ge=0, description="predicted class index")] = None,
         threshold: Annotated[float, Query(ge=0, le=1)] = config.unsure,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
         limit: Annotated[int, Query(ge=1, le=500)] = 60,
     ) -> dict[str, Any]:
         return catalog.examples(

@@ -1,5 +1,5 @@
-"""The ASGI app (FastAPI: its OpenAPI schema at ``/openapi.json``) over an opened
-:class:`~embedtl.serve.Catalog`, its error contract, and running it with uvicorn."""
+"""The ASGI app (FastAPI: its OpenAPI schema at ``/openapi.json``, :mod:`._schema`) over an
+opened :class:`~embedtl.serve.Catalog`, its error contract, and running it with uvicorn."""
 
 from __future__ import annotations
 
@@ -20,9 +20,11 @@ from ..errors import (
     ImageDecodeError,
     NotFoundError,
     UploadTooLargeError,
+    UsageError,
 )
 from ._catalog import Catalog
-from ._security import Guard, is_loopback
+from ._security import MIN_TOKEN_CHARS, Guard, Tokens, is_loopback
+from ._uploads import DecodeBudget
 
 __all__ = ["ServeConfig", "check_exposure", "create_app", "run_server"]
 
@@ -35,6 +37,7 @@ _STATUS: list[tuple[type[BaseException], int]] = [
     (UploadTooLargeError, 413),
     (NotFoundError, 404),
     (ImageDecodeError, 415),
+    (UsageError, 422),  # a parameter's value the request cannot have (an unknown class)
     (DataError, 400),
     (EmbedTLError, 400),
 ]
@@ -49,9 +52,12 @@ class ServeConfig:
     token: str | None = None
     insecure: bool = False
     max_upload_bytes: int = 20_000_000
+    max_upload_pixels: int = 40_000_000  # per uploaded image, checked before it is decoded
+    decode_budget_bytes: int = 1 << 30  # what the decodes in flight may take together
     allowed_hosts: tuple[str, ...] = ()  # names it answers for, beside its own address
     thumb_size: int = 160
     unsure: float = 0.5  # the head page lists images under this confidence
+    login_interval: float = 0.5  # seconds between two login checks while they come faster
 
     def hosts(self) -> list[str]:
         """The Host header names accepted: loopback names on loopback; with a token or
@@ -63,18 +69,29 @@ class ServeConfig:
 
 
 def check_exposure(config: ServeConfig) -> None:
-    """Refuse to listen beyond loopback with neither a token nor an explicit --insecure."""
+    """Refuse to listen beyond loopback with neither a token nor an explicit --insecure; warn
+    about a token short enough to guess."""
     if not is_loopback(config.host) and config.token is None and not config.insecure:
         raise EmbedTLError(
             f"--host {config.host} exposes the server beyond this machine: pass --token TOKEN "
             "(clients send it; the page asks for it once), or --insecure to serve anyone"
         )
+    if config.token is not None and len(config.token) < MIN_TOKEN_CHARS:
+        log.warning(
+            "the token has %d characters, few enough to guess: use %d or more "
+            "(--token with no value makes one)",
+            len(config.token),
+            MIN_TOKEN_CHARS,
+        )
 
 
-def _error(exc: BaseException) -> tuple[int, dict[str, str]]:
+def _error(exc: BaseException, catalog: Catalog | None = None) -> tuple[int, dict[str, str]]:
     for cls, status in _STATUS:
         if isinstance(exc, cls):
-            return status, {"error": " ".join(str(exc).split()), "type": type(exc).__name__}
+            text = " ".join(str(exc).split())
+            if catalog is not None:
+                text = catalog.redact(text)
+            return status, {"error": text, "type": type(exc).__name__}
     return 500, {
         "error": "internal server error (the server's log has the details)",
         "type": "InternalError",
@@ -91,6 +108,7 @@ def create_app(catalog: Catalog, config: ServeConfig | None = None):
 
     from ._api import api_router
     from ._pages import page_router, render_error
+    from ._schema import openapi_document
 
     class StrictJSON(JSONResponse):
         """Strict JSON (:func:`embedtl._io.json_text`): an undefined metric is null, never NaN
@@ -110,6 +128,8 @@ def create_app(catalog: Catalog, config: ServeConfig | None = None):
     )
     app.state.catalog = catalog
     app.state.config = cfg
+    app.state.tokens = Tokens(cfg.token, cfg.login_interval)
+    app.state.budget = DecodeBudget(cfg.decode_budget_bytes)
 
     def respond(request: Request, status: int, body: dict[str, str]):
         if request.url.path.startswith("/api/") or "json" in request.headers.get("accept", ""):
@@ -128,7 +148,7 @@ def create_app(catalog: Catalog, config: ServeConfig | None = None):
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
         if isinstance(exc.__cause__, EmbedTLError):  # raised while the body was parsed
-            return respond(request, *_error(exc.__cause__))
+            return respond(request, *_error(exc.__cause__, catalog))
         msg = exc.detail if isinstance(exc.detail, str) else "error"
         if exc.status_code == 404:
             msg = f"not found: {request.url.path[:200]}"
@@ -136,7 +156,7 @@ def create_app(catalog: Catalog, config: ServeConfig | None = None):
 
     @app.exception_handler(EmbedTLError)
     async def refused(request: Request, exc: EmbedTLError):
-        return respond(request, *_error(exc))
+        return respond(request, *_error(exc, catalog))
 
     @app.exception_handler(Exception)  # a bug: logged here, one line to the client
     async def failed(request: Request, exc: Exception):
@@ -145,9 +165,10 @@ def create_app(catalog: Catalog, config: ServeConfig | None = None):
         return respond(request, status, body)
 
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
-    app.include_router(api_router(catalog, cfg))
+    app.include_router(api_router(catalog, cfg, app.state.budget))
     app.include_router(page_router(catalog, cfg))
-    return Guard(app, cfg.hosts(), cfg.token, cfg.max_upload_bytes)
+    app.openapi = lambda: openapi_document(app)
+    return Guard(app, cfg.hosts(), app.state.tokens, cfg.max_upload_bytes)
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 class Batcher:
     """Runs ``fn(items) -> (len(items), ...) array`` over batches of submitted items on a
     thread of its own; :meth:`submit` (async) returns an item's row of the output.
-    ``decode``: how a caller turns its raw input (image bytes) into an item, on its own thread."""
+    ``decode``: how a caller turns its raw input (image bytes) into an item, on its own thread;
+    ``draft_size``: the size a JPEG is decoded at by it (no less), to estimate its memory."""
 
     def __init__(
         self,
@@ -36,9 +37,10 @@ class Batcher:
         max_wait: float = 0.002,
         name: str = "batcher",
         decode: Callable[[bytes], Any] | None = None,
+        draft_size: int | None = None,
     ) -> None:
         self.fn, self.max_batch, self.max_wait = fn, max(1, max_batch), max_wait
-        self.decode = decode
+        self.decode, self.draft_size = decode, draft_size
         self._queue: queue.SimpleQueue[tuple[Any, Future] | None] = queue.SimpleQueue()
         self._stats_lock = threading.Lock()
         self.batches = 0

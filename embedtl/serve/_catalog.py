@@ -5,8 +5,6 @@ library calls as `search` and `evaluate`; nothing here writes while serving."""
 from __future__ import annotations
 
 import io
-import logging
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -16,18 +14,22 @@ from typing import Any
 
 import numpy as np
 
-from ..data import SPLITS
-from ..engine import EngineOptions
-from ..errors import DataError, HeadError, NotFoundError
+from ..errors import NotFoundError, UsageError
 from ._batcher import Batcher
+from ._display import display
 
-__all__ = ["Catalog", "HeadEntry", "StoreEntry", "open_catalog"]
-
-log = logging.getLogger(__name__)
+__all__ = ["Catalog", "HeadEntry", "StoreEntry", "score_profile"]
 
 #: A store whose features take at most this many bytes is held in memory while serving (a
 #: search by a row then reads no file: 0.1 ms against ~16 ms for one row from HDF5).
 RESIDENT_BYTES = 1 << 30
+#: Rows, spread evenly over a store, whose nearest neighbour measures what its scores mean.
+PROFILE_ROWS = 256
+#: A match is weak when fewer than this share of the store's own images have a nearest
+#: neighbour as far from them.
+WEAK_SHARE = 0.05
+#: Duplicate reports kept per store (one per threshold asked for, the oldest dropped).
+KEPT_REPORTS = 4
 
 
 @dataclass
@@ -40,8 +42,9 @@ class StoreEntry:
     store: Any  # FeatureStore
     index: Any  # VectorIndex
     resident: np.ndarray | None = None  # the features, in the store's dtype, when they fit
+    scores: dict[str, Any] = field(default_factory=dict)  # score_profile(), made on open
     _audit: Any = None  # (Audit, its map as PNG bytes), made on first use
-    _dups: dict[float, dict[str, Any]] = field(default_factory=dict)
+    _dups: OrderedDict[float, dict[str, Any]] = field(default_factory=OrderedDict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def describe(self) -> dict[str, Any]:
@@ -56,6 +59,7 @@ class StoreEntry:
             "unlabelled": s["unlabelled"],
             "failed": s["failed"],
             "index": self.index.summary(),
+            "scores": self.scores,
         }
 
 
@@ -137,9 +141,36 @@ class Catalog:
     def check_row(entry: StoreEntry, row: int) -> int:
         if not 0 <= row < len(entry.store):
             raise NotFoundError(
-                f"store {entry.name!r} has no row {row} (it has {len(entry.store)})"
+                f"store {entry.id} ({display(entry.name)}) has no row {row} "
+                f"(it has {len(entry.store)})"
             )
         return int(row)
+
+    @staticmethod
+    def class_name(entry: StoreEntry, label: str) -> str:
+        """The store's class named ``label``, as stored or as pages show it (a name that is not
+        UTF-8 arrives in its :func:`display` form); another name is a :class:`UsageError`."""
+        classes = entry.store.classes
+        if label in classes:
+            return label
+        for c in classes:
+            if display(c) == label:
+                return c
+        known = ", ".join(display(c) for c in classes[:20]) or "none: the store is unlabelled"
+        more = f" and {len(classes) - 20} more" if len(classes) > 20 else ""
+        raise UsageError(
+            f"no class {display(label)[:80]!r} in store {entry.id} ({display(entry.name)}); "
+            f"its classes: {known}{more}"
+        )
+
+    def redact(self, message: str) -> str:
+        """``message`` with each opened store's file named by its id: an error says which
+        store, not where the cache keeps it."""
+        for e in self.stores:
+            for p in (e.store.path, getattr(e.index, "path", None)):
+                if p:
+                    message = message.replace(str(p), f"store {e.id}")
+        return message
 
     def row_file(self, entry: StoreEntry, row: int) -> Path:
         """The image file of a store row: under the store's folder, after resolving links, and a
@@ -186,9 +217,7 @@ class Catalog:
         store = entry.store
         mask = store.mask(split) if split else np.ones(len(store), bool)
         if label is not None:
-            if label not in store.classes:
-                raise DataError(f"no class {label!r} in store {entry.name!r}")
-            mask &= store.labels == store.classes.index(label)
+            mask &= store.labels == store.classes.index(self.class_name(entry, label))
         rows = np.flatnonzero(mask)
         page = rows[offset : offset + limit]
         return {
@@ -198,6 +227,21 @@ class Catalog:
             "limit": limit,
             "rows": [self.record(entry, r) for r in page],
         }
+
+    def sample(self, entry: StoreEntry, per_class: int = 4, limit: int = 48) -> dict[str, Any]:
+        """A few rows of each class (``per_class``, spread evenly over the class's rows; at
+        most ``limit`` in all, fewer per class when there are many classes), or of the whole
+        store when it is unlabelled: what the search page offers to click first."""
+        store = entry.store
+        labels = store.labels
+        groups = [np.flatnonzero(labels == i) for i in range(len(store.classes))]
+        groups = [g for g in groups if len(g)] or [np.arange(len(store))]
+        each = max(1, min(per_class if len(groups) > 1 else limit, limit // len(groups)))
+        rows: list[int] = []
+        for g in groups[:limit]:
+            picks = np.unique(np.linspace(0, len(g) - 1, min(each, len(g))).round().astype(int))
+            rows += g[picks].tolist()
+        return {"store": entry.id, "rows": [self.record(entry, r) for r in rows[:limit]]}
 
     def record(self, entry: StoreEntry, row: int, **extra: Any) -> dict[str, Any]:
         from ..search import row_record
@@ -215,7 +259,8 @@ class Catalog:
         label: str | None = None,
         exclude_self: bool = False,
     ) -> list[dict[str, Any]]:
-        """``search``'s ``results`` for query vectors, each neighbour with its store id."""
+        """``search``'s ``results`` for query vectors, each neighbour with its store id and
+        whether it is a weak match (:func:`score_profile`)."""
         from ..search import search_store
 
         nb = search_store(
@@ -224,15 +269,17 @@ class Catalog:
             vectors,
             k,
             split=split,
-            label=label,
+            label=None if label is None else self.class_name(entry, label),
             query_rows=query_rows,
             exclude_self=exclude_self,
             names=names,
         )
         results = nb.records(entry.store)
+        prof = entry.scores
         for r in results:
             for n in r["neighbors"]:
                 n["store"] = entry.id
+                n["weak"] = _is_weak(prof, n["score"])
         return results
 
     def row_vectors(self, entry: StoreEntry, rows: Sequence[int]) -> np.ndarray:
@@ -273,14 +320,14 @@ class Catalog:
         c = len(ev.classes)
         if kind == "cell":
             if true is None or pred is None or not (0 <= true < c and 0 <= pred < c):
-                raise DataError(f"a cell needs true and pred, class indices in [0, {c})")
+                raise UsageError(f"a cell needs true and pred, class indices in [0, {c})")
             sel, key = np.flatnonzero((yt == true) & (yp == pred)), -conf
         elif kind == "mistakes":
             sel, key = np.flatnonzero(yt != yp), -conf
         elif kind == "unsure":
             sel, key = np.flatnonzero(conf < threshold), conf
         else:
-            raise DataError(f"unknown kind {kind!r}: use cell, mistakes or unsure")
+            raise UsageError(f"unknown kind {kind!r}: use cell, mistakes or unsure")
         sel = sel[np.argsort(key[sel], kind="stable")]
         out = [
             self.record(
@@ -302,6 +349,9 @@ class Catalog:
         with entry._lock:
             if t not in entry._dups:
                 entry._dups[t] = find_duplicates(entry.store, t, index=entry.index)
+                while len(entry._dups) > KEPT_REPORTS:
+                    entry._dups.popitem(last=False)
+            entry._dups.move_to_end(t)
             return entry._dups[t]
 
     def audit(self, entry: StoreEntry) -> tuple[Any, bytes]:
@@ -324,132 +374,53 @@ class Catalog:
             e.store.close()
 
 
-def _unique_names(paths: Sequence[Path]) -> list[str]:
-    out: list[str] = []
-    for p in paths:
-        base = p.name if p.name not in ("", ".") else "store"
-        name, i = base, 2
-        while name in out:
-            name, i = f"{base}-{i}", i + 1
-        out.append(name)
+def score_profile(entry: StoreEntry) -> dict[str, Any]:
+    """What a search score means in this store, measured from its index: the score of the
+    nearest neighbour (another row) of up to :data:`PROFILE_ROWS` rows spread evenly over it.
+    ``typical`` is their median; a match scoring worse than ``weak`` (cosine: under the
+    5th percentile; l2 distance: over the 95th) is weak: 95% of the store's own images have a
+    closer neighbour than that."""
+    from ..search import search_store
+
+    metric = entry.index.metric
+    higher = metric == "cosine"
+    meaning = (
+        "cosine similarity of the embeddings (1: the same image; higher is closer)"
+        if higher
+        else "L2 distance between the embeddings (0: the same image; lower is closer)"
+    )
+    out: dict[str, Any] = {
+        "metric": metric,
+        "higher_is_better": higher,
+        "meaning": meaning,
+        "typical": None,
+        "weak": None,
+        "sample": 0,
+    }
+    n = len(entry.store)
+    if n < 2:
+        return out
+    rows = np.unique(np.linspace(0, n - 1, min(PROFILE_ROWS, n)).round().astype(np.int64))
+    if entry.resident is not None:
+        vectors = entry.resident[rows].astype(np.float32)
+    else:
+        vectors = entry.store.features(rows=rows)
+    nb = search_store(entry.store, entry.index, vectors, 1, query_rows=rows, exclude_self=True)
+    best = nb.scores[:, 0]
+    best = best[np.isfinite(best)]
+    if not len(best):
+        return out
+    q = 100 * WEAK_SHARE if higher else 100 * (1 - WEAK_SHARE)
+    out.update(
+        typical=round(float(np.median(best)), 4),
+        weak=round(float(np.percentile(best, q)), 4),
+        sample=len(best),
+    )
     return out
 
 
-def open_catalog(
-    sources: Sequence[str | os.PathLike[str]],
-    heads: Sequence[str | os.PathLike[str]] = (),
-    *,
-    backbone: Any = None,
-    options: EngineOptions | None = None,
-    extract_args: dict[str, Any] | None = None,
-    index_args: dict[str, Any] | None = None,
-    max_batch: int = 32,
-    max_wait: float = 0.002,
-    progress: bool = False,
-) -> Catalog:
-    """Open DATA_DIRs and STOREs as `search` does (a folder is extracted on a miss, the index
-    built or brought up to date) and heads as `predict` does; build one warm, batched model per
-    backbone and per head. A head whose backbone has no store open gets the store it was
-    trained on, when that file still exists."""
-    from ..backbones import DEFAULT_BACKBONE
-    from ..engine import Embedder, open_source
-    from ..heads import read_head_info
-    from ..search import build_index
-
-    opts = options if options is not None else EngineOptions()
-    infos = [read_head_info(Path(h).expanduser().resolve()) for h in heads]
-    stores = [
-        open_source(
-            s,
-            DEFAULT_BACKBONE if backbone is None else backbone,
-            opts,
-            progress=progress,
-            **(extract_args or {}),
-        )
-        for s in sources
-    ]
-    have = {s.fingerprint for s in stores}
-    for info in infos:
-        trained_on = info.meta.get("store", {}).get("path")
-        if info.fingerprint not in have and trained_on and Path(trained_on).is_file():
-            log.info("opening %s, the store head %s was trained on", trained_on, info.folder)
-            stores.append(open_source(trained_on))
-            have.add(info.fingerprint)
-    entries = []
-    names = _unique_names([s.root for s in stores])
-    for i, (store, name) in enumerate(zip(stores, names, strict=True)):
-        ix = build_index(store, progress=progress, **(index_args or {}))
-        store.paths, store.splits  # noqa: B018 - decoded once, not per row shown
-        fits = len(store) * store.dim * np.dtype(store.dtype).itemsize <= RESIDENT_BYTES
-        resident = store.features(dtype=store.dtype) if fits else None
-        entries.append(StoreEntry(i, name, store, ix, resident))
-    _one_search_thread()
-    models: dict[str, Batcher] = {}
-    for e in entries:
-        fp = e.store.fingerprint
-        if fp not in models:
-            emb = Embedder(e.store.backbone_spec, opts)
-            models[fp] = Batcher(emb, max_batch, max_wait, f"embed-{e.name}", emb.decode)
-    head_entries = [
-        _open_head(i, name, info, entries, opts, max_batch, max_wait)
-        for i, (info, name) in enumerate(
-            zip(infos, _unique_names([h.folder for h in infos]), strict=True)
-        )
-    ]
-    return Catalog(entries, head_entries, models)
-
-
-def _one_search_thread() -> None:
-    """One OpenMP thread per faiss search: requests already run searches side by side, and
-    each request thread would otherwise start a team of spinning threads of its own (on 2
-    cores a flat search of 20,000 rows took 14-29 ms from the server's threads, 7 ms alone)."""
-    import faiss
-
-    faiss.omp_set_num_threads(1)
-
-
-def _open_head(
-    i: int,
-    name: str,
-    info,
-    stores: list[StoreEntry],
-    opts: EngineOptions,
-    max_batch: int,
-    max_wait: float,
-) -> HeadEntry:
-    """A head's batched model (backbone + head as one ONNX model on ONNX Runtime, as `predict`
-    runs it; the backbone then the head on PyTorch) and its evaluation on its store."""
-    from ..engine import Embedder
-    from ..heads import evaluate_head, load_head
-    from ..predict import head_onnx
-
-    head = load_head(info.folder)
-    spec = info.backbone_for(None, opts.image_size)
-    emb = Embedder(spec, opts, onnx=head_onnx(info, spec, opts))
-    if emb.runtime == "onnxruntime":
-        fn = emb
-    else:
-
-        def fn(images):
-            return head.predict_proba(emb(images))
-
-    store = next((e for e in stores if e.store.fingerprint == info.fingerprint), None)
-    evaluations = {}
-    if store is not None:
-        for split in SPLITS:
-            if len(store.store.labelled_rows(split)):
-                try:
-                    evaluations[split] = evaluate_head(
-                        head, store.store, split, refuse_split_change=False
-                    )
-                except HeadError as e:  # classes the head does not know: no page, say why
-                    log.warning("head %s is not evaluated on %s: %s", info.folder, split, e)
-    return HeadEntry(
-        id=i,
-        name=name,
-        info=info,
-        model=Batcher(fn, max_batch, max_wait, f"head-{name}", emb.decode),
-        runtime=emb.runtime,
-        store_id=None if store is None else store.id,
-        evaluations=evaluations,
-    )
+def _is_weak(profile: dict[str, Any], score: float) -> bool:
+    weak = profile.get("weak")
+    if weak is None or score != score:  # no profile, or no score (NaN)
+        return False
+    return score < weak if profile["higher_is_better"] else score > weak

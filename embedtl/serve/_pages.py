@@ -1,24 +1,34 @@
-"""The web pages: server-rendered Jinja2 templates (autoescaped) and one small script,
-``static/app.js``, for the search page. Every image shown is a row of an opened store."""
+"""The web pages: server-rendered Jinja2 templates (autoescaped; every printed string made
+displayable, :mod:`._display`) and two small scripts: ``static/tiles.js`` (an image opens
+large, on every page with images) and ``static/app.js`` (the search page). Every image shown
+is a row of an opened store."""
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
 import numpy as np
 from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
+from ._api import MIN_THRESHOLD
 from ._catalog import Catalog
-from ._security import TOKEN_COOKIE
+from ._display import display, display_value
+from ._security import TOKEN_COOKIE, TooManyLogins
 
 __all__ = ["page_router", "render_error"]
 
 PAGE_ROWS = 48
+MAX_PAGE = 1 << 24
 Split = Literal["train", "val", "test"]
 
 _templates = None
+
+
+def _urlencode(value: Any) -> str:
+    """Jinja's ``urlencode`` for a name that may not be UTF-8 (its displayed form is sent)."""
+    return quote(display(str(value)), safe="")
 
 
 def templates():
@@ -30,7 +40,10 @@ def templates():
         env = Environment(
             loader=PackageLoader("embedtl.serve", "templates"),
             autoescape=select_autoescape(["html"]),
+            finalize=display_value,
         )
+        env.filters["urlencode"] = _urlencode
+        env.filters["display"] = display
         _templates = Jinja2Templates(env=env)
     return _templates
 
@@ -55,11 +68,23 @@ def page_router(catalog: Catalog, config) -> APIRouter:
 
     @r.get("/", response_class=HTMLResponse)
     def search_page(request: Request) -> HTMLResponse:
-        stores = [
-            {"id": e.id, "name": e.name, "classes": e.store.classes, "rows": len(e.store)}
-            for e in catalog.stores
-        ]
-        return render(request, "search.html", store_data=stores)
+        data = {
+            "stores": [
+                {
+                    "id": e.id,
+                    "name": display(e.name),
+                    "classes": [display(c) for c in e.store.classes],
+                    "rows": len(e.store),
+                    "scores": e.scores,
+                }
+                for e in catalog.stores
+            ],
+            "heads": [
+                {"id": h.id, "name": display(h.name), "classes": len(h.info.classes)}
+                for h in catalog.heads
+            ],
+        }
+        return render(request, "search.html", page_data=data)
 
     @r.get("/stores/{store}", response_class=HTMLResponse)
     def store_page(
@@ -67,10 +92,11 @@ def page_router(catalog: Catalog, config) -> APIRouter:
         store: str,
         label: str | None = None,
         split: Split | None = None,
-        page: Annotated[int, Query(ge=1)] = 1,
+        page: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 1,
     ) -> HTMLResponse:
         e = catalog.store(store)
         s = e.store
+        label = catalog.class_name(e, label) if label else None
         labels, names = s.labels, ["train", "val", "test"]
         masks = [s.mask(n) for n in names]
         counts = [
@@ -82,8 +108,10 @@ def page_router(catalog: Catalog, config) -> APIRouter:
             for i, c in enumerate(s.classes)
         ]
         unlabelled = [int((m & (labels < 0)).sum()) for m in masks]
-        listing = catalog.rows(e, split, label or None, (page - 1) * PAGE_ROWS, PAGE_ROWS)
-        pages = max(1, -(-listing["total"] // PAGE_ROWS))
+        total = catalog.rows(e, split, label, 0, 1)["total"]
+        pages = max(1, -(-total // PAGE_ROWS))
+        page = min(page, pages)  # past the end: the last page
+        listing = catalog.rows(e, split, label, (page - 1) * PAGE_ROWS, PAGE_ROWS)
         return render(
             request,
             "store.html",
@@ -93,7 +121,7 @@ def page_router(catalog: Catalog, config) -> APIRouter:
             unlabelled=unlabelled,
             failed=s.failed,
             listing=listing,
-            label=label or "",
+            label=display(label) if label else "",
             split=split or "",
             page=page,
             pages=pages,
@@ -103,12 +131,19 @@ def page_router(catalog: Catalog, config) -> APIRouter:
     def duplicates_page(
         request: Request,
         store: str,
-        threshold: Annotated[float | None, Query(ge=-1, le=1)] = None,
+        threshold: Annotated[float | None, Query(ge=MIN_THRESHOLD, le=1)] = None,
         limit: Annotated[int, Query(ge=1, le=2000)] = 200,
     ) -> HTMLResponse:
         e = catalog.store(store)
         report = catalog.duplicates(e, threshold)
-        return render(request, "duplicates.html", entry=e, report=report, limit=limit)
+        return render(
+            request,
+            "duplicates.html",
+            entry=e,
+            report=report,
+            limit=limit,
+            min_threshold=MIN_THRESHOLD,
+        )
 
     @r.get("/stores/{store}/audit", response_class=HTMLResponse)
     def audit_page(request: Request, store: str) -> HTMLResponse:
@@ -135,8 +170,8 @@ def page_router(catalog: Catalog, config) -> APIRouter:
         request: Request,
         head: str,
         split: Split | None = None,
-        true: int | None = None,
-        pred: int | None = None,
+        true: Annotated[int | None, Query(ge=0)] = None,
+        pred: Annotated[int | None, Query(ge=0)] = None,
         unsure: Annotated[float, Query(ge=0, le=1)] = config.unsure,
     ) -> HTMLResponse:
         h = catalog.head(head)
@@ -144,9 +179,11 @@ def page_router(catalog: Catalog, config) -> APIRouter:
         if h.evaluations:
             split, ev = catalog.evaluation(h, split)
             cm = ev.confusion()
+            metrics = ev.metrics()
             ctx.update(
                 split=split,
-                metrics=ev.metrics(),
+                metrics=metrics,
+                show_top_k=metrics["top_k"] < len(ev.classes),
                 confusion=cm.tolist(),
                 shade=(cm / np.maximum(cm.sum(1, keepdims=True), 1)).round(2).tolist(),
                 classes=ev.classes,
@@ -164,14 +201,21 @@ def page_router(catalog: Catalog, config) -> APIRouter:
         return render(request, "login.html", next=_safe_next(next), wrong=False)
 
     @r.post("/login", response_class=HTMLResponse)
-    def login(
+    async def login(
         request: Request, token: Annotated[str, Form()], next: Annotated[str, Form()] = "/"
     ) -> Any:
-        expected = config.token or ""
-        if not hmac.compare_digest(token.encode(), expected.encode()):
+        tokens = request.app.state.tokens
+        try:
+            ok = tokens.token is not None and await tokens.login(token)
+        except TooManyLogins as e:
+            resp = render(request, "login.html", 429, next=_safe_next(next), wrong=str(e))
+            resp.headers["retry-after"] = str(int(e.wait) + 1)
+            return resp
+        if not ok:
             return render(request, "login.html", 401, next=_safe_next(next), wrong=True)
         resp = RedirectResponse(_safe_next(next), status_code=303)
-        resp.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
+        # an HMAC of the token with this process's key, never the token itself
+        resp.set_cookie(TOKEN_COOKIE, tokens.cookie, httponly=True, samesite="strict")
         return resp
 
     return r
