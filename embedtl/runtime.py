@@ -141,12 +141,13 @@ def resolve_runtime(
     return "torch", f"CPU: PyTorch eager (only {n_images} images; an ONNX export would not pay off)"
 
 
-#: Images a run needs before ``--compile`` pays for its compile (benchmarks/compile_cost.py:
-#: on this CPU EfficientNet-Lite0's first compiled call took COMPILE_CPU_S and compiled ran
-#: COMPILE_CPU_SPEEDUP x eager; on CUDA the model is ~100x faster, so the seconds saved per
-#: image are ~100x fewer while the compile costs as much: the GPU run's compile did not finish
-#: in 60 s).
-COMPILE_MIN_IMAGES = {"cpu": 5_000, "cuda": 500_000}
+#: Images a run needs before ``--compile`` pays for its compile. On this CPU
+#: (benchmarks/results/compile_cost.md) a registered backbone's first compile took 24-42 s
+#: cold (2-4 s with Inductor's cache warm) for 1.2-1.5x eager: it paid after 700-11,700 images
+#: cold (70-1,055 warm). On CUDA a model runs ~100x faster per image (EfficientNet-Lite0 21,471
+#: images/s alone on the H200), so the seconds saved per image are ~100x fewer for a compile
+#: that costs as much (the GPU run's did not finish in 60 s): about a million images.
+COMPILE_MIN_IMAGES = {"cpu": 5_000, "cuda": 1_000_000}
 
 
 def compile_decision(asked: bool, device: str, n_images: int) -> tuple[bool, str]:

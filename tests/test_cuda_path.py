@@ -215,3 +215,56 @@ def test_an_interrupted_cuda_run_keeps_every_batch_it_ran(tmp_path, monkeypatch)
     monkeypatch.setattr(rt.TorchRuntime, "submit", real_submit)
     st = embedtl.extract(root, cache_dir=tmp_path / "c", **kw).last_extraction
     assert (st.cached, st.extracted, st.n_images) == (16, 14, 30)
+
+
+# 4. the reduced-precision contract -------------------------------------------------------------
+def test_a_store_of_rows_from_two_precisions_is_within_the_contract(tmp_path):
+    """A store extracted in float32 (a CPU), then extended in a reduced precision (a GPU's
+    autocast; bf16 here on the CPU): the same key, every row within MIN_COSINE of float32."""
+    root = make_class_folder(tmp_path / "d", n_per_class=6)
+    later = sorted(root.rglob("*.png"))[::2]
+    for p in later:
+        p.rename(p.with_suffix(".hold"))
+    kw = {"backbone": TINY_BACKBONE, "image_size": TINY_SIZE, "workers": 0, "batch_size": 4}
+    kw |= {"device": "cpu", "runtime": "torch", "dtype": "float32"}
+    embedtl.extract(root, cache_dir=tmp_path / "mixed", precision="fp32", **kw)
+    for p in later:
+        p.with_suffix(".hold").rename(p)
+    mixed = embedtl.extract(root, cache_dir=tmp_path / "mixed", precision="bf16", **kw)
+    st = mixed.last_extraction
+    assert (st.cached, st.extracted) == (9, 9)
+    parity = mixed.metadata["extraction"]["parity"]
+    assert parity["min_cosine"] >= rt.MIN_COSINE or st.precision == "fp32"  # else dropped
+    ref = embedtl.extract(root, cache_dir=tmp_path / "fp32", precision="fp32", **kw)
+    assert mixed.fingerprint == ref.fingerprint and list(mixed.paths) == list(ref.paths)
+    a, b = mixed.features().astype(np.float64), ref.features().astype(np.float64)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cos.min() >= rt.MIN_COSINE
+
+
+# 10. ONNX export parity per architecture --------------------------------------------------------
+def test_attention_exports_to_onnx_and_zero_rows_match(tmp_path):
+    """vit_b_16's export failed (attention's fused fast path, taken in inference mode, has no
+    ONNX form): the export traces the plain path. A model whose features are all zero (random
+    weights can do that) matches an export that gives zeros. Every registered architecture,
+    with non-degenerate random weights: benchmarks/onnx_parity.py."""
+    from embedtl.export import export_onnx
+
+    class Attend(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+
+        def forward(self, x):  # (B, T, 16) -> (B, 16)
+            return self.mha(x, x, x, need_weights=False)[0].mean(1)
+
+    torch.manual_seed(0)
+    report = export_onnx(Attend().eval(), tmp_path / "a.onnx", (2, 5, 16), input_dtype="float32")
+    assert report.min_cosine >= 0.9999
+
+    class Zero(torch.nn.Module):
+        def forward(self, x):  # (B, 4) -> zeros (B, 3)
+            return torch.relu(-x.abs() @ torch.ones(4, 3))
+
+    report = export_onnx(Zero().eval(), tmp_path / "z.onnx", (2, 4), input_dtype="float32")
+    assert report.min_cosine == 1.0 and report.max_abs_diff == 0.0
