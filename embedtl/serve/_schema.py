@@ -202,6 +202,8 @@ class Audit(_Shape):
     classes: list[str]
     head: str
     folds: int
+    device: str
+    device_reason: str
     oof_accuracy: float | None
     n_label_issues: int
     n_outliers: int
