@@ -82,7 +82,9 @@ class OnnxRuntime:
         self.parity = _read_parity(path)
 
     def prepare(self, x):
-        return x if isinstance(x, np.ndarray) else x.numpy()
+        """The batch as the C-contiguous (B, 3, H, W) array the session takes (the input
+        pipeline's batches are channels-last in memory)."""
+        return np.ascontiguousarray(x if isinstance(x, np.ndarray) else x.numpy())
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: x})[0]

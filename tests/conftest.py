@@ -22,10 +22,13 @@ EXTRACT_STAGES = {
     "scan",
     "plan",
     "startup",
+    "read",
     "decode",
     "h2d",
     "model",
     "write",
+    "wait",
+    "stream",
     "fold",
 }
 

@@ -63,14 +63,14 @@ def test_a_batch_that_cannot_fit_is_refused_before_anything_is_allocated(class_f
 
 
 def test_running_out_of_memory_is_the_runs_error_not_a_failed_image(tmp_path, monkeypatch):
-    from embedtl.engine import _loader
+    from embedtl.engine import _pipeline
 
     root = make_class_folder(tmp_path / "d", n_per_class=2)
 
     def oom(*a, **k):
         raise MemoryError
 
-    monkeypatch.setattr(_loader, "decode_image", oom)
+    monkeypatch.setattr(_pipeline, "decode_image", oom)
     with pytest.raises(MemoryError):
         embedtl.extract(root, TINY_BACKBONE, image_size=TINY_SIZE, cache_dir=tmp_path / "c")
     path = embedtl.find_store(root, TINY_BACKBONE, tmp_path / "c", TINY_SIZE)

@@ -11,7 +11,8 @@ from conftest import EXTRACT_STAGES, TINY_BACKBONE, TINY_SIZE, make_class_folder
 import embedtl
 from embedtl.errors import DeviceError, ImageDecodeError
 
-loader = importlib.import_module("embedtl.engine._loader")  # reads and decodes image files
+loader = importlib.import_module("embedtl.engine._loader")  # content hashes of files
+pipeline = importlib.import_module("embedtl.engine._pipeline")  # reads and decodes image files
 plan = importlib.import_module("embedtl.engine._plan")  # writes the store
 stream = importlib.import_module("embedtl.engine._stream")  # journals what the model computed
 rt = importlib.import_module("embedtl.runtime")
@@ -60,7 +61,8 @@ def test_rerun_is_a_cache_hit_that_builds_no_model_and_decodes_no_image(
 
     monkeypatch.setattr(rt, "build_feature_model", boom)
     monkeypatch.setattr(loader, "read_file", boom)
-    monkeypatch.setattr(loader, "decode_image", boom)
+    monkeypatch.setattr(pipeline, "read_file_into", boom)
+    monkeypatch.setattr(pipeline, "decode_image", boom)
     monkeypatch.setattr(plan, "write_store", boom)
     again = embedtl.extract(class_folder, cache_dir=cache_dir, **tiny)
     st = again.last_extraction
@@ -79,13 +81,13 @@ def test_incremental_add_change_remove(class_folder, cache_dir, tiny, monkeypatc
     (class_folder / "fox" / "fox_002.png").unlink()  # removed
 
     decoded: list[str] = []
-    real = loader.read_file
+    real = pipeline.read_file_into
 
     def spy(path, *a, **k):
         decoded.append(os.path.basename(path))
         return real(path, *a, **k)
 
-    monkeypatch.setattr(loader, "read_file", spy)
+    monkeypatch.setattr(pipeline, "read_file_into", spy)
     second = embedtl.extract(class_folder, cache_dir=cache_dir, dtype="float32", **tiny)
     st = second.last_extraction
     assert sorted(decoded) == ["cat_001.png", "dog_new.png"]

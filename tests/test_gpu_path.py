@@ -368,7 +368,7 @@ class _AsyncModel:
 
     def submit(self, x):
         self.log.append(("submit", len(x)))
-        f = x.float().mean(dim=(2, 3)).numpy()  # (B, 3): a feature per image
+        f = torch.as_tensor(x).float().mean(dim=(2, 3)).numpy()  # (B, 3): a feature per image
         return _Deferred(f, self.log)
 
 

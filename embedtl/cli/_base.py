@@ -463,8 +463,9 @@ _WORKERS = click.option(
     "--workers",
     type=click.IntRange(min=0),
     default=None,
-    help="Decoding workers: processes on PyTorch, threads on ONNX Runtime [default: 0 on a "
-    "2-core CPU, more with spare cores or a GPU].",
+    help="Threads that read and decode images while the model runs [default: on a 2-core CPU "
+    "0 with PyTorch, 1 with ONNX Runtime; a quarter of the cores with more; with a GPU, every "
+    "core but one].",
 )
 _PRECISION = click.option(
     "--precision",

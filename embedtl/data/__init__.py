@@ -11,6 +11,7 @@ from ._decode import (
     load_image,
     max_image_pixels,
     read_file,
+    read_file_into,
 )
 from ._scan import ImageEntry, Manifest, read_labels_csv, scan
 from ._splits import SPLITS, SplitConfig, assign_splits, stratified_folds
@@ -36,6 +37,7 @@ __all__ = [
     "load_image",
     "max_image_pixels",
     "read_file",
+    "read_file_into",
     "read_labels_csv",
     "scan",
     "stratified_folds",

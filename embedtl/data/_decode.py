@@ -11,6 +11,7 @@ import os
 import stat
 import threading
 from struct import error as struct_error
+from typing import cast
 
 import numpy as np
 
@@ -25,6 +26,7 @@ __all__ = [
     "load_image",
     "max_image_pixels",
     "read_file",
+    "read_file_into",
 ]
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,13 @@ def read_file(path: str | os.PathLike[str]) -> bytes:
     Only a regular file is read (checked on the open descriptor, after any link is resolved; a
     FIFO is opened without blocking), and never more than the size it has when opened: a device
     or a pipe is refused instead of read for ever."""
+    return cast(bytes, read_file_into(path, None))  # no buffer: always the bytes
+
+
+def read_file_into(path: str | os.PathLike[str], into: memoryview | None) -> bytes | int:
+    """:func:`read_file`, into ``into`` when the file's size is its length (a batch's
+    contiguous buffer, its size known from the scan): then the number of bytes read, else (no
+    buffer, or the file's size changed since) the bytes."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as e:
@@ -74,6 +83,14 @@ def read_file(path: str | os.PathLike[str]) -> bytes:
             from ._walk import special_kind
 
             raise ImageDecodeError(f"not a regular file ({special_kind(st.st_mode)}): not read")
+        if into is not None and len(into) == st.st_size:
+            done = 0
+            while done < st.st_size:
+                n = os.readv(fd, [into[done:]])
+                if not n:  # the file shrank since: what is there
+                    break
+                done += n
+            return done
         chunks, left = [], st.st_size
         while left > 0:
             chunk = os.read(fd, min(left, 1 << 24))

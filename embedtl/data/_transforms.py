@@ -39,6 +39,12 @@ class ImageTransform:
         return 4 * self.pre.resize
 
     def __call__(self, im) -> np.ndarray:
+        """The (3, crop, crop) uint8 array of ``im``."""
+        return _chw(self.resized(im))
+
+    def resized(self, im):
+        """``im`` resized and centre-cropped: a PIL image (crop, crop); its pixels (H, W, 3)
+        can go straight into a channels-last batch."""
         w, h = im.size
         r, c = self.pre.resize, self.pre.crop
         # torchvision Resize(int): short side -> r, long side -> int(r * long / short)
@@ -47,8 +53,7 @@ class ImageTransform:
         top, left = int(round((nh - c) / 2.0)), int(round((nw - c) / 2.0))
         sx, sy = w / nw, h / nh
         box = (left * sx, top * sy, (left + c) * sx, (top + c) * sy)
-        out = im.resize((c, c), self.resample, box=box)
-        return _chw(out)
+        return im.resize((c, c), self.resample, box=box)
 
 
 class AugmentTransform(ImageTransform):

@@ -25,7 +25,13 @@ from ._distributed import extract_distributed
 from ._embedder import Embedder
 from ._extract import Embedded, ExtractStats, embed_files, extract, open_source
 from ._loader import Batch, ImageDataset, Item, collate, make_loader
-from ._options import CUDA_BATCH, EngineOptions, default_batch_size, default_workers
+from ._options import (
+    CUDA_BATCH,
+    EngineOptions,
+    default_batch_size,
+    default_threads,
+    default_workers,
+)
 
 __all__ = [
     "CUDA_BATCH",
@@ -38,6 +44,7 @@ __all__ = [
     "Item",
     "collate",
     "default_batch_size",
+    "default_threads",
     "default_workers",
     "embed_files",
     "extract",

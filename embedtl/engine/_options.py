@@ -14,7 +14,7 @@ from ..errors import EmbedTLError
 from ..runtime import ONNX_BATCH, PRECISIONS, RUNTIMES
 from ..tensor_decode import DECODERS
 
-__all__ = ["EngineOptions", "default_batch_size", "default_workers"]
+__all__ = ["EngineOptions", "default_batch_size", "default_threads", "default_workers"]
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ def default_batch_size(device: str, image_size: int, runtime: str = "torch") -> 
 
 
 def default_workers(device: str = "cpu") -> int:
-    """Decoding workers: processes (a torch DataLoader's) on PyTorch, threads on ONNX Runtime.
+    """DataLoader worker processes of fine-tuning (augmentation and decoding of training images).
 
     With a GPU the CPU only decodes: use most cores. On CPU the forward pass already uses every
     core, and a worker preempting its threads costs more than the decoding it overlaps: on 2
@@ -114,3 +114,22 @@ def default_workers(device: str = "cpu") -> int:
     if device.startswith("cuda"):
         return max(1, min(8, cores - 1))
     return 0 if cores <= 2 else min(4, cores // 4)
+
+
+def default_threads(device: str = "cpu", runtime: str = "torch") -> int:
+    """Threads of extraction's input pipeline (``--workers``; 0: read and decode in the model's
+    thread, one after the other).
+
+    With a GPU the CPU only reads and decodes: every core but the model's (the first GPU run
+    gained from 8 loader workers to 15 with PIL). On a 2-core CPU, measured on 1,000 500x375
+    JPEGs at 224 px (benchmarks/results/pipeline_threads.md): ONNX Runtime ran at a median 107
+    images/s inline, 117 with one thread and 118 with two; PyTorch (300 images) at 41 inline, 37
+    with one and 38 with two (its forward pass keeps both cores busy; a decoding thread takes
+    from it). So one thread on ONNX Runtime, none on PyTorch; with more cores, a quarter of them.
+    """
+    cores = os.cpu_count() or 1
+    if device.startswith("cuda"):
+        return max(1, min(32, cores - 1))
+    if cores <= 2:
+        return 1 if runtime == "onnxruntime" else 0
+    return min(8, cores // 4)

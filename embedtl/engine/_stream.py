@@ -19,7 +19,7 @@ from .._device import check_batch_memory, resolve_device
 from .._io import pause_point
 from ..backbones import BackboneSpec
 from ..cache import Journal, onnx_model_path
-from ..data import DECODER, ImageTransform, Manifest, decode_image, max_image_pixels
+from ..data import DECODER, ImageTransform, Manifest, max_image_pixels
 from ..errors import DegenerateFeaturesError, EmbedTLError, ImageDecodeError
 from ..runtime import (
     Finished,
@@ -33,8 +33,8 @@ from ..runtime import (
     resolve_runtime,
 )
 from ..tensor_decode import DECODERS, TensorDecoder, probe
-from ._loader import Batch, ImageDataset, make_loader
-from ._options import EngineOptions, default_batch_size, default_workers
+from ._options import EngineOptions, default_batch_size, default_threads
+from ._pipeline import Pipeline, Prepared
 from ._plan import strict_message
 
 __all__ = ["Computed", "idle_warning"]
@@ -111,7 +111,8 @@ def _pick_decoder(
     cuda = device.startswith("cuda")
     on = device if cuda else "cpu"  # torchvision decodes on CUDA or the CPU (not MPS)
     if decoder == "pil" or (decoder == "auto" and not cuda):
-        return None, "PIL in the loader workers" + (" (asked for)" if decoder == "pil" else "")
+        asked = " (asked for)" if decoder == "pil" else ""
+        return None, f"PIL in the input pipeline's threads{asked}"
     err = probe(on)
     if err is not None:
         if decoder == "torchvision":
@@ -119,7 +120,7 @@ def _pick_decoder(
         log.warning(
             "JPEG decoding on the GPU is unavailable (%s): decoding with PIL on the CPU", err
         )
-        return None, f"PIL in the loader workers (nvJPEG unavailable: {err})"
+        return None, f"PIL in the input pipeline's threads (nvJPEG unavailable: {err})"
     return TensorDecoder(spec.preprocess, on), "JPEGs on " + (
         "the GPU (nvJPEG)" if cuda else "the CPU (libjpeg-turbo, asked for)"
     )
@@ -189,20 +190,19 @@ def _engine(
         runtime=run_runtime,
         reason=reason,
         batch_size=batch,
-        workers=_workers(o.workers, run_device, -(-n_images // batch)),
+        workers=_workers(o.workers, run_device, run_runtime, -(-n_images // batch)),
         decoder=tensor_decoder,
         decoder_reason=decoder_reason,
         autotune=tuned,
     )
 
 
-def _workers(asked: int | None, device: str, n_batches: int) -> int:
-    """Decoding workers for a run of ``n_batches``: :func:`default_workers`, or as asked, never
-    more than there are batches to decode or twice the cores (each is a process or thread that
-    costs its start-up and memory: 500 workers for 3 images took a minute), saying so when an
-    asked number is cut."""
+def _workers(asked: int | None, device: str, runtime: str, n_batches: int) -> int:
+    """The input pipeline's threads for a run of ``n_batches``: :func:`default_threads`, or as
+    asked, never more than there are batches to decode or twice the cores (500 workers for 3
+    images took a minute), saying so when an asked number is cut."""
     if asked is None:
-        return min(default_workers(device), max(1, n_batches))
+        return min(default_threads(device, runtime), max(1, n_batches))
     cap = max(1, min(n_batches, 2 * (os.cpu_count() or 1)))
     if asked > cap:
         log.warning(
@@ -279,61 +279,58 @@ def _stream(
     stages: dict[str, float],
     desc: str,
     spill: list[Computed] | None = None,
+    sizes: Sequence[int] | None = None,
 ) -> Iterator[Computed]:
-    """The engine's inner loop: decode ``paths`` (under ``root``) in batches and run the model.
+    """The engine's inner loop: the input pipeline (:class:`~._pipeline.Pipeline`) prepares
+    batches of ``paths`` (under ``root``; ``sizes``: their sizes at the scan) in threads while
+    the model runs the batch before.
 
     Yields a :class:`Computed` per batch, in order. On CUDA a batch's result is collected after
-    the next batch is launched, so the GPU has work queued while the CPU fetches; ``stages``
-    accumulates decode, h2d and model seconds (CUDA: from events) and, on CUDA, idle seconds:
-    the streaming time not spent in h2d, model or on-device decoding. When the loop ends early
-    (Ctrl-C, SIGTERM, an error, the consumer closing it), the batches still in flight are
-    collected into ``spill``: what the model computed is never dropped.
+    the next batch is launched, so the GPU has work queued while the CPU fetches. ``stages``
+    accumulates the pipeline's busy seconds (``read``, ``decode``, ``device_decode``: summed
+    over its threads), the model's (``h2d``, ``model``: CUDA events on a GPU), ``wait`` (the
+    seconds this loop waited for a batch: the model idle for want of images) and ``stream``
+    (the loop's wall time); ``idle`` on CUDA is ``wait``. When the loop ends early (Ctrl-C,
+    SIGTERM, an error, the consumer closing it), the batches still in flight are collected into
+    ``spill``: what the model computed is never dropped.
     """
     from .._progress import progress_bar
 
     model = eng.model
-    transform = ImageTransform(spec.preprocess)
-    dataset = ImageDataset(root, paths, transform, tensor_jpeg=eng.decoder is not None)
-    loader = make_loader(
-        dataset,
-        eng.workers,
-        eng.runtime == "torch" and eng.device.startswith("cuda"),  # pinned: only for CUDA copies
-        batch_size=eng.batch_size,
-        # ONNX Runtime takes numpy: no torch on its path, unless a tensor decoder is asked for
-        tensors=eng.runtime != "onnxruntime" or eng.decoder is not None,
+    pipeline = Pipeline(
+        root,
+        paths,
+        ImageTransform(spec.preprocess),
+        eng.batch_size,
+        threads=eng.workers,
+        sizes=sizes,
+        tensor=eng.decoder,
+        split=eng.decoder is not None,
     )
     bar = progress_bar(total=len(paths), desc=desc, unit="img", progress=progress, leave=False)
-    busy = 0.0
 
-    def collect(b: Batch, job) -> Computed:
-        nonlocal busy
+    def collect(b: Prepared, job) -> Computed:
         feats = None
         if job is not None:
             feats, times = job.result()
             for k, v in times.items():
                 stages[k] = stages.get(k, 0.0) + v
-                busy += v
         bar.update(len(b.positions) + len(b.failed))
         return _finite_rows(Computed(b.positions, feats, b.failed, b.hashes))
 
     t_start = time.perf_counter()
-    submitted: deque[tuple[Batch, Any]] = deque()  # batches run (or running), not yet yielded
+    wait = 0.0
+    submitted: deque[tuple[Prepared, Any]] = deque()  # batches run (or running), not yet yielded
     try:
-        it = iter(loader)
+        it = iter(pipeline)
         while True:
             t0 = time.perf_counter()
-            try:
-                b: Batch = next(it)
-            except StopIteration:
+            b: Prepared | None = next(it, None)
+            wait += time.perf_counter() - t0
+            if b is None:
                 break
             eng.decode_fallback.update(b.decoded_here)
-            x = b.images
-            if b.jpegs:
-                t1 = time.perf_counter()
-                x = _decode_on_device(eng, transform, b)
-                busy += time.perf_counter() - t1  # the GPU decodes (nvJPEG returns when done)
-            stages["decode"] += time.perf_counter() - t0
-            job = model.submit(x) if x is not None else None
+            job = model.submit(b.images) if b.images is not None else None
             submitted.append((b, job))
             # all but a batch still running: it is collected after the next one is launched
             while len(submitted) > 1 or (job is None or isinstance(job, Finished)) and submitted:
@@ -348,10 +345,12 @@ def _stream(
                     spill.append(collect(*done))
                 except Exception as e:  # noqa: BLE001 - the run's own error goes on
                     log.debug("a batch in flight is lost: %s", e)
-    if eng.device.startswith("cuda"):
         wall = time.perf_counter() - t_start
-        stages["idle"] = stages.get("idle", 0.0) + max(0.0, wall - busy)
-        warning = idle_warning(wall, busy, eng.workers, eng.decoder_name)
+        for k, v in (*pipeline.stats.items(), ("wait", wait), ("stream", wall)):
+            stages[k] = stages.get(k, 0.0) + v
+    if eng.device.startswith("cuda"):
+        stages["idle"] = stages.get("idle", 0.0) + wait
+        warning = idle_warning(wall, wall - wait, eng.workers, eng.decoder_name)
         if warning:
             log.warning("%s", warning)
 
@@ -426,43 +425,6 @@ class _Degenerate:
             "weights (random? damaged?) or this --image-size do not give usable features; "
             "nothing was stored"
         )
-
-
-def _decode_on_device(eng: _Engine, transform: ImageTransform, b: Batch):
-    """The batch's images with its JPEGs decoded by the tensor decoder appended (``positions``,
-    ``hashes`` and ``failed`` of ``b`` are extended in place); a JPEG the tensor decoder fails
-    on is decoded with PIL."""
-    import torch
-
-    assert eng.decoder is not None
-    out, errors = eng.decoder(b.jpegs)
-    keep = []
-    for pos, t, err, h, raw in zip(
-        b.jpeg_positions, out, errors, b.jpeg_hashes, b.jpegs, strict=True
-    ):
-        if t is None:
-            eng.decode_fallback["tensor decoder failed"] += 1
-            log.info(
-                "%s could not decode image %d (%s): decoding it with PIL",
-                eng.decoder.name,
-                pos,
-                err,
-            )
-            try:
-                t = transform(decode_image(raw.numpy().tobytes(), transform.draft_size))
-            except ImageDecodeError as e:
-                b.failed.append((pos, str(e)))
-                continue
-            t = torch.from_numpy(t).to(eng.decoder.device)
-        keep.append((pos, t, h))
-    if not keep:
-        return b.images
-    b.positions.extend(p for p, _, _ in keep)
-    b.hashes.extend(h for _, _, h in keep)
-    on_device = torch.stack([t for _, t, _ in keep])
-    if b.images is None:
-        return on_device
-    return torch.cat([b.images.to(on_device.device, non_blocking=True), on_device])
 
 
 class _Writer:
@@ -574,6 +536,7 @@ def _run_model(
         stages,
         f"extract {spec.name}",
         spill,
+        [e.size for e in entries],
     )
     try:
         for c in batches:
