@@ -271,7 +271,7 @@ class TorchRuntime:
         return torch.autocast("cuda" if self.cuda else "cpu", dtype=dtype)
 
     def prepare(self, x):
-        """Host -> device (``non_blocking`` from the loader's pinned memory), channels_last."""
+        """Host -> device (``non_blocking`` from the pipeline's pinned memory), channels_last."""
         import torch
 
         if isinstance(x, np.ndarray):

@@ -1,20 +1,21 @@
 """JPEG decoding on the model's device, for when the CPU cannot decode as fast as a GPU runs.
 
-``--decoder torchvision`` sends the bytes of each JPEG that it can take from the loader workers
-(which then only read and hash files) to :func:`torchvision.io.decode_jpeg`, batched, on the
+``--decoder torchvision`` sends the bytes of each JPEG that it can take from the input pipeline's
+threads (which then only read, check and hash files) to :func:`torchvision.io.decode_jpeg`, in
+one call per batch, on the
 model's device: nvJPEG on CUDA, libjpeg-turbo on CPU. Resize and centre crop run there too,
 with torchvision's own tensor ``resize`` (antialiased) and ``center_crop``: the recipe
 :class:`embedtl.data.ImageTransform` reproduces with PIL. tests/test_gpu_path.py shows the two
 paths give the same features (cosine >= 0.999 per image, as ARCHITECTURE.md asks of any
 decoder recorded as metadata only).
 
-What the tensor path cannot take is decoded by the PIL path in the worker, and counted by
+What the tensor path cannot take is decoded by the PIL path in those threads, and counted by
 reason in ``decode_fallback`` (``--json`` and store metadata), never silently:
 :func:`fallback_reason` sends there anything not a plain JPEG (PNG, WebP...), CMYK or YCCK
 JPEGs, JPEGs with an EXIF rotation (PIL applies it; nvJPEG does not), JPEGs without their end
 marker (PIL records a truncated file as failed; a tensor decoder might pad it silently) and
 images over the decompression-bomb limit; a JPEG that the tensor decoder fails on is decoded
-by PIL in the main process.
+by PIL in the thread that decodes on the device.
 """
 
 from __future__ import annotations

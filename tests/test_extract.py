@@ -27,6 +27,10 @@ def test_extract_writes_every_image_in_sorted_order(class_folder, cache_dir, tin
     assert (st.n_images, st.extracted, st.cached, st.n_failed, st.dim) == (24, 24, 0, 0, 1280)
     assert st.model_built and st.runtime == "torch" and st.device == "cpu"
     assert set(st.stages) == EXTRACT_STAGES
+    # the store keeps how the run went: the input pipeline's threads and every stage's seconds
+    meta = store.metadata["extraction"]
+    assert meta["workers"] == st.workers and set(meta["stages"]) <= EXTRACT_STAGES
+    assert {"read", "decode", "model", "wait", "stream"} <= set(meta["stages"])
     assert list(store.paths) == sorted(store.paths)
     assert store.features().shape == (24, 1280)
     assert np.isfinite(store.features()).all()

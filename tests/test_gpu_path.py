@@ -414,7 +414,7 @@ def test_idle_warning():
     assert ex.idle_warning(10.0, 9.0, 8, "x") is None  # busy 90%
     assert ex.idle_warning(0.5, 0.0, 8, "x") is None  # too short to judge
     w = ex.idle_warning(10.0, 4.0, 3, ex.DECODER)
-    assert "idle 60%" in w and "3 loader workers" in w and "--decoder torchvision" in w
+    assert "idle 60%" in w and "3 input pipeline threads" in w and "--decoder torchvision" in w
     w = ex.idle_warning(10.0, 4.0, 3, "torchvision.io.decode_jpeg(nvjpeg)+tensor-resize")
     assert "--decoder" not in w and "more --workers" in w
 

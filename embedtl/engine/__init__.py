@@ -10,8 +10,11 @@ files, :func:`extract_distributed` under torchrun):
 4. otherwise build the model once (a runtime from :mod:`embedtl.runtime`: PyTorch in ``eval()``
    under ``torch.inference_mode()``, channels_last, autocast on CUDA checked against float32;
    or ONNX Runtime on CPU) and stream the missing files through it (:mod:`._stream`):
-   DataLoader workers decode in parallel where there are cores to spare (:mod:`._loader`; on
-   CUDA they only read JPEGs, which nvJPEG decodes on the GPU: :mod:`embedtl.tensor_decode`);
+   the input pipeline's threads read, hash and decode the next batches meanwhile
+   (:mod:`._pipeline`: one buffer per batch, decoded into a preallocated batch array; on CUDA
+   they only read JPEGs, which nvJPEG decodes on the GPU in a producer thread of its own:
+   :mod:`embedtl.tensor_decode`; fine-tuning's training images go through a DataLoader,
+   :mod:`._loader`);
    a CUDA batch is collected after the next one is launched; finished rows go to the journal
    on a writer thread;
 5. fold store + journal into a new store file, sorted by path, swapped in atomically.

@@ -189,7 +189,7 @@ def extract(
                 )
         with stages("fold"):
             n_extracted = len(plan.from_journal) - n_resumed
-            _record_run(t.attrs, ran, old, n_extracted)
+            _record_run(t.attrs, ran, old, n_extracted, stages.rounded())
             rows = fold(manifest, plan, old, journal_rows, t.path, dim, dtype, t.attrs)
             pause_point("store-replaced")
             journal.clear()
@@ -267,10 +267,15 @@ def _cache_hit(
 
 
 def _record_run(
-    attrs: dict[str, Any], ran: _Ran | None, old: FeatureStore | None, n_new: int
+    attrs: dict[str, Any],
+    ran: _Ran | None,
+    old: FeatureStore | None,
+    n_new: int,
+    stages: dict[str, float],
 ) -> None:
-    """Store metadata of how the features were made: this run's model, or (rows and labels
-    rewritten without it) the last run's, from the old store."""
+    """Store metadata of how the features were made: this run's model, input pipeline
+    (``workers``) and stage seconds, or (rows and labels rewritten without a model) the last
+    run's, from the old store."""
     if ran is not None:
         run = ran.summary
         attrs.update(
@@ -284,6 +289,8 @@ def _record_run(
                 "seconds": round(ran.seconds, 3),
                 "images_per_second": round(n_new / ran.seconds, 2) if ran.seconds > 0 else None,
                 **run,
+                "workers": ran.engine.workers,
+                "stages": stages,
             },
         )
     elif old is not None:

@@ -1,5 +1,5 @@
 """The engine's inner loop: a runtime chosen and built for the job, images streamed through it
-in batches (decoded by loader workers, or JPEGs on the model's device), and finished rows
+in batches (prepared by the input pipeline, :mod:`._pipeline`), and finished rows
 written to the journal on a background thread."""
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class _Engine:
     reason: str
     batch_size: int
     workers: int
-    decoder: TensorDecoder | None  # JPEGs decoded on the model's device; None: PIL in the workers
+    decoder: TensorDecoder | None  # JPEGs decoded on the model's device; None: PIL in threads
     decoder_reason: str
     autotune: dict[int, float] | None = None  # batch size -> images/s, when it was tuned
     decode_fallback: Counter = field(default_factory=Counter)  # why images went to PIL instead
@@ -105,7 +105,7 @@ _AUTOTUNE_MIN_IMAGES = 2048
 def _pick_decoder(
     decoder: str, device: str, spec: BackboneSpec
 ) -> tuple[TensorDecoder | None, str]:
-    """The tensor decoder for ``--decoder`` (None: PIL in the workers) and why."""
+    """The tensor decoder for ``--decoder`` (None: PIL in the pipeline's threads) and why."""
     if decoder not in DECODERS:
         raise EmbedTLError(f"unknown decoder {decoder!r}: use {', '.join(DECODERS)}")
     cuda = device.startswith("cuda")
@@ -255,7 +255,7 @@ _IDLE_WARNING = 0.3
 
 def idle_warning(wall: float, busy: float, workers: int, decoder: str) -> str | None:
     """The warning when the GPU spent more than :data:`_IDLE_WARNING` of ``wall`` seconds
-    waiting on the loader (``busy``: seconds it computed), with what to change."""
+    waiting on the input pipeline (``busy``: seconds it computed), with what to change."""
     if wall < 1.0 or busy >= (1 - _IDLE_WARNING) * wall:
         return None
     hint = (
@@ -265,8 +265,8 @@ def idle_warning(wall: float, busy: float, workers: int, decoder: str) -> str | 
     )
     return (
         f"the GPU was idle {100 * (1 - busy / wall):.0f}% of the "
-        f"extraction, waiting for images from {workers} loader "
-        f"workers: {hint}"
+        f"extraction, waiting for images from {workers} input pipeline "
+        f"threads: {hint}"
     )
 
 
