@@ -10,7 +10,8 @@ import importlib
 import click
 
 from .._version import __version__
-from ._base import EmbedTLGroup, setup_logging
+from ._app import EmbedTLGroup
+from ._output import setup_logging
 
 #: command -> (module, attribute) of its click command
 _COMMANDS = {

@@ -9,16 +9,9 @@ import click
 
 from .._io import text_file
 from ..errors import DataError
-from ._base import (
-    backbone_options,
-    emit,
-    json_option,
-    open_source,
-    progress_option,
-    source_args,
-    split_options,
-    want_progress,
-)
+from ._options import backbone_options, json_option, progress_option, split_options
+from ._output import emit, want_progress
+from ._source import open_source, source_args
 
 
 def read_reviewed(files: tuple[str, ...]) -> set[str]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from ..backbones import backbone_table
-from ._base import emit, json_option
+from ._options import json_option
+from ._output import emit
 
 
 @click.command("backbones")

@@ -7,16 +7,15 @@ from pathlib import Path
 import click
 
 from ..backbones import DEFAULT_BACKBONE
-from ._base import (
+from ._options import (
     backbones_options,
-    emit,
     json_option,
-    open_source,
+    memory_budget_option,
     progress_option,
-    source_args,
     split_options,
-    want_progress,
 )
+from ._output import emit, pct, want_progress
+from ._source import open_source, source_args
 
 
 def _folds(ctx, param, value: str) -> int | str:
@@ -33,10 +32,8 @@ def _folds(ctx, param, value: str) -> int | str:
     return k
 
 
-def _fmt(v, pct: bool = True) -> str:
-    if v is None:
-        return "-"
-    return f"{100 * v:.2f}" if pct else f"{v:.3g}"
+def _cell(v: float | None) -> str:
+    return pct(v, unit="", missing="-")  # the table's header says %
 
 
 @click.command("bench-heads")
@@ -80,12 +77,7 @@ def _fmt(v, pct: bool = True) -> str:
     show_default=True,
     help="Rows of the ranked table to print (the CSV has all).",
 )
-@click.option(
-    "--memory-budget",
-    type=click.IntRange(min=1),
-    default=None,
-    help="MiB of features to hold in memory [a quarter of RAM].",
-)
+@memory_budget_option
 @backbones_options
 @split_options
 @progress_option
@@ -125,7 +117,7 @@ def bench_heads_cmd(
         folds=folds,
         test_top=test_top,
         device=args.options.device,
-        memory_budget=memory_budget * 2**20 if memory_budget else None,
+        memory_budget=memory_budget,
         progress=want_progress(progress),
     )
     out_dir = Path(out) if out else Path("bench-heads") / stores[0].root.name
@@ -144,9 +136,9 @@ def bench_heads_cmd(
         )
         click.echo(head)
         for r in rows[:show]:
-            val = _fmt(r["val_accuracy"]) + (f"±{100 * r['val_accuracy_std']:.1f}" if std else "")
+            val = _cell(r["val_accuracy"]) + (f"±{100 * r['val_accuracy_std']:.1f}" if std else "")
             line = f"{r['rank']:>3}  " + (f"{r['backbone']:<{bw}}" if many else "")
-            test, f1 = _fmt(r["test_accuracy"]), _fmt(r["test_macro_f1"])
+            test, f1 = _cell(r["test_accuracy"]), _cell(r["test_macro_f1"])
             line += f"{r['kind']:<7}{val:>13}{test:>8}{f1:>7}{r['fit_seconds']:>8.3g}"
             line += f"{r['parameters']:>10}  {r['config']}"
             click.echo(line)

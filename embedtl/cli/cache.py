@@ -5,7 +5,10 @@ from __future__ import annotations
 import click
 
 from ..cache import export_store, gc_cache, list_stores, merge_shards, open_store, verify_store
-from ._base import EmbedTLGroup, emit, json_option, refuse_store_options, store_options
+from ._app import EmbedTLGroup
+from ._options import cache_dir_option, json_option, store_options
+from ._output import emit
+from ._source import refuse_store_options
 
 
 @click.group("cache", cls=EmbedTLGroup)
@@ -15,7 +18,7 @@ def cache_group() -> None:
 
 
 @cache_group.command("ls")
-@click.option("--cache-dir", type=click.Path(file_okay=False), default=None)
+@cache_dir_option
 @json_option
 def ls_cmd(cache_dir: str | None, as_json: bool) -> None:
     """List the stores in the cache folder."""
@@ -130,7 +133,7 @@ def verify_cmd(
 
 
 @cache_group.command("gc")
-@click.option("--cache-dir", type=click.Path(file_okay=False), default=None)
+@cache_dir_option
 @click.option(
     "--older-than",
     "older_than_days",

@@ -5,7 +5,9 @@ from __future__ import annotations
 import click
 
 from ..datasets import export_dataset, list_datasets
-from ._base import EmbedTLGroup, emit, json_option, progress_option, want_progress
+from ._app import EmbedTLGroup
+from ._options import json_option, progress_option
+from ._output import emit, want_progress
 
 
 @click.group("datasets", cls=EmbedTLGroup)

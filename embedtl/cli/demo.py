@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ._base import emit, json_option, progress_option, want_progress
+from ._options import cache_dir_option, device_option, json_option, progress_option
+from ._output import emit, want_progress
 from .extract import print_extract_summary
 
 
@@ -15,8 +16,8 @@ from .extract import print_extract_summary
     default=None,
     help="Where the demo images go [default: <cache>/demo].",
 )
-@click.option("--cache-dir", type=click.Path(file_okay=False), default=None)
-@click.option("--device", default="auto", show_default=True)
+@cache_dir_option
+@device_option
 @click.option(
     "--fine-tune-epochs",
     type=click.IntRange(min=0),

@@ -5,16 +5,10 @@ from __future__ import annotations
 import click
 
 from .._dist import torchrun_rank
-from ._base import (
-    EXIT_PARTIAL,
-    backbone_options,
-    emit,
-    extract_options,
-    json_option,
-    progress_option,
-    source_args,
-    want_progress,
-)
+from ._app import EXIT_PARTIAL
+from ._options import backbone_options, extract_options, json_option, progress_option
+from ._output import emit, want_progress
+from ._source import source_args
 
 
 def print_extract_summary(stats) -> None:
@@ -98,26 +92,20 @@ def extract_cmd(
     0 every image is stored; 3 the store is complete but some files could not be read (listed
     by `embedtl cache info STORE --failed`); 1 an error (--strict: the first unreadable image).
     """
-    from ..engine import extract, extract_distributed
+    from ..engine import extract
 
     args = source_args(kw)
-    rank = torchrun_rank()
-    if rank is not None and shard is None:
-        show = want_progress(progress) and rank[0] == 0
-        store = extract_distributed(
-            data_dir, args.backbone, args.options, progress=show, **args.extract
-        )
-        if store is None:
-            return  # only rank 0 prints
-    else:
-        store = extract(
-            data_dir,
-            args.backbone,
-            args.options,
-            progress=want_progress(progress),
-            shard=_parse_shard(shard),
-            **args.extract,
-        )
+    rank = torchrun_rank()  # under torchrun each rank extracts a shard; only rank 0 prints
+    store = extract(
+        data_dir,
+        args.backbone,
+        args.options,
+        args.store,
+        progress=want_progress(progress) and (rank is None or rank[0] == 0),
+        shard=_parse_shard(shard),
+    )
+    if store is None:
+        return
     stats = store.last_extraction
     payload = stats.to_dict()
     payload.pop("failed")

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import click
 
-from ._base import (
-    _runtime_options,
-    emit,
+from ._options import (
+    cache_dir_option,
     json_option,
-    pct,
     progress_option,
+    runtime_options,
     split_options,
-    want_progress,
+    workers_option,
 )
+from ._output import emit, pct, want_progress
+from ._source import source_args
 
 
 @click.command("fine-tune")
@@ -104,46 +105,21 @@ from ._base import (
     is_flag=True,
     help="Ignore a checkpoint or a finished run in --out and train from the head again.",
 )
-@click.option(
-    "--workers",
-    type=click.IntRange(min=0),
-    default=None,
-    help="Decoding worker processes [0 on a 2-core CPU].",
-)
-@click.option(
-    "--cache-dir",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Feature cache folder [default: $EMBEDTL_CACHE or the user cache folder].",
-)
-@_runtime_options
+@workers_option
+@cache_dir_option
+@runtime_options
 @split_options
 @progress_option
 @json_option
 def fine_tune_cmd(
     data_dir: str,
     head_path: str,
-    unfreeze: str,
-    epochs: int,
-    lr: float,
-    backbone_lr_ratio: float,
-    batch_size: int,
-    patience: int,
-    weight_decay: float,
-    train_bn: bool,
-    augment: bool,
     train_seed: int,
     out: str | None,
     restart: bool,
-    workers: int | None,
-    cache_dir: str | None,
-    device: str,
-    runtime: str,
-    seed: int,
-    val_fraction: float,
-    labels_csv: str | None,
     progress: bool | None,
     as_json: bool,
+    **kw,
 ) -> None:
     """Fine-tune the backbone of HEAD on DATA_DIR end to end, starting from the trained head.
 
@@ -153,31 +129,23 @@ def fine_tune_cmd(
     extracted again into a new store and the head re-fitted there: before/after val and test
     accuracy are printed. Ctrl-C keeps a checkpoint; the same command resumes.
     """
-    from ..data import SplitConfig
-    from ..engine import EngineOptions
+    import dataclasses
+
     from ..finetune import FineTuneConfig, fine_tune
 
-    cfg = FineTuneConfig(
-        unfreeze=unfreeze,
-        epochs=epochs,
-        lr=lr,
-        backbone_lr_ratio=backbone_lr_ratio,
-        batch_size=batch_size,
-        patience=patience,
-        weight_decay=weight_decay,
-        train_bn=train_bn,
-        augment=augment,
-        seed=train_seed,
-    )
-    options = EngineOptions(device=device, runtime=runtime, workers=workers, cache_dir=cache_dir)
+    # the training's options (its --batch-size is images per step; its seed is --train-seed:
+    # --seed is the split's) into its config, the rest into the engine's and the store's records
+    fields = {f.name for f in dataclasses.fields(FineTuneConfig)} - {"seed"}
+    cfg = FineTuneConfig(seed=train_seed, **{k: kw.pop(k) for k in list(kw) if k in fields})
+    args = source_args(kw)
     r = fine_tune(
         data_dir,
         head_path,
         cfg,
-        options,
+        args.options,
         out=out,
-        split=SplitConfig(seed=seed, val_fraction=val_fraction),
-        labels=labels_csv,
+        split=args.store.split,
+        labels=args.store.labels,
         restart=restart,
         progress=want_progress(progress),
     )

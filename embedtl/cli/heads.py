@@ -8,27 +8,25 @@ from typing import Any
 import click
 
 from ..errors import DataError
-from ._base import (
-    _apply,
+from ._options import (
+    apply_options,
     backbone_options,
-    emit,
     head_backbone_options,
     json_option,
-    open_source,
-    pct,
+    memory_budget_option,
     positive_ints,
     progress_option,
-    source_args,
     split_options,
-    want_progress,
 )
+from ._output import emit, pct, want_progress
+from ._source import open_source, source_args
 
 
 def head_options(f):
     """Every HeadConfig field as an option; None means the kind's default."""
     from ..heads import ACTIVATIONS, HEAD_KINDS, NORMALIZATIONS
 
-    return _apply(
+    return apply_options(
         f,
         [
             click.option(
@@ -133,13 +131,7 @@ def head_options(f):
                 default=None,
                 help="logreg: inverse regularisation [1.0].",
             ),
-            click.option(
-                "--memory-budget",
-                type=click.IntRange(min=1),
-                default=None,
-                help="MiB of features to hold in memory; more streams from the "
-                "store [a quarter of RAM].",
-            ),
+            memory_budget_option,
         ],
     )
 
@@ -215,7 +207,7 @@ def fit_head_cmd(
             store,
             cfg,
             device=args.options.device,
-            memory_budget=memory_budget * 2**20 if memory_budget else None,
+            memory_budget=memory_budget,
             progress=want_progress(progress),
         )
         path = head.save(out or default_head_dir(store, cfg.kind))

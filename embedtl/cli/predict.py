@@ -7,16 +7,10 @@ from pathlib import Path
 import click
 
 from ..errors import DataError
-from ._base import (
-    EXIT_PARTIAL,
-    emit,
-    engine_options,
-    head_backbone_options,
-    json_option,
-    progress_option,
-    source_args,
-    want_progress,
-)
+from ._app import EXIT_PARTIAL
+from ._options import engine_options, head_backbone_options, json_option, progress_option
+from ._output import emit, want_progress
+from ._source import source_args
 
 
 @click.command("predict")

@@ -7,28 +7,25 @@ from pathlib import Path
 import click
 
 from ..errors import DataError
-from ._base import (
-    EXIT_INTERRUPTED,
-    EXIT_PARTIAL,
-    _apply,
+from ._app import EXIT_INTERRUPTED, EXIT_PARTIAL
+from ._options import (
+    apply_options,
     backbone_options,
-    emit,
     engine_options,
     json_option,
-    open_source,
     positive_ints,
     progress_option,
-    source_args,
     split_options,
-    want_progress,
 )
+from ._output import emit, want_progress
+from ._source import open_source, source_args
 
 
 def index_options(f):
     """Which index a command uses, and whether it may be brought up to date."""
     from ..search import DEFAULT_TARGET_RECALL, INDEX_KINDS
 
-    return _apply(
+    return apply_options(
         f,
         [
             click.option(

@@ -6,18 +6,16 @@ from pathlib import Path
 
 import click
 
-from ._base import (
-    _apply,
+from ._options import (
+    apply_options,
     backbone_options,
-    emit,
     engine_options,
     json_option,
     progress_option,
-    refuse_store_options,
-    source_args,
     split_options,
-    want_progress,
 )
+from ._output import emit, want_progress
+from ._source import refuse_store_options, source_args
 from .search import index_args, index_options
 
 #: --token given without a value: make one
@@ -28,7 +26,7 @@ UPLOAD_MPX_CEILING = 178.0
 
 
 def _serve_options(f):
-    return _apply(
+    return apply_options(
         f,
         [
             click.option(
@@ -186,7 +184,7 @@ def serve_cmd(
         heads,
         backbone=args.backbone,
         options=args.options,
-        extract_args=args.extract,
+        store_options=args.store,
         index_args=build,
         max_batch=max_batch,
         max_wait=batch_wait_ms / 1000,

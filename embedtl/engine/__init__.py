@@ -19,7 +19,8 @@ files, :func:`extract_distributed` under torchrun):
    on a writer thread;
 5. fold store + journal into a new store file, sorted by path, swapped in atomically.
 
-How the model runs is one frozen :class:`EngineOptions` record.
+How the model runs is one frozen :class:`EngineOptions` record; how a folder's store is
+labelled, split and written, one :class:`StoreOptions`.
 """
 
 from .._device import resolve_device
@@ -31,6 +32,7 @@ from ._loader import Batch, ImageDataset, Item, collate, make_loader
 from ._options import (
     CUDA_BATCH,
     EngineOptions,
+    StoreOptions,
     default_batch_size,
     default_threads,
     default_workers,
@@ -42,6 +44,7 @@ __all__ = [
     "Embedded",
     "Embedder",
     "EngineOptions",
+    "StoreOptions",
     "ExtractStats",
     "ImageDataset",
     "Item",

@@ -12,7 +12,7 @@ from ..backbones import DEFAULT_BACKBONE, BackboneSpec
 from ..cache import FeatureStore, merge_shards
 from ..errors import EmbedTLError
 from ._extract import ExtractStats, extract
-from ._options import EngineOptions
+from ._options import EngineOptions, StoreOptions
 
 __all__ = ["extract_distributed"]
 
@@ -21,6 +21,7 @@ def extract_distributed(
     root: str | os.PathLike[str],
     backbone: str | BackboneSpec = DEFAULT_BACKBONE,
     options: EngineOptions | None = None,
+    store_options: StoreOptions | None = None,
     **kw: Any,
 ) -> FeatureStore | None:
     """:func:`extract` under torchrun: each rank extracts its shard (on its own GPU when there
@@ -36,7 +37,7 @@ def extract_distributed(
         opts = dataclasses.replace(opts, device=device)
     error: Exception | None = None
     try:
-        store = extract(root, backbone, opts, shard=(rank, world), **kw)
+        store = extract(root, backbone, opts, store_options, shard=(rank, world), **kw)
         store.close()
         mine = (str(store.path), store.last_extraction.to_dict(), None)
     except Exception as e:  # meet the other ranks anyway, so that none of them waits forever

@@ -13,14 +13,15 @@ from typing import Any
 
 import numpy as np
 
+from .._dist import torchrun_rank
 from .._io import pause_point, remove_stale_temporaries
 from ..backbones import DEFAULT_BACKBONE, BackboneSpec, get_backbone
 from ..cache import FeatureStore, Journal, store_lock
 from ..data import SplitConfig
-from ..errors import EmbedTLError, ImageDecodeError, StoreError
+from ..errors import ImageDecodeError, StoreError
 from ..runtime import OnnxModel
 from ._loader import ContentHasher
-from ._options import EngineOptions
+from ._options import EngineOptions, StoreOptions
 from ._plan import (
     Stages,
     Target,
@@ -36,8 +37,6 @@ from ._stream import _Engine, _engine, _run_model, _stream
 __all__ = ["Embedded", "ExtractStats", "embed_files", "extract", "open_source"]
 
 log = logging.getLogger(__name__)
-
-_DTYPES = ("float16", "float32")
 
 
 @dataclass
@@ -94,18 +93,13 @@ def extract(
     root: str | os.PathLike[str],
     backbone: str | BackboneSpec = DEFAULT_BACKBONE,
     options: EngineOptions | None = None,
+    store_options: StoreOptions | None = None,
     *,
-    split: SplitConfig | None = None,
-    labels: str | os.PathLike[str] | None = None,
-    dtype: str = "float16",
-    strict: bool = False,
-    check_content: bool = False,
-    follow_links: str = "inside",
-    lock_timeout: float = -1,
     shard: tuple[int, int] | None = None,
+    distributed: bool | None = None,
     progress: bool = False,
     **settings: Any,
-) -> FeatureStore:
+) -> FeatureStore | None:
     """Extract pooled features of every image under ``root`` into its store; return the store.
 
     Reruns are incremental: unchanged files are reused without building the model, new or
@@ -113,30 +107,35 @@ def extract(
     journal. Corrupt images are recorded in ``/failed`` and skipped (``strict=True``: raise).
     The returned store's ``last_extraction`` holds an :class:`ExtractStats`.
 
-    How the model runs is ``options`` (:class:`EngineOptions`), with any of its fields given as
-    keyword arguments (``device``, ``runtime``, ``batch_size``, ``workers``, ``precision``,
-    ``compile``, ``decoder``, ``image_size``, ``cache_dir``, ``allow_download``) replacing
-    the record's. On a GPU a reduced precision is checked against float32 on the first batch and
-    dropped, visibly, when a row's cosine falls under 0.998; without a batch size a large CUDA
-    job tunes it, and out-of-memory halves it instead of failing.
-
-    ``split`` and ``labels`` (a ``path,label`` CSV) assign labels and splits (:func:`scan`);
-    ``dtype``: stored float16 or float32. A file counts as unchanged when its size and mtime
-    are those recorded; ``check_content`` also re-hashes every file (it reads them all) and
-    re-extracts those whose bytes changed. ``follow_links``: ``"inside"`` (symbolic links are
-    followed when they resolve inside ``root``), ``"all"`` or ``"none"``. ``lock_timeout``:
-    seconds to wait for another process writing the same store (< 0: as long as it takes;
-    0: fail at once).
+    How the model runs is ``options`` (:class:`EngineOptions`); how the store is labelled,
+    split and written is ``store_options`` (:class:`StoreOptions`: ``split``, ``labels``,
+    ``dtype``, ``strict``, ``check_content``, ``follow_links``, ``lock_timeout``). Any field of
+    either given as a keyword argument replaces the record's. On a GPU a reduced precision is
+    checked against float32 on the first batch and dropped, visibly, when a row's cosine falls
+    under 0.998; without a batch size a large CUDA job tunes it, and out-of-memory halves it
+    instead of failing. A file counts as unchanged when its size and mtime are those recorded
+    (``check_content``: its bytes too).
 
     ``shard=(i, n)`` extracts the i-th of n contiguous slices of the sorted folder into a shard
     store beside the store; :func:`embedtl.cache.merge_stores` joins the shards into the store
-    a single process would have written.
+    a single process would have written. ``distributed`` (None: when run under torchrun, and
+    no ``shard`` is given): each rank extracts its shard and rank 0 merges them
+    (:func:`extract_distributed`); rank 0 returns the store, the other ranks None.
     """
+    if distributed is None:
+        distributed = shard is None and torchrun_rank() is not None
+    if distributed:
+        from ._distributed import extract_distributed
+
+        return extract_distributed(
+            root, backbone, options, store_options, progress=progress, **settings
+        )
     t_start = time.perf_counter()
+    store_opts = StoreOptions.of(store_options, **StoreOptions.settings_in(settings))
     opts = EngineOptions.of(options, **settings)
-    if dtype not in _DTYPES:
-        raise EmbedTLError(f"unknown feature dtype {dtype!r}: use float16 or float32")
-    split = split or SplitConfig()
+    split, labels = store_opts.split or SplitConfig(), store_opts.labels
+    dtype, strict, check_content = store_opts.dtype, store_opts.strict, store_opts.check_content
+    follow_links, lock_timeout = store_opts.follow_links, store_opts.lock_timeout
     stages = Stages()
     spec = get_backbone(backbone, image_size=opts.image_size)
     t = target(root, spec, opts.cache_root, split, labels, follow_links, shard, stages)
@@ -355,16 +354,19 @@ def open_source(
     source: str | os.PathLike[str],
     backbone: str | BackboneSpec = DEFAULT_BACKBONE,
     options: EngineOptions | None = None,
+    store_options: StoreOptions | None = None,
     *,
     progress: bool = False,
-    **extract_args: Any,
+    **settings: Any,
 ) -> FeatureStore:
     """DATA_DIR or STORE -> its :class:`FeatureStore`: a store file as it is; a folder through
-    :func:`extract` (a cache hit is a scan; new or changed images are extracted first).
-    ``extract_args``: :func:`extract`'s (``split``, ``labels``, ...)."""
+    :func:`extract` (a cache hit is a scan; new or changed images are extracted first), with
+    ``settings`` as :func:`extract` takes them."""
     if Path(source).is_file():
         return FeatureStore(source)
-    store = extract(source, backbone, options, progress=progress, **extract_args)
+    store = extract(
+        source, backbone, options, store_options, distributed=False, progress=progress, **settings
+    )
     st = store.last_extraction
     if st is not None and st.model_built:
         log.info("extracted %d images into %s (%.1f s)", st.extracted, st.store, st.seconds)

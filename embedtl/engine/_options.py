@@ -1,4 +1,5 @@
-"""How the engine runs a backbone, as one frozen record: built once (by the CLI, or from keyword
+"""How the engine runs a backbone, and how extraction writes a folder's store, as two frozen
+records (:class:`EngineOptions`, :class:`StoreOptions`): built once (by the CLI, or from keyword
 arguments) and passed to extraction, embedding, prediction, search queries and fine-tuning."""
 
 from __future__ import annotations
@@ -10,23 +11,56 @@ from pathlib import Path
 from typing import Any
 
 from ..cache import default_cache_dir
+from ..data import SplitConfig
 from ..errors import EmbedTLError
 from ..runtime import ONNX_BATCH, PRECISIONS, RUNTIMES
 from ..tensor_decode import DECODERS
 
-__all__ = ["EngineOptions", "default_batch_size", "default_threads", "default_workers"]
+__all__ = [
+    "EngineOptions",
+    "StoreOptions",
+    "default_batch_size",
+    "default_threads",
+    "default_workers",
+]
+
+
+class _Record:
+    """A frozen options record built from keyword arguments: :meth:`of` and :meth:`settings_in`
+    work from the dataclass's own fields."""
+
+    @classmethod
+    def of(cls, options=None, **settings: Any):
+        """``options`` (default: all defaults) with ``settings`` replacing its fields; a name
+        that is not a field is a TypeError, as a wrong keyword argument is."""
+        unknown = set(settings) - cls.field_names()
+        if unknown:
+            raise TypeError(f"unknown {cls.__name__} fields: {', '.join(sorted(unknown))}")
+        base = options if options is not None else cls()
+        return dataclasses.replace(base, **settings) if settings else base
+
+    @classmethod
+    def settings_in(cls, kw: dict[str, Any]) -> dict[str, Any]:
+        """This record's fields among keyword arguments ``kw``, taken out of it."""
+        names = cls.field_names()
+        return {k: kw.pop(k) for k in [k for k in kw if k in names]}
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        """The names of the record's fields."""
+        return {f.name for f in dataclasses.fields(cls)}
 
 
 @dataclass(frozen=True)
-class EngineOptions:
+class EngineOptions(_Record):
     """Engine settings; None and ``auto`` let the engine choose for the machine and the job.
 
     ``device``: auto, cpu, cuda, cuda:N (a missing GPU is an error). ``runtime``: auto, torch or
     onnxruntime (:mod:`embedtl.runtime`). ``batch_size``: images per forward pass (None: tuned
-    on large CUDA jobs, else :func:`default_batch_size`). ``workers``: decoding processes
-    (None: :func:`default_workers`). ``precision``: PyTorch autocast, auto = fp16 on CUDA, fp32
-    elsewhere, checked against float32 on the first batch. ``compile``: ``torch.compile``.
-    ``decoder``: auto, pil or torchvision (JPEGs on the model's device:
+    on large CUDA jobs, else :func:`default_batch_size`). ``workers``: the input pipeline's
+    threads (None: :func:`default_threads`). ``precision``: PyTorch autocast, auto = fp16 on
+    CUDA, fp32 elsewhere, checked against float32 on the first batch. ``compile``:
+    ``torch.compile``. ``decoder``: auto, pil or torchvision (JPEGs on the model's device:
     :mod:`embedtl.tensor_decode`). ``image_size``: the crop size (None: the weights' own).
     ``cache_dir``: feature stores and ONNX exports (None: ``$EMBEDTL_CACHE`` or the user cache
     folder). ``allow_download``: weights may be fetched (None: unless ``$EMBEDTL_OFFLINE``).
@@ -56,32 +90,42 @@ class EngineOptions:
             if value not in known:
                 raise EmbedTLError(f"unknown {name} {value!r}: use {', '.join(known)}")
 
-    @classmethod
-    def of(cls, options: EngineOptions | None = None, **settings: Any) -> EngineOptions:
-        """``options`` (default: all defaults) with ``settings`` replacing its fields; a name
-        that is not a field is a TypeError, as a wrong keyword argument is."""
-        unknown = set(settings) - cls._fields()
-        if unknown:
-            raise TypeError(f"unknown engine settings: {', '.join(sorted(unknown))}")
-        base = options if options is not None else cls()
-        return dataclasses.replace(base, **settings) if settings else base
-
-    @classmethod
-    def settings_in(cls, kw: dict[str, Any]) -> dict[str, Any]:
-        """The engine settings among keyword arguments ``kw``, taken out of it."""
-        names = cls._fields()
-        return {k: kw.pop(k) for k in [k for k in kw if k in names]}
-
-    @classmethod
-    def _fields(cls) -> set[str]:
-        return {f.name for f in dataclasses.fields(cls)}
-
     @property
     def cache_root(self) -> Path:
         """The cache folder these options name."""
         if self.cache_dir is not None:
             return Path(self.cache_dir).expanduser()
         return default_cache_dir()
+
+
+_DTYPES = ("float16", "float32")
+
+
+@dataclass(frozen=True)
+class StoreOptions(_Record):
+    """How extraction labels, splits and writes a folder's store.
+
+    ``split`` (:class:`~embedtl.data.SplitConfig`; None: the store's own) and ``labels`` (a
+    ``path,label`` CSV) assign labels and splits. ``dtype``: stored ``float16`` or ``float32``.
+    ``strict``: the first unreadable image is an error instead of a recorded failure.
+    ``check_content``: re-hash every file (it reads them all) and re-extract those whose bytes
+    changed even where size and mtime did not. ``follow_links``: ``"inside"`` (symbolic links
+    are followed when they resolve inside the folder), ``"all"`` or ``"none"``.
+    ``lock_timeout``: seconds to wait for another process writing the same store (< 0: as long
+    as it takes; 0: fail at once).
+    """
+
+    split: SplitConfig | None = None
+    labels: str | os.PathLike[str] | None = None
+    dtype: str = "float16"
+    strict: bool = False
+    check_content: bool = False
+    follow_links: str = "inside"
+    lock_timeout: float = -1
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:  # follow_links: checked by the walk (embedtl.data)
+            raise EmbedTLError(f"unknown feature dtype {self.dtype!r}: use float16 or float32")
 
 
 #: On CPU, a forward pass is fastest when its activations stay cache-sized: measured here

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..data import SPLITS
-from ..engine import EngineOptions
+from ..engine import EngineOptions, StoreOptions
 from ..errors import HeadError
 from ._batcher import Batcher
 from ._catalog import RESIDENT_BYTES, Catalog, HeadEntry, StoreEntry, score_profile
@@ -40,7 +40,7 @@ def open_catalog(
     *,
     backbone: Any = None,
     options: EngineOptions | None = None,
-    extract_args: dict[str, Any] | None = None,
+    store_options: StoreOptions | None = None,
     index_args: dict[str, Any] | None = None,
     max_batch: int = 32,
     max_wait: float = 0.002,
@@ -62,8 +62,8 @@ def open_catalog(
             s,
             DEFAULT_BACKBONE if backbone is None else backbone,
             opts,
+            store_options,
             progress=progress,
-            **(extract_args or {}),
         )
         for s in sources
     ]
