@@ -8,6 +8,7 @@ import subprocess
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -229,3 +230,22 @@ class Paused:
     def stderr(self) -> str:
         self.err.flush()
         return (self.dir / "stderr.txt").read_text()
+
+
+def reference_extraction(base: Path, **folder: Any) -> tuple[Path, list[str], np.ndarray]:
+    """A class folder under ``base`` (``folder``: :func:`make_class_folder`'s arguments) and
+    the store one uninterrupted single-process run makes of it (tiny backbone, inline pipeline,
+    batches of 4): (root, its paths, its features), what sharded, resumed or killed runs must
+    reproduce."""
+    import embedtl
+
+    root = make_class_folder(base / "imgs", **folder)
+    ref = embedtl.extract(
+        root,
+        cache_dir=base / "reference",
+        backbone=TINY_BACKBONE,
+        image_size=TINY_SIZE,
+        workers=0,
+        batch_size=4,
+    )
+    return root, list(ref.paths), ref.features()

@@ -46,9 +46,10 @@ def call(args: list[str], code: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, request):
     base = tmp_path_factory.mktemp("contract")
-    mp = pytest.MonkeyPatch()
+    mp = pytest.MonkeyPatch()  # module scope: undone however the module's tests end
+    request.addfinalizer(mp.undo)
     mp.setenv("EMBEDTL_CACHE", str(base / "cache"))
     mp.setenv("EMBEDTL_OFFLINE", "1")
     root = make_class_folder(base / "imgs", n_per_class=8)
@@ -70,7 +71,6 @@ def world(tmp_path_factory):
         "bad": str(bad),
         "grid": str(grid),
     }
-    mp.undo()
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import EMBEDTL_WITH_SMALL_JOURNAL, TINY_BACKBONE, TINY_SIZE, Paused, make_class_folder
+from conftest import (
+    EMBEDTL_WITH_SMALL_JOURNAL,
+    TINY_BACKBONE,
+    TINY_SIZE,
+    Paused,
+    make_class_folder,
+    reference_extraction,
+)
 
 import embedtl
 from embedtl._dist import shard_bounds
@@ -47,17 +54,7 @@ def _torchrun(args: list[str]) -> list[str]:
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """24 images and the store one process makes of them."""
-    base = tmp_path_factory.mktemp("dist")
-    root = make_class_folder(base / "imgs", n_per_class=8)
-    whole = embedtl.extract(
-        root,
-        cache_dir=base / "single",
-        backbone=TINY_BACKBONE,
-        image_size=TINY_SIZE,
-        workers=0,
-        batch_size=4,
-    )
-    return root, list(whole.paths), whole.features()
+    return reference_extraction(tmp_path_factory.mktemp("dist"), n_per_class=8)
 
 
 def _same_as_single(store, folder) -> None:

@@ -38,6 +38,11 @@ def test_mlp_hidden_sizes_and_activation(store):
     head = fit_head(store, HeadConfig(kind="mlp", hidden=(8, 4), activation="relu", **FAST))
     shapes = [tuple(p.shape) for p in head.module.net.parameters()]
     assert shapes == [(8, 16), (8,), (4, 8), (4,), (3, 4), (3,)]
+    layers = [type(m).__name__ for m in head.module.net.modules() if not list(m.children())]
+    assert [n for n in layers if n != "Dropout"] == ["Linear", "ReLU", "Linear", "ReLU", "Linear"]
+    gelu = fit_head(store, HeadConfig(kind="mlp", hidden=(8,), activation="gelu", **FAST))
+    assert any(isinstance(m, torch.nn.GELU) for m in gelu.module.net.modules())
+    assert not any(isinstance(m, torch.nn.ReLU) for m in gelu.module.net.modules())
 
 
 def test_selection_reads_val_only_poisoned_test_split_changes_nothing(tmp_path):

@@ -79,14 +79,13 @@ def world(tmp_path_factory):
     base = tmp_path_factory.mktemp("interactive")
     cache = base / "cache"
     root = make_class_folder(base / "imgs", n_per_class=10, ext=".jpg")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("EMBEDTL_CACHE", str(cache))
-    store = embedtl.extract(root, image_size=SIZE, runtime="onnxruntime", workers=0)
-    head = embedtl.fit_head(store, embedtl.HeadConfig(kind="linear", epochs=5))
-    head_dir = head.save(base / "head")
-    new = make_class_folder(base / "new", n_per_class=2, ext=".jpg")
-    predict_images(head_dir, [new], runtime="onnxruntime")  # makes the head's export
-    mp.undo()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EMBEDTL_CACHE", str(cache))
+        store = embedtl.extract(root, image_size=SIZE, runtime="onnxruntime", workers=0)
+        head = embedtl.fit_head(store, embedtl.HeadConfig(kind="linear", epochs=5))
+        head_dir = head.save(base / "head")
+        new = make_class_folder(base / "new", n_per_class=2, ext=".jpg")
+        predict_images(head_dir, [new], runtime="onnxruntime")  # makes the head's export
     return {
         "base": base,
         "cache": cache,
@@ -120,7 +119,7 @@ def test_cache_commands_and_a_cache_hit_import_no_torch(world, tmp_path):
     assert imported(tmp_path, *args, env=env) == []
 
 
-def test_a_cache_hit_with_a_backbone_file_imports_no_torch(world, tmp_path):
+def test_a_cache_hit_with_a_backbone_file_imports_no_torch(world, tmp_path, monkeypatch):
     from embedtl._builder import build_feature_model
     from embedtl.finetune import save_backbone
 
@@ -131,10 +130,8 @@ def test_a_cache_hit_with_a_backbone_file_imports_no_torch(world, tmp_path):
     assert embedtl.read_backbone_file(f).feature_dim == 1280  # recorded in the header
     env = {"EMBEDTL_CACHE": str(tmp_path / "c")}
     root = make_class_folder(tmp_path / "d", n_per_class=2)
-    mp = pytest.MonkeyPatch()
-    mp.setenv("EMBEDTL_CACHE", env["EMBEDTL_CACHE"])
+    monkeypatch.setenv("EMBEDTL_CACHE", env["EMBEDTL_CACHE"])
     embedtl.extract(root, str(f.parent), workers=0)
-    mp.undo()
     assert imported(tmp_path, "extract", str(root), "--backbone", str(f.parent), env=env) == []
 
 

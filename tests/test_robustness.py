@@ -29,6 +29,7 @@ from conftest import (
     Paused,
     make_class_folder,
     png_header_only,
+    reference_extraction,
     write_image,
 )
 from PIL import Image
@@ -273,16 +274,7 @@ def _cmd(root: Path, cache: Path, *extra: str) -> list[str]:
 def folder40(tmp_path_factory):
     """40 images and the store an uninterrupted run makes of them."""
     base = tmp_path_factory.mktemp("kill")
-    root = make_class_folder(base / "imgs", n_per_class=10, classes=("a", "b", "c", "d"))
-    ref = embedtl.extract(
-        root,
-        cache_dir=base / "ref",
-        backbone=TINY_BACKBONE,
-        image_size=TINY_SIZE,
-        workers=0,
-        batch_size=4,
-    )
-    return root, list(ref.paths), ref.features()
+    return reference_extraction(base, n_per_class=10, classes=("a", "b", "c", "d"))
 
 
 def _assert_same_as_uninterrupted(store, folder40) -> None:
