@@ -11,10 +11,10 @@ from typing import Any
 __all__ = ["deprecated_alias"]
 
 
-def deprecated_alias(new: Callable[..., Any], old: str) -> Callable[..., Any]:
-    """``new`` under its former name ``old`` (``module.name``): the same call, with a
-    ``DeprecationWarning`` that names ``new``; removed in the release after the rename."""
-    target = f"{new.__module__}.{new.__name__}"
+def deprecated_alias(new: Callable[..., Any], old: str, target: str) -> Callable[..., Any]:
+    """``new`` under its former name ``old``: the same call, with a ``DeprecationWarning``
+    naming ``target``, the public name of ``new`` (both as ``module.name``); removed in the
+    release after the rename."""
 
     @functools.wraps(new)
     def alias(*args: Any, **kwargs: Any) -> Any:

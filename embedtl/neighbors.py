@@ -192,4 +192,6 @@ def _stderr(p: float, n: int) -> float:
     return round(float(np.sqrt(p * (1 - p) / max(n, 1))), 5)
 
 
-knn_evaluate = deprecated_alias(knn_vote_accuracy, "embedtl.neighbors.knn_evaluate")
+knn_evaluate = deprecated_alias(
+    knn_vote_accuracy, "embedtl.neighbors.knn_evaluate", "embedtl.neighbors.knn_vote_accuracy"
+)

@@ -75,4 +75,4 @@ def knn_eval(
     return rep
 
 
-evaluate_knn = deprecated_alias(knn_eval, "embedtl.search.evaluate_knn")
+evaluate_knn = deprecated_alias(knn_eval, "embedtl.search.evaluate_knn", "embedtl.search.knn_eval")

@@ -247,4 +247,6 @@ def open_or_build_index(
     return ix
 
 
-build_index = deprecated_alias(open_or_build_index, "embedtl.search.build_index")
+build_index = deprecated_alias(
+    open_or_build_index, "embedtl.search.build_index", "embedtl.search.open_or_build_index"
+)
