@@ -75,7 +75,8 @@ _LAZY = {
     "search_store": ".search",
     "query_vectors": ".search",
     "find_duplicates": ".dedup",
-    "knn_evaluate": ".neighbors",
+    "knn_vote_accuracy": ".neighbors",
+    "knn_evaluate": ".neighbors",  # deprecated: knn_vote_accuracy
     "bench_heads": ".bench",
     "load_grid": ".bench",
     "fine_tune": ".finetune",
@@ -147,6 +148,7 @@ __all__ = [
     "gc_cache",
     "get_backbone",
     "knn_evaluate",
+    "knn_vote_accuracy",
     "list_backbones",
     "list_datasets",
     "list_stores",

@@ -25,8 +25,8 @@ from ._device import default_memory_budget
 from ._io import json_text, write_text
 from .errors import StoreError
 from .gallery import dedup_html
-from .index import VectorIndex, l2_normalize
-from .search import exact_neighbors, open_store_index, row_record
+from .index import VectorIndex, exact_neighbors, l2_normalize
+from .search import open_store_index, row_record
 
 __all__ = ["DEFAULT_THRESHOLD", "find_duplicates", "write_dedup_report"]
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ._deprecated import deprecated_alias
 from .errors import DataError
 from .index import VectorIndex, l2_normalize
 
@@ -23,6 +24,7 @@ __all__ = [
     "l2_normalize",
     "weighted_vote",
     "knn_predict",
+    "knn_vote_accuracy",
     "knn_evaluate",
 ]
 
@@ -73,7 +75,7 @@ def knn_predict(
     ]
 
 
-def knn_evaluate(
+def knn_vote_accuracy(
     store,
     ks: Sequence[int] = KNN_EVAL_K,
     temperature: float = KNN_TEMPERATURE,
@@ -188,3 +190,8 @@ def knn_evaluate(
 def _stderr(p: float, n: int) -> float:
     """Standard error of an accuracy ``p`` measured on ``n`` rows."""
     return round(float(np.sqrt(p * (1 - p) / max(n, 1))), 5)
+
+
+knn_evaluate = deprecated_alias(
+    knn_vote_accuracy, "embedtl.neighbors.knn_evaluate", "embedtl.neighbors.knn_vote_accuracy"
+)

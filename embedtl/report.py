@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ._io import atomic_file, json_text, write_text
+from .errors import UsageError
 
 __all__ = [
     "Evaluation",
@@ -120,6 +121,14 @@ class Evaluation:
         """(C, C) counts: row = true class, column = predicted."""
         c = len(self.classes)
         return np.bincount(self.y_true * c + self.y_pred, minlength=c * c).reshape(c, c)
+
+    def cell(self, true: int, pred: int) -> np.ndarray:
+        """Positions of the rows in one cell of :meth:`confusion`: given class ``true``,
+        predicted ``pred`` (class indices; another value is a :class:`UsageError`)."""
+        c = len(self.classes)
+        if not (0 <= true < c and 0 <= pred < c):
+            raise UsageError(f"a cell needs true and pred, class indices in [0, {c})")
+        return np.flatnonzero((self.y_true == true) & (self.y_pred == pred))
 
     def metrics(self) -> dict[str, Any]:
         c = len(self.classes)

@@ -20,6 +20,7 @@ from PIL import Image
 import embedtl
 from embedtl import runtime as rt
 from embedtl.backbones import get_backbone
+from embedtl.cache import JournalSegment
 from embedtl.cli import main
 from embedtl.data import ImageTransform, decode_image
 from embedtl.errors import DeviceError, StoreError
@@ -423,11 +424,17 @@ class _Journal:
     def __init__(self, fail=False, delay=0.0):
         self.rows, self.fail, self.delay = [], fail, delay
 
-    def append(self, feats, paths, *rest):
+    def append(self, segment):
         time.sleep(self.delay)
         if self.fail:
             raise StoreError("cannot write the extraction journal in /x (No space left on device)")
-        self.rows.extend(paths)
+        self.rows.extend(segment.paths)
+
+
+def _segment(*paths):
+    return JournalSegment(
+        features=None, paths=list(paths), sizes=[], mtimes_ns=[], hashes=[], failed=[]
+    )
 
 
 def test_writer_thread_writes_in_order_and_hands_errors_back():
@@ -436,13 +443,13 @@ def test_writer_thread_writes_in_order_and_hands_errors_back():
     w = ex._Writer(j, stages)
     t = time.perf_counter()
     for k in range(4):
-        w.put((None, [f"p{k}"]))
+        w.put(_segment(f"p{k}"))
     queued = time.perf_counter() - t
     w.close()
     assert j.rows == ["p0", "p1", "p2", "p3"] and stages["write"] >= 0.8
     assert queued < 0.6  # the caller waited for one write at most (queue depth 2), not four
     w = ex._Writer(_Journal(fail=True), {"write": 0.0})
-    w.put((None, ["p"]))
+    w.put(_segment("p"))
     with pytest.raises(StoreError, match="No space left"):
         w.close()
 

@@ -242,9 +242,9 @@ def test_store_reads_features_by_row_indices(store):
 
 
 def test_loading_and_knn_eval_show_progress(store, capsys):
-    from embedtl.neighbors import knn_evaluate
+    from embedtl.neighbors import knn_vote_accuracy
 
     fit_head(store, HeadConfig(kind="linear", **FAST), progress=True)
     assert "load features" in capsys.readouterr().err
-    knn_evaluate(store, (5,), progress=True)
+    knn_vote_accuracy(store, (5,), progress=True)
     assert "knn-eval" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from embedtl.cache import gc_cache
 from embedtl.dedup import find_duplicates
 from embedtl.heads import PATIENCE_ROWS, HeadConfig, StoreFeatures, fit_head, patience_epochs
 from embedtl.index import VectorIndex, faiss_path, kmeans
-from embedtl.search import build_store_index, evaluate_knn, index_path, open_store_index
+from embedtl.search import build_store_index, index_path, knn_eval, open_store_index
 
 
 def _store(tmp_path: Path, n_per_class=(3000, 3000, 3000), dim=64, dtype="float16"):
@@ -236,9 +236,9 @@ def test_an_interrupted_dedup_returns_the_groups_of_the_rows_searched(tmp_path):
 
 def test_knn_eval_through_the_index_reports_its_recall_and_matches_exact(tmp_path):
     store = _store(tmp_path, n_per_class=(1500, 1500, 1500), dim=32)
-    exact = evaluate_knn(store, ks=(10,))
+    exact = knn_eval(store, ks=(10,))
     open_store_index(store, kind="ivffp16")  # what auto builds above 50k rows
-    approx = evaluate_knn(store, ks=(10,), exact_max_rows=100)
+    approx = knn_eval(store, ks=(10,), exact_max_rows=100)
     assert not exact["approximate"] and "recall_at_k" not in exact
     assert approx["approximate"] and approx["index"] != "flat"
     assert approx["recall_at_k"] >= 0.9 and approx["recall_k"] == 10
@@ -260,7 +260,7 @@ def test_an_interrupted_knn_eval_keeps_the_rows_classified(tmp_path, monkeypatch
         return predict(*a, **k)
 
     monkeypatch.setattr(nb, "knn_predict", interrupted)
-    rep = nb.knn_evaluate(store, ks=(5,), chunk_rows=64)
+    rep = nb.knn_vote_accuracy(store, ks=(5,), chunk_rows=64)
     total = len(store.labelled_rows(["val", "test"]))
     assert not rep["complete"] and 0 < rep["rows_evaluated"] < total
     assert rep["results"][0]["n"] == rep["rows_evaluated"]

@@ -15,7 +15,7 @@ from PIL import Image
 from embedtl.cache import FeatureStore, StoreRows, write_store
 from embedtl.cli import main
 from embedtl.dedup import find_duplicates
-from embedtl.neighbors import knn_evaluate
+from embedtl.neighbors import knn_vote_accuracy
 from embedtl.search import (
     INDEX_KINDS,
     StaleIndexError,
@@ -220,9 +220,29 @@ def test_new_rows_are_added_incrementally(tmp_path, kind):
 
 
 # -- kNN evaluation -------------------------------------------------------------------------------
-def test_knn_evaluate_matches_a_brute_force_weighted_vote(tmp_path):
+def test_old_names_still_work_and_warn_naming_the_new_one(tmp_path):
+    import embedtl
+    import embedtl.neighbors as nb
+    import embedtl.search as search
+
+    store = synthetic_store(tmp_path / "s.h5", n_per_class=(20, 20), dim=8, separation=1.0)
+    with pytest.warns(DeprecationWarning, match=r"embedtl\.neighbors\.knn_vote_accuracy"):
+        old = nb.knn_evaluate(store, ks=(5,))
+    assert old["results"] == knn_vote_accuracy(store, ks=(5,))["results"]
+    with pytest.warns(DeprecationWarning, match=r"embedtl\.neighbors\.knn_vote_accuracy"):
+        embedtl.knn_evaluate(store, ks=(5,))
+    with pytest.warns(DeprecationWarning, match=r"use embedtl\.search\.knn_eval$"):
+        old = search.evaluate_knn(store, ks=(5,))
+    assert old["results"] == search.knn_eval(store, ks=(5,))["results"]
+    with pytest.warns(DeprecationWarning, match=r"embedtl\.search\.open_or_build_index"):
+        ix = search.build_index(store)
+    assert len(ix) == len(store) and ix.info["action"] == "built"
+    assert search.build_index.__name__ == "build_index" and "Deprecated" in nb.knn_evaluate.__doc__
+
+
+def test_knn_vote_accuracy_matches_a_brute_force_weighted_vote(tmp_path):
     store = synthetic_store(tmp_path / "s.h5", n_per_class=(60, 60, 60), dim=16, separation=1.0)
-    rep = knn_evaluate(store, ks=(10, 20, 50), temperature=0.07)
+    rep = knn_vote_accuracy(store, ks=(10, 20, 50), temperature=0.07)
     tr, te = store.indices("train"), store.indices("test")
     bank, q = l2_normalize(store.features("train")), l2_normalize(store.features("test"))
     s = q @ bank.T

@@ -2,7 +2,7 @@
 locking, listing and garbage collection, merging shards."""
 
 from .._version import library_versions
-from ._journal import Journal, JournalRows
+from ._journal import FailedFile, Journal, JournalRows, JournalSegment
 from ._manage import export_store, find_store, gc_cache, list_stores, open_store, verify_store
 from ._merge import MergeResult, merge_shards, merge_stores, remove_shards
 from ._paths import default_cache_dir, onnx_model_path, store_lock, store_path
@@ -13,8 +13,10 @@ from ._write import write_store
 __all__ = [
     "FORMAT_NAME",
     "FeatureStore",
+    "FailedFile",
     "Journal",
     "JournalRows",
+    "JournalSegment",
     "MergeResult",
     "StoreRows",
     "default_cache_dir",

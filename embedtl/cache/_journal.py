@@ -15,13 +15,37 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from .._io import pause_point
 from ..errors import StoreError
 
-__all__ = ["Journal", "JournalRows"]
+__all__ = ["FailedFile", "Journal", "JournalRows", "JournalSegment"]
+
+
+class FailedFile(NamedTuple):
+    """A file that could not be extracted, with the stats it had then (a failure is kept while
+    the file is unchanged)."""
+
+    path: str
+    error: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class JournalSegment:
+    """What one :meth:`Journal.append` writes: the rows extracted (features, and per row its
+    path, file size, mtime and content hash) and the files that failed."""
+
+    features: np.ndarray  # (n, D)
+    paths: list[str]
+    sizes: list[int]
+    mtimes_ns: list[int]
+    hashes: list[str]
+    failed: list[FailedFile]
 
 
 @dataclass
@@ -33,10 +57,25 @@ class JournalRows:
     sizes: dict[str, int]
     mtimes_ns: dict[str, int]
     hashes: dict[str, str]
-    failed: dict[str, tuple[str, int, int]]  # path -> (error, size, mtime_ns)
+    failed: dict[str, FailedFile]
+
+    @classmethod
+    def empty(cls, dim: int, dtype: str) -> JournalRows:
+        """No rows: what a missing or discarded journal gives."""
+        return cls(
+            features=np.zeros((0, dim), dtype),
+            index={},
+            sizes={},
+            mtimes_ns={},
+            hashes={},
+            failed={},
+        )
 
 
 class Journal:
+    """The journal folder of one store and backbone fingerprint: :meth:`load` what earlier runs
+    left, :meth:`append` a segment, :meth:`clear` it once the store is written."""
+
     def __init__(self, store_path: Path, fingerprint: str, dim: int, dtype: str) -> None:
         self.dir = store_path.with_name(store_path.name + ".journal")
         self.fingerprint = fingerprint
@@ -46,11 +85,12 @@ class Journal:
         self._n = 0
 
     def exists(self) -> bool:
+        """Whether an earlier run left a journal folder."""
         return self.dir.is_dir()
 
     def load(self) -> JournalRows:
         """Whole segments of earlier runs with the same fingerprint; others are discarded."""
-        empty = JournalRows(np.zeros((0, self.dim), self.dtype), {}, {}, {}, {}, {})
+        empty = JournalRows.empty(self.dim, self.dtype)
         if not self.dir.is_dir():
             return empty
         for tmp in self.dir.glob(".*.tmp"):  # a segment a killed writer did not finish
@@ -68,7 +108,7 @@ class Journal:
         sizes: dict[str, int] = {}
         mtimes: dict[str, int] = {}
         hashes: dict[str, str] = {}
-        failed: dict[str, tuple[str, int, int]] = {}
+        failed: dict[str, FailedFile] = {}
         n = 0
         for seg in sorted(self.dir.glob("seg-*.npz")):
             try:
@@ -91,34 +131,31 @@ class Journal:
                 hashes[p] = h[i]
                 failed.pop(p, None)
             for p, e, sz, mt in zip(fp, fe, fs, fm, strict=True):
-                failed[p] = (e, sz, mt)
+                failed[p] = FailedFile(path=p, error=e, size=sz, mtime_ns=mt)
             n += len(paths)
         return JournalRows(
-            np.concatenate(feats) if feats else empty.features, index, sizes, mtimes, hashes, failed
+            features=np.concatenate(feats) if feats else empty.features,
+            index=index,
+            sizes=sizes,
+            mtimes_ns=mtimes,
+            hashes=hashes,
+            failed=failed,
         )
 
-    def append(
-        self,
-        features: np.ndarray,
-        paths: list[str],
-        sizes: list[int],
-        mtimes_ns: list[int],
-        hashes: list[str],
-        failed: list[tuple[str, str, int, int]],
-    ) -> None:
+    def append(self, segment: JournalSegment) -> None:
         """Write one segment atomically (a full disk raises :class:`StoreError`; the segments
         already written stay valid)."""
-        if not paths and not failed:
+        if not segment.paths and not segment.failed:
             return
         try:
-            self._append(features, paths, sizes, mtimes_ns, hashes, failed)
+            self._append(segment)
         except OSError as e:
             raise StoreError(
                 f"cannot write the extraction journal in {self.dir} ({e.strerror or e}); the rows "
                 "written so far are kept: free disk space or choose another --cache-dir, then rerun"
             ) from None
 
-    def _append(self, features, paths, sizes, mtimes_ns, hashes, failed) -> None:
+    def _append(self, segment: JournalSegment) -> None:
         if not self.dir.is_dir():
             self.dir.mkdir(parents=True, exist_ok=True)
         meta_file = self.dir / "meta.json"
@@ -129,30 +166,34 @@ class Journal:
         name = f"seg-{self._run}-{self._n:06d}.npz"
         tmp = self.dir / f".{name}.tmp"
         try:
-            self._write_segment(tmp, features, paths, sizes, mtimes_ns, hashes, failed)
+            self._write_segment(tmp, segment)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         os.replace(tmp, self.dir / name)
         self._n += 1
 
-    def _write_segment(self, tmp, features, paths, sizes, mtimes_ns, hashes, failed) -> None:
+    def _write_segment(self, tmp: Path, seg: JournalSegment) -> None:
+        failed = seg.failed
         with open(tmp, "wb") as fh:
             np.savez(
                 fh,
-                features=np.asarray(features, dtype=self.dtype).reshape(len(paths), self.dim),
-                paths=np.asarray(paths, dtype=str),
-                sizes=np.asarray(sizes, dtype=np.int64),
-                mtimes_ns=np.asarray(mtimes_ns, dtype=np.int64),
-                hashes=np.asarray(hashes, dtype=str),
-                failed_paths=np.asarray([f[0] for f in failed], dtype=str),
-                failed_errors=np.asarray([f[1] for f in failed], dtype=str),
-                failed_sizes=np.asarray([f[2] for f in failed], dtype=np.int64),
-                failed_mtimes_ns=np.asarray([f[3] for f in failed], dtype=np.int64),
+                features=np.asarray(seg.features, dtype=self.dtype).reshape(
+                    len(seg.paths), self.dim
+                ),
+                paths=np.asarray(seg.paths, dtype=str),
+                sizes=np.asarray(seg.sizes, dtype=np.int64),
+                mtimes_ns=np.asarray(seg.mtimes_ns, dtype=np.int64),
+                hashes=np.asarray(seg.hashes, dtype=str),
+                failed_paths=np.asarray([f.path for f in failed], dtype=str),
+                failed_errors=np.asarray([f.error for f in failed], dtype=str),
+                failed_sizes=np.asarray([f.size for f in failed], dtype=np.int64),
+                failed_mtimes_ns=np.asarray([f.mtime_ns for f in failed], dtype=np.int64),
             )
             fh.flush()
             pause_point("journal-segment")
             os.fsync(fh.fileno())
 
     def clear(self) -> None:
+        """Delete the journal folder (a completed run folded it into the store)."""
         shutil.rmtree(self.dir, ignore_errors=True)

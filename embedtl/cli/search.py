@@ -63,7 +63,7 @@ def index_options(f):
 
 def index_args(kw: dict) -> dict:
     """Pop :func:`index_options` out of a command's keyword arguments, as
-    :func:`embedtl.search.build_index` takes them."""
+    :func:`embedtl.search.open_or_build_index` takes them."""
     return {
         "kind": kw.pop("index_type"),
         "target_recall": kw.pop("target_recall"),
@@ -82,12 +82,12 @@ def _open(
 ):
     """(store, its index) of DATA_DIR|STORE as the index options ask; the command's backbone
     and engine options (:class:`SourceArgs`) as the third."""
-    from ..search import build_index
+    from ..search import open_or_build_index
 
     opts = index_args(kw)
     args = source_args(kw)
     store = open_source(source, args, progress)
-    ix = build_index(
+    ix = open_or_build_index(
         store,
         metric=metric,
         **opts,
@@ -395,10 +395,10 @@ def knn_eval_cmd(
 ) -> None:
     """How well the embeddings separate the classes, with no training: weighted kNN over the train
     rows (cosine, votes exp(s/T)), accuracy on val and test for each k."""
-    from ..search import evaluate_knn
+    from ..search import knn_eval
 
     store = open_source(source, source_args(kw), want_progress(progress))
-    rep = evaluate_knn(
+    rep = knn_eval(
         store, list(ks), temperature, progress=want_progress(progress), max_rows=max_rows
     )
 

@@ -17,6 +17,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from .._io import text_file
 from ..errors import DataError
@@ -37,6 +38,15 @@ class ImageEntry:
     mtime_ns: int
     label: int  # index into Manifest.classes; -1 for unlabelled
     split: str  # "train" | "val" | "test"
+
+
+class _Found(NamedTuple):
+    """An image the walk found, with what its folders say of it (before any labels CSV)."""
+
+    path: str  # POSIX, relative to the root
+    stat: os.stat_result
+    split: str | None  # from a split folder, else None
+    class_name: str | None  # from a class folder (or the labels CSV), else None
 
 
 @dataclass
@@ -151,33 +161,34 @@ def scan(
     top_dirs = {rp.split("/", 1)[0] for rp, _ in images if "/" in rp}
     split_dirs = {d: _SPLIT_DIRS[d.lower()] for d in top_dirs if d.lower() in _SPLIT_DIRS}
 
-    # (path, split from the folder or None, class name from the folder or None)
-    rows: list[tuple[str, os.stat_result, str | None, str | None]] = []
+    rows: list[_Found] = []
     if split_dirs:
         layout = "splits"
         for rp, st in images:
             parts = rp.split("/")
             sp = split_dirs.get(parts[0])
             if sp is None:
-                rows.append((rp, st, None, parts[0] if len(parts) > 1 else None))
+                cls = parts[0] if len(parts) > 1 else None
             else:
-                rows.append((rp, st, sp, parts[1] if len(parts) > 2 else None))
+                cls = parts[1] if len(parts) > 2 else None
+            rows.append(_Found(path=rp, stat=st, split=sp, class_name=cls))
     else:
         has_class_dirs = any("/" in rp for rp, _ in images)
         layout = "classes" if has_class_dirs else "flat"
         for rp, st in images:
             parts = rp.split("/")
-            rows.append((rp, st, None, parts[0] if len(parts) > 1 else None))
+            cls = parts[0] if len(parts) > 1 else None
+            rows.append(_Found(path=rp, stat=st, split=None, class_name=cls))
 
     if labels_csv is not None:
         layout = "csv"
         csv_labels = read_labels_csv(labels_csv)
-        known = {rp for rp, *_ in rows}
+        known = {r.path for r in rows}
         missing = [p for p in csv_labels if p not in known]
         if len(missing) == len(csv_labels):
             raise DataError(
                 f"none of the paths in {labels_csv} are images under {root} "
-                f"(paths must be relative to the folder, e.g. {rows[0][0]})"
+                f"(paths must be relative to the folder, e.g. {rows[0].path})"
             )
         if missing:
             log.warning(
@@ -187,20 +198,22 @@ def scan(
                 root,
                 ", ".join(missing[:3]),
             )
-        rows = [(rp, st, sp, csv_labels.get(rp)) for rp, st, sp, _ in rows]
-        n_unlabelled = sum(1 for *_, c in rows if c is None)
+        rows = [r._replace(class_name=csv_labels.get(r.path)) for r in rows]
+        n_unlabelled = sum(1 for r in rows if r.class_name is None)
         if n_unlabelled:
             log.info("%d images have no row in %s: unlabelled (-1)", n_unlabelled, labels_csv)
 
-    classes = sorted({c for *_, c in rows if c is not None})
+    classes = sorted({r.class_name for r in rows if r.class_name is not None})
     class_index = {c: i for i, c in enumerate(classes)}
-    labelled = [(rp, class_index[c] if c is not None else -1, sp) for rp, _, sp, c in rows]
+    label = {r.path: -1 if r.class_name is None else class_index[r.class_name] for r in rows}
 
     assigned: dict[str, str] = {}
     if split_dirs:
         # honour folders; carve val from train when there is no val folder
         if "val" not in split_dirs.values() and split.val_fraction > 0:
-            train_items = [(rp, lab) for rp, lab, sp in labelled if sp == "train" and lab >= 0]
+            train_items = [
+                (r.path, label[r.path]) for r in rows if r.split == "train" and label[r.path] >= 0
+            ]
             assigned.update(
                 assign_splits(
                     train_items,
@@ -209,15 +222,21 @@ def scan(
                     split.seed,
                 )
             )
-        for rp, _, sp in labelled:
-            assigned.setdefault(rp, sp or "train")
+        for r in rows:
+            assigned.setdefault(r.path, r.split or "train")
     else:
-        items = [(rp, lab) for rp, lab, _ in labelled if lab >= 0]
+        items = [(r.path, label[r.path]) for r in rows if label[r.path] >= 0]
         assigned.update(assign_splits(items, SPLITS, split.fractions, split.seed))
 
     entries = [
-        ImageEntry(rp, int(st.st_size), int(st.st_mtime_ns), lab, assigned.get(rp, "train"))
-        for (rp, st, _, _), (_, lab, _) in zip(rows, labelled, strict=True)
+        ImageEntry(
+            path=r.path,
+            size=int(r.stat.st_size),
+            mtime_ns=int(r.stat.st_mtime_ns),
+            label=label[r.path],
+            split=assigned.get(r.path, "train"),
+        )
+        for r in rows
     ]
     return Manifest(
         root=root,

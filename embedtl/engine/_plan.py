@@ -18,7 +18,7 @@ import numpy as np
 from .._dist import shard_bounds
 from .._version import library_versions
 from ..backbones import BackboneSpec
-from ..cache import FeatureStore, StoreRows, store_path, write_store
+from ..cache import FailedFile, FeatureStore, JournalRows, StoreRows, store_path, write_store
 from ..data import UNREADABLE, Manifest, SplitConfig, scan
 from ..errors import DataError, EmbedTLError, StoreError
 from ._loader import ContentHasher
@@ -239,7 +239,7 @@ class Plan:
 def plan_rows(
     manifest: Manifest,
     old: FeatureStore | None,
-    journal_rows,
+    journal_rows: JournalRows,
     all_paths: set[str],
     hasher: ContentHasher,
     check_content: bool = False,
@@ -254,18 +254,18 @@ def plan_rows(
     from .._progress import progress_bar
 
     old_index: dict[str, int] = {}
-    old_failed: dict[str, tuple[str, int, int]] = {}
+    old_failed: dict[str, FailedFile] = {}
     old_hashes = old.hashes if old is not None else None
     if old is not None:
         old_index = {p: i for i, p in enumerate(old.paths.tolist())}
         r = old.rows()
         old_failed = {
-            p: (e, int(s), int(m))
+            p: FailedFile(path=p, error=e, size=int(s), mtime_ns=int(m))
             for p, e, s, m in zip(
                 r.failed_paths, r.failed_errors, r.failed_sizes, r.failed_mtimes_ns, strict=False
             )
         }
-    plan = Plan({}, {}, {}, [], 0)
+    plan = Plan(from_store={}, from_journal={}, failed_known={}, todo=[], removed=0)
 
     def same(path: str, size: int, mtime: int, stored_hash: str, e, pos: int) -> bool:
         if size != e.size:
@@ -308,11 +308,11 @@ def plan_rows(
             rec = failed.get(e.path)
             if (
                 rec is not None
-                and rec[1] == e.size
-                and rec[2] == e.mtime_ns
-                and not (retry_unreadable and rec[0].startswith(UNREADABLE))
+                and rec.size == e.size
+                and rec.mtime_ns == e.mtime_ns
+                and not (retry_unreadable and rec.error.startswith(UNREADABLE))
             ):
-                plan.failed_known[pos] = rec[0]
+                plan.failed_known[pos] = rec.error
                 break
         else:
             plan.todo.append(pos)
@@ -350,7 +350,7 @@ def fold(
     manifest: Manifest,
     plan: Plan,
     old: FeatureStore | None,
-    journal_rows,
+    journal_rows: JournalRows,
     path: Path,
     dim: int,
     dtype: str,

@@ -18,7 +18,7 @@ import numpy as np
 from .._device import check_batch_memory, resolve_device
 from .._io import pause_point
 from ..backbones import BackboneSpec
-from ..cache import Journal, onnx_model_path
+from ..cache import FailedFile, Journal, JournalSegment, onnx_model_path
 from ..data import DECODER, ImageTransform, Manifest, max_image_pixels
 from ..errors import DegenerateFeaturesError, EmbedTLError, ImageDecodeError
 from ..runtime import (
@@ -447,7 +447,7 @@ class _Writer:
             if self.error is None:
                 t = time.perf_counter()
                 try:
-                    self.journal.append(*item)
+                    self.journal.append(item)
                 except BaseException as e:  # handed to the caller
                     self.error = e
                 self.stages["write"] += time.perf_counter() - t
@@ -456,7 +456,7 @@ class _Writer:
         if self.error is not None:
             raise self.error
 
-    def put(self, item: tuple) -> None:
+    def put(self, item: JournalSegment) -> None:
         self.check()
         self.queue.put(item)
 
@@ -483,7 +483,7 @@ def _run_model(
     pending_feats: list[np.ndarray] = []
     pending_rows: list[int] = []
     pending_hashes: list[str] = []
-    pending_failed: list[tuple[str, str, int, int]] = []
+    pending_failed: list[FailedFile] = []
     last_flush = time.perf_counter()
     writer = _Writer(journal, stages)
     degenerate = _Degenerate(spec.name)
@@ -499,19 +499,17 @@ def _run_model(
             )
             es = [entries[i] for i in pending_rows]
             writer.put(
-                (
-                    feats,
-                    [e.path for e in es],
-                    [e.size for e in es],
-                    [e.mtime_ns for e in es],
-                    list(pending_hashes),
-                    list(pending_failed),
+                JournalSegment(
+                    features=feats,
+                    paths=[e.path for e in es],
+                    sizes=[e.size for e in es],
+                    mtimes_ns=[e.mtime_ns for e in es],
+                    hashes=list(pending_hashes),
+                    failed=list(pending_failed),
                 )
             )
-            pending_feats.clear()
-            pending_rows.clear()
-            pending_hashes.clear()
-            pending_failed.clear()
+            for pending in (pending_feats, pending_rows, pending_hashes, pending_failed):
+                pending.clear()
         last_flush = time.perf_counter()
 
     def take(c: Computed, strict: bool) -> None:
@@ -520,7 +518,9 @@ def _run_model(
             if strict:
                 raise ImageDecodeError(strict_message(manifest, todo[i], err, 1))
             log.info("failed: %s: %s", e.path, err)
-            pending_failed.append((e.path, err, e.size, e.mtime_ns))
+            pending_failed.append(
+                FailedFile(path=e.path, error=err, size=e.size, mtime_ns=e.mtime_ns)
+            )
         if c.features is not None:
             pending_feats.append(c.features)
             pending_rows.extend(c.positions)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -20,7 +19,7 @@ import torch
 
 from .._builder import build_feature_model
 from .._device import resolve_device
-from .._io import atomic_file, io_reason, json_text, write_text
+from .._io import atomic_file, io_reason
 from .._model import FeatureModel
 from .._version import library_versions
 from ..backbones import BACKBONE_FILE, BackboneSpec, backbone_file_metadata, read_backbone_file
@@ -32,13 +31,12 @@ from ..heads import Head, evaluate_head, fit_head, load_head
 from ..report import plot_training_curve
 from ._config import FineTuneConfig, FineTuneResult
 from ._network import EndToEnd
+from ._record import FineTuneRecord
 from ._trainer import CHECKPOINT, Checkpointing, Rows, TrainData, Trainer, signature
 
 __all__ = ["default_out_dir", "fine_tune", "save_backbone"]
 
 log = logging.getLogger(__name__)
-
-_RECORD = "finetune.json"
 
 
 def save_backbone(
@@ -125,20 +123,20 @@ def fine_tune(
     sig = signature(head, parent_fp, cfg, data)
     dev = resolve_device(opts.device)
 
-    record = _read_record(out_dir)
-    reused = bool(weights.is_file() and record.get("signature") == sig and not restart)
-    if reused:
+    found = FineTuneRecord.read(out_dir)
+    reused = bool(weights.is_file() and found and found.signature == sig and not restart)
+    if found is not None and reused:
         log.info(
             "%s is the result of this same fine-tune: reusing it (--restart trains again)", weights
         )
-        t_train = 0.0
+        record, t_train = found, 0.0
     else:
         run = Checkpointing(out_dir / CHECKPOINT, sig, checkpoint_seconds)
         record = _train(head, parent_spec, cfg, opts, data, dev, run, restart, progress, on_step)
-        record["parent"]["store"] = str(parent_store.path)
+        record.parent["store"] = str(parent_store.path)
         _write_record(out_dir, record)  # from here on a rerun reuses the backbone
         (out_dir / CHECKPOINT).unlink(missing_ok=True)
-        t_train = record["train_seconds"]
+        t_train = record.train_seconds
     new_spec = read_backbone_file(weights)
     fingerprint = new_spec.fingerprint()
 
@@ -158,14 +156,14 @@ def fine_tune(
     t_fit = time.perf_counter() - t2
     m = new_head.info["metrics"]
     after = {"val_accuracy": m["val_accuracy"], "test_accuracy": m["test_accuracy"]}
-    record = {
-        **record,
-        "fingerprint": fingerprint,
-        "before": before,
-        "after": after,
-        "store": str(new_store.path),
-        "head": str(head_path),
-    }
+    record = dataclasses.replace(
+        record,
+        fingerprint=fingerprint,
+        before=before,
+        after=after,
+        store=str(new_store.path),
+        head=str(head_path),
+    )
     _write_record(out_dir, record)
     return FineTuneResult(
         parent_fingerprint=parent_fp,
@@ -178,20 +176,20 @@ def fine_tune(
         before=before,
         after=after,
         unfreeze=cfg.unfreeze,
-        blocks=record["blocks"],
-        trainable_parameters=int(record["trainable_parameters"]),
-        epochs=len(record["curve"]),
-        best_epoch=int(record["best_epoch"]),
-        start_val_accuracy=record["start"].get("val_accuracy"),
-        end_to_end_val_accuracy=record["best_val_accuracy"],
-        curve=record["curve"],
+        blocks=record.blocks,
+        trainable_parameters=int(record.trainable_parameters),
+        epochs=len(record.curve),
+        best_epoch=int(record.best_epoch),
+        start_val_accuracy=record.start.get("val_accuracy"),
+        end_to_end_val_accuracy=record.best_val_accuracy,
+        curve=record.curve,
         seconds={
             "train": round(t_train, 3),
             "extract": round(t_extract, 3),
             "fit": round(t_fit, 3),
             "total": round(time.perf_counter() - t0, 3),
         },
-        resumed_from=record["resumed_from"],
+        resumed_from=record.resumed_from,
         reused=reused,
         device=dev,
         config=cfg.to_dict(),
@@ -247,7 +245,7 @@ def _train(
     restart: bool,
     progress: bool,
     on_step: Callable[[int, int], None] | None,
-) -> dict[str, Any]:
+) -> FineTuneRecord:
     """Train backbone + head, save the best weights as the new backbone file beside the
     checkpoint; returns the run's record (``finetune.json``)."""
     features = build_feature_model(parent_spec, allow_download=opts.allow_download)
@@ -268,25 +266,24 @@ def _train(
     new_name = f"{re.sub(r'[@:/]+', '_', parent_spec.name)}-ft-{cfg.tag}"  # a label, never parsed
     weights = run.path.parent / BACKBONE_FILE
     save_backbone(features, weights, new_name, parent, {"signature": run.signature})
-    return {
-        "format": "embedtl.finetune",
-        "signature": run.signature,
-        "parent": dict(parent),
-        "backbone": new_name,
-        "config": cfg.to_dict(),
-        "head_config": head.config.to_dict(),
-        "blocks": [b.name for b in unfrozen],
-        "trainable_parameters": sum(p.numel() for p in net.parameters() if p.requires_grad),
-        "start": trained.start,
-        "curve": trained.curve,
-        "best_epoch": trained.best_epoch,
-        "best_val_accuracy": trained.best_val,
-        "resumed_from": trained.resumed_from,
-        "train_seconds": trained.seconds,
-        "device": dev,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "versions": library_versions(),
-    }
+    return FineTuneRecord(
+        signature=run.signature,
+        parent=dict(parent),
+        backbone=new_name,
+        config=cfg.to_dict(),
+        head_config=head.config.to_dict(),
+        blocks=[b.name for b in unfrozen],
+        trainable_parameters=sum(p.numel() for p in net.parameters() if p.requires_grad),
+        start=trained.start,
+        curve=trained.curve,
+        best_epoch=trained.best_epoch,
+        best_val_accuracy=trained.best_val,
+        resumed_from=trained.resumed_from,
+        train_seconds=trained.seconds,
+        device=dev,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        versions=library_versions(),
+    )
 
 
 def _class_map(head: Head, store: FeatureStore) -> np.ndarray:
@@ -306,18 +303,11 @@ def _accuracy(head: Head, store: FeatureStore, split: str) -> float | None:
     return float(ev.accuracy) if len(ev.y_true) else None
 
 
-def _read_record(out_dir: Path) -> dict[str, Any]:
-    try:
-        rec = json.loads((out_dir / _RECORD).read_text())
-    except (OSError, ValueError):
-        return {}
-    return rec if isinstance(rec, dict) else {}
-
-
-def _write_record(out_dir: Path, record: dict[str, Any]) -> None:
-    write_text(out_dir / _RECORD, json_text(record, indent=2))
-    if record.get("curve"):
-        start = record.get("start", {}).get("val_accuracy")
+def _write_record(out_dir: Path, record: FineTuneRecord) -> None:
+    """``finetune.json`` and, when the run has a curve, ``curve.png``."""
+    record.write(out_dir)
+    if record.curve:
+        start = record.start.get("val_accuracy")
         plot_training_curve(
-            record["curve"], out_dir / "curve.png", record.get("best_epoch"), start_accuracy=start
+            record.curve, out_dir / "curve.png", record.best_epoch, start_accuracy=start
         )

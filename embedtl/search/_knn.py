@@ -8,11 +8,12 @@ from typing import Any
 
 import numpy as np
 
-from ..index import EXACT_MAX_ROWS, recall_at_k
-from ..neighbors import KNN_EVAL_K, KNN_TEMPERATURE, knn_evaluate
-from ._lifecycle import exact_neighbors, open_store_index
+from .._deprecated import deprecated_alias
+from ..index import EXACT_MAX_ROWS, exact_neighbors, recall_at_k
+from ..neighbors import KNN_EVAL_K, KNN_TEMPERATURE, knn_vote_accuracy
+from ._lifecycle import open_store_index
 
-__all__ = ["RECALL_QUERIES", "SAMPLE_ROWS", "evaluate_knn"]
+__all__ = ["RECALL_QUERIES", "SAMPLE_ROWS", "evaluate_knn", "knn_eval"]
 
 #: Queries of the recall check: exact neighbours cost one pass over the bank.
 RECALL_QUERIES = 256
@@ -25,7 +26,7 @@ SAMPLE_ROWS = 20_000
 INDEX_CHUNK_ROWS = 128
 
 
-def evaluate_knn(
+def knn_eval(
     store,
     ks: Sequence[int] = KNN_EVAL_K,
     temperature: float = KNN_TEMPERATURE,
@@ -34,17 +35,18 @@ def evaluate_knn(
     seed: int = 0,
     max_rows: int | None = None,
 ) -> dict[str, Any]:
-    """:func:`embedtl.neighbors.knn_evaluate` of ``store``: exact up to ``exact_max_rows``
+    """What ``embedtl knn-eval`` runs: :func:`embedtl.neighbors.knn_vote_accuracy` of ``store``,
+    exact up to ``exact_max_rows``
     labelled train rows (the bank), above that through the store's index (built or brought up
     to date first) among the train rows, on a sample of :data:`SAMPLE_ROWS` rows per split
     (``max_rows``: another size; 0: every row), with ``recall_at_k`` of its neighbours against
     exact search for :data:`RECALL_QUERIES` evaluated rows (``recall_k``: the largest k)."""
     bank_rows = store.labelled_rows("train")
     if len(bank_rows) <= exact_max_rows:
-        return knn_evaluate(store, ks, temperature, progress=progress, max_rows=max_rows)
+        return knn_vote_accuracy(store, ks, temperature, progress=progress, max_rows=max_rows)
     ix = open_store_index(store, metric="cosine", progress=progress)
     rows = SAMPLE_ROWS if max_rows is None else max_rows
-    rep = knn_evaluate(
+    rep = knn_vote_accuracy(
         store,
         ks,
         temperature,
@@ -71,3 +73,6 @@ def evaluate_knn(
     rep.update(recall_at_k=round(recall_at_k(found, truth), 4), recall_k=k)
     rep["recall_queries"] = len(sample)
     return rep
+
+
+evaluate_knn = deprecated_alias(knn_eval, "embedtl.search.evaluate_knn", "embedtl.search.knn_eval")

@@ -319,9 +319,9 @@ class Catalog:
         conf, yp, yt = ev.proba.max(1), ev.y_pred, ev.y_true
         c = len(ev.classes)
         if kind == "cell":
-            if true is None or pred is None or not (0 <= true < c and 0 <= pred < c):
+            if true is None or pred is None:
                 raise UsageError(f"a cell needs true and pred, class indices in [0, {c})")
-            sel, key = np.flatnonzero((yt == true) & (yp == pred)), -conf
+            sel, key = ev.cell(true, pred), -conf
         elif kind == "mistakes":
             sel, key = np.flatnonzero(yt != yp), -conf
         elif kind == "unsure":

@@ -53,7 +53,7 @@ def open_catalog(
     from ..backbones import DEFAULT_BACKBONE
     from ..engine import Embedder, open_source
     from ..heads import read_head_info
-    from ..search import build_index
+    from ..search import open_or_build_index
 
     opts = options if options is not None else EngineOptions()
     infos = [read_head_info(Path(h).expanduser().resolve()) for h in heads]
@@ -78,7 +78,7 @@ def open_catalog(
     entries = []
     names = _unique_names([s.root for s in stores])
     for i, (store, name) in enumerate(zip(stores, names, strict=True)):
-        ix = build_index(store, progress=progress, **(index_args or {}))
+        ix = open_or_build_index(store, progress=progress, **(index_args or {}))
         store.paths, store.splits  # noqa: B018 - decoded once, not per row shown
         fits = len(store) * store.dim * np.dtype(store.dtype).itemsize <= RESIDENT_BYTES
         resident = store.features(dtype=store.dtype) if fits else None
