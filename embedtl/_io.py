@@ -52,6 +52,8 @@ _pause_counts: dict[str, int] = {}
 
 
 def pause_point(name: str) -> None:
+    """Stop here when ``$EMBEDTL_TEST_PAUSE`` names this point (see :data:`PAUSE_ENV`) until the
+    test creates ``<name>.resume``; otherwise return at once."""
     spec = os.environ.get(PAUSE_ENV)
     if not spec:
         return

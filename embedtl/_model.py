@@ -102,6 +102,7 @@ class FeatureModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """The device the module's weights are on."""
         return self.mean.device
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
@@ -109,6 +110,7 @@ class FeatureModel(nn.Module):
         return (images.float() - self.mean) / self.std
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images (B, 3, H, W) -> pooled features (B, D), normalised first."""
         return self.body(self.normalise(images))  # (B, D)
 
     def blocks(self) -> list[Block]:

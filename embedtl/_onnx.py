@@ -23,11 +23,15 @@ OPSET = 17
 
 @dataclass(frozen=True)
 class ParityReport:
+    """An export checked against PyTorch on one seeded batch of ``batch`` inputs: the largest
+    absolute difference and the lowest per-row cosine similarity of the outputs."""
+
     max_abs_diff: float
     min_cosine: float
     batch: int
 
     def ok(self, min_cosine: float = 0.9999) -> bool:
+        """Whether every row's cosine similarity with PyTorch is at least ``min_cosine``."""
         return self.min_cosine >= min_cosine
 
 

@@ -27,6 +27,7 @@ class Finished:
         self.feats, self.times = feats, times
 
     def result(self) -> tuple[np.ndarray, dict[str, float]]:
+        """(features (B, D) float32, stage seconds ``h2d`` and ``model``); nothing to wait for."""
         return self.feats, self.times
 
 
@@ -90,6 +91,8 @@ class OnnxRuntime:
         return self.session.run(None, {self.input_name: x})[0]
 
     def submit(self, x) -> Finished:
+        """Run one batch now (ONNX Runtime runs synchronously): a :class:`Finished` whose stage
+        seconds are the preparation (``h2d``) and the session run (``model``)."""
         t0 = time.perf_counter()
         x = self.prepare(x)
         t1 = time.perf_counter()
@@ -97,6 +100,7 @@ class OnnxRuntime:
         return Finished(f, {"h2d": t1 - t0, "model": time.perf_counter() - t1})
 
     def synchronize(self) -> None:
+        """Nothing to wait for: every :meth:`submit` has already finished."""
         pass
 
 

@@ -108,15 +108,20 @@ class _Lines:
             self.close()
 
     def update(self, n: int = 1) -> None:
+        """Count ``n`` more done (tqdm's ``update``)."""
         self.n += n
 
     def set_postfix(self, **kwargs: Any) -> None:
+        """Show ``k=v, ...`` after the count in the next lines (tqdm's ``set_postfix``)."""
         self.postfix = ", ".join(f"{k}={v}" for k, v in kwargs.items())
 
     def set_description(self, desc: str) -> None:
+        """Name the next lines ``desc`` (tqdm's ``set_description``)."""
         self.desc = desc
 
     def close(self) -> None:
+        """Stop the timer thread; a counted task that logged lines and ran :data:`LINE_SECONDS` or
+        more logs one last ``done`` line. Calling it again does nothing."""
         if not self._done.is_set():
             self._done.set()
             long = time.perf_counter() - self.t0 >= LINE_SECONDS

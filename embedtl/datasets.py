@@ -45,6 +45,10 @@ _Item = tuple[str, Callable[[], Any]]
 
 @dataclass(frozen=True)
 class DatasetInfo:
+    """A named dataset: its description, its folder layout once exported, how to install its source,
+    whether the source is installed, and ``items(max_per_class, classes)``: the (relative path,
+    image loader) pairs to write."""
+
     name: str
     description: str
     layout: str
@@ -63,6 +67,8 @@ def _register(info: DatasetInfo) -> None:
 
 
 def list_datasets() -> list[dict[str, Any]]:
+    """Every registered dataset as a dict: name, description, layout, whether it is available here,
+    and the install command."""
     return [
         {
             "name": d.name,
@@ -76,6 +82,7 @@ def list_datasets() -> list[dict[str, Any]]:
 
 
 def get_dataset(name: str) -> DatasetInfo:
+    """The dataset registered as ``name``; :class:`DataError` naming the known ones otherwise."""
     try:
         return _DATASETS[name]
     except KeyError:
@@ -166,6 +173,7 @@ def _foolbox_dir() -> Path | None:
 
 
 def imagenet_categories() -> list[str]:
+    """The 1,000 ImageNet class names in class-index order (from torchvision's weights metadata)."""
     from torchvision.models import ResNet18_Weights
 
     return list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])

@@ -65,6 +65,7 @@ class DemoResult:
 
     @property
     def confusion_png(self) -> Path:
+        """The head's confusion matrix on the test split."""
         return self.head_dir / "test" / "confusion.png"
 
     def to_dict(self) -> dict[str, Any]:

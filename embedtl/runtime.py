@@ -198,6 +198,8 @@ SLOW_AUTOCAST = 3.0
 
 
 def resolve_precision(requested: str, device: str) -> str:
+    """The precision to run at: ``auto`` is fp16 on CUDA, fp32 elsewhere; another of
+    :data:`PRECISIONS` as given. Raises :class:`EmbedTLError` for an unknown one."""
     if requested not in PRECISIONS:
         raise EmbedTLError(f"unknown precision {requested!r}: use {', '.join(PRECISIONS)}")
     if requested == "auto":
@@ -220,6 +222,8 @@ class _InFlight:
         self.host, self.events, self.extra = host, events, extra
 
     def result(self) -> tuple[np.ndarray, dict[str, float]]:
+        """Wait for the copy to host; (features (B, D) numpy, stage seconds: ``h2d`` and ``model``
+        from the CUDA events, plus the extra ones)."""
         start, copied, done = self.events
         done.synchronize()
         times = {"h2d": start.elapsed_time(copied) / 1e3, "model": copied.elapsed_time(done) / 1e3}
@@ -398,6 +402,7 @@ class TorchRuntime:
         return self.submit(x).result()[0]
 
     def synchronize(self) -> None:
+        """Wait for every batch queued on the CUDA device; nothing to wait for on the CPU."""
         if self.cuda:
             import torch
 

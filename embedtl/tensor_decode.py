@@ -146,6 +146,8 @@ class TensorDecoder:
 
     @property
     def name(self) -> str:
+        """How it decodes, as an extraction records it: torchvision's ``decode_jpeg`` on nvjpeg
+        (CUDA) or libjpeg-turbo, then a tensor resize."""
         lib = "nvjpeg" if self.device.startswith("cuda") else "libjpeg-turbo"
         return f"torchvision.io.decode_jpeg({lib})+tensor-resize"
 

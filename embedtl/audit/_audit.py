@@ -60,6 +60,8 @@ class Audit:
 
     @property
     def oof_accuracy(self) -> float | None:
+        """Accuracy of the out-of-fold predictions on the labelled rows; None when no row has a
+        label."""
         if not len(self.rows):
             return None
         return float((self.proba.argmax(1) == self.store.labels[self.rows]).mean())
@@ -100,6 +102,9 @@ class Audit:
         return sorted(out.values(), key=lambda e: e["row"])
 
     def summary(self) -> dict[str, Any]:
+        """The findings as one JSON-ready dict (``audit.json``, and the body of the server's
+        ``/api/stores/{store}/audit``): counts, timings, label issues, outliers, duplicates, the
+        map's explained variance and the flagged rows."""
         s = self.store
         return {
             "store": str(s.path),

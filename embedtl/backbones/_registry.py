@@ -65,6 +65,8 @@ def list_backbones() -> list[str]:
 
 
 def describe_backbone(name: str) -> str:
+    """The one-line description a registered backbone was given; "" for a name not in the
+    registry."""
     return _REGISTRY[name].description if name in _REGISTRY else ""
 
 

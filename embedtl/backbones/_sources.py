@@ -109,6 +109,7 @@ def lite_weights_path(variant: int) -> str | None:
 
 
 def is_torchvision_model(name: str) -> bool:
+    """Whether ``name`` is one of torchvision's classification models (imports torchvision)."""
     from torchvision import models
 
     return name in models.list_models(module=models)
@@ -145,6 +146,8 @@ def torchvision_spec(arch: str, name: str) -> BackboneSpec:
 
 
 def is_timm_model(name: str) -> bool:
+    """Whether timm knows the architecture of ``name`` (a ``.tag`` after it, such as a pretrained
+    tag, is ignored; imports timm)."""
     import timm
 
     return bool(timm.list_models(name.split(".")[0]))

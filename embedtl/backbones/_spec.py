@@ -64,6 +64,8 @@ class Preprocess:
 
     @property
     def crop_pct(self) -> float:
+        """The share of the resized image that the crop keeps (crop / resize, timm's
+        ``crop_pct``)."""
         return self.crop / self.resize
 
     def with_image_size(self, size: int) -> Preprocess:
@@ -80,6 +82,7 @@ class Preprocess:
         return dataclasses.replace(self, crop=size, resize=math.floor(size / self.crop_pct))
 
     def to_dict(self) -> dict[str, Any]:
+        """The recipe as a JSON-ready dict (the form stored in store metadata and fingerprints)."""
         return {
             "resize": self.resize,
             "crop": self.crop,
@@ -90,6 +93,7 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocess:
+        """A recipe from :meth:`to_dict`'s record."""
         return cls(
             resize=int(d["resize"]),
             crop=int(d["crop"]),
@@ -148,6 +152,8 @@ class BackboneSpec:
         return self.weights_url
 
     def weights_available(self) -> bool:
+        """Whether the weights are here without a download: random weights always; timm weights when
+        in the Hugging Face hub cache; otherwise when ``weights_path`` is a file."""
         if self.weights == "random":
             return True
         if self.weights.startswith("timm:"):
@@ -186,18 +192,22 @@ class BackboneSpec:
 
     # -- (de)serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """Every field as a JSON-ready dict (the ``backbone`` record of a store or head)."""
         d = dataclasses.asdict(self)
         d["preprocess"] = self.preprocess.to_dict()
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BackboneSpec:
+        """A spec from :meth:`to_dict`'s record; keys this version does not know are ignored."""
         d = dict(d)
         d["preprocess"] = Preprocess.from_dict(d["preprocess"])
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def with_image_size(self, size: int | None) -> BackboneSpec:
+        """The same backbone run at crop size ``size`` (see :meth:`Preprocess.with_image_size`);
+        this spec itself when ``size`` is None or already its crop."""
         if size is None or size == self.preprocess.crop:
             return self
         return dataclasses.replace(self, preprocess=self.preprocess.with_image_size(size))

@@ -46,6 +46,7 @@ class BenchResult:
     )
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as a JSON-ready dict (seconds rounded to ms)."""
         return {
             "variants": self.variants,
             "backbones": self.backbones,

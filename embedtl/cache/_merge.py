@@ -221,6 +221,8 @@ class MergeResult:
     seconds: float  # the merge itself
 
     def to_dict(self) -> dict[str, Any]:
+        """The merge as a JSON-ready dict: the store's path, its rows and failed files, the shards
+        merged, whether the features are a virtual dataset, and the seconds."""
         return {
             "store": str(self.store.path),
             "rows": len(self.store),

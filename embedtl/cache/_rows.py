@@ -78,12 +78,14 @@ class Rows:
 
     @property
     def paths(self) -> np.ndarray:
+        """(N,) object array of the rows' relative paths, sorted; read on first use."""
         if self._paths is None:
             self._paths = self._read(lambda: _read_str(self.f, "paths", self.path))
         return self._paths
 
     @property
     def splits(self) -> np.ndarray:
+        """(N,) object array of each row's split (train, val or test); read on first use."""
         if self._splits is None:
             self._splits = self._read(lambda: _read_str(self.f, "splits", self.path))
         return self._splits
@@ -100,12 +102,14 @@ class Rows:
 
     @property
     def hashes(self) -> np.ndarray | None:
+        """(N,) blake2b-128 hex of each file's bytes; None when the store has no hashes recorded."""
         if self._hashes is None and "hashes" in self.f:
             raw = self._read(lambda: self.f["hashes"][()])
             self._hashes = np.asarray(raw.astype(str), dtype=object)
         return self._hashes
 
     def content_hashes(self) -> np.ndarray:
+        """:attr:`hashes`, or "" for every row when the store has none."""
         h = self.hashes
         return h if h is not None else np.full(self.n, "", dtype=object)
 
@@ -133,13 +137,17 @@ class Rows:
 
     @property
     def failed_paths(self) -> list[str]:
+        """The relative paths of the files that could not be read."""
         return self._failures()[0]
 
     @property
     def failed_errors(self) -> list[str]:
+        """Why each of :attr:`failed_paths` could not be read, in the same order."""
         return self._failures()[1]
 
     def whole(self) -> StoreRows:
+        """Every column at once, as a :class:`StoreRows` (the strings are read if they were not
+        yet)."""
         fp, fe, fs, fm = self._failures()
         return StoreRows(
             paths=self.paths,
@@ -159,12 +167,16 @@ class Rows:
         return raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else str(raw)
 
     def path_at(self, row: int) -> str:
+        """The path of row ``row``; read alone from the file while the paths are not loaded."""
         return str(self._paths[row]) if self._paths is not None else self._one("paths", row)
 
     def split_at(self, row: int) -> str:
+        """The split of row ``row``; read alone from the file while the splits are not loaded."""
         return str(self._splits[row]) if self._splits is not None else self._one("splits", row)
 
     def rows_of(self, rel: list[str]) -> np.ndarray:
+        """The row of each relative path in ``rel``, -1 where there is none: the loaded paths
+        searched at once (loaded first for over 64 lookups), else a bisection in the file."""
         out = np.full(len(rel), -1, np.int64)
         if self._paths is not None or len(rel) > 64:  # many lookups: load the paths once
             paths = self.paths

@@ -49,6 +49,7 @@ class StoreRows:
     hashes: np.ndarray | None = None  # (N,) str: blake2b-128 hex of each file; "" where unknown
 
     def content_hashes(self) -> np.ndarray:
+        """:attr:`hashes`, or "" for every row when none were recorded."""
         return (
             self.hashes if self.hashes is not None else np.full(len(self.paths), "", dtype=object)
         )

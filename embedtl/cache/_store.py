@@ -153,38 +153,47 @@ class FeatureStore:
 
     @property
     def metadata(self) -> dict[str, Any]:
+        """A copy of every attribute stored with the features."""
         return dict(self._attrs)
 
     @property
     def fingerprint(self) -> str:
+        """The backbone's fingerprint (sha256 hex): the features' cache key."""
         return str(self._attrs["fingerprint"])
 
     @property
     def backbone(self) -> dict[str, Any]:
+        """The backbone's spec as recorded (:meth:`BackboneSpec.to_dict`), a copy."""
         return dict(self._attrs["backbone"])
 
     @property
     def backbone_spec(self) -> BackboneSpec:
+        """The recorded backbone as a :class:`BackboneSpec`."""
         return BackboneSpec.from_dict(self._attrs["backbone"])
 
     @property
     def root(self) -> Path:
+        """The image folder the rows' paths are relative to."""
         return Path(self._attrs["root"])
 
     @property
     def classes(self) -> list[str]:
+        """Class names; a row's label is an index into this list."""
         return list(self._attrs["classes"])
 
     @property
     def dim(self) -> int:
+        """Feature dimension D."""
         return int(self._attrs["dim"])
 
     @property
     def dtype(self) -> str:
+        """The dtype the features are stored in, by name."""
         return str(self._attrs["dtype"])
 
     @property
     def runtime(self) -> str:
+        """The runtime that computed the features; "" when the store did not record it."""
         return str(self._attrs.get("runtime", ""))
 
     def __len__(self) -> int:
@@ -199,22 +208,27 @@ class FeatureStore:
     # -- rows -------------------------------------------------------------------------------
     @property
     def paths(self) -> np.ndarray:
+        """(N,) object array of each row's path relative to :attr:`root`, sorted."""
         return self._rows.paths
 
     @property
     def labels(self) -> np.ndarray:
+        """(N,) int32 class index of each row; -1 where a row has no label."""
         return self._rows.labels
 
     @property
     def splits(self) -> np.ndarray:
+        """(N,) object array of each row's split: train, val or test."""
         return self._rows.splits
 
     @property
     def sizes(self) -> np.ndarray:
+        """(N,) int64 size in bytes of each row's file when it was extracted."""
         return self._rows.sizes
 
     @property
     def mtimes_ns(self) -> np.ndarray:
+        """(N,) int64 mtime in nanoseconds of each row's file when it was extracted."""
         return self._rows.mtimes_ns
 
     @property
@@ -224,9 +238,11 @@ class FeatureStore:
 
     @property
     def failed(self) -> list[tuple[str, str]]:
+        """(path, error) of each file that could not be read; these files have no row."""
         return list(zip(self._rows.failed_paths, self._rows.failed_errors, strict=True))
 
     def rows(self) -> StoreRows:
+        """All row metadata at once, as a :class:`StoreRows` (reads every column)."""
         return self._rows.whole()
 
     @property
@@ -276,6 +292,7 @@ class FeatureStore:
         return np.isin(self._rows.split_codes(), [SPLITS.index(w) for w in wanted])
 
     def indices(self, split: str | Sequence[str] | None = None) -> np.ndarray:
+        """Row indices of one split, several, or all (None), in store order."""
         return np.flatnonzero(self.mask(split))
 
     def labelled_rows(self, split: str | Sequence[str] | None = None) -> np.ndarray:
@@ -354,6 +371,8 @@ class FeatureStore:
             yield rows, _convert(block[sel] if not sel.all() else block, dtype)
 
     def summary(self) -> dict[str, Any]:
+        """Counts and metadata as a JSON-ready dict (``embedtl cache info``): rows per split and
+        class, unlabelled and failed rows, backbone, fingerprint, dates and the file's bytes."""
         splits = self.splits.astype(str)
         per_split = {s: int((splits == s).sum()) for s in ("train", "val", "test")}
         labs = self.labels

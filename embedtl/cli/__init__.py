@@ -39,9 +39,11 @@ class _LazyGroup(EmbedTLGroup):
     """The top-level group: each command's module is imported on first use."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
+        """Every command's name, sorted, without importing their modules."""
         return sorted(_COMMANDS)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        """The command ``cmd_name``, its module imported now; None for an unknown name."""
         if cmd_name not in _COMMANDS:
             return None
         module, attr = _COMMANDS[cmd_name]

@@ -66,6 +66,9 @@ class EmbedTLGroup(click.Group):
     stdout is one JSON line, the error's too: ``{"error": ..., "type": ...}``."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        """Run the command; an error other than click's own becomes one line
+        (:class:`click.ClickException`) unless ``$EMBEDTL_DEBUG`` is set, and a closed stdout is
+        passed on to :meth:`main`, which exits quietly."""
         try:
             return super().invoke(ctx)
         except BrokenPipeError as e:
@@ -86,6 +89,8 @@ class EmbedTLGroup(click.Group):
     def main(  # type: ignore[override]
         self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra
     ):
+        """Run the command line and exit with its status; an error is one line on stderr (and the
+        JSON line under ``--json``, while anything else printed goes to stderr)."""
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         _terminate_as_interrupt()

@@ -26,6 +26,7 @@ _LINES: contextvars.ContextVar[bool] = contextvars.ContextVar("embedtl_lines", d
 
 class _ClickHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
+        """Write ``record`` to stderr as one ``kind: message`` line."""
         try:
             kind = "progress" if record.name == PROGRESS_LOGGER else record.levelname.lower()
             click.echo(f"{kind}: {self.format(record)}", err=True)

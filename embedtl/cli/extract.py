@@ -12,6 +12,7 @@ from ._source import source_args
 
 
 def print_extract_summary(stats) -> None:
+    """Print what an extraction did (rows, speed, stages, decoder, time) as lines on stdout."""
     s = stats
     click.echo(f"store     {s.store}")
     click.echo(

@@ -39,6 +39,9 @@ MAX_IMAGE_PIXELS_ENV = "EMBEDTL_MAX_IMAGE_PIXELS"
 
 
 def max_image_pixels() -> int:
+    """The most pixels an image may declare before it is refused undecoded:
+    ``$EMBEDTL_MAX_IMAGE_PIXELS``, else twice Pillow's ``MAX_IMAGE_PIXELS``. Raises
+    :class:`DataError` when the variable is not a number of at least 1."""
     from PIL import Image
 
     env = os.environ.get(MAX_IMAGE_PIXELS_ENV)

@@ -85,6 +85,8 @@ class SplitConfig:
         )
 
     def to_dict(self) -> dict[str, object]:
+        """The config as a JSON-ready dict (None for a field not set); :meth:`from_dict` reads it
+        back."""
         return {
             "seed": self.seed,
             "val_fraction": self.val_fraction,

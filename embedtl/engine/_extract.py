@@ -76,6 +76,7 @@ class ExtractStats:
     skipped: list[dict[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field as a dict (``embedtl extract --json``)."""
         return asdict(self)
 
 

@@ -303,6 +303,8 @@ class Pipeline:
 
     # -- the stream ------------------------------------------------------------------------------
     def batches(self) -> list[list[int]]:
+        """The positions in ``paths`` of each batch, ``batch_size`` at a time, in order (the last
+        one may be short)."""
         n, step = len(self.paths), self.batch_size
         return [list(range(i, min(i + step, n))) for i in range(0, n, step)]
 

@@ -70,6 +70,8 @@ class _Engine:
 
     @property
     def decoder_name(self) -> str:
+        """How images are decoded and resized: the tensor decoder's name, else PIL's
+        (:data:`DECODER`)."""
         return self.decoder.name if self.decoder is not None else DECODER
 
     @property
@@ -393,9 +395,12 @@ class _Degenerate:
 
     @property
     def done(self) -> bool:
+        """Whether the check was made, or :data:`ROWS` distinct images have been seen."""
         return self.decided or len(self.seen) >= self.ROWS
 
     def add(self, feats: np.ndarray, hashes: list[str]) -> None:
+        """Note a batch's feature rows and their images' content hashes (an image seen already, and
+        every row once :attr:`done`, is skipped)."""
         for x, h in zip(feats, hashes, strict=True):
             if self.done or h in self.seen:
                 continue
@@ -453,10 +458,13 @@ class _Writer:
                 self.stages["write"] += time.perf_counter() - t
 
     def check(self) -> None:
+        """Raise the error of a failed append, if any."""
         if self.error is not None:
             raise self.error
 
     def put(self, item: JournalSegment) -> None:
+        """Queue a journal segment; blocks while ``depth`` appends wait. Raises a failed
+        append's error first."""
         self.check()
         self.queue.put(item)
 

@@ -63,10 +63,13 @@ class Batcher:
         return fut.result()
 
     def close(self) -> None:
+        """Stop the thread once the batches queued before it have run (waits at most 5 s)."""
         self._queue.put(None)
         self._thread.join(timeout=5)
 
     def stats(self) -> dict[str, Any]:
+        """Batches run, items, mean and largest batch, and seconds spent in ``fn``
+        (``/api/health``'s ``models``)."""
         with self._stats_lock:
             return {
                 "batches": self.batches,

@@ -32,6 +32,8 @@ def _urlencode(value: Any) -> str:
 
 
 def templates():
+    """The Jinja2 templates of ``embedtl/serve/templates`` (autoescaped, every printed value made
+    displayable), made on first use."""
     global _templates
     if _templates is None:
         from fastapi.templating import Jinja2Templates
@@ -49,12 +51,15 @@ def templates():
 
 
 def render(request: Request, name: str, code: int = 200, **context: Any) -> HTMLResponse:
+    """The page of template ``name`` with status ``code``; the opened stores and heads are in its
+    context too (for the navigation)."""
     catalog = request.app.state.catalog
     ctx = {"stores": catalog.stores, "heads": catalog.heads, **context}
     return templates().TemplateResponse(request, name, ctx, status_code=code)
 
 
 def render_error(request: Request, code: int, message: str) -> HTMLResponse:
+    """The error page: status ``code`` and its one-line message."""
     return render(request, "error.html", code, status=code, message=message)
 
 
@@ -64,6 +69,8 @@ def _safe_next(target: str) -> str:
 
 
 def page_router(catalog: Catalog, config) -> APIRouter:
+    """The web pages' routes: search, a store's rows, duplicates and audit, a head, and the login
+    page."""
     r = APIRouter(include_in_schema=False)
 
     @r.get("/", response_class=HTMLResponse)

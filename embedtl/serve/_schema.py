@@ -25,6 +25,9 @@ class Error(_Shape):
 
 
 class Row(_Shape):
+    """A store row (``/api/stores/{store}/rows/{row}``, and each row of the lists): ``store`` is the
+    store's id, ``label`` None when the row has none."""
+
     path: str
     label: str | None
     split: str
@@ -33,6 +36,9 @@ class Row(_Shape):
 
 
 class Neighbor(Row):
+    """A row found by ``/api/search``: its rank (from 1), score, and whether the match is weak (see
+    Scores)."""
+
     rank: int
     score: float
     weak: bool
@@ -51,17 +57,25 @@ class Scores(_Shape):
 
 
 class Failed(_Shape):
+    """A file that could not be read: an upload that is not an image, or a store's failed file."""
+
     path: str
     error: str
 
 
 class SearchResult(_Shape):
+    """One query of ``/api/search`` (an uploaded file's name, or ``row N``) and its neighbours;
+    ``query_row`` None for an upload."""
+
     query: str
     query_row: int | None
     neighbors: list[Neighbor]
 
 
 class SearchResponse(_Shape):
+    """``POST /api/search``: the store searched, its index and metric, and the neighbours of each
+    query; uploads that were not images in ``failed``."""
+
     store: str
     store_id: int
     index: str
@@ -73,11 +87,15 @@ class SearchResponse(_Shape):
 
 
 class TopK(_Shape):
+    """A class and its probability."""
+
     label: str
     p: float
 
 
 class Prediction(_Shape):
+    """An uploaded image's predicted label, its confidence, and the top classes."""
+
     path: str
     label: str
     confidence: float
@@ -85,6 +103,9 @@ class Prediction(_Shape):
 
 
 class PredictResponse(_Shape):
+    """``POST /api/predict``: the head used and a prediction per uploaded image; uploads that were
+    not images in ``failed``."""
+
     head: str
     head_id: int
     kind: str
@@ -94,6 +115,9 @@ class PredictResponse(_Shape):
 
 
 class ModelStats(_Shape):
+    """How a batched model has run: batches, items, mean and largest batch, seconds busy;
+    ``mean_batch`` None before its first batch."""
+
     batches: int
     items: int
     mean_batch: float | None
@@ -102,6 +126,9 @@ class ModelStats(_Shape):
 
 
 class DecodeStats(_Shape):
+    """The decode budget's bytes (total, in use, peak), decodes done, how many waited and wait now,
+    and the upload pixel limit."""
+
     budget_bytes: int
     in_use_bytes: int
     peak_bytes: int
@@ -112,6 +139,9 @@ class DecodeStats(_Shape):
 
 
 class Health(_Shape):
+    """``GET /api/health``: status, version, what is open, each batched model's stats and the decode
+    budget."""
+
     status: str
     version: str
     stores: int
@@ -121,6 +151,9 @@ class Health(_Shape):
 
 
 class Store(_Shape):
+    """An opened store (each of ``GET /api/stores``): counts per split and class, its index and what
+    its scores mean."""
+
     id: int
     name: str
     store: str
@@ -139,14 +172,20 @@ class Store(_Shape):
 
 
 class StoreDetail(Store):
+    """``GET /api/stores/{store}``: a store with its failed files."""
+
     failed_files: list[Failed]
 
 
 class Stores(_Shape):
+    """``GET /api/stores``: the opened stores."""
+
     stores: list[Store]
 
 
 class RowsPage(_Shape):
+    """``GET /api/stores/{store}/rows``: a page of rows, ``total`` matching the filter."""
+
     store: int
     total: int
     offset: int
@@ -155,11 +194,15 @@ class RowsPage(_Shape):
 
 
 class Sample(_Shape):
+    """``GET /api/stores/{store}/sample``: a few rows of each class."""
+
     store: int
     rows: list[Row]
 
 
 class DuplicateMember(_Shape):
+    """A row of a duplicate group: its file's bytes and its similarity to the group's kept row."""
+
     path: str
     label: str | None
     split: str
@@ -169,6 +212,9 @@ class DuplicateMember(_Shape):
 
 
 class DuplicateGroup(_Shape):
+    """A group of near-duplicate rows: the one to keep, the lowest similarity in it, and whether it
+    spans splits or labels."""
+
     keep: str
     min_similarity: float
     cross_split: bool
@@ -177,6 +223,9 @@ class DuplicateGroup(_Shape):
 
 
 class Duplicates(_Shape):
+    """``GET /api/stores/{store}/duplicates``: dedup's groups at ``threshold`` (cosine similarity)
+    and how they were searched; ``pair_recall`` None when not measured."""
+
     store: str
     threshold: float
     n_images: int
@@ -195,6 +244,8 @@ class Duplicates(_Shape):
 
 
 class Audit(_Shape):
+    """``GET /api/stores/{store}/audit``: audit's findings, as in its ``audit.json``."""
+
     store: str
     root: str
     rows: int
@@ -220,6 +271,10 @@ class Audit(_Shape):
 
 
 class Head(_Shape):
+    """An opened head (each of ``GET /api/heads``): its classes, backbone and runtime, the store it
+    is evaluated on (``store_id``, None if none), accuracies as trained and as evaluated here per
+    split."""
+
     id: int
     name: str
     head: str
@@ -242,16 +297,23 @@ class HeadDetail(Head):
 
 
 class Heads(_Shape):
+    """``GET /api/heads``: the opened heads."""
+
     heads: list[Head]
 
 
 class Example(Row):
+    """An evaluated row: its given and predicted class and the prediction's confidence."""
+
     given: str
     predicted: str
     confidence: float
 
 
 class Examples(_Shape):
+    """``GET /api/heads/{head}/examples``: a page of evaluated rows of one ``kind`` (cell, mistakes
+    or unsure), ``total`` of that kind."""
+
     head: int
     split: str
     kind: str

@@ -82,6 +82,7 @@ class Header:
 
     @property
     def pixels(self) -> int:
+        """Declared pixels: width x height."""
         return self.width * self.height
 
 
@@ -169,6 +170,8 @@ class DecodeBudget:
         self._waiters: deque[tuple[int, asyncio.AbstractEventLoop, asyncio.Future]] = deque()
 
     def stats(self) -> dict[str, int]:
+        """Bytes of the budget, in use and at the peak, decodes granted, how many waited, and how
+        many wait now."""
         with self._lock:
             return {
                 "budget_bytes": self.total,
@@ -180,6 +183,9 @@ class DecodeBudget:
             }
 
     async def acquire(self, nbytes: int) -> None:
+        """Reserve ``nbytes``, waiting in line while they do not fit; a cancelled wait leaves the
+        line (or gives back what it was granted). ``ValueError`` when ``nbytes`` is over the whole
+        budget."""
         if nbytes > self.total:
             raise ValueError("a reservation larger than the whole budget can never be granted")
         with self._lock:
@@ -205,6 +211,7 @@ class DecodeBudget:
             raise
 
     def release(self, nbytes: int) -> None:
+        """Give back ``nbytes`` and grant the waiters that now fit, in order."""
         with self._lock:
             self.in_use -= nbytes
         self._wake()
@@ -229,6 +236,8 @@ class DecodeBudget:
 
     @asynccontextmanager
     async def hold(self, nbytes: int):
+        """``async with``: ``nbytes`` reserved (:meth:`acquire`) for the block, given back after
+        it."""
         await self.acquire(nbytes)
         try:
             yield
