@@ -137,11 +137,11 @@ def standin(root, paths, sizes, threads: int, batch: int, hold: float) -> dict[s
     """Images/s of the real engine loop feeding a :class:`StandIn` holding each batch ``hold``
     seconds, and the loop's stages."""
     import embedtl
-    from embedtl.engine import _stream as ex
+    from embedtl.engine import _setup, _stream
 
     spec = embedtl.get_backbone(BACKBONE)
     model = StandIn(hold)
-    eng = ex._Engine(
+    eng = _setup._Engine(
         model=model,
         device="cpu",
         runtime="torch",
@@ -154,7 +154,7 @@ def standin(root, paths, sizes, threads: int, batch: int, hold: float) -> dict[s
     stages: dict[str, float] = {}
     t, n = time.perf_counter(), 0
     try:
-        for c in ex._stream(eng, spec, root, paths, False, stages, "stand-in", sizes=sizes):
+        for c in _stream._stream(eng, spec, root, paths, False, stages, "stand-in", sizes=sizes):
             n += len(c.positions)
     finally:
         model.close()

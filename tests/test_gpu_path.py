@@ -27,6 +27,7 @@ from embedtl.errors import DeviceError, StoreError
 from embedtl.tensor_decode import TensorDecoder, fallback_reason
 
 ex = importlib.import_module("embedtl.engine._stream")
+setup = importlib.import_module("embedtl.engine._setup")  # choosing decoder, batch size
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -162,19 +163,19 @@ def test_the_tensor_decoder_also_feeds_onnx_runtime(tmp_path, tiny):
 
 def test_decoder_choice(monkeypatch):
     spec = get_backbone(TINY_BACKBONE, image_size=TINY_SIZE)
-    assert ex._pick_decoder("auto", "cpu", spec)[0] is None  # PIL in the workers on a CPU
-    assert ex._pick_decoder("pil", "cuda", spec)[0] is None
-    assert ex._pick_decoder("torchvision", "cpu", spec)[0].device == "cpu"
+    assert setup._pick_decoder("auto", "cpu", spec)[0] is None  # PIL in the workers on a CPU
+    assert setup._pick_decoder("pil", "cuda", spec)[0] is None
+    assert setup._pick_decoder("torchvision", "cpu", spec)[0].device == "cpu"
     with pytest.raises(embedtl.EmbedTLError, match="unknown decoder"):
-        ex._pick_decoder("nvdec", "cpu", spec)
+        setup._pick_decoder("nvdec", "cpu", spec)
     # CUDA without a working nvJPEG: auto says so and uses PIL; asking for it is an error
-    monkeypatch.setattr(ex, "probe", lambda device: "no nvJPEG in this build")
-    dec, why = ex._pick_decoder("auto", "cuda", spec)
+    monkeypatch.setattr(setup, "probe", lambda device: "no nvJPEG in this build")
+    dec, why = setup._pick_decoder("auto", "cuda", spec)
     assert dec is None and "nvJPEG unavailable: no nvJPEG in this build" in why
     with pytest.raises(embedtl.EmbedTLError, match="does not work on cpu: no nvJPEG"):
-        ex._pick_decoder("torchvision", "cpu", spec)
-    monkeypatch.setattr(ex, "probe", lambda device: None)
-    dec, why = ex._pick_decoder("auto", "cuda:1", spec)
+        setup._pick_decoder("torchvision", "cpu", spec)
+    monkeypatch.setattr(setup, "probe", lambda device: None)
+    dec, why = setup._pick_decoder("auto", "cuda:1", spec)
     assert dec.device == "cuda:1" and "nvjpeg" in dec.name and "GPU" in why
 
 
@@ -315,7 +316,7 @@ def test_autotune_stops_at_out_of_memory():
 def test_autotune_runs_the_real_model(tiny):
     spec = get_backbone(TINY_BACKBONE, image_size=TINY_SIZE)
     model = rt.TorchRuntime(spec, "cpu", None)
-    batch, rates = ex._autotune(model, spec, n_images=64)
+    batch, rates = setup._autotune(model, spec, n_images=64)
     assert batch in (32, 64) and set(rates) <= {32, 64} and all(r > 0 for r in rates.values())
 
 
@@ -379,7 +380,7 @@ def test_in_flight_batches_are_collected_after_the_next_is_launched(tmp_path):
     (root / paths[5]).write_bytes(b"broken")
     spec = get_backbone(TINY_BACKBONE, image_size=TINY_SIZE)
     model = _AsyncModel()
-    eng = ex._Engine(
+    eng = setup._Engine(
         model=model,
         device="cpu",
         runtime="torch",
@@ -514,7 +515,7 @@ def test_cuda_fast_path_matches_cpu(photos, tmp_path):
 def test_cuda_autotune_and_heads(class_folder, tmp_path, tiny):
     spec = get_backbone("resnet18@random")
     model = rt.TorchRuntime(spec, "cuda", None)
-    batch, rates = ex._autotune(model, spec, n_images=4096)
+    batch, rates = setup._autotune(model, spec, n_images=4096)
     assert batch >= 32 and rates
     store = embedtl.extract(class_folder, cache_dir=tmp_path / "c", **{**tiny, "device": "cuda"})
     head = embedtl.fit_head(store, device="cuda")

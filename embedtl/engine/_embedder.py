@@ -13,7 +13,7 @@ from ..backbones import BackboneSpec, get_backbone
 from ..data import ImageTransform, decode_image
 from ..runtime import AUTO_ONNX_MIN_IMAGES, OnnxModel
 from ._options import EngineOptions
-from ._stream import _engine
+from ._setup import _engine
 
 __all__ = ["Embedder"]
 

@@ -32,7 +32,8 @@ from ._plan import (
     target,
     unchanged,
 )
-from ._stream import _Engine, _engine, _run_model, _stream
+from ._setup import _Engine, _engine
+from ._stream import _run_model, _stream
 
 __all__ = ["Embedded", "ExtractStats", "embed_files", "extract", "open_source"]
 
