@@ -33,6 +33,9 @@ _SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "validation": "va
 
 @dataclass(frozen=True)
 class ImageEntry:
+    """One image of a scanned folder: where it is, its stat (bytes, mtime in ns) and its label
+    and split."""
+
     path: str  # POSIX, relative to the root, split folder included
     size: int
     mtime_ns: int
@@ -51,6 +54,9 @@ class _Found(NamedTuple):
 
 @dataclass
 class Manifest:
+    """A scanned folder: its images sorted by path, the class names their labels index, the layout
+    they came from, and what the walk left out."""
+
     root: Path
     entries: list[ImageEntry]
     classes: list[str]
@@ -66,9 +72,11 @@ class Manifest:
 
     @property
     def labelled(self) -> bool:
+        """True when at least one image has a label."""
         return any(e.label >= 0 for e in self.entries)
 
     def counts(self) -> dict[str, int]:
+        """Images per split, every split present (0 for an empty one)."""
         out = dict.fromkeys(SPLITS, 0)
         for e in self.entries:
             out[e.split] += 1

@@ -44,6 +44,7 @@ class Embedder:
 
     @property
     def runtime(self) -> str:
+        """The runtime chosen when the engine was built: ``"onnxruntime"`` or ``"torch"``."""
         return self._engine.runtime
 
     def decode(self, data: bytes) -> np.ndarray:

@@ -50,6 +50,7 @@ class Stages(dict):
             self[stage] = self.get(stage, 0.0) + time.perf_counter() - t
 
     def rounded(self) -> dict[str, float]:
+        """The stages with their seconds rounded to 0.1 ms, as ``--json`` records them."""
         return {k: round(v, 4) for k, v in self.items()}
 
 
@@ -338,6 +339,8 @@ def unchanged(old: FeatureStore, manifest: Manifest, plan: Plan, attrs: dict[str
 
 
 def strict_message(manifest: Manifest, pos: int, err: str, n: int) -> str:
+    """The ``--strict`` refusal for the unreadable image at ``pos`` of ``manifest`` (reason
+    ``err``), counting the ``n - 1`` others that failed too."""
     more = f" (and {n - 1} more)" if n > 1 else ""
     return (
         "cannot read "

@@ -75,9 +75,11 @@ class FineTuneConfig:
 
     @property
     def tag(self) -> str:
+        """``unfreeze`` as a file-name part (``"last:2"`` -> ``"last2"``)."""
         return self.unfreeze.replace(":", "")
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON values (``crop_scale`` a list), as the run's signature hashes."""
         d = asdict(self)
         d["crop_scale"] = list(self.crop_scale)
         return d
@@ -111,6 +113,7 @@ class FineTuneResult:
     config: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as a JSON-ready dict (the ``--json`` output)."""
         return asdict(self)
 
 

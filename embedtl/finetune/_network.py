@@ -23,6 +23,7 @@ class EndToEnd(nn.Module):
         self.head = head
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Head logits (B, C) for uint8 images (B, 3, H, W)."""
         return self.head(self.features(images))
 
 

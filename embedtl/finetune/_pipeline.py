@@ -66,6 +66,8 @@ def save_backbone(
 
 
 def default_out_dir(root: Path, parent_name: str, cfg: FineTuneConfig) -> Path:
+    """The output folder when no ``--out`` is given: ``finetuned/<folder>-<backbone>-<unfreeze>``,
+    relative to the working directory."""
     return Path("finetuned") / f"{root.name}-{parent_name}-{cfg.tag}"
 
 

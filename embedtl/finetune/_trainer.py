@@ -119,6 +119,8 @@ class Checkpointing:
     every_seconds: float = 300.0
 
     def load(self) -> dict[str, Any] | None:
+        """The checkpoint, or None when there is none yet. Raises :class:`FineTuneError` for an
+        unreadable file, one not of embedtl, or one of another fine-tune (other signature)."""
         if not self.path.is_file():
             return None
         try:
@@ -141,6 +143,7 @@ class Checkpointing:
         return ck
 
     def save(self, ck: dict[str, Any]) -> None:
+        """Write ``ck`` atomically over the checkpoint (an interrupted write leaves the old one)."""
         with atomic_file(self.path) as tmp:
             torch.save(ck, tmp)
 
@@ -182,6 +185,7 @@ class _Progress:
 
     @classmethod
     def resumed(cls, ck: dict[str, Any]) -> _Progress:
+        """The progress a checkpoint recorded; the clock continues from its ``seconds``."""
         return cls(
             epoch=int(ck["epoch"]),
             step=int(ck["step"]),
@@ -195,6 +199,7 @@ class _Progress:
 
     @property
     def seconds(self) -> float:
+        """Seconds trained so far, those of earlier (resumed) runs included."""
         return time.perf_counter() - self.t_start
 
     def record(self, point: dict[str, float], state: Callable[[], dict]) -> None:
@@ -446,6 +451,8 @@ class Trainer:
         return {k: state[k].detach().cpu().clone() for k in sorted(self.mutable)}
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load the trainable state (weights, BatchNorm statistics) into the network. Raises
+        :class:`FineTuneError` when ``state`` lacks any of it."""
         missing = self.mutable - set(state)
         if missing:
             raise FineTuneError(

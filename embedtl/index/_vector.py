@@ -72,13 +72,16 @@ class IndexRows:
 
     @classmethod
     def empty(cls) -> IndexRows:
+        """No rows."""
         return cls(np.array([], dtype=object), np.zeros(0, np.int64), np.zeros(0, np.int64))
 
     @classmethod
     def of_store(cls, store, rows: np.ndarray) -> IndexRows:
+        """The rows ``rows`` (store row numbers) of ``store``, in that order."""
         return cls(store.paths[rows], store.sizes[rows], store.mtimes_ns[rows])
 
     def extend(self, other: IndexRows) -> IndexRows:
+        """A new listing: these rows, then ``other``'s."""
         return IndexRows(
             np.concatenate([self.paths, other.paths]),
             np.concatenate([self.sizes, other.sizes]),
@@ -120,6 +123,8 @@ class VectorIndex:
     # -- construction -----------------------------------------------------------------------------
     @classmethod
     def create(cls, dim: int, plan: IndexPlan, metric: str = "cosine") -> VectorIndex:
+        """An empty, untrained index of ``dim``-dimensional vectors built as ``plan`` says, with
+        starting search parameters (nprobe 1, efSearch 16) until tuned."""
         import faiss
 
         mt = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
@@ -152,6 +157,7 @@ class VectorIndex:
 
     @property
     def dim(self) -> int:
+        """The dimension of the vectors it holds."""
         return int(self.index.d)
 
     def __len__(self) -> int:
@@ -159,6 +165,7 @@ class VectorIndex:
 
     @property
     def is_trained(self) -> bool:
+        """False while an index that needs training (inverted lists, codes) has not been."""
         return bool(self.index.is_trained)
 
     def train(self, sample: np.ndarray, bar=None) -> None:
@@ -179,6 +186,8 @@ class VectorIndex:
             bar.update(1)
 
     def add(self, vectors: np.ndarray, rows: IndexRows | None = None) -> None:
+        """Append ``vectors`` (prepared as :meth:`prepare` does) and, given, their store ``rows``.
+        Raises :class:`StoreError` on a memory-mapped index."""
         if self.mapped:
             raise StoreError("internal error: a memory-mapped index is read-only")
         if len(vectors):
@@ -350,6 +359,8 @@ class VectorIndex:
         return ix, meta
 
     def summary(self) -> dict[str, Any]:
+        """What ``--json`` reports of the index: file (None in memory), type, metric, size, search
+        parameters, how it was built and its tuned recall@10 (None if never tuned)."""
         return {
             "index": str(self.path) if self.path else None,
             "type": self.kind,

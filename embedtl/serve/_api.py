@@ -68,6 +68,8 @@ async def strict_parameters(request: Request) -> None:
 
 
 def api_router(catalog: Catalog, config, budget: DecodeBudget) -> APIRouter:
+    """The ``/api`` routes over ``catalog``. ``config`` (a :class:`ServeConfig`) gives the upload
+    limit and parameter defaults; ``budget`` shares image decoding between requests."""
     r = APIRouter(prefix="/api", dependencies=[Depends(strict_parameters)])
 
     @r.get("/health", summary="Liveness, how the batched models have run, the decode budget")

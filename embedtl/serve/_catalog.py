@@ -48,6 +48,7 @@ class StoreEntry:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def describe(self) -> dict[str, Any]:
+        """The store as ``/api/stores`` lists it: its summary, counts, index and score profile."""
         s = self.store.summary()
         return {
             "id": self.id,
@@ -77,6 +78,8 @@ class HeadEntry:
     evaluations: dict[str, Any]  # split -> Evaluation
 
     def describe(self) -> dict[str, Any]:
+        """The head as ``/api/heads`` lists it: artifact, classes, backbone, runtime, and its
+        accuracy as trained and as evaluated here (per split)."""
         meta = self.info.meta
         return {
             "id": self.id,
@@ -124,6 +127,7 @@ class Catalog:
         raise NotFoundError(f"no store {str(key)[:80]!r} is open (see /api/stores)")
 
     def head(self, key: str | int | None = None) -> HeadEntry:
+        """A head by id or name; the first one for None."""
         if not self.heads:
             raise NotFoundError("this server has no head open: start it with --head HEAD")
         if key is None or key == "":
@@ -139,6 +143,7 @@ class Catalog:
 
     @staticmethod
     def check_row(entry: StoreEntry, row: int) -> int:
+        """``row`` as an int; :class:`NotFoundError` when the store has no such row."""
         if not 0 <= row < len(entry.store):
             raise NotFoundError(
                 f"store {entry.id} ({display(entry.name)}) has no row {row} "
@@ -244,6 +249,7 @@ class Catalog:
         return {"store": entry.id, "rows": [self.record(entry, r) for r in rows[:limit]]}
 
     def record(self, entry: StoreEntry, row: int, **extra: Any) -> dict[str, Any]:
+        """A store row as results show it (path, class, split), its store id and ``extra``."""
         from ..search import row_record
 
         return {**row_record(entry.store, int(row)), "store": entry.id, **extra}
@@ -283,6 +289,8 @@ class Catalog:
         return results
 
     def row_vectors(self, entry: StoreEntry, rows: Sequence[int]) -> np.ndarray:
+        """The features (n, D) float32 of store ``rows``: from memory when resident, else the file.
+        Raises :class:`NotFoundError` for a row the store lacks."""
         rows = np.asarray([self.check_row(entry, r) for r in rows], np.int64)
         if entry.resident is not None:
             return entry.resident[rows].astype(np.float32)
@@ -366,6 +374,7 @@ class Catalog:
             return entry._audit
 
     def close(self) -> None:
+        """Stop the batched models and close the stores."""
         for m in self.models.values():
             m.close()
         for h in self.heads:

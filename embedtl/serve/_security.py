@@ -55,6 +55,8 @@ _SECURITY_HEADERS = [
 
 
 def is_loopback(host: str) -> bool:
+    """True when ``host`` (a name or IP, IPv6 maybe in brackets) is ``localhost`` or a loopback
+    address."""
     if host == "localhost":
         return True
     try:
