@@ -15,7 +15,8 @@ loader = importlib.import_module("embedtl.engine._loader")  # content hashes of 
 pipeline = importlib.import_module("embedtl.engine._pipeline")  # reads and decodes image files
 plan = importlib.import_module("embedtl.engine._plan")  # writes the store
 stream = importlib.import_module("embedtl.engine._stream")  # journals what the model computed
-rt = importlib.import_module("embedtl.runtime")
+rt = importlib.import_module("embedtl.runtime")  # exports the backbone to ONNX
+torch_rt = importlib.import_module("embedtl._torch_runtime")  # builds the PyTorch model
 
 
 def test_extract_writes_every_image_in_sorted_order(class_folder, cache_dir, tiny):
@@ -64,6 +65,7 @@ def test_rerun_is_a_cache_hit_that_builds_no_model_and_decodes_no_image(
         raise AssertionError("must not be called on a cache hit")
 
     monkeypatch.setattr(rt, "build_feature_model", boom)
+    monkeypatch.setattr(torch_rt, "build_feature_model", boom)
     monkeypatch.setattr(loader, "read_file", boom)
     monkeypatch.setattr(pipeline, "read_file_into", boom)
     monkeypatch.setattr(pipeline, "decode_image", boom)
@@ -171,7 +173,8 @@ def test_label_and_split_changes_rewrite_metadata_without_the_model(
     class_folder, cache_dir, tiny, monkeypatch
 ):
     embedtl.extract(class_folder, cache_dir=cache_dir, **tiny)
-    monkeypatch.setattr(rt, "build_feature_model", lambda *a, **k: pytest.fail("no model needed"))
+    for module in (rt, torch_rt):
+        monkeypatch.setattr(module, "build_feature_model", lambda *a, **k: pytest.fail("no model"))
     store = embedtl.extract(
         class_folder, cache_dir=cache_dir, split=embedtl.SplitConfig(seed=5), **tiny
     )

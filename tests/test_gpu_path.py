@@ -28,6 +28,7 @@ from embedtl.tensor_decode import TensorDecoder, fallback_reason
 
 ex = importlib.import_module("embedtl.engine._stream")
 setup = importlib.import_module("embedtl.engine._setup")  # choosing decoder, batch size
+torch_rt = importlib.import_module("embedtl._torch_runtime")  # the first batch's check
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -201,7 +202,7 @@ def test_reduced_precision_is_checked_against_float32_on_the_first_batch(
 def test_a_precision_that_changes_the_features_falls_back_to_float32_visibly(
     class_folder, tmp_path, tiny, monkeypatch, caplog
 ):
-    monkeypatch.setattr(rt, "MIN_COSINE", 1.0001)  # no reduced precision can pass
+    monkeypatch.setattr(torch_rt, "MIN_COSINE", 1.0001)  # no reduced precision can pass
     kw = {**tiny, "dtype": "float32", "device": "cpu", "runtime": "torch"}
     with caplog.at_level(logging.WARNING):
         s = embedtl.extract(class_folder, cache_dir=tmp_path / "a", precision="fp16", **kw)

@@ -27,7 +27,8 @@ from .._device import resolve_device
 from .._dist import torchrun_rank
 from ._distributed import extract_distributed
 from ._embedder import Embedder
-from ._extract import Embedded, ExtractStats, embed_files, extract, open_source
+from ._entry import extract
+from ._extract import Embedded, ExtractStats, embed_files, open_source
 from ._loader import Batch, ImageDataset, Item, collate, make_loader
 from ._options import (
     CUDA_BATCH,

@@ -11,7 +11,7 @@ from .._dist import process_group, torchrun_rank
 from ..backbones import DEFAULT_BACKBONE, BackboneSpec
 from ..cache import FeatureStore, merge_shards
 from ..errors import EmbedTLError
-from ._extract import ExtractStats, extract
+from ._extract import ExtractStats, extract_here
 from ._options import EngineOptions, StoreOptions
 
 __all__ = ["extract_distributed"]
@@ -37,7 +37,7 @@ def extract_distributed(
         opts = dataclasses.replace(opts, device=device)
     error: Exception | None = None
     try:
-        store = extract(root, backbone, opts, store_options, shard=(rank, world), **kw)
+        store = extract_here(root, backbone, opts, store_options, shard=(rank, world), **kw)
         store.close()
         mine = (str(store.path), store.last_extraction.to_dict(), None)
     except Exception as e:  # meet the other ranks anyway, so that none of them waits forever

@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 
-from .._dist import torchrun_rank
 from .._io import pause_point, remove_stale_temporaries
 from ..backbones import DEFAULT_BACKBONE, BackboneSpec, get_backbone
 from ..cache import FeatureStore, Journal, store_lock
@@ -35,7 +34,7 @@ from ._plan import (
 from ._setup import _Engine, _engine
 from ._stream import _run_model, _stream
 
-__all__ = ["Embedded", "ExtractStats", "embed_files", "extract", "open_source"]
+__all__ = ["Embedded", "ExtractStats", "embed_files", "extract_here", "open_source"]
 
 log = logging.getLogger(__name__)
 
@@ -91,47 +90,17 @@ class _Ran:
     summary: dict[str, Any]  # _Engine.summary()
 
 
-def extract(
+def extract_here(
     root: str | os.PathLike[str],
     backbone: str | BackboneSpec = DEFAULT_BACKBONE,
     options: EngineOptions | None = None,
     store_options: StoreOptions | None = None,
     *,
     shard: tuple[int, int] | None = None,
-    distributed: bool | None = None,
     progress: bool = False,
     **settings: Any,
-) -> FeatureStore | None:
-    """Extract pooled features of every image under ``root`` into its store; return the store.
-
-    Reruns are incremental: unchanged files are reused without building the model, new or
-    changed files are computed, removed files drop out. An interrupted run resumes from its
-    journal. Corrupt images are recorded in ``/failed`` and skipped (``strict=True``: raise).
-    The returned store's ``last_extraction`` holds an :class:`ExtractStats`.
-
-    How the model runs is ``options`` (:class:`EngineOptions`); how the store is labelled,
-    split and written is ``store_options`` (:class:`StoreOptions`: ``split``, ``labels``,
-    ``dtype``, ``strict``, ``check_content``, ``follow_links``, ``lock_timeout``). Any field of
-    either given as a keyword argument replaces the record's. On a GPU a reduced precision is
-    checked against float32 on the first batch and dropped, visibly, when a row's cosine falls
-    under 0.998; without a batch size a large CUDA job tunes it, and out-of-memory halves it
-    instead of failing. A file counts as unchanged when its size and mtime are those recorded
-    (``check_content``: its bytes too).
-
-    ``shard=(i, n)`` extracts the i-th of n contiguous slices of the sorted folder into a shard
-    store beside the store; :func:`embedtl.cache.merge_stores` joins the shards into the store
-    a single process would have written. ``distributed`` (None: when run under torchrun, and
-    no ``shard`` is given): each rank extracts its shard and rank 0 merges them
-    (:func:`extract_distributed`); rank 0 returns the store, the other ranks None.
-    """
-    if distributed is None:
-        distributed = shard is None and torchrun_rank() is not None
-    if distributed:
-        from ._distributed import extract_distributed
-
-        return extract_distributed(
-            root, backbone, options, store_options, progress=progress, **settings
-        )
+) -> FeatureStore:
+    """:func:`~embedtl.engine.extract` in this process (``shard``: one slice of the folder)."""
     t_start = time.perf_counter()
     store_opts = StoreOptions.of(store_options, **StoreOptions.settings_in(settings))
     opts = EngineOptions.of(options, **settings)
@@ -366,9 +335,7 @@ def open_source(
     ``settings`` as :func:`extract` takes them."""
     if Path(source).is_file():
         return FeatureStore(source)
-    store = extract(
-        source, backbone, options, store_options, distributed=False, progress=progress, **settings
-    )
+    store = extract_here(source, backbone, options, store_options, progress=progress, **settings)
     st = store.last_extraction
     if st is not None and st.model_built:
         log.info("extracted %d images into %s (%.1f s)", st.extracted, st.store, st.seconds)
