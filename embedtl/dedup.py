@@ -23,6 +23,7 @@ import numpy as np
 
 from ._device import default_memory_budget
 from ._io import json_text, write_text
+from .cache import FeatureStore
 from .errors import StoreError
 from .gallery import dedup_html
 from .index import VectorIndex, exact_neighbors, l2_normalize
@@ -289,9 +290,13 @@ def _describe(store, members: list[tuple[int, np.ndarray]]) -> list[dict[str, An
 
 
 def write_dedup_report(
-    report: dict[str, Any], out_dir: str | os.PathLike[str], html_limit: int = 500
+    report: dict[str, Any], out_dir: str | os.PathLike[str] | None = None, html_limit: int = 500
 ) -> dict[str, str]:
-    """``duplicates.json`` (every group) and ``duplicates.html`` (thumbnails) in ``out_dir``."""
+    """``duplicates.json`` (every group) and ``duplicates.html`` (thumbnails) in ``out_dir``
+    (default ``dedup-<folder>`` in the working directory, the store's image folder)."""
+    if out_dir is None:
+        with FeatureStore(report["store"]) as store:
+            out_dir = f"dedup-{store.root.name}"
     out = Path(out_dir)
     js = write_text(out / "duplicates.json", json_text(report, indent=1))
     page = dedup_html(report, out / "duplicates.html", limit=html_limit)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from ._onnx import ParityReport, export_onnx, export_torchscript, onnx_parity
 from .errors import ExportError
-from .heads import export_head
+from .heads import export_format, export_head
 
 __all__ = [
     "ExportError",
     "ParityReport",
+    "export_format",
     "export_head",
     "export_onnx",
     "export_torchscript",

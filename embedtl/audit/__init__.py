@@ -10,7 +10,7 @@ through the store's index; leaks and duplicates from `dedup`.
 """
 
 from ._audit import OOF_C, OOF_EPOCHS, OUTLIER_K, Audit, audit_head, audit_store
-from ._write import draw_map, map_png, write_audit
+from ._write import draw_map, map_png, read_reviewed, write_audit
 
 __all__ = [
     "OOF_C",
@@ -21,5 +21,6 @@ __all__ = [
     "audit_store",
     "draw_map",
     "map_png",
+    "read_reviewed",
     "write_audit",
 ]

@@ -9,10 +9,12 @@ import csv
 import html
 import io
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from .._io import atomic_file, json_text, text_file, write_text
+from ..errors import DataError
 from ._audit import Audit
 
 __all__ = ["draw_map", "map_png", "write_audit"]
@@ -145,9 +147,10 @@ def audit_html(audit: Audit, png: bytes, s: dict[str, Any]) -> str:
     return html_page(f"Audit of {audit.store.root}", parts, THUMB)
 
 
-def write_audit(audit: Audit, out: str | os.PathLike[str]) -> dict[str, str]:
-    """The audit's files in ``out``; their paths."""
-    out = Path(out)
+def write_audit(audit: Audit, out: str | os.PathLike[str] | None = None) -> dict[str, str]:
+    """The audit's files in ``out`` (default ``audit-<folder>`` in the working directory, the
+    store's image folder's name); their paths."""
+    out = Path(out) if out is not None else Path(f"audit-{audit.store.root.name}")
     out.mkdir(parents=True, exist_ok=True)
     files = {
         "json": out / "audit.json",
@@ -172,3 +175,18 @@ def write_audit(audit: Audit, out: str | os.PathLike[str]) -> dict[str, str]:
         Path(tmp).write_bytes(png)
     write_text(files["html"], audit_html(audit, png, summary))
     return {k: str(v) for k, v in files.items()}
+
+
+def read_reviewed(files: Iterable[str | os.PathLike[str]]) -> set[str]:
+    """Store paths (relative to DATA_DIR) in the first column of each CSV (a ``path`` header
+    allowed): label_issues.csv as a person went through it, or any list of checked files."""
+    out: set[str] = set()
+    for f in files:
+        try:
+            with text_file(f) as fh:
+                for row in csv.reader(fh):
+                    if row and row[0].strip() and row[0].strip().lower() != "path":
+                        out.add(Path(row[0].strip()).as_posix())
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"cannot read the reviewed list {f}: {e}") from None
+    return out

@@ -125,6 +125,7 @@ def bench_heads(
         time.perf_counter() - t_start,
         device=dev,
         device_reason=device_reason,
+        root=str(stores[0].root) if stores else None,
     )
 
 

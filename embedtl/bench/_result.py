@@ -28,6 +28,8 @@ class BenchResult:
     device: str = "cpu"  # where the trained variants ran
     device_reason: str = ""  # why there (``--device auto`` weighs the work)
     versions: dict[str, str] = field(default_factory=library_versions)
+    #: the image folder of the first store (names the default output folder; not in to_dict)
+    root: str | None = field(default=None, repr=False)
 
     COLUMNS = (
         "rank",
@@ -65,8 +67,11 @@ class BenchResult:
             for v in self.variants
         ]
 
-    def write(self, out: str | os.PathLike[str]) -> dict[str, str]:
-        """results.csv, results.json and accuracy_vs_time.png in ``out``."""
+    def write(self, out: str | os.PathLike[str] | None = None) -> dict[str, str]:
+        """results.csv, results.json and accuracy_vs_time.png in ``out`` (default
+        ``bench-heads/<folder>`` in the working directory, the first store's image folder)."""
+        if out is None:
+            out = Path("bench-heads") / Path(self.root or "stores").name
         out = Path(out).expanduser()
         files = {
             "csv": out / "results.csv",

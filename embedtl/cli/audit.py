@@ -2,31 +2,11 @@
 
 from __future__ import annotations
 
-import csv
-from pathlib import Path
-
 import click
 
-from .._io import text_file
-from ..errors import DataError
 from ._options import backbone_options, json_option, progress_option, split_options
 from ._output import emit, want_progress
 from ._source import open_source, source_args
-
-
-def read_reviewed(files: tuple[str, ...]) -> set[str]:
-    """Store paths (relative to DATA_DIR) in the first column of each CSV (a ``path`` header
-    allowed): label_issues.csv as a person went through it, or any list of checked files."""
-    out: set[str] = set()
-    for f in files:
-        try:
-            with text_file(f) as fh:
-                for row in csv.reader(fh):
-                    if row and row[0].strip() and row[0].strip().lower() != "path":
-                        out.add(Path(row[0].strip()).as_posix())
-        except (OSError, UnicodeDecodeError) as e:
-            raise DataError(f"cannot read the reviewed list {f}: {e}") from None
-    return out
 
 
 @click.command("audit")
@@ -91,7 +71,7 @@ def audit_cmd(
     place of the flagged: `embedtl extract DATA_DIR --labels corrected_labels.csv` after review),
     map.png and audit.html. Finding issues is a success (exit 0).
     """
-    from ..audit import audit_head, audit_store, write_audit
+    from ..audit import audit_head, audit_store, read_reviewed, write_audit
 
     done = read_reviewed(reviewed)
     store = open_source(source, source_args(kw), want_progress(progress))
@@ -103,8 +83,7 @@ def audit_cmd(
         reviewed=done,
         progress=want_progress(progress),
     )
-    out_dir = Path(out) if out else Path(f"audit-{store.root.name}")
-    files = write_audit(a, out_dir)
+    files = write_audit(a, out)
     s = a.summary()
     keys = (
         "store",

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from ..backbones import DEFAULT_BACKBONE
@@ -120,8 +118,7 @@ def bench_heads_cmd(
         memory_budget=memory_budget,
         progress=want_progress(progress),
     )
-    out_dir = Path(out) if out else Path("bench-heads") / stores[0].root.name
-    files = result.write(out_dir)
+    files = result.write(out)
     payload = {**result.to_dict(), "files": files}
 
     def human() -> None:

@@ -97,15 +97,6 @@ def predict_cmd(
         click.get_current_context().exit(EXIT_PARTIAL)
 
 
-#: OUT's suffix -> the export format, when --format is not given
-_EXPORT_SUFFIXES = {
-    ".onnx": "onnx",
-    ".pt": "torchscript",
-    ".ts": "torchscript",
-    ".torchscript": "torchscript",
-}
-
-
 @click.command("export")
 @click.argument("head_path", metavar="HEAD", type=click.Path(exists=True))
 @click.argument("out", type=click.Path(dir_okay=False))
@@ -122,18 +113,11 @@ def export_cmd(head_path: str, out: str, fmt: str | None, as_json: bool, **kw) -
     """Write backbone + HEAD as one model (uint8 RGB images in, class probabilities out),
     checked against PyTorch on a seeded batch; a JSON sidecar names the classes and the
     resize/crop to apply first."""
-    from ..export import export_head
+    from ..export import export_format, export_head
     from ..heads import load_head
 
+    fmt = export_format(out, fmt)  # before loading the head: a wrong name fails at once
     head = load_head(head_path)
-    if fmt is None:
-        suffix = Path(out).suffix.lower()
-        fmt = _EXPORT_SUFFIXES.get(suffix)
-        if fmt is None:
-            raise click.UsageError(
-                f"cannot tell the format of {out} from its suffix {suffix or '(none)'!r}: name "
-                "it .onnx, .pt or .ts, or give --format onnx|torchscript"
-            )
     report = export_head(head, out, fmt, backbone=kw["backbone"], image_size=kw["image_size"])
     payload = {
         "head": str(head_path),

@@ -324,7 +324,7 @@ def dedup_cmd(
         index=ix,
         progress=want_progress(progress),
     )
-    files = write_dedup_report(rep, out or f"dedup-{store.root.name}")
+    files = write_dedup_report(rep, out)
     payload = {**rep, "report": files}
 
     def human() -> None:
