@@ -43,7 +43,7 @@ RECALL_ROWS = 256
 
 
 def find_duplicates(
-    store,
+    store: FeatureStore,
     threshold: float = DEFAULT_THRESHOLD,
     index: VectorIndex | None = None,
     k: int = 16,

@@ -10,13 +10,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ._deprecated import deprecated_alias
 from .errors import DataError
 from .index import VectorIndex, l2_normalize
+
+if TYPE_CHECKING:
+    from .cache import FeatureStore
 
 __all__ = [
     "KNN_TEMPERATURE",
@@ -76,7 +79,7 @@ def knn_predict(
 
 
 def knn_vote_accuracy(
-    store,
+    store: FeatureStore,
     ks: Sequence[int] = KNN_EVAL_K,
     temperature: float = KNN_TEMPERATURE,
     splits: Sequence[str] = ("val", "test"),

@@ -10,13 +10,16 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .._device import work_device
 from ..data import SPLITS
 from ..errors import DataError
+
+if TYPE_CHECKING:
+    from ..cache import FeatureStore
 
 __all__ = ["OOF_C", "OOF_EPOCHS", "OUTLIER_K", "Audit", "audit_head", "audit_store"]
 
@@ -172,7 +175,7 @@ def audit_head(kind: str = "logreg"):
 
 
 def audit_store(
-    store,
+    store: FeatureStore,
     config=None,
     *,
     folds: int = 5,

@@ -187,7 +187,7 @@ def export_cmd(
     "--out",
     type=click.Path(dir_okay=False),
     default=None,
-    help="[default: the shards' name without .shard-I-of-N]",
+    help="The merged store's file [default: the shards' name without .shard-I-of-N].",
 )
 @click.option(
     "--keep", is_flag=True, help="Keep the shard files (they are removed after a successful merge)."

@@ -105,7 +105,7 @@ def predict_cmd(
     "fmt",
     type=click.Choice(["onnx", "torchscript"]),
     default=None,
-    help="[default: from OUT's suffix: .onnx, or .pt/.ts/.torchscript]",
+    help="Model format [default: from OUT's suffix: .onnx, or .pt/.ts/.torchscript].",
 )
 @head_backbone_options
 @json_option

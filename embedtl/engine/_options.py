@@ -165,11 +165,9 @@ def default_threads(device: str = "cpu", runtime: str = "torch") -> int:
     thread, one after the other).
 
     With a GPU the CPU only reads and decodes: every core but the model's (the first GPU run
-    gained from 8 loader workers to 15 with PIL). On a 2-core CPU, measured on 1,000 500x375
-    JPEGs at 224 px (benchmarks/results/pipeline_threads.md): ONNX Runtime ran at a median 107
-    images/s inline, 117 with one thread and 118 with two; PyTorch (300 images) at 41 inline, 37
-    with one and 38 with two (its forward pass keeps both cores busy; a decoding thread takes
-    from it). So one thread on ONNX Runtime, none on PyTorch; with more cores, a quarter of them.
+    gained from 8 loader workers to 15 with PIL). On a 2-core CPU, one thread on ONNX Runtime
+    and none on PyTorch, whose forward pass keeps both cores busy: measured by
+    ``benchmarks/pipeline_threads.py`` (results beside it); with more cores, a quarter of them.
     """
     cores = os.cpu_count() or 1
     if device.startswith("cuda"):

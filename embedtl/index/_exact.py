@@ -3,6 +3,9 @@ that tunes an index's search parameter and measures the recall of approximate se
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Protocol
+
 import numpy as np
 
 from ._vector import l2_normalize
@@ -14,8 +17,20 @@ __all__ = ["EXACT_CHUNK_ROWS", "exact_neighbors"]
 EXACT_CHUNK_ROWS = 32768
 
 
+class ChunkedFeatures(Protocol):
+    """Features read in chunks of rows (as :class:`embedtl.cache.FeatureStore` reads them)."""
+
+    def __len__(self) -> int:
+        """The number of rows."""
+
+    def iter_chunks(
+        self, chunk_rows: int, rows: np.ndarray | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(row numbers, features) of ``rows`` (all when None), ``chunk_rows`` at a time."""
+
+
 def exact_neighbors(
-    store,
+    store: ChunkedFeatures,
     queries: np.ndarray,
     rows: np.ndarray,
     k: int,

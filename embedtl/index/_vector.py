@@ -19,7 +19,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -62,6 +62,15 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
 
 
 # -- the index ------------------------------------------------------------------------------------
+class StoreListing(Protocol):
+    """What an index needs of a feature store's listing (as :class:`embedtl.cache.FeatureStore`
+    has it; the index layer sits below the store's): each row's path, size and mtime."""
+
+    paths: np.ndarray
+    sizes: np.ndarray
+    mtimes_ns: np.ndarray
+
+
 @dataclass
 class IndexRows:
     """Which store rows an index holds, in index order (index id i = position i)."""
@@ -76,7 +85,7 @@ class IndexRows:
         return cls(np.array([], dtype=object), np.zeros(0, np.int64), np.zeros(0, np.int64))
 
     @classmethod
-    def of_store(cls, store, rows: np.ndarray) -> IndexRows:
+    def of_store(cls, store: StoreListing, rows: np.ndarray) -> IndexRows:
         """The rows ``rows`` (store row numbers) of ``store``, in that order."""
         return cls(store.paths[rows], store.sizes[rows], store.mtimes_ns[rows])
 

@@ -9,7 +9,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,6 +28,9 @@ from ..index import (
     write_faiss,
 )
 
+if TYPE_CHECKING:
+    from ..cache import FeatureStore
+
 __all__ = ["build_store_index", "index_path", "store_meta"]
 
 _TUNE_QUERIES = 256
@@ -41,12 +44,12 @@ _KMEANS_STEPS = KMEANS_ITERATIONS + 1  # and fitting the codes
 _CODE_BYTES = {"flat": 4, "ivf": 4, "ivffp16": 2, "ivfsq8": 1}
 
 
-def index_path(store) -> Path:
+def index_path(store: FeatureStore) -> Path:
     """Where a store's index lives: beside it, ``<store>.h5.index``."""
     return store.path.with_name(store.path.name + ".index")
 
 
-def store_meta(store, target_recall: float) -> dict[str, Any]:
+def store_meta(store: FeatureStore, target_recall: float) -> dict[str, Any]:
     """What an index records of its store: the file, its rows' digest, the backbone
     fingerprint, dtype and size, the target recall and when it was written."""
     return {
@@ -87,7 +90,7 @@ class _Parts:
 
 
 def build_store_index(
-    store,
+    store: FeatureStore,
     kind: str = "auto",
     metric: str = "cosine",
     target_recall: float = DEFAULT_TARGET_RECALL,

@@ -4,7 +4,7 @@ with the recall of the approximate neighbours measured against exact search on a
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -12,6 +12,9 @@ from .._deprecated import deprecated_alias
 from ..index import EXACT_MAX_ROWS, exact_neighbors, recall_at_k
 from ..neighbors import KNN_EVAL_K, KNN_TEMPERATURE, knn_vote_accuracy
 from ._lifecycle import open_store_index
+
+if TYPE_CHECKING:
+    from ..cache import FeatureStore
 
 __all__ = ["RECALL_QUERIES", "SAMPLE_ROWS", "evaluate_knn", "knn_eval"]
 
@@ -27,7 +30,7 @@ INDEX_CHUNK_ROWS = 128
 
 
 def knn_eval(
-    store,
+    store: FeatureStore,
     ks: Sequence[int] = KNN_EVAL_K,
     temperature: float = KNN_TEMPERATURE,
     exact_max_rows: int = EXACT_MAX_ROWS,

@@ -21,7 +21,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,12 +31,15 @@ from ..errors import StaleIndexError, StoreError
 from ..index import DEFAULT_TARGET_RECALL, IndexRows, VectorIndex, plan_index, read_index_meta
 from ._build import build_store_index, index_path, store_meta
 
+if TYPE_CHECKING:
+    from ..cache import FeatureStore
+
 __all__ = ["build_index", "open_or_build_index", "open_store_index", "rows_by_path"]
 
 log = logging.getLogger(__name__)
 
 
-def rows_by_path(store) -> dict[str, int]:
+def rows_by_path(store: FeatureStore) -> dict[str, int]:
     """Store row of each stored path."""
     return {p: i for i, p in enumerate(store.paths.tolist())}
 
@@ -86,7 +89,7 @@ def _diff(ix: VectorIndex, meta: dict[str, Any], store) -> _Diff:
 
 
 def open_store_index(
-    store,
+    store: FeatureStore,
     kind: str = "auto",
     metric: str = "cosine",
     update: bool = True,
@@ -205,7 +208,7 @@ def open_store_index(
 
 
 def open_or_build_index(
-    store,
+    store: FeatureStore,
     kind: str = "auto",
     metric: str = "cosine",
     target_recall: float = DEFAULT_TARGET_RECALL,

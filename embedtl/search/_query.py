@@ -7,7 +7,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -15,6 +15,9 @@ from ..data import image_files
 from ..engine import EngineOptions, embed_files
 from ..errors import DataError, StaleIndexError, StoreError
 from ..index import VectorIndex
+
+if TYPE_CHECKING:
+    from ..cache import FeatureStore
 
 __all__ = [
     "Neighbors",
@@ -26,7 +29,7 @@ __all__ = [
 ]
 
 
-def row_record(store, row: int) -> dict[str, Any]:
+def row_record(store: FeatureStore, row: int) -> dict[str, Any]:
     """A store row as results show it: absolute path, class name (None if unlabelled), split."""
     lab = int(store.labels[row])
     return {
@@ -47,7 +50,7 @@ class Neighbors:
     scores: np.ndarray  # (Q, k)
     metric: str = "cosine"
 
-    def records(self, store) -> list[dict[str, Any]]:
+    def records(self, store: FeatureStore) -> list[dict[str, Any]]:
         """``[{query, neighbors: [{rank, path, label, score, split, row}]}]``."""
         out = []
         for q, qrow, rows, scores in zip(
@@ -63,7 +66,7 @@ class Neighbors:
 
 
 def search_store(
-    store,
+    store: FeatureStore,
     index: VectorIndex,
     queries: np.ndarray,
     k: int = 10,
@@ -125,7 +128,7 @@ def _class_codes(store, labels: list[str]) -> np.ndarray:
     return np.array([pos[x] for x in labels], np.int64)
 
 
-def store_rows_of_files(store, files: Sequence[str | os.PathLike[str]]) -> np.ndarray:
+def store_rows_of_files(store: FeatureStore, files: Sequence[str | os.PathLike[str]]) -> np.ndarray:
     """The store row of each file when it is an image of the store, unchanged since extraction
     (same path under the store's root, size and mtime); -1 otherwise."""
     root = store.root.resolve()
@@ -158,7 +161,7 @@ class Queries:
 
 
 def query_vectors(
-    store,
+    store: FeatureStore,
     inputs: Sequence[str | os.PathLike[str]],
     options: EngineOptions | None = None,
     *,
