@@ -89,6 +89,29 @@ class _Ran:
     reason: str  # the runtime reason, with what changed while running
     summary: dict[str, Any]  # _Engine.summary()
 
+    @staticmethod
+    def fields(ran: _Ran | None, n_computed: int) -> dict[str, Any]:
+        """The :class:`ExtractStats` fields of how the model ran (``ran`` None: it did not)."""
+        if ran is None:
+            reason = "no new or changed files: store rewritten without the model"
+            return {
+                "images_per_second": 0.0,
+                "runtime": None,
+                "runtime_reason": reason,
+                "device": None,
+                "model_built": False,
+            }
+        run = ran.summary
+        keys = ("runtime", "device", "batch_size", "precision", "decoder", "autotune")
+        return {
+            **{k: run[k] for k in keys},
+            "runtime_reason": ran.reason,
+            "model_built": True,
+            "images_per_second": n_computed / ran.seconds if ran.seconds else 0.0,
+            "workers": ran.engine.workers,
+            "decode_fallback": run["decode_fallback"],
+        }
+
 
 def extract_here(
     root: str | os.PathLike[str],
@@ -165,7 +188,6 @@ def extract_here(
             journal.clear()
 
     store = FeatureStore(t.path)
-    run = ran.summary if ran is not None else {}
     store.last_extraction = ExtractStats(
         store=str(t.path),
         n_images=len(rows.paths),
@@ -178,17 +200,6 @@ def extract_here(
         extracted=n_extracted,
         removed=plan.removed,
         seconds=time.perf_counter() - t_start,
-        images_per_second=n_extracted / ran.seconds if ran is not None and ran.seconds else 0.0,
-        runtime=run.get("runtime"),
-        runtime_reason=(
-            ran.reason
-            if ran is not None
-            else "no new or changed files: store rewritten without the model"
-        ),
-        device=run.get("device"),
-        model_built=ran is not None,
-        batch_size=run.get("batch_size"),
-        workers=ran.engine.workers if ran is not None else None,
         stages=stages.rounded(),
         failed=[
             {"path": p, "error": e}
@@ -196,11 +207,8 @@ def extract_here(
         ],
         touched=plan.touched,
         content_checked=check_content,
-        precision=run.get("precision"),
-        decoder=run.get("decoder"),
-        decode_fallback=run.get("decode_fallback", {}),
-        autotune=run.get("autotune"),
         skipped=_skipped(manifest),
+        **_Ran.fields(ran, n_extracted),
     )
     return store
 
