@@ -106,6 +106,12 @@ def worktree(ref: str, where: Path) -> Path:
     return where
 
 
+def remove_worktree(where: Path) -> None:
+    """Remove a worktree made by :func:`worktree` (and whatever is left of the folder)."""
+    cmd = ["git", "-C", str(REPO), "worktree", "remove", "--force", str(where)]
+    subprocess.run(cmd, check=False, capture_output=True)
+
+
 def prepare(tmp: Path, n_images: int, fm_per_class: int) -> dict:
     """The image folder, a shared ONNX export, the Fashion-MNIST store (made with this code)."""
     import embedtl
@@ -213,8 +219,7 @@ def main() -> None:
         print(md)
         write_result("layers_regression", result, md)
     finally:
-        cmd = ["git", "-C", str(REPO), "worktree", "remove", "--force", str(tmp / "base")]
-        subprocess.run(cmd, check=False, capture_output=True)
+        remove_worktree(tmp / "base")
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, median, write_result  # noqa: E402
 from gpu_extract import make_images  # noqa: E402
-from layers_regression import REPO, run, worktree  # noqa: E402
+from layers_regression import REPO, remove_worktree, run, worktree  # noqa: E402
 
 DEFAULT_BASE = "9e9f965"
 
@@ -96,8 +95,7 @@ def main() -> None:
         print(md)
         write_result("pipeline_regression", result, md)
     finally:
-        cmd = ["git", "-C", str(REPO), "worktree", "remove", "--force", str(tmp / "base")]
-        subprocess.run(cmd, check=False, capture_output=True)
+        remove_worktree(tmp / "base")
         shutil.rmtree(tmp, ignore_errors=True)
 
 
