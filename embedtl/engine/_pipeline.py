@@ -283,10 +283,13 @@ class Pipeline:
                 parts.append(torch.from_numpy(host).to(device, non_blocking=self.cuda))
                 done += cpu
             images = torch.cat(parts) if parts else None
-            if stream is not None:
-                stream.synchronize()  # decoded before the model's stream reads it
-                if images is not None:
-                    images.record_stream(torch.cuda.current_stream(device))
+        if stream is not None:
+            # decoded before the model reads it (this waits in the producer thread only; the
+            # wait also makes ``device_s`` the decode's own time, which SplitShare needs), and
+            # the allocator told that the model's stream (the default one) uses the memory
+            stream.synchronize()
+            if images is not None:
+                images.record_stream(torch.cuda.default_stream(device))
         device_s = time.perf_counter() - t0
         self.stats["device_decode"] += device_s
         if self.share is not None:
