@@ -262,13 +262,14 @@ def test_metrics_without_scikit_learn_match_it():
 
 def test_plot_worker_draws_the_same_files_and_survives_its_own_death(tmp_path):
     from embedtl import report
+    from embedtl.report._worker import _WORKERS
 
     curve = [
         {"epoch": i, "train_loss": 1 / i, "val_loss": 1 / i, "val_accuracy": i / 4}
         for i in range(1, 4)
     ]
     with report.plot_worker(processes=2):
-        workers = report._WORKERS.get()
+        workers = _WORKERS.get()
         assert len(workers) == 2 and all(w.alive for w in workers)
         for i in range(4):
             report.plot_training_curve(curve, tmp_path / f"{i}.png", 2)
@@ -277,7 +278,7 @@ def test_plot_worker_draws_the_same_files_and_survives_its_own_death(tmp_path):
         assert all((tmp_path / f"{i}.png").stat().st_size > 1000 for i in range(4))
     assert not any(w.alive for w in workers)
     with report.plot_worker(processes=1):
-        (w,) = report._WORKERS.get()
+        (w,) = _WORKERS.get()
         w.proc.kill()
         w.proc.wait()
         report.plot_training_curve(curve, tmp_path / "b.png", 2)  # drawn here instead
