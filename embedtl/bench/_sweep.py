@@ -46,7 +46,8 @@ def _pass_chunks(
     cfg = group[0]
     widths = list(cfg.hidden) + [n_classes] if cfg.kind == "mlp" else [n_classes]
     params = sum(a * b + b for a, b in zip([dim, *widths[:-1]], widths, strict=True))
-    per_variant = 4 * (5 * params + 3 * batch * sum(widths))  # params, grad, 2 moments, best
+    # params, grad, 2 moments, best, the optimizer's gathered gradient and update
+    per_variant = 4 * (7 * params + 3 * batch * sum(widths))
     n = max(1, _PASS_BYTES // per_variant)
     return [group[i : i + n] for i in range(0, len(group), n)]
 

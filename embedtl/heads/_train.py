@@ -66,9 +66,8 @@ class TrainResult:
     epochs: int = 0  # epochs run (early stopping may end before config.epochs)
     seconds: float = 0.0  # wall time of the (shared) pass when this variant stopped
     seconds_to_best: float = 0.0
-    share_seconds: float = (
-        0.0  # this variant's share of the pass: each epoch split among the active
-    )
+    #: this variant's share of the pass: each epoch split among the active variants
+    share_seconds: float = 0.0
     val_accuracy: float | None = None
     val_loss: float | None = None
     curve: list[dict[str, float]] = field(default_factory=list)
@@ -185,11 +184,12 @@ class _StackedAdamW:
     """torch.optim.AdamW's update for stacked parameters, with a learning rate and a weight
     decay per variant (the leading axis). Weight decay applies to weight matrices only.
 
-    Each moment of every parameter lives in one (V, P) buffer (P: one variant's parameters),
-    each parameter's part a view of it, so a step is about a dozen tensor operations whatever
-    the depth of the network: at a few thousand rows a step's arithmetic takes microseconds and
-    the per-operation overhead was most of its cost. Every element's arithmetic is
-    torch.optim.AdamW's, unchanged."""
+    The moments, the step's gradients and its update each live in one (V, P) buffer (P: one
+    variant's parameters), each parameter's part a view of it, so a step is about a dozen
+    tensor operations whatever the depth of the network: at a few thousand rows a step's
+    arithmetic takes microseconds and the per-operation overhead was most of its cost. Memory:
+    4 x the parameters (the gradient buffer is reused for the denominator). Every element's
+    arithmetic is torch.optim.AdamW's, unchanged."""
 
     def __init__(self, net: StackedNet, lr: torch.Tensor, weight_decay: torch.Tensor) -> None:
         self.net, self.lr, self.wd, self.t = net, lr, weight_decay, 0
@@ -199,19 +199,18 @@ class _StackedAdamW:
         self._bind()
 
     def _bind(self) -> None:
-        """The parameters in buffer order (weights first), with the update's and denominator's
-        buffers and their per-parameter views."""
-        self.params = [w for w, _ in self.net.layers] + [b for _, b in self.net.layers]
+        """The parameters in buffer order (weights first), the step's buffers, and each
+        parameter's (update, denominator) views of them."""
+        weights = [w for w, _ in self.net.layers]
+        self.params = weights + [b for _, b in self.net.layers]
+        self.grad = torch.empty_like(self.m)  # (V, P) gradients, then the denominators
         self.update = torch.empty_like(self.m)  # (V, P)
-        self.denom = torch.empty_like(self.m)  # (V, P)
         views, at = [], 0
         for p in self.params:
-            k = p[0].numel()
-            cut = slice(at, at + k)
-            views.append(
-                (p, self.update[:, cut].view(p.shape), self.denom[:, cut].view(p.shape), p.ndim)
-            )
-            at += k
+            cut = slice(at, at + p[0].numel())
+            u, d = self.update[:, cut].view(p.shape), self.grad[:, cut].view(p.shape)
+            views.append((p, u, d, p.ndim == 3))  # weights (V, out, in) decay, biases do not
+            at = cut.stop
         self.views = views
 
     @torch.no_grad()
@@ -222,13 +221,13 @@ class _StackedAdamW:
         c1, c2 = 1 - b1**self.t, math.sqrt(1 - b2**self.t)
         lr = self.lr * scale  # (V,)
         decay = (1 - lr * self.wd).view(-1, 1, 1)  # weight matrices only
-        grad = torch.cat([p.grad.reshape(p.shape[0], -1) for p in self.params], 1)  # (V, P)
+        grad = torch.cat([p.grad.reshape(p.shape[0], -1) for p in self.params], 1, out=self.grad)
         self.m.lerp_(grad, 1 - b1)
         self.v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
         torch.mul(self.m, (-lr / c1).view(-1, 1), out=self.update)
-        torch.sqrt(self.v, out=self.denom).div_(c2).add_(_EPS)
-        for p, update, denom, ndim in self.views:
-            if ndim == 3:
+        torch.sqrt(self.v, out=self.grad).div_(c2).add_(_EPS)  # the gradients are spent
+        for p, update, denom, decays in self.views:
+            if decays:
                 p.mul_(decay)
             p.addcdiv_(update, denom)
             p.grad = None
