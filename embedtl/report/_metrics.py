@@ -157,8 +157,13 @@ class Evaluation:
             "reliability_png": out / "reliability.png",
             "coverage_png": out / "coverage.png",
         }
-        write_text(files["metrics"], json_text(m, indent=2))
         cm = self.confusion()
+        title = f"{self.split}: accuracy {m['accuracy']:.3f}"
+        # the figures first: a plot worker draws them while the JSON files are written here
+        draw("confusion", files["confusion_png"], cm.tolist(), self.classes, title)
+        draw("reliability", files["reliability_png"], m["calibration"])
+        draw("coverage", files["coverage_png"], m["coverage"])
+        write_text(files["metrics"], json_text(m, indent=2))
         write_text(
             files["confusion_json"],
             json_text(
@@ -171,9 +176,5 @@ class Evaluation:
                 indent=2,
             ),
         )
-        title = f"{self.split}: accuracy {m['accuracy']:.3f}"
-        draw("confusion", files["confusion_png"], cm.tolist(), self.classes, title)
-        draw("reliability", files["reliability_png"], m["calibration"])
-        draw("coverage", files["coverage_png"], m["coverage"])
         wait_drawn()
         return {k: str(v) for k, v in files.items()}

@@ -10,7 +10,8 @@ The protocol: one JSON line per figure, ``[name, absolute path, args]`` (a :data
 name), answered in order by one line each, ``ok`` or ``error ...``. The parent draws a figure
 itself when the answer is an error, and every one still owed when the worker dies or stays
 silent. On Linux the worker draws the figures it holds side by side, each in a process forked
-from it (matplotlib already imported), as many as there are cores.
+from it (matplotlib already imported): as many as there are cores, and at least
+:data:`AT_ONCE`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ __all__ = ["draw", "plot_training_curve", "plot_worker", "serve", "wait_drawn"]
 _WORKERS: contextvars.ContextVar[list[_PlotWorker] | None] = contextvars.ContextVar(
     "embedtl_plot_workers", default=None
 )
+#: Figures a worker draws at once at least, whatever the cores: fit-head's four took 0.40 s
+#: two at a time and 0.34 s all at once on 2 cores (medians of 4 runs; 0.51 s one by one).
+AT_ONCE = 4
 #: The worker's command: imports ``embedtl`` from the folder it is started in (the parent's).
 _WORKER_CODE = "from embedtl.report._worker import serve; serve()"
 
@@ -221,8 +225,9 @@ def _warm_up() -> None:
 
 def serve(parallel: int | None = None) -> None:
     """The worker's loop: import matplotlib, then draw each figure read from stdin, answering
-    each on stdout in the order asked. On Linux up to ``parallel`` (default: the cores) are
-    drawn at once, each in a forked process; elsewhere one after the other, here."""
+    each on stdout in the order asked. On Linux up to ``parallel`` (default: the cores, at
+    least :data:`AT_ONCE`) are drawn at once, each in a forked process; elsewhere one after the
+    other, here."""
     import select
 
     import matplotlib.backends.backend_agg  # noqa: F401 - the import is what overlaps
@@ -230,7 +235,7 @@ def serve(parallel: int | None = None) -> None:
 
     _warm_up()
     fork = sys.platform.startswith("linux") and hasattr(os, "fork")
-    parallel = max(1, parallel or _cores()) if fork else 1
+    parallel = max(1, parallel or max(_cores(), AT_ONCE)) if fork else 1
     fd_in, out = sys.stdin.fileno(), sys.stdout
     running: deque[int] = deque()  # forked drawers' pids, in the order asked
 
