@@ -91,6 +91,40 @@ def test_fit_head_extracts_on_a_miss_and_reports_the_json_contract(fitted, runne
     assert mlp["config"]["hidden"] == [16, 8] and mlp["epochs"] <= 3
 
 
+def test_fit_head_json_is_the_heads_own_record(fitted):
+    """fit-head --json prints Head.to_dict(): the same keys in the same order, and the values
+    the saved head reads back (the library owns the record; the command only prints it)."""
+    from embedtl.heads import load_head
+
+    _, _, head, out = fitted
+    assert list(out) == [
+        "head",
+        "kind",
+        "config",
+        "val_accuracy",
+        "test_accuracy",
+        "test_top5_accuracy",
+        "test_macro_f1",
+        "test_ece",
+        "fit_seconds",
+        "seconds_to_best",
+        "epochs",
+        "best_epoch",
+        "patience",
+        "features",
+        "planned_feature_bytes",
+        "device",
+        "device_reason",
+        "n",
+        "store",
+        "backbone",
+        "fingerprint",
+        "confusion_png",
+    ]
+    assert json.loads(json.dumps(load_head(head).to_dict())) == out
+    assert out["confusion_png"] == str(head / "test" / "confusion.png")
+
+
 def test_evaluate_writes_the_report(fitted, runner, tmp_path):
     root, cache, head, fit = fitted
     out = run_json(

@@ -259,13 +259,14 @@ def test_metrics_without_scikit_learn_match_it():
 
 def test_plot_worker_draws_the_same_files_and_survives_its_own_death(tmp_path):
     from embedtl import report
+    from embedtl.report._worker import _WORKERS
 
     curve = [
         {"epoch": i, "train_loss": 1 / i, "val_loss": 1 / i, "val_accuracy": i / 4}
         for i in range(1, 4)
     ]
     with report.plot_worker(processes=2):
-        workers = report._WORKERS.get()
+        workers = _WORKERS.get()
         assert len(workers) == 2 and all(w.alive for w in workers)
         for i in range(4):
             report.plot_training_curve(curve, tmp_path / f"{i}.png", 2)
@@ -274,8 +275,42 @@ def test_plot_worker_draws_the_same_files_and_survives_its_own_death(tmp_path):
         assert all((tmp_path / f"{i}.png").stat().st_size > 1000 for i in range(4))
     assert not any(w.alive for w in workers)
     with report.plot_worker(processes=1):
-        (w,) = report._WORKERS.get()
+        (w,) = _WORKERS.get()
         w.proc.kill()
         w.proc.wait()
         report.plot_training_curve(curve, tmp_path / "b.png", 2)  # drawn here instead
     assert (tmp_path / "b.png").stat().st_size > 1000
+
+
+def test_the_plot_worker_draws_with_its_own_embedtl_at_relative_paths(tmp_path, monkeypatch):
+    """The worker (started in the folder holding this embedtl, no sys.path edits) is given
+    paths relative to this process's folder and draws several figures side by side: none of
+    them falls back to this process."""
+    from embedtl.report import _worker, plot_training_curve, wait_drawn
+
+    def not_here(*args):
+        raise AssertionError("drawn in the parent, not by the worker")
+
+    curve = [{"epoch": 1, "train_loss": 1.0, "val_loss": 1.1, "val_accuracy": 0.5}]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "figs").mkdir()
+    with _worker.plot_worker():
+        monkeypatch.setattr(_worker, "DRAWERS", {"curve": not_here})
+        for i in range(3):
+            plot_training_curve(curve, Path("figs") / f"{i}.png", 1)  # relative to tmp_path
+        wait_drawn()
+    assert [(tmp_path / "figs" / f"{i}.png").read_bytes()[:4] for i in range(3)] == [b"\x89PNG"] * 3
+
+
+def test_small_cpu_work_runs_on_one_thread_and_restores_the_count():
+    """A small head's steps run on one torch thread (thread hand-offs cost more than their
+    arithmetic); the count is restored after, and large or GPU work keeps every thread."""
+    from embedtl._device import ONE_THREAD_MACS, cpu_threads_for
+
+    before = torch.get_num_threads()
+    with cpu_threads_for(1e5, "cpu"):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    for macs, device in ((ONE_THREAD_MACS, "cpu"), (1e5, "cuda")):
+        with cpu_threads_for(macs, device):
+            assert torch.get_num_threads() == before

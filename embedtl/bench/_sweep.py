@@ -46,7 +46,8 @@ def _pass_chunks(
     cfg = group[0]
     widths = list(cfg.hidden) + [n_classes] if cfg.kind == "mlp" else [n_classes]
     params = sum(a * b + b for a, b in zip([dim, *widths[:-1]], widths, strict=True))
-    per_variant = 4 * (5 * params + 3 * batch * sum(widths))  # params, grad, 2 moments, best
+    # params, grad, 2 moments, best, the optimizer's gathered gradient and update
+    per_variant = 4 * (7 * params + 3 * batch * sum(widths))
     n = max(1, _PASS_BYTES // per_variant)
     return [group[i : i + n] for i in range(0, len(group), n)]
 
@@ -91,7 +92,14 @@ def sweep(
                     else:
                         pred = np.zeros(0, np.int64)
                     n_par = sum(p.numel() for p in m.net.parameters())
-                    fits[i] = VariantFit(configs[i], m, r, pred, r.share_seconds, n_par)
+                    fits[i] = VariantFit(
+                        config=configs[i],
+                        module=m,
+                        result=r,
+                        val_pred=pred,
+                        seconds=r.share_seconds,
+                        parameters=n_par,
+                    )
                 done += len(chunk)
             continue
         if xv is None:
@@ -112,7 +120,12 @@ def sweep(
             share = (time.perf_counter() - t0) / len(group)
             for i, (m, _), proba in zip(ids, fitted, probas, strict=True):
                 fits[i] = VariantFit(
-                    configs[i], m, None, proba.argmax(1), share, int(vote.bank.numel())
+                    config=configs[i],
+                    module=m,
+                    result=None,
+                    val_pred=proba.argmax(1),
+                    seconds=share,
+                    parameters=int(vote.bank.numel()),
                 )
         else:  # logreg: one lbfgs solve each
             for i in ids:
@@ -121,5 +134,12 @@ def sweep(
                 with torch.no_grad():
                     pred = m(torch.from_numpy(xv)).argmax(1).numpy()
                 n_par = sum(p.numel() for p in m.net.parameters())
-                fits[i] = VariantFit(configs[i], m, None, pred, time.perf_counter() - t0, n_par)
+                fits[i] = VariantFit(
+                    config=configs[i],
+                    module=m,
+                    result=None,
+                    val_pred=pred,
+                    seconds=time.perf_counter() - t0,
+                    parameters=n_par,
+                )
     return fits  # type: ignore[return-value]

@@ -212,32 +212,7 @@ def fit_head_cmd(
         )
         path = head.save(out or default_head_dir(store, cfg.kind))
     m, fit = head.info["metrics"], head.info["fit"]
-    payload = {
-        "head": str(path),
-        "kind": head.kind,
-        "config": cfg.summary(),
-        "val_accuracy": m["val_accuracy"],
-        "test_accuracy": m["test_accuracy"],
-        "test_top5_accuracy": m["test_top5_accuracy"],
-        "test_macro_f1": m["test_macro_f1"],
-        "test_ece": m["test_ece"],
-        "fit_seconds": round(fit["seconds"], 4),
-        "seconds_to_best": round(fit["seconds_to_best"], 4),
-        "epochs": fit["epochs"],
-        "best_epoch": fit["best_epoch"],
-        "patience": fit.get("patience"),
-        "features": fit.get("features"),
-        "planned_feature_bytes": fit.get("planned_feature_bytes"),
-        "device": fit["device"],
-        "device_reason": fit["device_reason"],
-        "n": m["n"],
-        "store": str(store.path),
-        "backbone": store.backbone.get("name"),
-        "fingerprint": store.fingerprint,
-        "confusion_png": str(path / "test" / "confusion.png")
-        if m["test_accuracy"] is not None
-        else None,
-    }
+    payload = head.to_dict()
 
     def human() -> None:
         click.echo(

