@@ -1,4 +1,5 @@
-"""`embedtl fit-head`, `evaluate`, `predict`, `export`: heads over cached features."""
+"""`embedtl fit-head` and `evaluate`: heads over cached features (`predict` and `export` run a
+head on images: cli/predict.py)."""
 
 from __future__ import annotations
 
@@ -84,7 +85,7 @@ def head_options(f):
                 "--label-smoothing",
                 type=click.FloatRange(0, 1, max_open=True),
                 default=None,
-                help="[0.0]",
+                help="Label smoothing of the cross-entropy (linear, mlp) [0.0].",
             ),
             click.option(
                 "--class-weight",
@@ -163,10 +164,6 @@ def _head_config(kw: dict[str, Any]):
     return HeadConfig(**{k: v for k, v in values.items() if v is not None})
 
 
-def default_head_dir(store, kind: str) -> Path:
-    return Path("heads") / f"{store.root.name}-{store.backbone.get('name')}-{kind}"
-
-
 @click.command("fit-head")
 @click.argument("source", metavar="DATA_DIR|STORE", type=click.Path(exists=True))
 @head_options
@@ -198,7 +195,7 @@ def fit_head_cmd(
     from ..report import plot_worker
 
     with plot_worker():  # matplotlib loads in another process while this one loads torch
-        from ..heads import fit_head
+        from ..heads import default_head_dir, fit_head
 
         cfg = _head_config(kw)
         args = source_args(kw)
@@ -270,7 +267,7 @@ def evaluate_cmd(
     from ..report import plot_worker
 
     with plot_worker():  # matplotlib loads in another process while this one loads torch
-        from ..heads import evaluate_head
+        from ..heads import default_eval_dir, evaluate_head
 
         head = _load(head_path)
         args = source_args(kw)
@@ -280,7 +277,7 @@ def evaluate_cmd(
         ev = evaluate_head(head, store, split)
         if not len(ev.y_true):
             raise DataError(f"the {split} split of {store.root} has no labelled rows")
-        report_dir = Path(out) if out else Path(head_path) / f"eval-{store.root.name}-{split}"
+        report_dir = Path(out) if out else default_eval_dir(head_path, store, split)
         files = ev.write(report_dir)
     m = ev.metrics()
     payload = {

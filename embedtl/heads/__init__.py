@@ -10,7 +10,14 @@ and the ONNX Runtime path can use them; every other name loads its module (and t
 use.
 """
 
-from ._artifact import HEAD_FORMAT, HEAD_FORMAT_VERSION, HeadInfo, read_head_info
+from ._artifact import (
+    HEAD_FORMAT,
+    HEAD_FORMAT_VERSION,
+    HeadInfo,
+    default_eval_dir,
+    default_head_dir,
+    read_head_info,
+)
 from ._config import ACTIVATIONS, HEAD_KINDS, NORMALIZATIONS, HeadConfig
 
 #: name -> the module that defines it; these modules import torch (scikit-learn for the
@@ -19,6 +26,8 @@ _LAZY = {
     **dict.fromkeys(("InMemory", "Split", "StoreFeatures", "Streamed"), "._data"),
     **dict.fromkeys(
         (
+            "default_eval_dir",
+            "default_head_dir",
             "evaluate_head",
             "evaluate_split",
             "fit_head",
@@ -69,6 +78,8 @@ __all__ = [
     "Streamed",
     "TrainResult",
     "class_weights",
+    "default_eval_dir",
+    "default_head_dir",
     "evaluate_head",
     "evaluate_split",
     "export_format",

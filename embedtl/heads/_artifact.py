@@ -10,13 +10,18 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..backbones import BackboneSpec, file_sha256, get_backbone
 from ..errors import HeadError
 from ._config import HeadConfig
 
+if TYPE_CHECKING:
+    from ..cache import FeatureStore
+
 __all__ = [
+    "default_eval_dir",
+    "default_head_dir",
     "HEAD_FORMAT",
     "HEAD_FORMAT_VERSION",
     "HEAD_META",
@@ -45,22 +50,27 @@ class HeadInfo:
 
     @property
     def kind(self) -> str:
+        """The head's kind (linear, mlp, logreg, knn)."""
         return self.config.kind
 
     @property
     def backbone(self) -> dict[str, Any]:
+        """The spec (as a dict) of the backbone whose features the head was trained on."""
         return self.meta["backbone"]
 
     @property
     def fingerprint(self) -> str:
+        """The fingerprint of that backbone: a store or a model must match it."""
         return self.meta["fingerprint"]
 
     @property
     def weights_path(self) -> Path:
+        """The artifact's safetensors file."""
         return self.folder / HEAD_WEIGHTS
 
     @property
     def backbone_spec(self) -> BackboneSpec:
+        """The backbone as a :class:`BackboneSpec`."""
         return BackboneSpec.from_dict(self.backbone)
 
     def backbone_for(
@@ -76,6 +86,7 @@ class HeadInfo:
 
 
 def head_digest(weights_sha256: str, classes: list[str], fingerprint: str) -> str:
+    """SHA-256 (hex) of a head's weights digest, classes and backbone fingerprint."""
     blob = json.dumps([weights_sha256, classes, fingerprint]).encode()
     return hashlib.sha256(blob).hexdigest()
 
@@ -141,3 +152,15 @@ def read_head_info(path: str | os.PathLike[str]) -> HeadInfo:
     except KeyError as e:
         raise HeadError(f"{meta_path} lacks the field {e}") from e
     return HeadInfo(folder=folder, meta=meta, config=config, classes=classes, dim=dim)
+
+
+def default_head_dir(store: FeatureStore, kind: str) -> Path:
+    """Where a head of ``kind`` fitted on ``store`` goes when no folder is named:
+    ``heads/<folder>-<backbone>-<kind>`` in the working directory."""
+    return Path("heads") / f"{store.root.name}-{store.backbone.get('name')}-{kind}"
+
+
+def default_eval_dir(head: str | os.PathLike[str], store: FeatureStore, split: str) -> Path:
+    """Where an evaluation of the head folder ``head`` on ``store``'s ``split`` writes its
+    report when no folder is named: ``HEAD/eval-<folder>-<split>``."""
+    return Path(head) / f"eval-{store.root.name}-{split}"

@@ -107,6 +107,7 @@ class HeadConfig:
 
     @property
     def trained(self) -> bool:
+        """Whether this kind trains by gradient descent (linear, mlp), not kNN or logreg."""
         return self.kind in ("linear", "mlp")
 
     def fit_macs(self, rows: int, dim: int, n_classes: int) -> float:
@@ -151,15 +152,18 @@ class HeadConfig:
         return e
 
     def replace(self, **changes: Any) -> HeadConfig:
+        """A copy with ``changes`` applied (validated as a new config)."""
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field as JSON-ready values (``hidden`` as a list)."""
         d = asdict(self)
         d["hidden"] = list(self.hidden)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> HeadConfig:
+        """The config of :meth:`to_dict`'s dict; an unknown key is a :class:`HeadError`."""
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:

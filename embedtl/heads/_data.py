@@ -29,6 +29,8 @@ class Split:
     def batches(
         self, batch_size: int, generator: torch.Generator | None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(features, labels) batches of ``batch_size`` rows on the device, shuffled by
+        ``generator`` (None: in row order)."""
         raise NotImplementedError
 
     def numpy(self) -> tuple[np.ndarray, np.ndarray]:
@@ -99,6 +101,7 @@ class InMemory(Split):
         return InMemory(out, self.labels)
 
     def batches(self, batch_size, generator):
+        """Batches gathered from the rows in memory (see :meth:`Split.batches`)."""
         if generator is None:
             order = None
         else:
@@ -117,6 +120,7 @@ class _Mapped(Split):
         self.n, self.dim, self.labels = inner.n, inner.dim, inner.labels
 
     def batches(self, batch_size, generator):
+        """The inner split's batches with ``fn`` applied to the features."""
         for x, y in self.inner.batches(batch_size, generator):
             yield self.fn(x), y
 
@@ -164,6 +168,8 @@ class Streamed(Split):
             yield np.concatenate([np.arange(r * run, min((r + 1) * run, self.n)) for r in runs])
 
     def batches(self, batch_size, generator):
+        """Batches read block by block from the store (shuffled blocks, shuffled within each),
+        memory bounded by the block (see :meth:`Split.batches`)."""
         for pos in self.blocks(generator):
             # the block read in its stored dtype, then float32 (the stored copy then goes): at
             # most row_bytes + 4 * D bytes a row, as the plan counts; batches are gathered from

@@ -81,14 +81,17 @@ class Head:
 
     @property
     def kind(self) -> str:
+        """The head's kind (linear, mlp, logreg, knn)."""
         return self.config.kind
 
     @property
     def dim(self) -> int:
+        """The feature dimension the head takes."""
         return int(self.module.norm.mean.shape[0])
 
     @property
     def backbone_spec(self) -> BackboneSpec:
+        """The backbone the head was trained on, as a :class:`BackboneSpec`."""
         return BackboneSpec.from_dict(self.backbone)
 
     def __repr__(self) -> str:
@@ -153,6 +156,7 @@ class Head:
 
     # -- artifact -----------------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:
+        """``head.json``: format, classes, config, backbone, metrics, curve, split trained on."""
         return {
             "format": HEAD_FORMAT,
             "format_version": HEAD_FORMAT_VERSION,

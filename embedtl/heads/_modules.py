@@ -38,6 +38,7 @@ class FeatureNorm(nn.Module):
         self.register_buffer("std", torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, D) -> (B, D)
+        """(B, D) features normalised as fitted (standardised or L2, or unchanged)."""
         x = x.float()
         if self.mode == "standardize":
             return (x - self.mean) / self.std
@@ -62,6 +63,7 @@ class KNNVote(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, D) unit rows -> (B, C)
+        """(B, C) log-probabilities of the weighted vote of each row's k nearest bank rows."""
         sims = x @ self.bank.float().T  # (B, N)
         top, idx = sims.topk(self.k, dim=1)  # (B, k)
         w = torch.exp((top - top[:, :1]) / self.temperature)  # (B, k)
@@ -79,6 +81,7 @@ class HeadModule(nn.Module):
         self.net = net
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:  # (B, D) -> (B, C)
+        """(B, C) logits of (B, D) features (for kNN, log-probabilities)."""
         out = self.net(self.norm(features))
         if self.kind == "knn":
             return out.clamp_min(1e-12).log()
@@ -124,4 +127,5 @@ class ImageClassifier(nn.Module):
         self.head = head
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C) class probabilities of uint8 images (B, 3, H, W): backbone, then head."""
         return torch.softmax(self.head(self.features(images)), dim=1)

@@ -97,6 +97,7 @@ class EmbeddingClassifier(ClassifierMixin, BaseEstimator):
         )
 
     def fit(self, X, y):
+        """Fit the head on features ``X`` (n, D) and labels ``y``; returns self."""
         X, y = validate_data(self, X, y, dtype=np.float32)
         check_classification_targets(y)
         cfg = self._config()
@@ -132,11 +133,13 @@ class EmbeddingClassifier(ClassifierMixin, BaseEstimator):
         return self
 
     def predict_proba(self, X) -> np.ndarray:
+        """(n, C) class probabilities of features ``X``, columns in ``classes_`` order."""
         check_is_fitted(self)
         X = validate_data(self, X, dtype=np.float32, reset=False)
         return self.head_.predict_proba(X)
 
     def predict(self, X) -> np.ndarray:
+        """The most probable class of each row of ``X``."""
         proba = self.predict_proba(X)
         return self.classes_[proba.argmax(1)]
 

@@ -172,7 +172,7 @@ def plot_worker(processes: int = 1) -> Iterator[None]:
     matplotlib (about a second here) while this process imports torch and trains, then draw
     (side by side, each worker forking one process per figure on Linux) while this one waits.
     The command line's fit-head and evaluate use one: on 2 cores a second one slowed fit-head
-    (5.67 s -> 6.02 s, medians of 4 interleaved runs), its import competing with torch's. The
+    (its import competing with torch's; ``benchmarks/latency.py`` measures the command). The
     figures are those drawn in-process."""
     workers = []
     try:
