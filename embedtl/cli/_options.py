@@ -196,7 +196,7 @@ workers_option = click.option(
     type=click.IntRange(min=0),
     default=None,
     help="Threads that read and decode images while the model runs [default: on a 2-core CPU "
-    "0 with PyTorch, 1 with ONNX Runtime; a quarter of the cores with more; with a GPU, every "
+    "0 with PyTorch, 2 with ONNX Runtime; a quarter of the cores with more; with a GPU, every "
     "core but one].",
 )
 _PRECISION = click.option(

@@ -165,13 +165,14 @@ def default_threads(device: str = "cpu", runtime: str = "torch") -> int:
     thread, one after the other).
 
     With a GPU the CPU only reads and decodes: every core but the model's (the first GPU run
-    gained from 8 loader workers to 15 with PIL). On a 2-core CPU, one thread on ONNX Runtime
-    and none on PyTorch, whose forward pass keeps both cores busy: measured by
+    gained from 8 loader workers to 15 with PIL). On a 2-core CPU, two threads on ONNX Runtime
+    (a little faster than one, clearly faster than none) and none on PyTorch, whose forward
+    pass keeps both cores busy: measured by
     ``benchmarks/pipeline_threads.py`` (results beside it); with more cores, a quarter of them.
     """
     cores = os.cpu_count() or 1
     if device.startswith("cuda"):
         return max(1, min(32, cores - 1))
     if cores <= 2:
-        return 1 if runtime == "onnxruntime" else 0
+        return cores if runtime == "onnxruntime" else 0
     return min(8, cores // 4)
