@@ -214,7 +214,7 @@ _DECODER = click.option(
     default="auto",
     show_default=True,
     help="JPEG decoding: auto = torchvision (nvJPEG) on the GPU when "
-    "there is one, else PIL in the workers.",
+    "there is one, else PIL in the input pipeline's threads.",
 )
 _COMPILE = click.option(
     "--compile",
