@@ -249,3 +249,13 @@ def reference_extraction(base: Path, **folder: Any) -> tuple[Path, list[str], np
         batch_size=4,
     )
     return root, list(ref.paths), ref.features()
+
+
+def error_shape(r, status: int) -> dict:
+    """The server's error body of response ``r``: status ``status``, exactly ``{"error",
+    "type"}``, the error one line without a traceback."""
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error", "type"}, body
+    assert "\n" not in body["error"] and "Traceback" not in body["error"]
+    return body

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_BACKBONE, TINY_SIZE, make_class_folder, png_header_only
+from conftest import TINY_BACKBONE, TINY_SIZE, error_shape, make_class_folder, png_header_only
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -70,14 +70,6 @@ def client(served):
     return TestClient(create_app(served["catalog"]), base_url=BASE, raise_server_exceptions=False)
 
 
-def _error_shape(r, status: int) -> dict:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error", "type"}, body
-    assert "\n" not in body["error"] and "Traceback" not in body["error"]
-    return body
-
-
 def test_health_stores_heads_and_schema(client, served):
     h = client.get("/api/health").json()
     assert h["status"] == "ok" and h["stores"] == 1 and h["heads"] == 1
@@ -131,7 +123,7 @@ def test_rows_paging_filters_thumbnail_and_image(client, served):
     im = client.get(f"/api/stores/0/rows/{row}/image")
     assert im.status_code == 200 and im.headers["content-type"] == "image/png"
     assert im.content == Path(body["rows"][0]["path"]).read_bytes()
-    body = _error_shape(client.get("/api/stores/0/rows", params={"label": "zebra"}), 422)
+    body = error_shape(client.get("/api/stores/0/rows", params={"label": "zebra"}), 422)
     assert "store 0" in body["error"] and "cat, dog, fox" in body["error"]
 
 
@@ -156,7 +148,7 @@ def test_path_rules_never_open_a_requested_path(client, url):
 
 
 def test_row_must_be_an_integer(client):
-    _error_shape(client.get("/api/stores/0/rows/passwd/image"), 422)
+    error_shape(client.get("/api/stores/0/rows/passwd/image"), 422)
 
 
 def test_symlink_out_of_the_folder_and_deleted_files_are_not_served(tmp_path):
@@ -182,7 +174,7 @@ def test_symlink_out_of_the_folder_and_deleted_files_are_not_served(tmp_path):
         }
         for name in ("a_000.png", "b_000.png"):
             for what in ("image", "thumbnail"):
-                _error_shape(c.get(f"/api/stores/0/rows/{rows[name]}/{what}"), 404)
+                error_shape(c.get(f"/api/stores/0/rows/{rows[name]}/{what}"), 404)
         assert c.get(f"/api/stores/0/rows/{rows['a_001.png']}/image").status_code == 200
     finally:
         cat.close()
@@ -251,7 +243,7 @@ def test_search_errors_are_one_line_json(client, data, files, status):
         if content is None:
             content = png_header_only(100_000, 100_000) if "bomb" in name else _png()
         files = {field: (name, content)}
-    body = _error_shape(client.post("/api/search", data=data, files=files), status)
+    body = error_shape(client.post("/api/search", data=data, files=files), status)
     if files and "bomb" in files.get("file", ("",))[0]:
         assert "over this server's limit of 40 Mpx per upload" in body["error"]
     if files and files.get("file", ("",))[0] == "x.txt":  # a sentence, not a bytes repr
@@ -282,9 +274,9 @@ def test_predict_shapes_and_errors(client, served):
     )
     assert lib.records[0]["label"] == p["label"]
     assert abs(lib.records[0]["confidence"] - p["confidence"]) < 1e-4
-    _error_shape(client.post("/api/predict", data={"head": "0"}), 422)  # no file
-    _error_shape(client.post("/api/predict", files={"file": ("a", b"nope")}), 415)
-    _error_shape(
+    error_shape(client.post("/api/predict", data={"head": "0"}), 422)  # no file
+    error_shape(client.post("/api/predict", files={"file": ("a", b"nope")}), 415)
+    error_shape(
         client.post("/api/predict", files={"file": ("a.png", img)}, data={"head": "x"}), 404
     )
 
@@ -293,7 +285,7 @@ def test_upload_cap_declared_and_streamed(served):
     app = create_app(served["catalog"], ServeConfig(max_upload_bytes=50_000))
     c = TestClient(app, base_url=BASE)
     big = b"\0" * 60_000
-    body = _error_shape(c.post("/api/search", files={"file": ("big.png", big)}), 413)
+    body = error_shape(c.post("/api/search", files={"file": ("big.png", big)}), 413)
     assert body["type"] == "UploadTooLargeError" and "50 MB" not in body["error"]
 
     def chunks():  # no Content-Length: the cap counts the bytes as they arrive
@@ -308,7 +300,7 @@ def test_upload_cap_declared_and_streamed(served):
         content=chunks(),
         headers={"content-type": "multipart/form-data; boundary=xx"},
     )
-    _error_shape(r, 413)
+    error_shape(r, 413)
     ok = c.post("/api/search", files={"file": ("s.png", _png())}, data={"k": "1"})
     assert ok.status_code == 200
 
@@ -317,7 +309,7 @@ def test_host_header_is_checked(client):
     assert client.get("/api/health", headers={"host": "localhost:8765"}).status_code == 200
     assert client.get("/api/health", headers={"host": "[::1]:8765"}).status_code == 200
     for host in ("evil.example", "127.0.0.1.evil.example:8765", "attacker.localhost"):
-        _error_shape(client.get("/api/health", headers={"host": host}), 421)
+        error_shape(client.get("/api/health", headers={"host": host}), 421)
 
 
 def test_no_permissive_cors_and_security_headers(client):
@@ -339,10 +331,10 @@ def test_token_rule(served):
         base_url=BASE,
         follow_redirects=False,
     )
-    body = _error_shape(c.get("/api/stores"), 401)
+    body = error_shape(c.get("/api/stores"), 401)
     assert "X-Embedtl-Token" in body["error"] or "x-embedtl-token" in body["error"]
-    _error_shape(c.get("/api/stores", headers={"x-embedtl-token": "wrong"}), 401)
-    _error_shape(c.get("/openapi.json"), 401)
+    error_shape(c.get("/api/stores", headers={"x-embedtl-token": "wrong"}), 401)
+    error_shape(c.get("/openapi.json"), 401)
     assert c.get("/api/stores", headers={"x-embedtl-token": "s3cret"}).status_code == 200
     assert c.get("/api/stores", headers={"authorization": "Bearer s3cret"}).status_code == 200
     # a page without the token goes to the login page, which sets a same-site cookie
@@ -380,7 +372,7 @@ def test_server_errors_never_leak_a_traceback(served, monkeypatch, caplog):
 
     monkeypatch.setattr(cat, "search", broken)
     c = TestClient(create_app(cat), base_url=BASE, raise_server_exceptions=False)
-    body = _error_shape(c.post("/api/search", data={"row": "1"}), 500)
+    body = error_shape(c.post("/api/search", data={"row": "1"}), 500)
     assert "secret" not in body["error"] and body["type"] == "InternalError"
     assert "secret internal detail" in caplog.text  # the log has it
     assert c.get("/api/health").status_code == 200  # and the server still answers
@@ -422,10 +414,10 @@ def test_head_examples_api(client):
     conf = [r["confidence"] for r in unsure["rows"]]
     assert len(conf) == unsure["total"] and all(c < 0.99 for c in conf)
     assert conf == sorted(conf)  # least sure first
-    _error_shape(client.get("/api/heads/0/examples", params={"kind": "cell"}), 422)
-    _error_shape(client.get("/api/heads/0/examples", params={"kind": "other"}), 422)
+    error_shape(client.get("/api/heads/0/examples", params={"kind": "cell"}), 422)
+    error_shape(client.get("/api/heads/0/examples", params={"kind": "other"}), 422)
     cell = {"kind": "cell", "true": 0, "pred": 9}
-    _error_shape(client.get("/api/heads/0/examples", params=cell), 422)
+    error_shape(client.get("/api/heads/0/examples", params=cell), 422)
 
 
 def test_duplicates_api(client):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_BACKBONE, TINY_SIZE, make_class_folder
+from conftest import TINY_BACKBONE, TINY_SIZE, error_shape, make_class_folder
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -43,13 +43,6 @@ def served(tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(served):
     return TestClient(create_app(served["catalog"]), base_url=BASE, raise_server_exceptions=False)
-
-
-def _error_shape(r, status: int) -> dict:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error", "type"}, body
-    return body
 
 
 def test_a_page_past_the_end_is_the_last_page(client):
@@ -92,7 +85,7 @@ def test_sample_has_a_few_rows_of_each_class(client):
     assert {lab: labels.count(lab) for lab in set(labels)} == {c: 4 for c in CLASSES}
     two = client.get("/api/stores/0/sample", params={"per_class": 2}).json()["rows"]
     assert len(two) == 12 and len({r["row"] for r in two}) == 12
-    _error_shape(client.get("/api/stores/0/sample", params={"per_class": 0}), 422)
+    error_shape(client.get("/api/stores/0/sample", params={"per_class": 0}), 422)
 
 
 def test_an_error_names_the_store_by_its_id(served, monkeypatch):
@@ -106,7 +99,7 @@ def test_an_error_names_the_store_by_its_id(served, monkeypatch):
 
     monkeypatch.setattr(cat, "search", refuses)
     c = TestClient(create_app(cat), base_url=BASE)
-    body = _error_shape(c.post("/api/search", data={"row": "1"}), 400)
+    body = error_shape(c.post("/api/search", data={"row": "1"}), 400)
     assert body["error"] == "something about store 0"
 
 

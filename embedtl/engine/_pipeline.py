@@ -176,14 +176,14 @@ class Pipeline:
             item.error = f"{type(e).__name__}: {e}"
 
     # -- one batch -----------------------------------------------------------------------------
-    def _host(self, n: int, dtype=np.uint8, shape: tuple[int, ...] = ()) -> np.ndarray:
+    def _host(self, n: int, shape: tuple[int, ...] = ()) -> np.ndarray:
         """A host array (pinned on CUDA: its copy to the GPU is asynchronous)."""
         if self.cuda:
             import torch
 
             t = torch.empty((n, *shape), dtype=torch.uint8, pin_memory=True)
             return t.numpy()
-        return np.empty((n, *shape), dtype)
+        return np.empty((n, *shape), np.uint8)
 
     def _views(self, positions: list[int]) -> list[memoryview | None]:
         """The slice of each file in the batch's one contiguous buffer (None for each when the
